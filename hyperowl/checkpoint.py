@@ -1,0 +1,245 @@
+"""Checkpoints: official key maps as data, one strict safetensors loader, hub download, saving.
+
+Design note: a key map is a list of (regex over the official name, replacement giving our name) plus a
+list of official names we knowingly ignore. `map_keys` applies it and fails on any key it cannot place,
+and on any parameter of ours that no key fills. Loading builds the model on the meta device and then
+streams each shard tensor straight into the target dtype/device, so peak memory is about one model,
+not two. Pickle files (`.bin`, `.pt`) are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import Owl3Config
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+KeyMap = list[tuple[str, str]]
+
+# Official mPLUG-Owl3 names -> ours. First match wins.
+OWL3_KEYS: KeyMap = [
+    (r"language_model\.model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
+    (r"language_model\.model\.norm\.weight", r"decoder.norm.weight"),
+    (r"language_model\.model\.layers\.(\d+)\.self_attn\.gate_proj\.0\.(weight|bias)", r"decoder.layers.\1.self_attn.gate_proj.\2"),
+    (r"language_model\.model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+    (r"language_model\.lm_head\.weight", r"lm_head.weight"),
+    (r"vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
+    (r"vision2text_model\.0\.(weight|bias)", r"projector.fc1.\1"),
+    (r"vision2text_model\.2\.(weight|bias)", r"projector.fc2.\1"),
+    (r"vision2text_model\.(weight|bias)", r"projector.fc.\1"),
+]
+# Present in official checkpoints, unused by the Owl3 forward (it reads SigLIP hidden_states[-2]).
+OWL3_IGNORED = [r"vision_model\.post_layernorm\..+", r"vision_model\.head\..+", r"vision_model\.encoder\.layers\.{last}\..+"]
+
+# transformers' Qwen2ForCausalLM (text-only LLM) -> our decoder.
+QWEN2_KEYS: KeyMap = [
+    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
+    (r"model\.norm\.weight", r"decoder.norm.weight"),
+    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+# transformers' SiglipVisionModel -> our vision tower.
+SIGLIP_KEYS: KeyMap = [
+    (r"vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
+]
+
+
+def _ignored_patterns(cfg: Owl3Config, tied: bool) -> list[str]:
+    pats = [p.replace("{last}", str(cfg.vision.num_layers - 1)) for p in OWL3_IGNORED]
+    if tied:  # a tied checkpoint may still carry a copy of the embedding as lm_head
+        pats += [r"(language_model\.)?lm_head\.weight"]
+    return pats
+
+
+def map_keys(names: Iterable[str], key_map: KeyMap, ignored: list[str] = ()) -> dict[str, str]:
+    """official name -> our name for every non-ignored key; raises on the first unknown key."""
+    compiled = [(re.compile(p), r) for p, r in key_map]
+    skip = [re.compile(p) for p in ignored]
+    out, unknown = {}, []
+    for name in names:
+        if any(s.fullmatch(name) for s in skip):
+            continue
+        for pat, rep in compiled:
+            if pat.fullmatch(name):
+                out[name] = pat.sub(rep, name)
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"unknown checkpoint keys (not an mPLUG-Owl3 layout?): {', '.join(sorted(unknown)[:5])}"
+                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    return out
+
+
+def detect_variant(names: Iterable[str]) -> str:
+    names = set(names)
+    if any(n.startswith("vision2text_model.0.") for n in names):
+        return "241101"
+    if "vision2text_model.weight" in names:
+        return "240728"
+    raise CheckpointError("cannot tell the mPLUG-Owl3 generation: no vision2text_model weights in the checkpoint")
+
+
+# -- locating files ------------------------------------------------------------------------------------------
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory, or a hub id downloaded (safetensors and small files only) via huggingface_hub."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"model '{path_or_id}' is a file: pass the checkpoint directory (with config.json)")
+    s = str(path_or_id)
+    if s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise CheckpointError(f"model '{s}': no such directory, and not a hub id of the form org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(s, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]))
+    except Exception as e:  # network, auth, missing repo: all user-facing
+        raise CheckpointError(
+            f"model '{s}': cannot download it from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+            "Check the id and your network, or download it elsewhere and pass the local directory"
+        ) from e
+
+
+def safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+        files = sorted({d / f for f in weight_map.values()})
+    elif (d / "model.safetensors").exists():  # the single-file layout; other *.safetensors may sit beside it
+        files = [d / "model.safetensors"]
+    else:
+        files = sorted(d.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise CheckpointError(f"{d} has only pickle weights ({', '.join(pickles[:3])}); hyperowl never loads pickle. "
+                                  "Convert them to safetensors with a tool you trust, then retry")
+        raise CheckpointError(f"{d}: no *.safetensors weights found")
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{d}: shard(s) named in the index are missing: {', '.join(missing[:3])}")
+    return files
+
+
+def read_config(d: Path) -> dict:
+    f = d / "config.json"
+    if not f.exists():
+        raise CheckpointError(f"{d}: no config.json; pass an mPLUG-Owl3 checkpoint directory")
+    try:
+        return json.loads(f.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+
+
+def shard_keys(files: list[Path]) -> dict[str, Path]:
+    out = {}
+    for f in files:
+        try:
+            with safe_open(f, "pt") as h:
+                out.update({k: f for k in h.keys()})
+        except Exception as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from e
+    return out
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    old = mod._parameters.get(leaf)
+    if old is None:
+        raise CheckpointError(f"checkpoint tensor maps to '{name}', which this model does not have")
+    if tuple(old.shape) != tuple(value.shape):
+        raise CheckpointError(f"'{name}': checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)} (config.json mismatch?)")
+    mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+
+
+def load_weights(model: nn.Module, key_to_file: dict[str, Path], mapping: dict[str, str],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+    """Stream tensors shard by shard into `model` (built on meta); every parameter must be filled."""
+    by_file: dict[Path, list[str]] = {}
+    for k in mapping:
+        by_file.setdefault(key_to_file[k], []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(f, "pt", device="cpu") as h:
+            for k in keys:
+                _set_param(model, mapping[k], h.get_tensor(k).to(device=device, dtype=dtype))
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:4])}")
+
+
+def default_dtype(device: torch.device | str, config_dtype: str | None) -> torch.dtype:
+    """float32 on CPU (bf16 GEMMs are ~8x slower there); the checkpoint's dtype (else bf16) on accelerators."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return getattr(torch, config_dtype or "bfloat16", torch.bfloat16)
+
+
+def load_owl3(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+              device: torch.device | str = "cpu", revision: str | None = None):
+    from .models.owl3 import Owl3Model
+
+    d = resolve(path_or_id, revision)
+    raw = read_config(d)
+    if raw.get("model_type") != "mplugowl3":
+        raise CheckpointError(f"{d / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'mplugowl3'")
+    key_to_file = shard_keys(safetensors_files(d))
+    cfg = Owl3Config.from_hf_dict(raw, variant=detect_variant(key_to_file))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device, raw.get("torch_dtype"))
+    mapping = map_keys(key_to_file, OWL3_KEYS, _ignored_patterns(cfg, cfg.tie_word_embeddings))
+    with torch.device("meta"):
+        model = Owl3Model(cfg)
+    load_weights(model, key_to_file, mapping, dtype, device)
+    model.checkpoint_dir = d
+    log.info("loaded %s (mPLUG-Owl3 %s, %s, %s)", d, cfg.variant, dtype, device)
+    return model.eval()
+
+
+# -- saving (official layout) -------------------------------------------------------------------------------
+def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under the official names (the inverse of OWL3_KEYS)."""
+    inverse = [
+        (r"decoder\.layers\.(\d+)\.self_attn\.gate_proj\.(weight|bias)", r"language_model.model.layers.\1.self_attn.gate_proj.0.\2"),
+        (r"decoder\.layers\.(\d+)\.(.+)", r"language_model.model.layers.\1.\2"),
+        (r"decoder\.embed_tokens\.weight", r"language_model.model.embed_tokens.weight"),
+        (r"decoder\.norm\.weight", r"language_model.model.norm.weight"),
+        (r"lm_head\.weight", r"language_model.lm_head.weight"),
+        (r"vision\.embeddings\.(.+)", r"vision_model.embeddings.\1"),
+        (r"vision\.layers\.(\d+)\.(.+)", r"vision_model.encoder.layers.\1.\2"),
+        (r"projector\.fc1\.(.+)", r"vision2text_model.0.\1"),
+        (r"projector\.fc2\.(.+)", r"vision2text_model.2.\1"),
+        (r"projector\.fc\.(.+)", r"vision2text_model.\1"),
+    ]
+    names = dict(model.named_parameters())
+    mapping = map_keys(names, inverse)
+    return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
+
+
+def save_owl3(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    save_file(official_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,171 @@
+"""Typed configs for the models; presets are data.
+
+Design note: one frozen dataclass per concept. `Owl3Config` is what our modules read; it converts to and
+from the official `config.json` (model_type `mplugowl3`, Qwen2 fields + `hyper_layers` + nested SigLIP
+`vision_config`) so checkpoints we save load in the official code and vice versa. The 240728/241101
+variant is a property of the checkpoint (detected from its tensor names by `checkpoint.py`), never a user
+choice. `hyper_layers` keeps the official 1-based convention; `is_hyper(i)` answers for 0-based index i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+VARIANTS = ("240728", "241101")
+
+
+@dataclass(frozen=True)
+class SiglipConfig:
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_layers: int = 27
+    num_heads: int = 16
+    image_size: int = 384
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "SiglipConfig":
+        base = cls()
+        return cls(
+            hidden_size=d.get("hidden_size", base.hidden_size),
+            intermediate_size=d.get("intermediate_size", base.intermediate_size),
+            num_layers=d.get("num_hidden_layers", base.num_layers),
+            num_heads=d.get("num_attention_heads", base.num_heads),
+            image_size=d.get("image_size", base.image_size),
+            patch_size=d.get("patch_size", base.patch_size),
+            layer_norm_eps=d.get("layer_norm_eps", base.layer_norm_eps),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": "siglip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "layer_norm_eps": self.layer_norm_eps,
+        }
+
+
+@dataclass(frozen=True)
+class Owl3Config:
+    vocab_size: int = 151851
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    hyper_layers: tuple[int, ...] = (1, 9, 17, 25)  # 1-based, as in the official config
+    variant: str = "240728"
+    vision: SiglipConfig = field(default_factory=SiglipConfig)
+    vision_batch_size: int = 16  # images per vision-tower chunk (bounded activation memory)
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        bad = [i for i in self.hyper_layers if not 1 <= i <= self.num_layers]
+        if bad:
+            raise ValueError(f"hyper_layers are 1-based and must lie in 1..{self.num_layers}; got {bad}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def is_hyper(self, index: int) -> bool:
+        """Whether decoder layer `index` (0-based) is a hyper-attention layer."""
+        return (index + 1) in self.hyper_layers
+
+    def replace(self, **kw: Any) -> "Owl3Config":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], variant: str = "240728") -> "Owl3Config":
+        base = cls()
+        eos = d.get("eos_token_id", base.eos_token_id)
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            rope_theta=float(d.get("rope_theta", base.rope_theta)),
+            rms_norm_eps=float(d.get("rms_norm_eps", base.rms_norm_eps)),
+            max_position_embeddings=d.get("max_position_embeddings", base.max_position_embeddings),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            hyper_layers=tuple(d.get("hyper_layers", base.hyper_layers)),
+            variant=variant,
+            vision=SiglipConfig.from_hf_dict(d.get("vision_config") or {}),
+            vision_batch_size=d.get("vision_batch_size", base.vision_batch_size),
+            bos_token_id=d.get("bos_token_id", base.bos_token_id),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The official config.json layout (so the official loaders read what we save)."""
+        return {
+            "architectures": ["mPLUGOwl3Model"],
+            "model_type": "mplugowl3",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "use_sliding_window": False,
+            "hyper_layers": list(self.hyper_layers),
+            "vision_config": self.vision.to_hf_dict(),
+            "vision_batch_size": self.vision_batch_size,
+            "image_size": self.vision.image_size,
+            "patch_size": self.vision.patch_size,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "hyperowl_variant": self.variant,
+        }
+
+
+_SO400M = SiglipConfig()
+
+# Presets are data: the released shapes, and tiny sizes for tests.
+PRESETS: dict[str, Owl3Config] = {
+    "owl3-7b-240728": Owl3Config(),
+    "owl3-7b-241101": Owl3Config(variant="241101", hyper_layers=(1, 9, 17, 25)),
+    "owl3-2b-241014": Owl3Config(
+        hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2,
+        tie_word_embeddings=True, hyper_layers=(7, 15, 23, 26), variant="241101",
+    ),
+    "owl3-1b-241014": Owl3Config(
+        hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+        tie_word_embeddings=True, hyper_layers=(7, 15, 23), variant="241101",
+    ),
+    "tiny-240728": Owl3Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+        rope_theta=1e4, max_position_embeddings=512, hyper_layers=(1, 3), variant="240728",
+        vision=SiglipConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                            image_size=28, patch_size=14),
+        bos_token_id=1, eos_token_id=2,
+    ),
+}
+PRESETS["tiny-241101"] = PRESETS["tiny-240728"].replace(variant="241101")

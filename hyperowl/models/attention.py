@@ -1,0 +1,163 @@
+"""Qwen2 self-attention and the per-forward attention context shared by every layer.
+
+Design note: everything a layer needs that does not depend on its weights (RoPE tables, the text mask,
+the cache, the visual inputs and the query segmentation by visible-image count) is computed once per
+forward into an `AttnContext` and handed to every layer. Layers own no state between calls.
+
+Masks: a text query may attend cached/new text keys that are causal and not padding. Padding queries
+additionally see themselves so no softmax row is empty (their outputs are never used). When there is no
+padding the mask is dropped entirely (decode) or replaced by SDPA's causal flag (prefill).
+
+Visibility of images: image j of a row is visible to a text token at position p iff p >= image_pos[j],
+where image_pos is the placeholder's position + 1 (240728: images strictly before the token) or the
+placeholder's position (241101: the placeholder sees its own image). Positions, not raw indices, are used,
+so a left-padded row gives the same result as the same row alone. Since visible images are always a
+prefix of the row's image list, queries are grouped into *segments* with the same visible count k; each
+segment attends the first k*T visual keys with no mask at all (see hyper_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..cache import KVCache
+from ..config import Owl3Config
+from .layers import apply_rope, attend, rope_cos_sin
+
+BIG_POS = 1 << 40  # image_pos of padding images: never visible
+
+
+@dataclass
+class Segment:
+    """Queries that see the first `k` images. idx [B, n] indexes queries (Lq = dummy slot); None = all."""
+
+    k: int
+    idx: Tensor | None
+
+
+@dataclass
+class AttnContext:
+    cos: Tensor  # [B, Lq, D] text RoPE
+    sin: Tensor
+    text_mask: Tensor | None  # [B, 1, Lq, Lk] bool, or None
+    causal: bool  # use SDPA's causal flag (no padding, fresh prefill)
+    cache: KVCache | None
+    lq: int
+    # visual side (None when no image is in play)
+    visual_embeds: Tensor | None = None  # [B, N_max*T, H] new image features to project (prefill only)
+    visual_cos: Tensor | None = None  # [B, N_max, D] MI-Rope tables, one position per image
+    visual_sin: Tensor | None = None
+    counts: Tensor | None = None  # [B, Lq] images visible to each query
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def has_visual(self) -> bool:
+        return self.counts is not None
+
+
+def build_text_mask(key_valid: Tensor, past: int, lq: int) -> Tensor:
+    """[B, 1, Lq, past+Lq] bool: causal over slots, padding keys hidden, each query sees its own slot."""
+    lk = past + lq
+    q_slot = torch.arange(past, lk, device=key_valid.device)[:, None]
+    k_slot = torch.arange(lk, device=key_valid.device)[None, :]
+    causal = k_slot <= q_slot  # [Lq, Lk]
+    mask = causal[None] & key_valid[:, None, :lk]
+    mask |= (k_slot == q_slot)[None]
+    return mask[:, None]
+
+
+def build_segments(counts: Tensor, skip_zero: bool) -> list[Segment]:
+    """Group queries by visible-image count. counts [B, Lq] -> one Segment per distinct count."""
+    b, lq = counts.shape
+    values = torch.unique(counts).tolist()
+    if len(values) == 1:
+        return [] if (skip_zero and values[0] == 0) else [Segment(values[0], None)]
+    order = torch.argsort(counts, dim=1, stable=True)
+    ordered = counts.gather(1, order)
+    segments = []
+    for k in values:
+        if skip_zero and k == 0:
+            continue
+        start = (ordered < k).sum(1)  # [B]
+        n = (ordered == k).sum(1)  # [B]
+        ar = torch.arange(int(n.max()), device=counts.device)
+        idx = order.gather(1, (start[:, None] + ar).clamp(max=lq - 1))  # [B, n_max]
+        idx = torch.where(ar[None] < n[:, None], idx, lq)  # rows with fewer queries point at the dummy slot
+        segments.append(Segment(k, idx))
+    return segments
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    b, l, _ = x.shape
+    return x.view(b, l, heads, -1).transpose(1, 2)  # [B, heads, L, D]
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    b, h, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, h * d)  # [B, L, heads*D]
+
+
+class Attention(nn.Module):
+    """Qwen2 attention: biased q/k/v, unbiased o, RoPE, GQA."""
+
+    def __init__(self, cfg: Owl3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, self.heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.heads * d, h, bias=False)
+
+    def project_text(self, h: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B,H,Lq,D] and this step's k/v [B,Hkv,Lq,D], RoPE applied to q and k."""
+        cos, sin = ctx.cos[:, None], ctx.sin[:, None]
+        q = apply_rope(split_heads(self.q_proj(h), self.heads), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(h), self.kv_heads), cos, sin)
+        return q, k, split_heads(self.v_proj(h), self.kv_heads)
+
+    def text_kv(self, k: Tensor, v: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor]:
+        """Write this step's text K/V to the cache (if any) and return all text K/V to attend."""
+        if ctx.cache is None:
+            return k, v
+        ctx.cache.write_text(self.layer_idx, k, v)
+        return ctx.cache.text(self.layer_idx, ctx.lq)
+
+    def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:
+        q, k, v = self.project_text(h, ctx)
+        k, v = self.text_kv(k, v, ctx)
+        return self.o_proj(merge_heads(attend(q, k, v, ctx.text_mask, ctx.causal)))
+
+
+def make_context(
+    cfg: Owl3Config,
+    positions: Tensor,
+    key_valid: Tensor,
+    past: int,
+    cache: KVCache | None,
+    image_pos: Tensor | None,
+    visual_embeds: Tensor | None,
+) -> AttnContext:
+    """positions [B, Lq]; key_valid [B, past+Lq] bool; image_pos [B, N_max] visible-from positions."""
+    lq = positions.shape[1]
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    padded = not bool(key_valid.all())
+    fused = cfg.variant == "241101" and image_pos is not None
+    if padded or (lq > 1 and (past > 0 or fused)):  # fused segments need the mask rows explicitly
+        text_mask, causal = build_text_mask(key_valid, past, lq), False
+    else:  # a single unpadded query sees everything; an unpadded fresh prefill is plain causal
+        text_mask, causal = None, lq > 1
+    ctx = AttnContext(cos=cos, sin=sin, text_mask=text_mask, causal=causal, cache=cache, lq=lq)
+    if image_pos is None:
+        return ctx
+    ctx.visual_embeds = visual_embeds
+    if visual_embeds is not None:
+        vpos = image_pos.clamp(max=1 << 30)  # padding images: any finite position, never attended
+        ctx.visual_cos, ctx.visual_sin = rope_cos_sin(vpos, cfg.head_dim, cfg.rope_theta)
+    ctx.counts = (image_pos[:, None, :] <= positions[:, :, None]).sum(-1)  # [B, Lq]
+    ctx.segments = build_segments(ctx.counts, skip_zero=cfg.variant == "240728")
+    return ctx

@@ -1,0 +1,106 @@
+"""The mPLUG-Owl3 hyper-attention layer: text queries attend text and the images placed before them.
+
+Design note. The text hidden state is the query for both self-attention over text and cross-attention over
+visual features. Visual K/V come from `v_kv_proj` applied to the visual features after this layer's own
+input LayerNorm (shared with text); output channels are laid out (kv_head, {K,V}, head_dim). Every key of
+image j carries MI-Rope: the rotary position from which the image is visible (see attention.py). Values
+are not rotated.
+
+- 240728: separate softmaxes. C = causal self-attention context, X = cross-attention context, and for
+  tokens that see at least one image the output is C*(1-g) + X*g with g = sigmoid(gate_proj(C)) per head
+  (a Linear head_dim -> head_dim shared by heads); tokens that see none keep C.
+- 241101: one softmax over [visual ; text] keys, no gate.
+
+Visual K/V are computed once (at prefill) into the cache and only read afterwards. Queries are grouped
+into segments by how many images they see (a prefix of the image list), so each SDPA call attends exactly
+the visible visual keys with no [text x visual] mask; a decode step is a single segment.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Owl3Config
+from .attention import AttnContext, Attention, Segment, merge_heads
+from .layers import apply_rope, attend
+
+
+class HyperAttention(Attention):
+    def __init__(self, cfg: Owl3Config, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx)
+        self.variant = cfg.variant
+        self.tokens_per_image = cfg.vision.tokens_per_image
+        self.v_kv_proj = nn.Linear(cfg.hidden_size, 2 * self.kv_heads * self.head_dim, bias=True)
+        if self.variant == "240728":
+            self.gate_proj = nn.Linear(self.head_dim, self.head_dim, bias=True)
+
+    def visual_kv(self, ctx: AttnContext, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        """Visual K/V [B, Hkv, N*T, D]: projected (and cached) at prefill, read from the cache later."""
+        if ctx.visual_embeds is None:
+            return ctx.cache.visual(self.layer_idx)
+        x = norm(ctx.visual_embeds)  # the layer's own input LayerNorm ("shared layernorm")
+        b, nt, _ = x.shape
+        n = ctx.visual_cos.shape[1]
+        kv = self.v_kv_proj(x).view(b, n, nt // n, self.kv_heads, 2, self.head_dim)
+        k = kv[..., 0, :].permute(0, 3, 1, 2, 4)  # [B, Hkv, N, T, D]
+        v = kv[..., 1, :].permute(0, 3, 1, 2, 4)
+        k = apply_rope(k, ctx.visual_cos[:, None, :, None], ctx.visual_sin[:, None, :, None])  # one position per image
+        k = k.reshape(b, self.kv_heads, nt, self.head_dim)
+        v = v.reshape(b, self.kv_heads, nt, self.head_dim)
+        if ctx.cache is not None:
+            ctx.cache.write_visual(self.layer_idx, k, v)
+        return k, v
+
+    def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:
+        if not ctx.has_visual:
+            return super().forward(h, ctx)
+        q, k, v = self.project_text(h, ctx)
+        vk, vv = self.visual_kv(ctx, norm)  # before the text write: visual slots come first in the cache
+        k, v = self.text_kv(k, v, ctx)
+        t = self.tokens_per_image
+
+        if self.variant == "240728":
+            c = attend(q, k, v, ctx.text_mask, ctx.causal)
+            if not ctx.segments:  # no query sees an image yet
+                return self.o_proj(merge_heads(c))
+            x = by_segment(q, ctx, lambda seg, qs, idx: attend(qs, vk[:, :, : seg.k * t], vv[:, :, : seg.k * t]))
+            g = torch.sigmoid(self.gate_proj(c))
+            sees_image = (ctx.counts > 0)[:, None, :, None]
+            return self.o_proj(merge_heads(torch.where(sees_image, c * (1 - g) + x * g, c)))
+
+        def fused(seg: Segment, qs: Tensor, idx: Tensor | None) -> Tensor:
+            kt = seg.k * t
+            if ctx.cache is not None and kt == vk.shape[2]:  # all images: the cache is already [visual ; text]
+                keys, values = ctx.cache.visual_and_text(self.layer_idx, ctx.lq)
+            else:
+                keys, values = torch.cat([vk[:, :, :kt], k], 2), torch.cat([vv[:, :, :kt], v], 2)
+            if ctx.text_mask is None:
+                return attend(qs, keys, values)
+            rows = ctx.text_mask
+            if idx is not None:  # this segment's query rows, the dummy slot seeing everything
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, 1, rows.shape[-1])], 2)
+                rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
+            mask = torch.cat([rows.new_ones(*rows.shape[:-1], kt), rows], -1)
+            return attend(qs, keys, values, mask)
+
+        return self.o_proj(merge_heads(by_segment(q, ctx, fused)))
+
+
+def by_segment(q: Tensor, ctx: AttnContext, fn: Callable[[Segment, Tensor, Tensor | None], Tensor]) -> Tensor:
+    """Run fn(segment, queries_of_segment, idx) per segment and put the results back in query order.
+
+    Queries not in any segment get zeros. Padded entries of idx point at a dummy slot Lq.
+    """
+    segs = ctx.segments
+    if len(segs) == 1 and segs[0].idx is None:
+        return fn(segs[0], q, None)
+    b, h, lq, d = q.shape
+    q_ext = torch.cat([q, q.new_zeros(b, h, 1, d)], 2)
+    out = q.new_zeros(b, h, lq + 1, d)
+    for seg in segs:
+        gi = seg.idx[:, None, :, None].expand(b, h, -1, d)
+        out = out.scatter(2, gi, fn(seg, q_ext.gather(2, gi), seg.idx))
+    return out[:, :, :lq]

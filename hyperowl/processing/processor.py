@@ -1,0 +1,304 @@
+"""Turn chat messages + images + videos into model inputs for mPLUG-Owl3.
+
+Design note
+-----------
+Placeholders: every `<|image|>` in the message text consumes the next entry of `images`, every
+`<|video|>` the next entry of `videos`, in order of appearance across all messages. Each placeholder is
+expanded in the text before ChatML rendering:
+  * image, cutting on:  the cut template (240728 "v2_global", 241101 "v3_global") with rows*cols + 1
+    `<|image|>` tokens, and pixels = crops (row-major) + global view;
+  * image, cutting off: one `<|image|>`, pixels = the image resized to size x size;
+  * video: one `<|image|>` per frame (241101 wraps them in `<|start_video_frame|>`..`<|end_video_frame|>`),
+    never cut.
+Each image is expanded with *its own* grid. The official 240728 processor indexes its per-crop shape
+list by image number, so every image after the first gets a wrong template and the token count stops
+matching the pixel count (spec section 4); we deliberately do not reproduce that bug. The invariant
+"number of `<|image|>` tokens == number of pixel tensors" is checked on every call.
+
+Tokenisation splits the rendered prompt on `<|image|>`, encodes each text chunk separately (as the
+official processor does) and inserts the image token id between chunks, recording each image token's
+index (`image_positions`), which is all the model needs to place images (240728 media_offset and the
+241101 start list are both derived from it). `collate` left-pads a batch and shifts those positions.
+
+The caller's messages are never mutated; all expansion happens on copies of the strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from hyperowl.errors import InputError
+from hyperowl.processing.chat import (
+    END_CUT,
+    END_VIDEO_FRAME,
+    IMAGE_TOKEN,
+    START_CUT,
+    START_VIDEO_FRAME,
+    VIDEO_TOKEN,
+    normalize_messages,
+    render_chatml,
+)
+from hyperowl.processing.images import ImageSource, cut_image, cut_prompt, image_to_tensor, load_image
+from hyperowl.processing.video import sample_frames
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("240728", "241101")
+_CUT_TEMPLATE = {"240728": "v2_global", "241101": "v3_global"}
+_PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
+
+VideoSource = Union[str, os.PathLike, Sequence[Image.Image]]
+
+
+@dataclass
+class ProcessedInputs:
+    """One prompt ready for the model."""
+
+    input_ids: torch.Tensor  # int64 [L]
+    pixel_values: Optional[torch.Tensor]  # float32 [N, 3, S, S], None when the prompt has no images
+    image_positions: torch.Tensor  # int64 [N]: index in input_ids of each image's <|image|> token
+    prompt: str  # the rendered text (with expanded placeholders)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_positions.numel())
+
+
+@dataclass
+class BatchInputs:
+    """A left-padded batch of prompts."""
+
+    input_ids: torch.Tensor  # int64 [B, L]
+    attention_mask: torch.Tensor  # int64 [B, L]: 1 for real tokens, 0 for padding
+    pixel_values: Optional[torch.Tensor]  # float32 [N_total, 3, S, S], rows' images in row order, or None
+    image_positions: torch.Tensor  # int64 [B, N_max]: token index in the padded row, -1 where absent
+    image_counts: torch.Tensor  # int64 [B]: images per row
+
+
+def _is_frame_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(f, Image.Image) for f in v)
+
+
+def _as_list(items: Any, what: str) -> list[Any]:
+    """Accept None, one item, or a list/tuple of items."""
+    if items is None:
+        return []
+    if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image)):
+        return [items]
+    if isinstance(items, (list, tuple)):
+        return list(items)
+    raise InputError(f"{what}: expected a list, got {type(items).__name__}")
+
+
+class Owl3Processor:
+    """Prompt + pixel preprocessing for mPLUG-Owl3 (variants "240728" and "241101")."""
+
+    def __init__(self, tokenizer: Tokenizer, variant: str = "240728", image_size: int = 384, cut: bool = True) -> None:
+        if variant not in VARIANTS:
+            raise InputError(f"variant {variant!r}: must be one of {', '.join(VARIANTS)}")
+        if image_size < 1:
+            raise InputError(f"image_size={image_size}: must be a positive number of pixels")
+        self.tokenizer = tokenizer
+        self.variant = variant
+        self.image_size = int(image_size)
+        self.cut = cut
+        image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        if image_id is None:
+            raise InputError(
+                f"tokenizer: has no {IMAGE_TOKEN} token; use the tokenizer.json shipped with the mPLUG-Owl3 checkpoint"
+            )
+        self.image_token_id: int = image_id
+        if variant == "241101":
+            missing = [
+                t for t in (START_CUT, END_CUT, START_VIDEO_FRAME, END_VIDEO_FRAME) if tokenizer.token_to_id(t) is None
+            ]
+            if missing:
+                # Still usable (they tokenize as plain text), but not what the model was trained on.
+                logger.warning("tokenizer lacks 241101 tokens %s; they will be split as text", ", ".join(missing))
+
+    @classmethod
+    def from_dir(cls, path: "str | os.PathLike[str]", variant: str = "240728", image_size: int = 384,
+                 cut: bool = True) -> "Owl3Processor":
+        """Load `tokenizer.json` from a checkpoint directory."""
+        tok_path = Path(path) / "tokenizer.json"
+        if not tok_path.is_file():
+            raise InputError(
+                f"checkpoint '{path}': tokenizer.json not found; pass a checkpoint directory that contains tokenizer.json"
+            )
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+            raise InputError(f"tokenizer '{tok_path}': cannot be loaded ({exc}); re-download the checkpoint's tokenizer.json") from None
+        return cls(tokenizer, variant=variant, image_size=image_size, cut=cut)
+
+    # -- text pieces -------------------------------------------------------------------------------------
+
+    def _video_text(self, n_frames: int) -> str:
+        frames = IMAGE_TOKEN * n_frames
+        if self.variant == "241101":
+            return f"{START_VIDEO_FRAME}{frames}{END_VIDEO_FRAME}"
+        return frames
+
+    def _tokenize(self, prompt: str) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        positions: list[int] = []
+        chunks = prompt.split(IMAGE_TOKEN)
+        for k, chunk in enumerate(chunks):
+            if k > 0:
+                positions.append(len(ids))
+                ids.append(self.image_token_id)
+            if chunk:
+                ids.extend(self.tokenizer.encode(chunk, add_special_tokens=False).ids)
+        return ids, positions
+
+    # -- main entry --------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        messages: Sequence[Any],
+        images: Any = None,
+        videos: Any = None,
+        max_frames: int = 16,
+        fps: Optional[float] = None,
+        system: Optional[str] = None,
+        cut: Optional[bool] = None,
+        add_generation_prompt: bool = True,
+        progress: Optional[bool] = None,
+    ) -> ProcessedInputs:
+        """Build model inputs. See the module note for how placeholders are expanded."""
+        pairs = normalize_messages(messages)  # validated copy; the caller's dicts are not touched
+        image_list = _as_list(images, "images")
+        video_list = _as_list(videos, "videos")
+        if video_list and _is_frame_list(video_list) and not any(_is_frame_list(v) for v in video_list):
+            raise InputError(
+                "videos: got a flat list of PIL frames; pass a list of videos, e.g. videos=[frames]"
+            )
+        if system is not None and (IMAGE_TOKEN in system or VIDEO_TOKEN in system):
+            raise InputError(f"system: must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; put media in a user message")
+
+        n_img = sum(c.count(IMAGE_TOKEN) for _, c in pairs)
+        n_vid = sum(c.count(VIDEO_TOKEN) for _, c in pairs)
+        if n_img != len(image_list):
+            raise InputError(
+                f"messages contain {n_img} {IMAGE_TOKEN} placeholder(s) but {len(image_list)} image(s) were given: "
+                f"put one {IMAGE_TOKEN} per image in the text"
+            )
+        if n_vid != len(video_list):
+            raise InputError(
+                f"messages contain {n_vid} {VIDEO_TOKEN} placeholder(s) but {len(video_list)} video(s) were given: "
+                f"put one {VIDEO_TOKEN} per video in the text"
+            )
+
+        do_cut = self.cut if cut is None else cut
+        template = _CUT_TEMPLATE[self.variant]
+        size = self.image_size
+        pixels: list[torch.Tensor] = []
+        img_i = vid_i = 0
+        new_messages: list[dict[str, str]] = []
+        for role, content in pairs:
+            pieces = _PLACEHOLDER_RE.split(content)
+            out: list[str] = []
+            for piece in pieces:
+                if piece == IMAGE_TOKEN:
+                    img = load_image(image_list[img_i], name=self._image_name(image_list[img_i], img_i))
+                    img_i += 1
+                    if do_cut:
+                        px, (rows, cols) = cut_image(img, size)
+                        pixels.append(px)
+                        out.append(cut_prompt(rows, cols, template, IMAGE_TOKEN))
+                    else:
+                        pixels.append(image_to_tensor(img, size).unsqueeze(0))
+                        out.append(IMAGE_TOKEN)
+                elif piece == VIDEO_TOKEN:
+                    frames = self._video_frames(video_list[vid_i], vid_i, max_frames, fps, progress)
+                    vid_i += 1
+                    pixels.append(torch.stack([image_to_tensor(f, size) for f in frames]))
+                    out.append(self._video_text(len(frames)))
+                else:
+                    out.append(piece)
+            new_messages.append({"role": role, "content": "".join(out)})
+
+        kwargs = {} if system is None else {"system": system}
+        prompt = render_chatml(new_messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        ids, positions = self._tokenize(prompt)
+        pixel_values = torch.cat(pixels, dim=0) if pixels else None
+        n_pixels = 0 if pixel_values is None else pixel_values.shape[0]
+        if len(positions) != n_pixels:
+            # Can only happen if a template or the tokenizer disagrees with our expansion: a bug, not user error.
+            raise RuntimeError(f"internal error: {len(positions)} image tokens but {n_pixels} pixel tensors")
+        return ProcessedInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            pixel_values=pixel_values,
+            image_positions=torch.tensor(positions, dtype=torch.long),
+            prompt=prompt,
+        )
+
+    @staticmethod
+    def _image_name(src: Any, index: int) -> str:
+        if isinstance(src, (str, os.PathLike)):
+            return os.fspath(src)
+        return f"images[{index}]"
+
+    @staticmethod
+    def _video_frames(
+        src: Any, index: int, max_frames: int, fps: Optional[float], progress: Optional[bool]
+    ) -> list[Image.Image]:
+        if isinstance(src, (str, os.PathLike)):
+            return sample_frames(src, max_frames=max_frames, fps=fps, progress=progress)
+        if isinstance(src, (list, tuple)):
+            if not src:
+                raise InputError(f"videos[{index}]: empty frame list; pass at least one frame")
+            frames = []
+            for j, f in enumerate(src):
+                if not isinstance(f, Image.Image):
+                    raise InputError(
+                        f"videos[{index}][{j}]: expected a PIL image, got {type(f).__name__}; "
+                        "pass a video path or a list of PIL frames"
+                    )
+                frames.append(f if f.mode == "RGB" else f.convert("RGB"))
+            return frames
+        raise InputError(
+            f"videos[{index}]: expected a video file path or a list of PIL frames, got {type(src).__name__}"
+        )
+
+
+def collate(batch: Sequence[ProcessedInputs], pad_id: int) -> BatchInputs:
+    """Left-pad a list of `ProcessedInputs` into one batch (image positions shifted by each row's padding)."""
+    if not batch:
+        raise InputError("batch: empty; pass at least one processed prompt")
+    lengths = [int(b.input_ids.numel()) for b in batch]
+    width = max(lengths)
+    counts = [b.num_images for b in batch]
+    n_max = max(counts)
+    bsz = len(batch)
+    input_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((bsz, width), dtype=torch.long)
+    positions = torch.full((bsz, n_max), -1, dtype=torch.long)
+    pixels: list[torch.Tensor] = []
+    for r, b in enumerate(batch):
+        pad = width - lengths[r]
+        input_ids[r, pad:] = b.input_ids
+        attention_mask[r, pad:] = 1
+        if counts[r]:
+            positions[r, : counts[r]] = b.image_positions + pad
+            assert b.pixel_values is not None and b.pixel_values.shape[0] == counts[r]
+            pixels.append(b.pixel_values)
+    sizes = {tuple(p.shape[1:]) for p in pixels}
+    if len(sizes) > 1:
+        raise InputError(f"batch: rows have different image sizes {sorted(sizes)}; use one processor for the batch")
+    return BatchInputs(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=torch.cat(pixels, dim=0) if pixels else None,
+        image_positions=positions,
+        image_counts=torch.tensor(counts, dtype=torch.long),
+    )

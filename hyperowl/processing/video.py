@@ -1,0 +1,288 @@
+"""Video frame sampling with PyAV, decoding only what is needed.
+
+Design note
+-----------
+Targets are timestamps (seconds from the stream start):
+  * uniform (default): the centres of N equal segments of the duration, N = min(max_frames, frame count);
+  * `fps` given: one every 1/fps seconds starting at 0, then, if more than max_frames, uniformly
+    subsampled by segment centres (the official README's 1-fps + `uniform_sample` recipe).
+For each target we return the frame *displayed* at that time: the last frame whose timestamp is <= the
+target (a frame is shown from its pts until the next one). With N equal to the frame count this picks
+every frame exactly once, and fps targets land exactly on frame timestamps.
+
+Decoding is sequential, but when the next target is more than `seek_threshold` seconds ahead of the last
+decoded frame we `seek` (backward, to the keyframe before the target, on the video stream) and decode
+forward from there. Long videos therefore cost roughly (frames per GOP) x (number of targets) decodes
+instead of a full decode. Only the chosen frames are converted to RGB images.
+
+Duration comes from the stream, else the container; if neither is known we scan packet timestamps once
+(demuxing only, no decoding). Missing/corrupt files and files without a video stream raise `InputError`
+naming the path; PyAV exceptions never escape for those.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterator, Optional
+
+import av
+from PIL import Image
+from tqdm import tqdm
+
+from hyperowl.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Seek instead of decoding forward when the next target is further ahead than this (seconds).
+DEFAULT_SEEK_THRESHOLD = 2.0
+# Timestamps closer than this are the same instant (float noise in pts * time_base).
+_TIME_EPS = 1e-4
+
+
+@dataclass
+class VideoSample:
+    """Frames sampled from a video, with their timestamps and decode statistics."""
+
+    frames: list[Image.Image]
+    times: list[float]  # seconds from the stream start, one per frame
+    targets: list[float] = field(default_factory=list)  # requested timestamps
+    duration: float = 0.0
+    frames_decoded: int = 0
+    seeks: int = 0
+
+
+def _av_errors() -> tuple[type[BaseException], ...]:
+    # av.error.FFmpegError subclasses OSError/ValueError in recent PyAV; list both to be version-proof.
+    errs: list[type[BaseException]] = [OSError, ValueError]
+    ff = getattr(getattr(av, "error", None), "FFmpegError", None)
+    if isinstance(ff, type):
+        errs.append(ff)
+    return tuple(errs)
+
+
+_AV_ERRORS = _av_errors()
+
+
+def _fail(path: str, why: str) -> InputError:
+    return InputError(f"video '{path}': cannot be read ({why}); pass an MP4/MKV/WebM/AVI/MOV video file")
+
+
+def _open(path: str) -> "av.container.InputContainer":
+    if not os.path.exists(path):
+        raise _fail(path, "file not found")
+    if os.path.isdir(path):
+        raise _fail(path, "it is a directory")
+    try:
+        container = av.open(path, mode="r")
+    except _AV_ERRORS as exc:
+        raise _fail(path, str(exc) or type(exc).__name__) from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"video '{path}': has no video stream; pass a file that contains video")
+    return container
+
+
+def _scan_packet_times(path: str) -> tuple[float, int]:
+    """(duration seconds, packet count) by demuxing the video stream once, without decoding."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        tb = stream.time_base or Fraction(1, 1)
+        start: Optional[int] = None
+        end: Optional[int] = None
+        count = 0
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.pts is None:
+                continue  # flush packets / packets without timestamps
+            count += 1
+            start = packet.pts if start is None else min(start, packet.pts)
+            stop = packet.pts + max(packet.duration or 0, 0)
+            end = stop if end is None else max(end, stop)
+    except _AV_ERRORS as exc:
+        raise _fail(path, str(exc) or type(exc).__name__) from None
+    finally:
+        container.close()
+    if start is None or end is None:
+        return 0.0, count
+    return float((end - start) * tb), count
+
+
+def _stream_info(container: "av.container.InputContainer", path: str) -> tuple[float, float, int]:
+    """(start seconds, duration seconds, frame count or 0 if unknown) of the first video stream."""
+    stream = container.streams.video[0]
+    tb = stream.time_base
+    start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
+    duration = 0.0
+    if stream.duration and tb:
+        duration = float(stream.duration * tb)
+    elif container.duration:
+        duration = container.duration / av.time_base - max(start, 0.0)
+    count = int(stream.frames or 0)
+    if duration <= 0:
+        # No usable duration in the headers (e.g. raw streams): scan packet timestamps once.
+        duration, scanned = _scan_packet_times(path)
+        count = count or scanned
+        logger.debug("video %s: no header duration, scanned %d packets -> %.3fs", path, scanned, duration)
+    rate = stream.average_rate or stream.guessed_rate
+    if count <= 0 and duration > 0 and rate:
+        count = max(1, round(duration * float(rate)))
+    return start, duration, count
+
+
+def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optional[float]) -> list[float]:
+    """Target timestamps (seconds from start), ascending."""
+    if duration <= 0:
+        return [0.0]
+    if fps is None:
+        n = max_frames if frame_count <= 0 else min(max_frames, frame_count)
+        return [(i + 0.5) * duration / n for i in range(n)]
+    step = 1.0 / fps
+    # Every 1/fps seconds from 0 while inside the video (small epsilon so k*step == duration is excluded).
+    count = max(1, math.ceil(duration / step - 1e-9))
+    times = [k * step for k in range(count)]
+    if len(times) > max_frames:
+        gap = len(times) / max_frames
+        times = [times[int(i * gap + gap / 2)] for i in range(max_frames)]
+    return times
+
+
+class _Decoder:
+    """Forward decoder over one video stream that can seek; tracks how many frames it decoded."""
+
+    def __init__(self, container: "av.container.InputContainer", path: str, start: float) -> None:
+        self.container = container
+        self.stream = container.streams.video[0]
+        self.path = path
+        self.start = start
+        self.frames_decoded = 0
+        self.seeks = 0
+        self._index = 0  # frames since the last (re)start, for streams without pts
+        self._iter: Iterator[av.VideoFrame] = self.container.decode(self.stream)
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        self._rate = float(rate) if rate else 25.0
+
+    def seek(self, t: float) -> None:
+        tb = self.stream.time_base
+        offset = int(math.floor((t + self.start) / float(tb))) if tb else 0
+        try:
+            self.container.seek(offset, backward=True, any_frame=False, stream=self.stream)
+        except _AV_ERRORS as exc:
+            raise _fail(self.path, f"seek failed: {exc}") from None
+        self.seeks += 1
+        self._iter = self.container.decode(self.stream)
+        self._index = -1  # unknown position after a seek; only used when pts are missing
+
+    def next(self) -> Optional[tuple[float, "av.VideoFrame"]]:
+        try:
+            frame = next(self._iter, None)
+        except _AV_ERRORS as exc:
+            raise _fail(self.path, str(exc) or type(exc).__name__) from None
+        if frame is None:
+            return None
+        self.frames_decoded += 1
+        if frame.pts is not None and frame.time is not None:
+            t = float(frame.time) - self.start
+        else:
+            t = max(self._index, 0) / self._rate
+        self._index += 1
+        return t, frame
+
+
+def sample_video(
+    path: "str | os.PathLike[str]",
+    max_frames: int = 16,
+    fps: Optional[float] = None,
+    progress: Optional[bool] = None,
+    seek_threshold: float = DEFAULT_SEEK_THRESHOLD,
+) -> VideoSample:
+    """Sample up to `max_frames` frames of the video at `path` (see the module note for the rule)."""
+    if max_frames < 1:
+        raise InputError(f"max_frames={max_frames}: must be at least 1")
+    if fps is not None and not fps > 0:
+        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    p = os.fspath(path)
+    container = _open(p)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame/slice threads: decoding is the cost here
+        start, duration, count = _stream_info(container, p)
+        targets = video_targets(duration, count, max_frames, fps)
+        show = progress if progress is not None else (max_frames > 32 and sys.stderr.isatty())
+        dec = _Decoder(container, p, start)
+        chosen: list[tuple[float, "av.VideoFrame"]] = []
+        prev: Optional[tuple[float, "av.VideoFrame"]] = None  # last frame with time <= current target
+        ahead: Optional[tuple[float, "av.VideoFrame"]] = None  # decoded frame past the current target
+        with tqdm(total=len(targets), desc="video frames", unit="frame", file=sys.stderr, disable=not show) as bar:
+            for target in targets:
+                latest = ahead if ahead is not None else prev
+                position = latest[0] if latest is not None else 0.0
+                if target - position > seek_threshold:
+                    dec.seek(target)
+                    prev = ahead = None
+                while True:
+                    if ahead is not None:
+                        item, ahead = ahead, None
+                    else:
+                        item = dec.next()
+                    if item is None:  # end of stream: the last frame is displayed until the end
+                        break
+                    if item[0] > target + _TIME_EPS:
+                        ahead = item
+                        break
+                    prev = item
+                pick = prev if prev is not None else ahead
+                if pick is None:
+                    raise _fail(p, "no decodable video frames")
+                chosen.append(pick)
+                bar.update(1)
+        frames_decoded, seeks = dec.frames_decoded, dec.seeks
+        # Convert each distinct chosen frame once (the same frame can serve several close targets).
+        images: dict[int, Image.Image] = {}
+        out: list[Image.Image] = []
+        for _, frame in chosen:
+            key = id(frame)
+            if key not in images:
+                try:
+                    images[key] = frame.to_image().convert("RGB")
+                except _AV_ERRORS as exc:
+                    raise _fail(p, f"frame conversion failed: {exc}") from None
+            out.append(images[key])
+    finally:
+        container.close()
+    logger.debug(
+        "video %s: %.2fs, %d targets, decoded %d frames with %d seeks", p, duration, len(targets), frames_decoded, seeks
+    )
+    return VideoSample(
+        frames=out,
+        times=[t for t, _ in chosen],
+        targets=targets,
+        duration=duration,
+        frames_decoded=frames_decoded,
+        seeks=seeks,
+    )
+
+
+def sample_frames_with_times(
+    path: "str | os.PathLike[str]",
+    max_frames: int = 16,
+    fps: Optional[float] = None,
+    progress: Optional[bool] = None,
+) -> tuple[list[Image.Image], list[float]]:
+    """Like `sample_frames`, also returning each frame's timestamp in seconds."""
+    s = sample_video(path, max_frames=max_frames, fps=fps, progress=progress)
+    return s.frames, s.times
+
+
+def sample_frames(
+    path: "str | os.PathLike[str]",
+    max_frames: int = 16,
+    fps: Optional[float] = None,
+    progress: Optional[bool] = None,
+) -> list[Image.Image]:
+    """Sample up to `max_frames` RGB frames from the video at `path` (uniform, or every 1/fps seconds)."""
+    return sample_video(path, max_frames=max_frames, fps=fps, progress=progress).frames
