@@ -15,8 +15,9 @@ decoded frame we `seek` (backward, to the keyframe before the target, on the vid
 forward from there. Long videos therefore cost roughly (frames per GOP) x (number of targets) decodes
 instead of a full decode. Only the chosen frames are converted to RGB images.
 
-Duration comes from the stream, else the container; if neither is known we scan packet timestamps once
-(demuxing only, no decoding). Missing/corrupt files and files without a video stream raise `InputError`
+Duration comes from the stream, else the container; if neither is known we scan the packets once
+(demuxing only, no decoding) for timestamps or, for raw elementary streams without pts, packet durations
+or the packet count; such streams are decoded straight through (seeking needs timestamps). Missing/corrupt files and files without a video stream raise `InputError`
 naming the path; PyAV exceptions never escape for those.
 """
 
@@ -87,8 +88,8 @@ def _open(path: str) -> "av.container.InputContainer":
     return container
 
 
-def _scan_packet_times(path: str) -> tuple[float, int]:
-    """(duration seconds, packet count) by demuxing the video stream once, without decoding."""
+def _scan_packets(path: str, rate: float) -> tuple[float, int, bool]:
+    """(duration seconds, packet count, packets have pts) by demuxing the video stream once, no decoding."""
     container = _open(path)
     try:
         stream = container.streams.video[0]
@@ -96,42 +97,56 @@ def _scan_packet_times(path: str) -> tuple[float, int]:
         start: Optional[int] = None
         end: Optional[int] = None
         count = 0
+        summed = 0  # sum of packet durations, for streams without pts (raw elementary streams)
         for packet in container.demux(stream):
-            if packet.size == 0 or packet.pts is None:
-                continue  # flush packets / packets without timestamps
+            if packet.size == 0:
+                continue  # flush packet
             count += 1
-            start = packet.pts if start is None else min(start, packet.pts)
-            stop = packet.pts + max(packet.duration or 0, 0)
-            end = stop if end is None else max(end, stop)
+            dur = max(packet.duration or 0, 0)
+            summed += dur
+            if packet.pts is not None:
+                start = packet.pts if start is None else min(start, packet.pts)
+                end = packet.pts + dur if end is None else max(end, packet.pts + dur)
     except _AV_ERRORS as exc:
         raise _fail(path, str(exc) or type(exc).__name__) from None
     finally:
         container.close()
-    if start is None or end is None:
-        return 0.0, count
-    return float((end - start) * tb), count
+    if start is not None and end is not None and end > start:
+        return float((end - start) * tb), count, True
+    if summed > 0:
+        return float(summed * tb), count, False
+    return count / rate, count, False
 
 
-def _stream_info(container: "av.container.InputContainer", path: str) -> tuple[float, float, int]:
-    """(start seconds, duration seconds, frame count or 0 if unknown) of the first video stream."""
+@dataclass
+class _StreamInfo:
+    start: float  # seconds of the first frame's pts
+    duration: float  # seconds
+    count: int  # frames (0 if unknown)
+    has_pts: bool  # frames carry timestamps (seeking is only reliable then)
+
+
+def _stream_info(container: "av.container.InputContainer", path: str) -> _StreamInfo:
     stream = container.streams.video[0]
     tb = stream.time_base
     start = float(stream.start_time * tb) if (stream.start_time is not None and tb) else 0.0
+    rate_q = stream.guessed_rate or stream.average_rate
+    rate = float(rate_q) if rate_q else 25.0
     duration = 0.0
     if stream.duration and tb:
         duration = float(stream.duration * tb)
     elif container.duration:
         duration = container.duration / av.time_base - max(start, 0.0)
     count = int(stream.frames or 0)
+    has_pts = True
     if duration <= 0:
-        # No usable duration in the headers (e.g. raw streams): scan packet timestamps once.
-        duration, scanned = _scan_packet_times(path)
-        count = count or scanned
+        # No usable duration in the headers (e.g. raw streams): scan the packets once.
+        duration, scanned, has_pts = _scan_packets(path, rate)
+        count = scanned or count
         logger.debug("video %s: no header duration, scanned %d packets -> %.3fs", path, scanned, duration)
-    rate = stream.average_rate or stream.guessed_rate
-    if count <= 0 and duration > 0 and rate:
-        count = max(1, round(duration * float(rate)))
-    return start, duration, count
+    if count <= 0 and duration > 0:
+        count = max(1, round(duration * rate))
+    return _StreamInfo(start=start, duration=duration, count=count, has_pts=has_pts)
 
 
 def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optional[float]) -> list[float]:
@@ -154,17 +169,18 @@ def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optio
 class _Decoder:
     """Forward decoder over one video stream that can seek; tracks how many frames it decoded."""
 
-    def __init__(self, container: "av.container.InputContainer", path: str, start: float) -> None:
+    def __init__(self, container: "av.container.InputContainer", path: str, info: _StreamInfo) -> None:
         self.container = container
         self.stream = container.streams.video[0]
         self.path = path
-        self.start = start
+        self.start = info.start
+        # Without pts, frame k is assumed to start at k * (duration / count).
+        self._frame_dt = info.duration / info.count if info.count > 0 else 0.04
         self.frames_decoded = 0
         self.seeks = 0
-        self._index = 0  # frames since the last (re)start, for streams without pts
+        self.missing_pts = False  # a frame without pts was seen: positions are estimates, do not seek
+        self._index = 0  # frames since the start, for streams without pts (never seeked)
         self._iter: Iterator[av.VideoFrame] = self.container.decode(self.stream)
-        rate = self.stream.average_rate or self.stream.guessed_rate
-        self._rate = float(rate) if rate else 25.0
 
     def seek(self, t: float) -> None:
         tb = self.stream.time_base
@@ -175,7 +191,6 @@ class _Decoder:
             raise _fail(self.path, f"seek failed: {exc}") from None
         self.seeks += 1
         self._iter = self.container.decode(self.stream)
-        self._index = -1  # unknown position after a seek; only used when pts are missing
 
     def next(self) -> Optional[tuple[float, "av.VideoFrame"]]:
         try:
@@ -188,7 +203,8 @@ class _Decoder:
         if frame.pts is not None and frame.time is not None:
             t = float(frame.time) - self.start
         else:
-            t = max(self._index, 0) / self._rate
+            self.missing_pts = True
+            t = self._index * self._frame_dt
         self._index += 1
         return t, frame
 
@@ -210,10 +226,13 @@ def sample_video(
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame/slice threads: decoding is the cost here
-        start, duration, count = _stream_info(container, p)
-        targets = video_targets(duration, count, max_frames, fps)
+        info = _stream_info(container, p)
+        duration = info.duration
+        targets = video_targets(duration, info.count, max_frames, fps)
+        # Seeking needs timestamps; raw elementary streams without pts are decoded straight through.
+        threshold = seek_threshold if info.has_pts else math.inf
         show = progress if progress is not None else (max_frames > 32 and sys.stderr.isatty())
-        dec = _Decoder(container, p, start)
+        dec = _Decoder(container, p, info)
         chosen: list[tuple[float, "av.VideoFrame"]] = []
         prev: Optional[tuple[float, "av.VideoFrame"]] = None  # last frame with time <= current target
         ahead: Optional[tuple[float, "av.VideoFrame"]] = None  # decoded frame past the current target
@@ -221,7 +240,7 @@ def sample_video(
             for target in targets:
                 latest = ahead if ahead is not None else prev
                 position = latest[0] if latest is not None else 0.0
-                if target - position > seek_threshold:
+                if target - position > threshold and not dec.missing_pts:
                     dec.seek(target)
                     prev = ahead = None
                 while True:

@@ -1,0 +1,177 @@
+"""Generation engine: prefill + decode loop outside the model. Knows token ids, never a tokenizer.
+
+Design note: a batch of requests is left-padded into one prefill; each request's images are encoded once,
+their visual K/V written once into the KVCache by the hyper layers, and every decode step feeds one token
+per live row. Finished rows are dropped from the cache (`KVCache.reorder`), so the batch shrinks instead
+of computing padding. Sampling is a plain function of logits (greedy when temperature == 0; else
+temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt + generated ids.
+`stream` yields (row, token) events as they are produced; `generate` collects them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .models.owl3 import Owl3Model
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 1024
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class Request:
+    """One prompt: token ids [L], and its images as pixels [N,3,S,S] or features [N,T,H] with the token
+    index of each image's placeholder [N]."""
+
+    input_ids: Tensor
+    pixel_values: Tensor | None = None
+    image_embeds: Tensor | None = None
+    image_positions: Tensor | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """logits [B, V]; seen [B, V] bool; penalty [B]. HF rule: divide positive scores, multiply negative."""
+    p = penalty[:, None].to(logits.dtype)
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen, penalised, logits)
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    """Next token per row from logits [B, V] (float32), all rows at once.
+
+    Greedy rows take the argmax. Sampling rows: temperature, then top-k and top-p filtering on the sorted
+    logits, then an exponential race (argmax of p / E, E ~ Exp(1)), which is an exact draw from p and lets
+    each row use its own seeded generator.
+    """
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=dev)
+    greedy = logits.argmax(-1)
+    if bool((temp == 0).all()):
+        return greedy
+    top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+    sorted_logits, order = scaled.sort(-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=dev)[None]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
+    probs = probs.masked_fill(drop, 0.0)
+    noise = torch.stack([torch.empty(logits.shape[-1], device=dev).exponential_(generator=g) for g in generators
+                         ]) if len(generators) else probs
+    choice = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
+    return torch.where(temp == 0, greedy, choice)
+
+
+class Engine:
+    def __init__(self, model: Owl3Model) -> None:
+        self.model = model
+
+    def _collate(self, requests: list[Request]) -> dict:
+        dev = self.model.device
+        lens = [len(r.input_ids) for r in requests]
+        length = max(lens)
+        pad = 0
+        ids = torch.full((len(requests), length), pad, dtype=torch.long)
+        mask = torch.zeros(len(requests), length, dtype=torch.long)
+        n_max = max((0 if r.image_positions is None else len(r.image_positions)) for r in requests)
+        positions = torch.full((len(requests), n_max), -1, dtype=torch.long)
+        feats = []
+        for i, r in enumerate(requests):
+            off = length - lens[i]  # left padding
+            ids[i, off:] = torch.as_tensor(r.input_ids, dtype=torch.long)
+            mask[i, off:] = 1
+            n = 0 if r.image_positions is None else len(r.image_positions)
+            if n:
+                positions[i, :n] = torch.as_tensor(r.image_positions, dtype=torch.long) + off
+                feats.append(r.image_embeds if r.image_embeds is not None else self.model.encode_images(r.pixel_values))
+        embeds = torch.cat([f.to(dev) for f in feats]) if feats else None
+        return dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), image_embeds=embeds,
+                    image_positions=positions.to(dev) if feats else None)
+
+    @torch.no_grad()
+    def stream(self, requests: list[Request]) -> Iterator[list[tuple[int, int]]]:
+        """Yield, per decode step, the (request index, token id) pairs produced by live rows."""
+        if not requests:
+            return
+        params = [r.params for r in requests]
+        batch = self._collate(requests)
+        b, length = batch["input_ids"].shape
+        max_new = max(p.max_new_tokens for p in params)
+        cache = self.model.new_cache(length + min(max_new, 256))
+        vocab = self.model.config.vocab_size
+        dev = self.model.device
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=dev)
+        use_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        if use_penalty:
+            seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+        gens = []
+        for p in params:
+            g = None
+            if p.temperature > 0:
+                g = torch.Generator(device=dev)
+                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**31, (1,))))
+            gens.append(g)
+
+        live = list(range(b))  # request index of each cache row
+        counts = [0] * b
+        logits = self.model(**batch, cache=cache, last_logits_only=True).logits[:, -1].float()
+        while live:
+            if use_penalty:
+                logits = apply_repetition_penalty(logits, seen, penalty)
+            for row, r in enumerate(live):  # forbid stops until min_new_tokens
+                if counts[r] < params[r].min_new_tokens and params[r].stop_token_ids:
+                    logits[row, list(params[r].stop_token_ids)] = float("-inf")
+            tokens = sample(logits, [params[r] for r in live], [gens[r] for r in live])
+            toks = tokens.tolist()
+            yield [(r, t) for r, t in zip(live, toks)]
+            keep = []
+            for row, (r, t) in enumerate(zip(live, toks)):
+                counts[r] += 1
+                if counts[r] < params[r].max_new_tokens and t not in params[r].stop_token_ids:
+                    keep.append(row)
+            if use_penalty:
+                seen[torch.arange(len(live), device=dev), tokens] = True
+            if not keep:
+                return
+            if len(keep) < len(live):  # drop finished rows from every per-row tensor
+                rows = torch.tensor(keep, device=dev)
+                cache.reorder(rows)
+                tokens, seen, penalty = tokens[rows], seen[rows], penalty[rows]
+                live = [live[i] for i in keep]
+            logits = self.model(tokens[:, None], cache=cache).logits[:, -1].float()
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        """New token ids per request (stop token included when one was produced)."""
+        out: list[list[int]] = [[] for _ in requests]
+        for events in self.stream(requests):
+            for r, t in events:
+                out[r].append(t)
+        return out
