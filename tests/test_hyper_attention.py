@@ -1,0 +1,184 @@
+"""Hyper-attention semantics (both generations) against a naive dense reference written from the spec,
+cache consistency (prefill + decode == full forward), padding invariance, and 'visual K/V once'."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_owl3
+from hyperowl.engine import Engine, Request, SamplingParams
+from hyperowl.models import hyper_attention
+
+VARIANTS = ["240728", "241101"]
+
+
+def rotate(x, pos, theta):
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    ang = pos.float()[..., None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+@torch.no_grad()
+def naive_logits(model, ids, embeds, starts):
+    """One unpadded row, dense masks, explicit softmax. starts: placeholder token index of each image."""
+    cfg = model.config
+    L, D, H, KV = len(ids), cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    rep = H // KV
+    pos = torch.arange(L)
+    x = model.decoder.embed_tokens(ids)
+    n = len(starts)
+    for layer in model.decoder.layers:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = rotate(a.q_proj(h).view(L, H, D), pos[:, None], cfg.rope_theta)
+        k = rotate(a.k_proj(h).view(L, KV, D), pos[:, None], cfg.rope_theta).repeat_interleave(rep, 1)
+        v = a.v_proj(h).view(L, KV, D).repeat_interleave(rep, 1)
+        s_txt = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
+        s_txt = s_txt.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        out = torch.einsum("hqk,khd->hqd", s_txt.softmax(-1), v)  # [H, L, D]
+        if hasattr(a, "v_kv_proj") and n:
+            t = embeds.shape[1]
+            kv = a.v_kv_proj(layer.input_layernorm(embeds)).view(n, t, KV, 2, D)
+            shift = 1 if cfg.variant == "240728" else 0
+            img_pos = torch.tensor(starts) + shift
+            vk = rotate(kv[..., 0, :], img_pos[:, None, None], cfg.rope_theta).reshape(n * t, KV, D).repeat_interleave(rep, 1)
+            vv = kv[..., 1, :].reshape(n * t, KV, D).repeat_interleave(rep, 1)
+            img_of_key = torch.arange(n).repeat_interleave(t)
+            s_vis = torch.einsum("qhd,khd->hqk", q, vk) / math.sqrt(D)
+            if cfg.variant == "240728":
+                visible = torch.tensor(starts)[img_of_key][None, :] < pos[:, None]  # placeholder strictly before
+                cross = torch.einsum("hqk,khd->hqd", s_vis.masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(), vv)
+                g = torch.sigmoid(a.gate_proj(out))
+                out = torch.where(visible.any(-1)[None, :, None], out * (1 - g) + cross * g, out)
+            else:
+                visible = torch.tensor(starts)[img_of_key][None, :] <= pos[:, None]
+                s = torch.cat([s_vis.masked_fill(~visible, float("-inf")), s_txt], -1)
+                out = torch.einsum("hqk,khd->hqd", s.softmax(-1), torch.cat([vv, v], 0))
+        x = x + a.o_proj(out.transpose(0, 1).reshape(L, H * D))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.output_head(model.decoder.norm(x))
+
+
+def make_row(seed, length, starts):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (length,), generator=g)
+    ids[torch.tensor(starts, dtype=torch.long)] = 7
+    return ids
+
+
+def pixels(n, seed=0):
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("starts", [[3, 7, 8, 12], [0, 1, 2], [5]])
+@torch.no_grad()
+def test_matches_dense_reference(variant, starts):
+    model = random_owl3(variant)
+    ids = make_row(1, 16, starts)
+    pv = pixels(len(starts))
+    ours = model(ids[None], pixel_values=pv, image_positions=torch.tensor([starts])).logits[0]
+    ref = naive_logits(model, ids, model.encode_images(pv), starts)
+    assert (ours - ref).abs().max() <= 1e-4
+    # the images matter (a test that cannot fail is a defect)
+    assert (ours - model(ids[None]).logits[0]).abs().max() > 1e-3
+
+
+def batch_inputs():
+    rows = [(make_row(2, 12, [2, 3, 9]), [2, 3, 9]), (make_row(3, 7, [4]), [4]), (make_row(4, 9, []), [])]
+    return rows, pixels(4, seed=5)
+
+
+def pad_batch(rows, pv):
+    L = max(len(r) for r, _ in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    pos = torch.full((len(rows), 3), -1)
+    for i, (r, s) in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+        pos[i, : len(s)] = torch.tensor(s, dtype=torch.long) + L - len(r)
+    return ids, mask, pos
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_padded_rows_equal_rows_alone(variant):
+    model = random_owl3(variant)
+    rows, pv = batch_inputs()
+    ids, mask, pos = pad_batch(rows, pv)
+    out = model(ids, attention_mask=mask, pixel_values=pv, image_positions=pos).logits
+    first = 0
+    for i, (r, s) in enumerate(rows):
+        alone = model(r[None], pixel_values=pv[first : first + len(s)] if s else None,
+                      image_positions=torch.tensor([s]) if s else None).logits[0]
+        first += len(s)
+        assert (out[i, ids.shape[1] - len(r):] - alone).abs().max() <= 1e-4, f"row {i}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward(variant):
+    model = random_owl3(variant)
+    rows, pv = batch_inputs()
+    ids, mask, pos = pad_batch(rows, pv)
+    cont = torch.randint(10, 1000, (3, 5), generator=torch.Generator().manual_seed(9))
+    full = model(torch.cat([ids, cont], 1), attention_mask=torch.cat([mask, torch.ones_like(cont)], 1),
+                 pixel_values=pv, image_positions=pos).logits
+    cache = model.new_cache(4)  # small on purpose: the cache must grow
+    step = model(ids, attention_mask=mask, pixel_values=pv, image_positions=pos, cache=cache).logits
+    got = [step]
+    for j in range(cont.shape[1]):
+        got.append(model(cont[:, j : j + 1], cache=cache).logits)
+    got = torch.cat(got, 1)
+    real = torch.cat([mask, torch.ones_like(cont)], 1).bool()
+    assert (got - full)[real].abs().max() <= 1e-4
+    assert cache.visual_writes == len(model.config.hyper_layers)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_visual_projection_runs_once_per_request(variant):
+    model = random_owl3(variant)
+    calls = []
+    hooks = [l.self_attn.v_kv_proj.register_forward_hook(lambda *a: calls.append(1))
+             for l in model.decoder.layers if hasattr(l.self_attn, "v_kv_proj")]
+    rows, pv = batch_inputs()
+    r, s = rows[0]
+    req = Request(r, pixel_values=pv[:3], image_positions=torch.tensor(s), params=SamplingParams(max_new_tokens=6))
+    tokens = Engine(model).generate([req])[0]
+    assert len(tokens) == 6
+    assert len(calls) == len(hooks) == 2
+    for h in hooks:
+        h.remove()
+
+
+@torch.no_grad()
+def test_no_dense_visual_mask_in_240728(monkeypatch):
+    """Cross-attention calls receive no mask at all: each segment attends exactly its visible prefix."""
+    model = random_owl3("240728")
+    seen = []
+    real = hyper_attention.attend
+
+    def spy(q, k, v, mask=None, causal=False):
+        seen.append((k.shape[2], mask))
+        return real(q, k, v, mask, causal)
+
+    monkeypatch.setattr(hyper_attention, "attend", spy)
+    ids = make_row(1, 16, [3, 7, 8, 12])
+    model(ids[None], pixel_values=pixels(4), image_positions=torch.tensor([[3, 7, 8, 12]]))
+    # per hyper layer: text self-attention (16 keys), then one call per visible-count segment 1..4 (T = 4)
+    assert [n for n, _ in seen] == [16, 4, 8, 12, 16] * 2
+    assert all(m is None for _, m in seen)
+
+
+def test_fusion_parameters_are_listable():
+    for variant, per_layer in (("240728", 4), ("241101", 2)):
+        model = random_owl3(variant)
+        names = set(model.fusion_parameters())
+        hyper = [n for n in names if n.startswith("decoder.")]
+        assert len(hyper) == per_layer * len(model.config.hyper_layers)
+        assert any(n.startswith("projector.") for n in names)
