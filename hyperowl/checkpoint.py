@@ -51,10 +51,10 @@ QWEN2_KEYS: KeyMap = [
     (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
     (r"lm_head\.weight", r"lm_head.weight"),
 ]
-# transformers' SiglipVisionModel -> our vision tower.
+# transformers' SiglipVisionModel (with or without the `vision_model.` prefix) -> our vision tower.
 SIGLIP_KEYS: KeyMap = [
-    (r"vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
+    (r"(?:vision_model\.)?embeddings\.(.+)", r"vision.embeddings.\1"),
+    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
 ]
 
 
@@ -80,7 +80,7 @@ def map_keys(names: Iterable[str], key_map: KeyMap, ignored: list[str] = ()) -> 
         else:
             unknown.append(name)
     if unknown:
-        raise CheckpointError(f"unknown checkpoint keys (not an mPLUG-Owl3 layout?): {', '.join(sorted(unknown)[:5])}"
+        raise CheckpointError(f"unknown checkpoint keys (not the expected layout): {', '.join(sorted(unknown)[:5])}"
                               + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
     return out
 
