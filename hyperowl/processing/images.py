@@ -55,6 +55,17 @@ def _describe(src: ImageSource, name: str | None) -> str:
     return "<PIL image>"
 
 
+def _open_decoded(fp: Union[str, io.BytesIO]) -> Image.Image:
+    img = Image.open(fp)
+    try:
+        # Force the full decode now: PIL is lazy, and a truncated file only fails on load().
+        img.load()
+    except BaseException:
+        img.close()  # release the file handle of a half-read image
+        raise
+    return img
+
+
 def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
     """Load `src` (path, encoded bytes or PIL image) as a fully decoded RGB PIL image.
 
@@ -63,6 +74,10 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
     label = _describe(src, name)
     if isinstance(src, Image.Image):
         img = src
+        try:
+            img.load()  # a lazily opened PIL image may still fail to decode
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"image '{label}': cannot be read ({exc}); {_FORMAT_HINT}") from None
     else:
         if isinstance(src, (bytes, bytearray)):
             fp: Union[str, io.BytesIO] = io.BytesIO(bytes(src))
@@ -77,9 +92,7 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
                 f"image '{label}': unsupported type {type(src).__name__}; pass a file path, bytes or a PIL image"
             )
         try:
-            img = Image.open(fp)
-            # Force the full decode now: PIL is lazy, and a truncated file only fails on load().
-            img.load()
+            img = _open_decoded(fp)
         except UnidentifiedImageError:
             raise InputError(f"image '{label}': cannot be read (not a recognised image format); {_FORMAT_HINT}") from None
         except Image.DecompressionBombError as exc:

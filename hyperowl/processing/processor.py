@@ -84,10 +84,6 @@ class BatchInputs:
     image_counts: torch.Tensor  # int64 [B]: images per row
 
 
-def _is_frame_list(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and all(isinstance(f, Image.Image) for f in v)
-
-
 def _as_list(items: Any, what: str) -> list[Any]:
     """Accept None, one item, or a list/tuple of items."""
     if items is None:
@@ -165,8 +161,8 @@ class Owl3Processor:
     def __call__(
         self,
         messages: Sequence[Any],
-        images: Any = None,
-        videos: Any = None,
+        images: Union[ImageSource, Sequence[ImageSource], None] = None,
+        videos: Union[VideoSource, Sequence[VideoSource], None] = None,
         max_frames: int = 16,
         fps: Optional[float] = None,
         system: Optional[str] = None,
@@ -178,7 +174,7 @@ class Owl3Processor:
         pairs = normalize_messages(messages)  # validated copy; the caller's dicts are not touched
         image_list = _as_list(images, "images")
         video_list = _as_list(videos, "videos")
-        if video_list and _is_frame_list(video_list) and not any(_is_frame_list(v) for v in video_list):
+        if video_list and all(isinstance(v, Image.Image) for v in video_list):
             raise InputError(
                 "videos: got a flat list of PIL frames; pass a list of videos, e.g. videos=[frames]"
             )

@@ -17,8 +17,11 @@ instead of a full decode. Only the chosen frames are converted to RGB images.
 
 Duration comes from the stream, else the container; if neither is known we scan the packets once
 (demuxing only, no decoding) for timestamps or, for raw elementary streams without pts, packet durations
-or the packet count; such streams are decoded straight through (seeking needs timestamps). Missing/corrupt files and files without a video stream raise `InputError`
-naming the path; PyAV exceptions never escape for those.
+or the packet count; such streams are decoded straight through (seeking needs timestamps).
+
+Missing/unreadable files and files without a video stream raise `InputError` naming the path; PyAV
+exceptions never escape for those. A few corrupt packets inside an otherwise readable file are skipped
+(with a warning); more than `MAX_BAD_PACKETS` make the file an error.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # Seek instead of decoding forward when the next target is further ahead than this (seconds).
 DEFAULT_SEEK_THRESHOLD = 2.0
+# Give up on a file after this many undecodable packets.
+MAX_BAD_PACKETS = 50
 # Timestamps closer than this are the same instant (float noise in pts * time_base).
 _TIME_EPS = 1e-4
 
@@ -180,7 +185,8 @@ class _Decoder:
         self.seeks = 0
         self.missing_pts = False  # a frame without pts was seen: positions are estimates, do not seek
         self._index = 0  # frames since the start, for streams without pts (never seeked)
-        self._iter: Iterator[av.VideoFrame] = self.container.decode(self.stream)
+        self.bad_packets = 0
+        self._iter: Iterator[av.VideoFrame] = self._frames()
 
     def seek(self, t: float) -> None:
         tb = self.stream.time_base
@@ -190,11 +196,27 @@ class _Decoder:
         except _AV_ERRORS as exc:
             raise _fail(self.path, f"seek failed: {exc}") from None
         self.seeks += 1
-        self._iter = self.container.decode(self.stream)
+        self._iter = self._frames()
+
+    def _frames(self) -> Iterator["av.VideoFrame"]:
+        # Decode packet by packet so that a few corrupt packets are skipped instead of ending the video.
+        for packet in self.container.demux(self.stream):
+            try:
+                frames = packet.decode()
+            except _AV_ERRORS as exc:
+                self.bad_packets += 1
+                if self.bad_packets == 1:
+                    logger.warning("video %s: skipping undecodable data (%s)", self.path, exc)
+                if self.bad_packets > MAX_BAD_PACKETS:
+                    raise _fail(self.path, f"more than {MAX_BAD_PACKETS} corrupt packets") from None
+                continue
+            yield from frames
 
     def next(self) -> Optional[tuple[float, "av.VideoFrame"]]:
         try:
             frame = next(self._iter, None)
+        except InputError:
+            raise
         except _AV_ERRORS as exc:
             raise _fail(self.path, str(exc) or type(exc).__name__) from None
         if frame is None:
