@@ -1,6 +1,37 @@
-"""hyperowl: run, serve, fine-tune and evaluate mPLUG-Owl models in plain PyTorch."""
+"""hyperowl: run, serve, fine-tune and evaluate mPLUG-Owl models in plain PyTorch.
 
-from .config import Owl3Config, SiglipConfig, PRESETS
-from .errors import HyperowlError, InputError, CheckpointError
+    model = hyperowl.load("mPLUG/mPLUG-Owl3-7B-241101", dtype="bfloat16", device="cuda")  # or a local dir
+    model.chat([{"role": "user", "content": "<|image|>What is this?"}], images=["cat.jpg"])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import PRESETS, Owl3Config, SiglipConfig
+from .errors import CheckpointError, HyperowlError, InputError
 
 __version__ = "0.1.0"
+__all__ = ["load", "Owl3Config", "SiglipConfig", "PRESETS", "HyperowlError", "InputError", "CheckpointError"]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def load(model: str | os.PathLike, dtype=None, device=None, revision: str | None = None):
+    """Load an mPLUG-Owl3 checkpoint (local directory or hub id) as an `Owl3Model`.
+
+    dtype: None = float32 on CPU, the checkpoint's dtype on GPU. device: None = cuda if available.
+    The returned model has the official drop-in forward and `.chat()` (when the checkpoint has a tokenizer).
+    """
+    import torch
+
+    from .checkpoint import load_owl3
+    from .processing.processor import Owl3Processor
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = load_owl3(model, dtype=dtype, device=device, revision=revision)
+    if (m.checkpoint_dir / "tokenizer.json").exists():
+        m.processor = Owl3Processor.from_dir(m.checkpoint_dir, variant=m.config.variant, image_size=m.config.vision.image_size)
+    return m

@@ -48,3 +48,34 @@ def random_owl3(variant: str = "240728", seed: int = 0, **overrides):
             else:
                 p.copy_(0.08 * torch.randn_like(p))
     return model.eval()
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>", "<|video|>",
+                  "<|start_cut|>", "<|end_cut|>", "<|start_video_frame|>", "<|end_video_frame|>"]
+
+
+def make_tokenizer(vocab_size: int = 1000):
+    """A real byte-level BPE tokenizer trained here, with the chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What colour is the circle? The circle is red.", "Compare the two pictures.", "Describe this video.",
+              "A blue square is left of a green triangle.", "system user assistant", "Cut to rows columns global view subimg"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, owl3_fixture_dir):
+    """The fixture checkpoint plus a tokenizer.json: a complete (tiny) model directory."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("owl3-chat")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(owl3_fixture_dir / name, d / name)
+    make_tokenizer().save(str(d / "tokenizer.json"))
+    return d

@@ -53,6 +53,8 @@ class Projector(nn.Module):
 
 
 class Owl3Model(nn.Module):
+    processor = None  # an Owl3Processor attached by hyperowl.load() when the checkpoint has a tokenizer
+
     def __init__(self, cfg: Owl3Config) -> None:
         super().__init__()
         self.config = cfg
@@ -60,6 +62,12 @@ class Owl3Model(nn.Module):
         self.projector = Projector(cfg)
         self.decoder = Qwen2Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def chat(self, messages, images=None, videos=None, **options):
+        """Answer a conversation; see hyperowl.chat.chat for the options (stream=True yields text pieces)."""
+        from ..chat import chat
+
+        return chat(self, self.processor, messages, images, videos, **options)
 
     # -- parameter groups (training selects by these) -------------------------------------------------------
     def fusion_parameters(self) -> dict[str, nn.Parameter]:

@@ -1,0 +1,205 @@
+"""The `hyperowl` command: subcommands as plain functions over parsed arguments.
+
+Design note: user errors (HyperowlError) print one line `hyperowl: error: ...` and exit 2; `--debug` shows
+the traceback instead. Model loading is deferred until arguments are valid, so typos fail fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import HyperowlError, InputError
+
+log = logging.getLogger("hyperowl")
+
+HELP_INTERACTIVE = """Type a message and press Enter. Commands:
+  /image PATH   attach an image to your next message      /video PATH   attach a video
+  /reset        forget the conversation                   /quit         leave (or Ctrl-D)"""
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _with_placeholders(text: str, n_images: int, n_videos: int) -> str:
+    """Put one placeholder per attached file in front of the text, unless the user placed them."""
+    if "<|image|>" in text or "<|video|>" in text:
+        return text
+    return "<|image|>" * n_images + "<|video|>" * n_videos + text
+
+
+def _check_files(paths: Sequence[str], what: str) -> None:
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"{what} '{p}': no such file")
+
+
+def _answer(model, messages, images, videos, args) -> str:
+    out = []
+    for piece in model.chat(messages, images=images, videos=videos, stream=True, max_frames=args.frames,
+                            fps=args.fps, cut=False if args.no_cut else None, system=args.system, **_sampling(args)):
+        out.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(out)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_files(args.image, "image")
+    _check_files(args.video, "video")
+    import hyperowl
+
+    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    if model.processor is None:
+        raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; chat needs one")
+    if args.prompt:
+        text = _with_placeholders(" ".join(args.prompt), len(args.image), len(args.video))
+        _answer(model, [{"role": "user", "content": text}], list(args.image), list(args.video), args)
+        return 0
+    return _interactive(model, args)
+
+
+def _interactive(model, args: argparse.Namespace) -> int:
+    messages: list[dict] = []
+    images, videos = list(args.image), list(args.video)  # all media of the conversation, in order
+    pending_img, pending_vid = len(images), len(videos)  # attached but not yet placed in a message
+    print(HELP_INTERACTIVE, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        cmd, _, rest = line.partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/reset":
+            messages, images, videos, pending_img, pending_vid = [], [], [], 0, 0
+            continue
+        if cmd in ("/image", "/video"):
+            kind = cmd[1:]
+            try:
+                _check_files([rest.strip()], kind)
+            except InputError as e:
+                print(f"hyperowl: error: {e}", file=sys.stderr)
+                continue
+            (images if kind == "image" else videos).append(rest.strip())
+            pending_img += kind == "image"
+            pending_vid += kind == "video"
+            continue
+        if cmd.startswith("/"):
+            print(f"unknown command {cmd}\n{HELP_INTERACTIVE}", file=sys.stderr)
+            continue
+        turn = {"role": "user", "content": _with_placeholders(line, pending_img, pending_vid)}
+        sys.stdout.write("owl> ")
+        try:
+            reply = _answer(model, messages + [turn], images, videos, args)
+        except InputError as e:  # a bad file or message loses nothing: the conversation goes on
+            print(f"\nhyperowl: error: {e}", file=sys.stderr)
+            continue
+        messages += [turn, {"role": "assistant", "content": reply}]
+        pending_img = pending_vid = 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .checkpoint import detect_variant, read_config, resolve, safetensors_files, shard_keys
+    from .config import Owl3Config
+
+    d = resolve(args.path)
+    raw = read_config(d)
+    files = safetensors_files(d)
+    keys = shard_keys(files)
+    n_params, dtypes = 0, set()
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                n = 1
+                for dim in s.get_shape():
+                    n *= dim
+                n_params += n
+                dtypes.add(s.get_dtype())
+    info = {"path": str(d), "model_type": raw.get("model_type")}
+    if raw.get("model_type") == "mplugowl3":
+        cfg = Owl3Config.from_hf_dict(raw, detect_variant(keys))
+        info.update({
+            "variant": cfg.variant, "hidden_size": cfg.hidden_size, "layers": cfg.num_layers,
+            "heads": f"{cfg.num_heads} (kv {cfg.num_kv_heads})", "hyper_layers": list(cfg.hyper_layers),
+            "vocab_size": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings,
+            "vision": f"SigLIP {cfg.vision.hidden_size}x{cfg.vision.num_layers} layers, {cfg.vision.image_size}px, "
+                      f"{cfg.vision.tokens_per_image} tokens/image",
+        })
+    info.update({"parameters": n_params, "parameters_human": f"{n_params / 1e9:.3f}B" if n_params > 1e8 else f"{n_params / 1e6:.2f}M",
+                 "stored_dtype": ", ".join(sorted(dtypes)), "shards": len(files),
+                 "tokenizer": (d / "tokenizer.json").exists()})
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("chat", help="chat with a model (one question, or interactive without a prompt)")
+    c.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
+    c.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. mPLUG/mPLUG-Owl3-7B-241101)")
+    c.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+    c.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
+    c.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
+    c.add_argument("--fps", type=float, default=None, help="sample frames at this rate (capped by --frames)")
+    c.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=1024)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c.set_defaults(func=cmd_chat)
+
+    i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
+    i.add_argument("path", help="checkpoint directory or hub id")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "frames", 1) < 1:
+        print("hyperowl: error: --frames must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except HyperowlError as e:
+        if args.debug:
+            raise
+        print(f"hyperowl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The `hyperowl` command end to end (real subprocesses, real files) and the Python chat API."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import hyperowl
+
+
+def run(*args, stdin=None, timeout=120):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "hyperowl.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("img")
+    a, b = d / "a.png", d / "b.jpg"
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(a)
+    Image.new("RGB", (20, 70), (10, 10, 200)).save(b)
+    bad = d / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    return a, b, bad
+
+
+def test_python_chat_and_stream(chat_checkpoint, image_files):
+    model = hyperowl.load(chat_checkpoint)
+    a, b, _ = image_files
+    messages = [{"role": "user", "content": "<|image|><|image|>Compare the two pictures."}]
+    before = json.dumps(messages)
+    answer = model.chat(messages, images=[str(a), str(b)], max_new_tokens=6)
+    assert isinstance(answer, str) and answer
+    assert "".join(model.chat(messages, images=[str(a), str(b)], max_new_tokens=6, stream=True)) == answer
+    assert json.dumps(messages) == before  # the caller's messages are untouched
+    with pytest.raises(hyperowl.InputError, match="placeholder"):
+        model.chat(messages, images=[str(a)])
+
+
+def test_cli_one_shot_with_images(chat_checkpoint, image_files):
+    a, b, _ = image_files
+    r = run("chat", "--model", str(chat_checkpoint), "--image", str(a), "--image", str(b), "--max-new-tokens", "5",
+            "Compare the two pictures.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_cli_interactive(chat_checkpoint, image_files):
+    a, _, bad = image_files
+    script = f"/image {a}\nWhat colour is it?\n/image {bad}\nAnd now?\n/image /nonexistent.png\n/quit\n"
+    r = run("chat", "--model", str(chat_checkpoint), "--max-new-tokens", "4", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("owl>") == 2
+    assert "broken.png" in r.stderr and "nonexistent.png" in r.stderr  # errors named, chat went on
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--image", "/no/such.png", "hi"], "no/such.png"),
+    (["--video", "/no/such.mp4", "hi"], "no/such.mp4"),
+])
+def test_cli_missing_inputs_are_one_line_errors(chat_checkpoint, args, needle):
+    r = run("chat", "--model", str(chat_checkpoint), *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_corrupt_image(chat_checkpoint, image_files):
+    r = run("chat", "--model", str(chat_checkpoint), "--image", str(image_files[2]), "hi")
+    assert r.returncode == 2 and "broken.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_placeholder_mismatch(chat_checkpoint, image_files):
+    r = run("chat", "--model", str(chat_checkpoint), "--image", str(image_files[0]), "<|image|><|image|>two?")
+    assert r.returncode == 2 and "placeholder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_model_paths(tmp_path):
+    r = run("chat", "--model", str(tmp_path / "nope"), "hi")
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "mplugowl3"}))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"pickle")
+    r = run("info", str(tmp_path / "pickled"))
+    assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_hub_id_without_network(tmp_path):
+    env_home = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "hyperowl.cli", "info", "mPLUG/mPLUG-Owl3-7B-241101"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, HF_HOME=str(env_home), HF_HUB_OFFLINE="1",
+                                                       PYTHONPATH=os.getcwd()))
+    assert r.returncode == 2 and "mPLUG/mPLUG-Owl3-7B-241101" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_info(chat_checkpoint):
+    r = run("info", str(chat_checkpoint), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["variant"] == "240728" and info["hyper_layers"] == [1, 3] and info["tokenizer"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(chat_checkpoint / "model.safetensors"), "pt") as f:
+        assert info["parameters"] == sum(f.get_tensor(k).numel() for k in f.keys())
