@@ -176,6 +176,11 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def load_weights(model: nn.Module, key_to_file: dict[str, Path], mapping: dict[str, str],
                  dtype: torch.dtype, device: torch.device | str) -> None:
     """Stream tensors shard by shard into `model` (built on meta); every parameter must be filled."""
+    params = dict(model.named_parameters())
+    unknown = sorted(k for k, ours in mapping.items() if ours not in params)
+    if unknown:
+        raise CheckpointError(f"unknown checkpoint keys (no such parameter in this model): {', '.join(unknown[:5])}"
+                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
     by_file: dict[Path, list[str]] = {}
     for k in mapping:
         by_file.setdefault(key_to_file[k], []).append(k)
