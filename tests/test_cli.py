@@ -106,3 +106,22 @@ def test_cli_info(chat_checkpoint):
 
     with safe_open(str(chat_checkpoint / "model.safetensors"), "pt") as f:
         assert info["parameters"] == sum(f.get_tensor(k).numel() for k in f.keys())
+
+
+def test_video_chat_python_and_cli(chat_checkpoint, tmp_path):
+    from test_video import make_video
+
+    video = make_video(tmp_path / "clip.mp4", n_frames=30)
+    model = hyperowl.load(chat_checkpoint)
+    inputs = model.processor([{"role": "user", "content": "<|video|>Describe this video."}], videos=[str(video)], max_frames=5)
+    assert inputs.num_images == 5  # one image token per sampled frame, no cutting
+    answer = model.chat([{"role": "user", "content": "<|video|>Describe this video."}], videos=[str(video)],
+                        max_frames=5, max_new_tokens=4)
+    assert isinstance(answer, str)  # a random toy model: the text itself is meaningless
+    r = run("chat", "--model", str(chat_checkpoint), "--video", str(video), "--frames", "4", "--max-new-tokens", "3",
+            "What happens?")
+    assert r.returncode == 0, r.stderr
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(video.read_bytes()[:300])
+    r = run("chat", "--model", str(chat_checkpoint), "--video", str(broken), "What happens?")
+    assert r.returncode == 2 and "broken.mp4" in r.stderr and "Traceback" not in r.stderr
