@@ -173,6 +173,39 @@ def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path, keys: Iterable[str]):
+    """Yield (key, tensor) for `keys`, each read from the file into its own fresh CPU buffer.
+
+    Plain reads instead of a memory map: the returned tensors own their memory, so a loaded model never
+    depends on (or breaks when someone overwrites) the checkpoint file, and peak memory is the model plus
+    one tensor. The format is the safetensors one: u64 header length, JSON header, raw little-endian data.
+    """
+    with open(path, "rb") as fh:
+        try:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        except (ValueError, MemoryError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        base = 8 + n
+        for k in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):  # sequential reads
+            meta = header[k]
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor '{k}' has unsupported dtype {meta['dtype']}")
+            start, end = meta["data_offsets"]
+            buf = bytearray(end - start)
+            fh.seek(base + start)
+            if fh.readinto(buf) != len(buf):
+                raise CheckpointError(f"{path}: truncated file (tensor '{k}' is incomplete); re-download it")
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield k, t.view(meta["shape"])
+
+
 def load_weights(model: nn.Module, key_to_file: dict[str, Path], mapping: dict[str, str],
                  dtype: torch.dtype, device: torch.device | str) -> None:
     """Stream tensors shard by shard into `model` (built on meta); every parameter must be filled."""
@@ -185,9 +218,8 @@ def load_weights(model: nn.Module, key_to_file: dict[str, Path], mapping: dict[s
     for k in mapping:
         by_file.setdefault(key_to_file[k], []).append(k)
     for f, keys in by_file.items():
-        with safe_open(f, "pt", device="cpu") as h:
-            for k in keys:
-                _set_param(model, mapping[k], h.get_tensor(k).to(device=device, dtype=dtype))
+        for k, t in read_safetensors(f, keys):
+            _set_param(model, mapping[k], t.to(device=device, dtype=dtype))
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:4])}")

@@ -1,0 +1,15 @@
+"""Smoke runs of the benchmarks (small sizes): they run and write their JSON. Numbers are not asserted here."""
+
+import json
+import subprocess
+import sys
+
+
+def test_load_memory_bench_smoke(tmp_path):
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, "bench/bench_load_memory.py", "--hidden", "128", "--layers", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    assert [row["loader"] for row in rows] == ["hyperowl", "naive"]
+    assert all(row["peak_rss_increase_bytes"] > 0 for row in rows)
