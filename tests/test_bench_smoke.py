@@ -13,3 +13,12 @@ def test_load_memory_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["loader"] for row in rows] == ["hyperowl", "naive"]
     assert all(row["peak_rss_increase_bytes"] > 0 for row in rows)
+
+
+def test_long_context_bench_smoke(tmp_path):
+    out = tmp_path / "lc.json"
+    r = subprocess.run([sys.executable, "bench/bench_long_context.py", "--images", "1", "2", "--hidden", "128", "--decode", "2",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["images"] for row in rows] == [1, 2] and all(row["decode_tok_s"] > 0 for row in rows)

@@ -59,8 +59,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
     """The single attention path: SDPA over q [B,H,Lq,D], k/v [B,Hkv,Lk,D] (GQA when Hkv < H).
 
-    `mask` is boolean (True = may attend), broadcastable to [B, 1, Lq, Lk]. Every query row must see at
-    least one key (callers guarantee it) so no NaN can appear.
+    `mask` is boolean (True = may attend), shaped [B or 1, 1, Lq, Lk]. Every query row must see at least
+    one key (callers guarantee it) so no NaN can appear. For GQA without the causal flag, the query heads
+    sharing a KV head are folded into the query axis ([B, Hkv, rep*Lq, D]) so K/V are never copied per
+    query head: with long visual key sequences that copy would dominate the cost.
     """
-    gqa = k.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
+    b, h, lq, d = q.shape
+    hkv = k.shape[1]
+    if hkv == h:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    if causal and mask is None:  # causal alignment needs the real query axis; text K/V are short anyway
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    rep = h // hkv
+    qf = q.reshape(b, hkv, rep * lq, d)  # head h uses KV head h // rep: [B, Hkv, rep*Lq, D]
+    if mask is not None:
+        mask = mask[:, :, None].expand(mask.shape[0], 1, rep, lq, mask.shape[-1]).reshape(mask.shape[0], 1, rep * lq, -1)
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask).view(b, h, lq, d)
