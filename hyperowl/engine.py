@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .models.owl3 import Owl3Model
+from .processing.processor import collate
 
 
 @dataclass(frozen=True)
@@ -94,26 +95,19 @@ class Engine:
         self.model = model
 
     def _collate(self, requests: list[Request]) -> dict:
+        """Left-padded model inputs; every request's images encoded (in one chunked call) unless given as features."""
         dev = self.model.device
-        lens = [len(r.input_ids) for r in requests]
-        length = max(lens)
-        pad = 0
-        ids = torch.full((len(requests), length), pad, dtype=torch.long)
-        mask = torch.zeros(len(requests), length, dtype=torch.long)
-        n_max = max((0 if r.image_positions is None else len(r.image_positions)) for r in requests)
-        positions = torch.full((len(requests), n_max), -1, dtype=torch.long)
-        feats = []
-        for i, r in enumerate(requests):
-            off = length - lens[i]  # left padding
-            ids[i, off:] = torch.as_tensor(r.input_ids, dtype=torch.long)
-            mask[i, off:] = 1
-            n = 0 if r.image_positions is None else len(r.image_positions)
-            if n:
-                positions[i, :n] = torch.as_tensor(r.image_positions, dtype=torch.long) + off
-                feats.append(r.image_embeds if r.image_embeds is not None else self.model.encode_images(r.pixel_values))
-        embeds = torch.cat([f.to(dev) for f in feats]) if feats else None
-        return dict(input_ids=ids.to(dev), attention_mask=mask.to(dev), image_embeds=embeds,
-                    image_positions=positions.to(dev) if feats else None)
+        batch = collate(requests, pad_id=0)
+        has_images = batch.image_counts.sum() > 0
+        embeds = None
+        if any(r.image_embeds is not None for r in requests):  # mix of precomputed features and pixels
+            feats = [r.image_embeds if r.image_embeds is not None else self.model.encode_images(r.pixel_values)
+                     for r in requests if r.image_embeds is not None or r.pixel_values is not None]
+            embeds = torch.cat([f.to(dev) for f in feats])
+        elif batch.pixel_values is not None:
+            embeds = self.model.encode_images(batch.pixel_values)
+        return dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), image_embeds=embeds,
+                    image_positions=batch.image_positions.to(dev) if has_images else None)
 
     @torch.no_grad()
     def stream(self, requests: list[Request]) -> Iterator[list[tuple[int, int]]]:

@@ -268,12 +268,16 @@ class Owl3Processor:
 
 
 def collate(batch: Sequence[ProcessedInputs], pad_id: int) -> BatchInputs:
-    """Left-pad a list of `ProcessedInputs` into one batch (image positions shifted by each row's padding)."""
+    """Left-pad a list of `ProcessedInputs` into one batch (image positions shifted by each row's padding).
+
+    Also takes any object with `input_ids`, `pixel_values` and `image_positions` (None = no images), such as
+    the engine's requests; a row whose images come as precomputed features has `pixel_values` None.
+    """
     if not batch:
         raise InputError("batch: empty; pass at least one processed prompt")
     lengths = [int(b.input_ids.numel()) for b in batch]
     width = max(lengths)
-    counts = [b.num_images for b in batch]
+    counts = [0 if b.image_positions is None else int(b.image_positions.numel()) for b in batch]
     n_max = max(counts)
     bsz = len(batch)
     input_ids = torch.full((bsz, width), pad_id, dtype=torch.long)
@@ -282,11 +286,13 @@ def collate(batch: Sequence[ProcessedInputs], pad_id: int) -> BatchInputs:
     pixels: list[torch.Tensor] = []
     for r, b in enumerate(batch):
         pad = width - lengths[r]
-        input_ids[r, pad:] = b.input_ids
+        input_ids[r, pad:] = torch.as_tensor(b.input_ids, dtype=torch.long)
         attention_mask[r, pad:] = 1
         if counts[r]:
-            positions[r, : counts[r]] = b.image_positions + pad
-            assert b.pixel_values is not None and b.pixel_values.shape[0] == counts[r]
+            positions[r, : counts[r]] = torch.as_tensor(b.image_positions, dtype=torch.long) + pad
+        if b.pixel_values is not None:
+            if b.pixel_values.shape[0] != counts[r]:
+                raise InputError(f"batch row {r}: {b.pixel_values.shape[0]} pixel tensors for {counts[r]} image positions")
             pixels.append(b.pixel_values)
     sizes = {tuple(p.shape[1:]) for p in pixels}
     if len(sizes) > 1:
