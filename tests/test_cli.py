@@ -125,3 +125,18 @@ def test_video_chat_python_and_cli(chat_checkpoint, tmp_path):
     broken.write_bytes(video.read_bytes()[:300])
     r = run("chat", "--model", str(chat_checkpoint), "--video", str(broken), "What happens?")
     assert r.returncode == 2 and "broken.mp4" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_batch_equals_single_chats(chat_checkpoint, image_files):
+    from hyperowl.chat import chat_batch
+
+    model = hyperowl.load(chat_checkpoint)
+    a, b, _ = image_files
+    convs = [
+        {"messages": [{"role": "user", "content": "<|image|>What colour is the circle?"}], "images": [str(a)]},
+        {"messages": [{"role": "user", "content": "Describe this."}]},
+        {"messages": [{"role": "user", "content": "<|image|><|image|>Compare the two pictures."}], "images": [str(b), str(a)]},
+    ]
+    batch = chat_batch(model, model.processor, convs, max_new_tokens=5)
+    single = [model.chat(c["messages"], images=c.get("images"), max_new_tokens=5) for c in convs]
+    assert batch == single
