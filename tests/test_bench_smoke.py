@@ -1,14 +1,17 @@
 """Smoke runs of the benchmarks (small sizes): they run and write their JSON. Numbers are not asserted here."""
 
 import json
+import os
 import subprocess
 import sys
+
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
 
 
 def test_load_memory_bench_smoke(tmp_path):
     out = tmp_path / "load.json"
     r = subprocess.run([sys.executable, "bench/bench_load_memory.py", "--hidden", "128", "--layers", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     assert [row["loader"] for row in rows] == ["hyperowl", "naive"]
@@ -18,7 +21,7 @@ def test_load_memory_bench_smoke(tmp_path):
 def test_long_context_bench_smoke(tmp_path):
     out = tmp_path / "lc.json"
     r = subprocess.run([sys.executable, "bench/bench_long_context.py", "--images", "1", "2", "--hidden", "128", "--decode", "2",
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["images"] for row in rows] == [1, 2] and all(row["decode_tok_s"] > 0 for row in rows)
