@@ -117,3 +117,23 @@ def render_chatml(
     if add_generation_prompt or open_assistant:
         parts.append(f"\n{IM_START}assistant\n")
     return "".join(parts)
+
+
+def chatml_segments(messages: Sequence[Any], system: str = "") -> list[tuple[str, bool]]:
+    """The full conversation (as `render_chatml(..., add_generation_prompt=False)` renders it) split into
+    (text, trainable) segments: each assistant turn's content and its `<|im_end|>` are trainable.
+
+    The assistant header is its own segment, so tokenizing segment by segment gives exactly the tokens the
+    model is conditioned on at inference (a prompt ending in the header), followed by the answer tokens.
+    """
+    pairs = normalize_messages(messages)
+    if pairs and pairs[0][0] == "system":
+        system = pairs[0][1]
+        pairs = pairs[1:]
+    segs = [(f"{IM_START}system\n{system}{IM_END}", False)]
+    for role, content in pairs:
+        if role == "assistant":
+            segs += [(f"\n{IM_START}assistant\n", False), (f"{content}{IM_END}", True), (ENDOFTEXT, False)]
+        else:
+            segs.append((f"\n{IM_START}{role}\n{content}{IM_END}", False))
+    return segs

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from hyperowl.errors import InputError
 from hyperowl.processing.chat import (
+    chatml_segments,
     END_CUT,
     END_VIDEO_FRAME,
     IMAGE_TOKEN,
@@ -174,13 +175,40 @@ class Owl3Processor:
         pairs = normalize_messages(messages)  # validated copy; the caller's dicts are not touched
         image_list = _as_list(images, "images")
         video_list = _as_list(videos, "videos")
+        if system is not None and (IMAGE_TOKEN in system or VIDEO_TOKEN in system):
+            raise InputError(f"system: must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; put media in a user message")
+        self._check_counts(pairs, image_list, video_list)
+        new_messages, pixels = self._expand(pairs, image_list, video_list, cut, max_frames, fps, progress)
+        kwargs = {} if system is None else {"system": system}
+        prompt = render_chatml(new_messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        ids, positions = self._tokenize(prompt)
+        return self._package(ids, positions, pixels, prompt)
+
+    def training_example(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,
+                         max_frames: int = 16, fps: Optional[float] = None, system: Optional[str] = None,
+                         cut: Optional[bool] = None) -> tuple[ProcessedInputs, torch.Tensor]:
+        """A whole conversation for training: inputs plus `labels` [L] (token ids on assistant answers and
+        their <|im_end|>, -100 elsewhere). Tokenized per ChatML segment, as the prompt is at inference."""
+        pairs = normalize_messages(messages)
+        self._check_counts(pairs, _as_list(images, "images"), _as_list(videos, "videos"))
+        new_messages, pixels = self._expand(pairs, _as_list(images, "images"), _as_list(videos, "videos"),
+                                            cut, max_frames, fps, False)
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for text, trainable in chatml_segments(new_messages, **({} if system is None else {"system": system})):
+            seg_ids, seg_pos = self._tokenize(text)
+            positions += [len(ids) + p for p in seg_pos]
+            ids += seg_ids
+            labels += seg_ids if trainable else [-100] * len(seg_ids)
+        return self._package(ids, positions, pixels, ""), torch.tensor(labels, dtype=torch.long)
+
+    @staticmethod
+    def _check_counts(pairs: list[tuple[str, str]], image_list: list[Any], video_list: list[Any]) -> None:
         if video_list and all(isinstance(v, Image.Image) for v in video_list):
             raise InputError(
                 "videos: got a flat list of PIL frames; pass a list of videos, e.g. videos=[frames]"
             )
-        if system is not None and (IMAGE_TOKEN in system or VIDEO_TOKEN in system):
-            raise InputError(f"system: must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; put media in a user message")
-
         n_img = sum(c.count(IMAGE_TOKEN) for _, c in pairs)
         n_vid = sum(c.count(VIDEO_TOKEN) for _, c in pairs)
         if n_img != len(image_list):
@@ -194,6 +222,23 @@ class Owl3Processor:
                 f"put one {VIDEO_TOKEN} per video in the text"
             )
 
+    @staticmethod
+    def _package(ids: list[int], positions: list[int], pixels: list[torch.Tensor], prompt: str) -> ProcessedInputs:
+        pixel_values = torch.cat(pixels, dim=0) if pixels else None
+        n_pixels = 0 if pixel_values is None else pixel_values.shape[0]
+        if len(positions) != n_pixels:
+            # Can only happen if a template or the tokenizer disagrees with our expansion: a bug, not user error.
+            raise RuntimeError(f"internal error: {len(positions)} image tokens but {n_pixels} pixel tensors")
+        return ProcessedInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            pixel_values=pixel_values,
+            image_positions=torch.tensor(positions, dtype=torch.long),
+            prompt=prompt,
+        )
+
+    def _expand(self, pairs: list[tuple[str, str]], image_list: list[Any], video_list: list[Any], cut: Optional[bool],
+                max_frames: int, fps: Optional[float], progress: Optional[bool]) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
+        """Replace placeholders by their expanded text (cut templates, video frames); collect pixel tensors."""
         do_cut = self.cut if cut is None else cut
         template = _CUT_TEMPLATE[self.variant]
         size = self.image_size
@@ -223,20 +268,7 @@ class Owl3Processor:
                     out.append(piece)
             new_messages.append({"role": role, "content": "".join(out)})
 
-        kwargs = {} if system is None else {"system": system}
-        prompt = render_chatml(new_messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        ids, positions = self._tokenize(prompt)
-        pixel_values = torch.cat(pixels, dim=0) if pixels else None
-        n_pixels = 0 if pixel_values is None else pixel_values.shape[0]
-        if len(positions) != n_pixels:
-            # Can only happen if a template or the tokenizer disagrees with our expansion: a bug, not user error.
-            raise RuntimeError(f"internal error: {len(positions)} image tokens but {n_pixels} pixel tensors")
-        return ProcessedInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            pixel_values=pixel_values,
-            image_positions=torch.tensor(positions, dtype=torch.long),
-            prompt=prompt,
-        )
+        return new_messages, pixels
 
     @staticmethod
     def _image_name(src: Any, index: int) -> str:
