@@ -255,8 +255,8 @@ def load_owl3(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 
 # -- saving (official layout) -------------------------------------------------------------------------------
-def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under the official names (the inverse of OWL3_KEYS)."""
+def official_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our parameters (a model, or a name -> tensor dict) under the official names (the inverse of OWL3_KEYS)."""
     inverse = [
         (r"decoder\.layers\.(\d+)\.self_attn\.gate_proj\.(weight|bias)", r"language_model.model.layers.\1.self_attn.gate_proj.0.\2"),
         (r"decoder\.layers\.(\d+)\.(.+)", r"language_model.model.layers.\1.\2"),
@@ -269,7 +269,7 @@ def official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         (r"projector\.fc2\.(.+)", r"vision2text_model.2.\1"),
         (r"projector\.fc\.(.+)", r"vision2text_model.\1"),
     ]
-    names = dict(model.named_parameters())
+    names = dict(model) if isinstance(model, dict) else dict(model.named_parameters())
     mapping = map_keys(names, inverse)
     return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
 

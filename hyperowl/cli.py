@@ -152,6 +152,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import Recipe
+    from .train.trainer import train
+
+    recipe = Recipe.from_yaml(args.recipe)
+    if args.output:
+        recipe.output = args.output
+    if args.max_steps:
+        recipe.optim.max_steps = args.max_steps
+    out = train(recipe, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"trained model: {out / 'final'}  (log: {out / 'log.jsonl'}, plot: {out / 'loss.png'})", file=sys.stderr)
+    return 0
+
+
+def cmd_plot_log(args: argparse.Namespace) -> int:
+    from .train.plot import plot_log
+
+    out = args.out or str(Path(args.log).with_suffix(".png"))
+    print(plot_log(args.log, out))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .checkpoint import save_owl3
+    from .train.upgrade import upgrade, with_media_tokens
+
+    try:
+        layers = [int(x) for x in args.hyper_layers.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--hyper-layers '{args.hyper_layers}': expected 1-based layer numbers like 1,9,17,25") from None
+    model = upgrade(args.text_llm, args.vision, layers, variant=args.variant)
+    out = save_owl3(model, args.out)
+    with_media_tokens(model.source_dirs[0], out / "tokenizer.json")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -175,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("train", help="train or fine-tune from a YAML recipe (also under torchrun)")
+    t.add_argument("recipe", help="recipe YAML (see recipes/)")
+    t.add_argument("--output", default=None, help="override the recipe's output directory")
+    t.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (multi-process runs)")
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-run like a kill
+    t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plot-log", help="draw the loss curve of a training log as a PNG")
+    pl.add_argument("log", help="log.jsonl written by hyperowl train")
+    pl.add_argument("--out", default=None, help="PNG path (default: next to the log)")
+    pl.set_defaults(func=cmd_plot_log)
+
+    u = sub.add_parser("upgrade", help="build an Owl3-style model from a text Qwen2 + a SigLIP checkpoint")
+    u.add_argument("--text-llm", required=True, help="Qwen2 checkpoint dir or hub id")
+    u.add_argument("--vision", required=True, help="SigLIP checkpoint dir or hub id")
+    u.add_argument("--hyper-layers", required=True, help="1-based decoder layers to make hyper layers, e.g. 1,9,17,25")
+    u.add_argument("--variant", default="240728", choices=["240728", "241101"])
+    u.add_argument("--out", required=True, help="output directory (official layout)")
+    u.set_defaults(func=cmd_upgrade)
 
     i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
     i.add_argument("path", help="checkpoint directory or hub id")

@@ -9,6 +9,7 @@ with the same weights. With no image in play every layer is exactly Qwen2.
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import Owl3Config
 from .attention import Attention, AttnContext
@@ -35,13 +36,17 @@ class Qwen2Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, hyper=cfg.is_hyper(i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.activation_checkpointing = False  # training switch: recompute each layer in backward
 
     def forward(self, x: Tensor, ctx: AttnContext, hidden_states: list[Tensor] | None = None) -> Tensor:
         """x: token embeddings [B, Lq, H] -> final-normed hidden states. Appends HF-style hidden states."""
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, ctx)
+            if self.activation_checkpointing and self.training and ctx.cache is None:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)

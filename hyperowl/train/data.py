@@ -1,0 +1,143 @@
+"""Training data: JSONL conversations with images/videos, checked line by line, batched with labels.
+
+Format (one JSON object per line; the ms-swift / LLaVA style):
+
+    {"messages": [{"role": "user", "content": "<|image|>What colour is the circle?"},
+                  {"role": "assistant", "content": "red"}],
+     "images": ["images/0001.png"], "videos": []}
+
+Paths are relative to the JSONL file's folder (or absolute). Each `<|image|>` / `<|video|>` placeholder
+consumes the next image / video. Loss is taken only on assistant answers (and their `<|im_end|>`).
+
+Design note: every line is validated when the dataset is opened (JSON, message structure, placeholder
+counts, files present and decodable), so a bad line is reported with its number before training starts:
+`on_error="fail"` stops there, `"skip"` logs it and leaves it out. Batches come from a seeded global
+order (epoch-wise permutations), so a resumed or multi-process run sees exactly the same examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import InputError
+from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, normalize_messages
+from ..processing.processor import Owl3Processor, collate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainExample:
+    input_ids: torch.Tensor  # [L]
+    labels: torch.Tensor  # [L], -100 = no loss
+    pixel_values: torch.Tensor | None
+    image_positions: torch.Tensor
+
+
+def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError("expected a JSON object")
+    unknown = set(rec) - {"messages", "images", "videos", "id", "task", "answer", "meta"}
+    if "messages" not in rec:
+        raise ValueError("missing 'messages'")
+    if unknown:
+        log.debug("ignoring fields %s", sorted(unknown))
+    pairs = normalize_messages(rec["messages"])
+    if not any(role == "assistant" for role, _ in pairs):
+        raise ValueError("no assistant message: nothing to learn from")
+    media = {}
+    for kind, token in (("images", IMAGE_TOKEN), ("videos", VIDEO_TOKEN)):
+        paths = rec.get(kind) or []
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ValueError(f"'{kind}' must be a list of paths")
+        n = sum(c.count(token) for _, c in pairs)
+        if n != len(paths):
+            raise ValueError(f"{n} {token} placeholder(s) but {len(paths)} {kind}")
+        resolved = [p if Path(p).is_absolute() else str(root / p) for p in paths]
+        for p in resolved:
+            if not Path(p).is_file():
+                raise ValueError(f"{kind[:-1]} '{p}' not found")
+            if verify_media and kind == "images":
+                try:
+                    with Image.open(p) as im:
+                        im.verify()
+                except Exception as e:
+                    raise ValueError(f"image '{p}' cannot be decoded ({type(e).__name__})") from None
+        media[kind] = resolved
+    return {"messages": rec["messages"], **media}
+
+
+class ConversationDataset:
+    def __init__(self, path: str | Path, processor: Owl3Processor, on_error: str = "fail", max_frames: int = 8,
+                 cut: bool = False, max_length: int = 4096, verify_media: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"training data '{path}': no such file")
+        self.processor, self.max_frames, self.cut, self.max_length = processor, max_frames, cut, max_length
+        root = self.path.parent
+        self.records: list[dict] = []
+        self.bad: list[tuple[int, str]] = []
+        with self.path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    self.records.append(_check_record(json.loads(line), root, verify_media))
+                except (ValueError, InputError) as e:
+                    msg = f"{self.path}:{n}: {e}"
+                    if on_error == "fail":
+                        raise InputError(f"{msg} (fix the line, or set data.on_error: skip)") from None
+                    log.warning("skipping %s", msg)
+                    self.bad.append((n, str(e)))
+        if self.bad:
+            log.warning("%s: skipped %d bad line(s) of %d", self.path, len(self.bad), len(self.bad) + len(self.records))
+        if not self.records:
+            raise InputError(f"training data '{path}': no usable examples")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> TrainExample:
+        rec = self.records[i]
+        inputs, labels = self.processor.training_example(rec["messages"], images=rec["images"], videos=rec["videos"],
+                                                         max_frames=self.max_frames, cut=self.cut)
+        if len(labels) > self.max_length:
+            raise InputError(f"{self.path}: example {i} has {len(labels)} tokens > data.max_length {self.max_length}")
+        return TrainExample(inputs.input_ids, labels, inputs.pixel_values, inputs.image_positions)
+
+
+def collate_train(examples: list[TrainExample], pad_id: int = 0) -> dict[str, torch.Tensor | None]:
+    """Left-padded batch: input_ids, attention_mask, labels (-100 on padding), pixel_values, image_positions."""
+    batch = collate(examples, pad_id=pad_id)
+    labels = torch.full_like(batch.input_ids, -100)
+    for r, ex in enumerate(examples):
+        labels[r, labels.shape[1] - len(ex.labels):] = ex.labels
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels,
+            "pixel_values": batch.pixel_values,
+            "image_positions": batch.image_positions if int(batch.image_counts.sum()) else None}
+
+
+@functools.lru_cache(maxsize=4)
+def global_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[int]:
+    """Indices of the examples for (optimizer step, micro-batch, rank): a pure function of the position."""
+    per_step = batch_size * grad_accum
+    start = step * per_step + micro * batch_size
+    per_rank = batch_size // world
+    out = []
+    for j in range(start + rank * per_rank, start + (rank + 1) * per_rank):
+        epoch, k = divmod(j, n)
+        out.append(global_order(n, seed, epoch)[k])
+    return out

@@ -1,0 +1,149 @@
+"""Training recipes as data: which parts train in which stage, and how.
+
+Design note: a recipe is one YAML file mapped onto typed dataclasses; unknown keys are errors (a typo
+must not silently train something else). The two stages of the papers are presets of `trainable`:
+- align (stage 1): LLM frozen; projection + the new hyper-attention parameters (visual K/V, gates) train,
+  the vision tower optionally;
+- instruct (stage 2): everything trains, the vision tower with layer-wise LR decay (0.9 in the paper).
+Example (see recipes/ in the repository):
+
+    init: {from: path/to/checkpoint}          # or {preset: owl3-synthetic, tokenizer: tok.json}
+    data: {train: data/train.jsonl, val: data/val.jsonl, on_error: skip, max_frames: 8, cut: false}
+    stage: align                              # align | instruct | custom (then set `trainable`)
+    optim: {lr: 1e-3, warmup_steps: 50, max_steps: 2000, layer_decay: 0.9}
+    batch_size: 16
+    output: runs/align
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+STAGES = {
+    "align": {"projector": True, "fusion": True, "llm": False, "vision": False},
+    "instruct": {"projector": True, "fusion": True, "llm": True, "vision": True},
+}
+
+
+@dataclass
+class InitSpec:
+    from_: str | None = None  # a checkpoint dir / hub id
+    preset: str | None = None  # a config preset (random init), needs a tokenizer
+    tokenizer: str | None = None  # tokenizer.json for a preset; "train" = train a BPE on the training data
+    vocab_size: int | None = None  # for a trained tokenizer
+    text_llm: str | None = None  # upgrade: a text-only Qwen2 checkpoint ...
+    vision: str | None = None  # ... plus a SigLIP checkpoint
+    hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based)
+
+
+@dataclass
+class DataSpec:
+    train: str = ""
+    val: str | None = None
+    on_error: str = "fail"  # fail | skip
+    max_frames: int = 8
+    cut: bool = False
+    max_length: int = 4096
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 0
+    max_steps: int = 1000
+    layer_decay: float = 0.9
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraSpec:
+    r: int = 0  # 0 = off
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    vision: bool = False  # also adapt the vision tower
+
+
+@dataclass
+class Recipe:
+    init: InitSpec = field(default_factory=InitSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    stage: str = "align"
+    trainable: dict[str, bool] = field(default_factory=dict)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    batch_size: int = 8  # global batch (all processes, one optimizer step = batch_size * grad_accum examples)
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    bf16: bool = True  # bf16 autocast where the device supports it fast (CUDA); CPU trains in fp32
+    seed: int = 0
+    output: str = "runs/train"
+    log_every: int = 10
+    save_every: int = 500
+    eval_every: int = 0
+    num_threads: int = 0  # 0 = torch default
+
+    def __post_init__(self) -> None:
+        if self.stage not in (*STAGES, "custom"):
+            raise InputError(f"recipe: stage must be align, instruct or custom, got {self.stage!r}")
+        base = dict(STAGES.get(self.stage, {"projector": False, "fusion": False, "llm": False, "vision": False}))
+        unknown = set(self.trainable) - set(base)
+        if unknown:
+            raise InputError(f"recipe: unknown trainable part(s) {sorted(unknown)}; use projector, fusion, llm, vision")
+        base.update(self.trainable)
+        self.trainable = base
+        if self.data.on_error not in ("fail", "skip"):
+            raise InputError("recipe: data.on_error must be fail or skip")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
+        return _build(cls, d, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"recipe '{path}': no such file")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"recipe '{path}': not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise InputError(f"recipe '{path}': expected a mapping at the top level")
+        return cls.from_dict(d, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["init"]["from"] = d["init"].pop("from_")
+        return d
+
+
+def _build(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        name = "from_" if key == "from" else key
+        if name not in fields:
+            raise InputError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(k.rstrip('_') for k in fields))})")
+        sub = {"init": InitSpec, "data": DataSpec, "optim": OptimSpec, "lora": LoraSpec}.get(name) if cls is Recipe else None
+        if sub is not None:
+            value = _build(sub, value or {}, f"{where}: {key}")
+        elif name == "betas":
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise InputError(f"{where}: {e}") from None

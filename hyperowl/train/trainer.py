@@ -1,0 +1,309 @@
+"""The training loop: one process or many (torchrun), exact resume, metrics log, checkpoints in the official layout.
+
+Design note. One optimizer step consumes a global batch of `batch_size * grad_accum` examples whose
+indices are a pure function of (seed, step), split evenly over the processes. The loss is the sum of
+token losses divided by the number of target tokens in the whole global batch (counted across micro
+batches and processes before any backward), so a 2-process run computes the same gradient as a
+1-process run with the same global batch. Multi-process runs wrap the model in DDP (gradients averaged,
+hence the loss is scaled by the world size) or, with `fsdp: true`-style use via `--fsdp`, shard it with
+FSDP2 per decoder layer.
+
+Checkpoints (`output/checkpoint-STEP/`): config.json + model.safetensors in the official mPLUG-Owl3 layout
+(LoRA merged in) + the tokenizer, so `hyperowl.load` and the official loaders read them; and
+`trainer_state/` (optimizer moments as safetensors, step, RNG state, LoRA adapters) for an exact resume.
+No pickle anywhere. Metrics go to `output/log.jsonl`; `hyperowl plot-log` draws them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..checkpoint import load_owl3, official_state_dict, save_owl3
+from ..config import PRESETS
+from ..errors import InputError
+from ..models.owl3 import Owl3Model
+from ..processing.processor import Owl3Processor
+from .data import ConversationDataset, batch_indices, collate_train
+from .lora import apply_lora, merge_lora
+from .optim import lr_at, param_groups, set_lr
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>", "<|video|>",
+                  "<|start_cut|>", "<|end_cut|>", "<|start_video_frame|>", "<|end_video_frame|>"]
+
+
+# -- building the model ---------------------------------------------------------------------------------------
+def train_tokenizer(jsonl: Path, vocab_size: int):
+    """A byte-level BPE trained on the conversations' text, with the chat special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def texts():
+        with jsonl.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    for m in json.loads(line).get("messages", []):
+                        c = m.get("content")
+                        yield c if isinstance(c, str) else " ".join(p.get("text", "") for p in c)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(), trainer)
+    return tok
+
+
+def init_weights(model: Owl3Model, seed: int) -> None:
+    """Random init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processor, Path | None]:
+    """Model + processor from recipe.init; returns the tokenizer.json to ship with checkpoints."""
+    init = recipe.init
+    if init.from_:
+        model = load_owl3(init.from_, dtype=torch.float32, device=device)
+        tok_file = model.checkpoint_dir / "tokenizer.json"
+        if not tok_file.exists():
+            raise InputError(f"init.from '{init.from_}': no tokenizer.json next to the weights")
+    elif init.text_llm or init.vision:
+        from .upgrade import upgrade, with_media_tokens
+
+        if not (init.text_llm and init.vision and init.hyper_layers):
+            raise InputError("recipe: an upgrade needs init.text_llm, init.vision and init.hyper_layers")
+        model = upgrade(init.text_llm, init.vision, init.hyper_layers, seed=recipe.seed).to(device)
+        tok_file = with_media_tokens(model.source_dirs[0], Path(recipe.output) / "tokenizer.json")
+    elif init.preset:
+        if init.preset not in PRESETS:
+            raise InputError(f"recipe: unknown preset {init.preset!r}; known: {', '.join(PRESETS)}")
+        Path(recipe.output).mkdir(parents=True, exist_ok=True)
+        tok_file = Path(recipe.output) / "tokenizer.json"
+        if init.tokenizer == "train":
+            if not tok_file.exists():  # a resumed run keeps the tokenizer it started with
+                train_tokenizer(Path(recipe.data.train), init.vocab_size or PRESETS[init.preset].vocab_size).save(str(tok_file))
+        elif init.tokenizer:
+            shutil.copy(init.tokenizer, tok_file)
+        else:
+            raise InputError("recipe: init.preset needs init.tokenizer (a tokenizer.json path, or 'train')")
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+        cfg = PRESETS[init.preset].replace(vocab_size=max(vocab, init.vocab_size or 0))
+        model = Owl3Model(cfg).to(device)
+        init_weights(model, recipe.seed)
+    else:
+        raise InputError("recipe: init needs 'from', 'preset' or 'text_llm' + 'vision'")
+    processor = Owl3Processor.from_dir(tok_file.parent, variant=model.config.variant,
+                                       image_size=model.config.vision.image_size, cut=recipe.data.cut)
+    return model, processor, tok_file
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+def save_checkpoint(model: Owl3Model, opt: torch.optim.Optimizer, step: int, out: Path, tok_file: Path | None,
+                    lora: bool, recipe: Recipe) -> Path:
+    d = out / f"checkpoint-{step}"
+    tmp = out / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = tmp / "trainer_state"
+    state.mkdir(parents=True)
+    if lora:  # the official layout gets the merged weights; the adapters are kept for resuming
+        from peft.tuners.lora import LoraLayer
+
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}, str(state / "adapters.safetensors"))
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        for m in layers:
+            m.merge()
+        merged = {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        sd = official_state_dict(merged)
+        for m in layers:
+            m.unmerge()
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_owl3(model, tmp)
+    if tok_file is not None and tok_file.exists():
+        shutil.copy(tok_file, tmp / "tokenizer.json")
+    osd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in osd["state"].items() for k, v in s.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()} | {"rng": torch.get_rng_state()}, str(state / "optimizer.safetensors"))
+    groups = [{k: v for k, v in g.items()} for g in osd["param_groups"]]
+    (state / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, "recipe": recipe.to_dict()}, indent=1))
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)  # atomic: a kill mid-save never leaves a half checkpoint under the real name
+    return d
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+    return steps[-1][1] if steps else None
+
+
+def restore(model: Owl3Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool) -> int:
+    state = ckpt / "trainer_state"
+    meta = json.loads((state / "state.json").read_text())
+    if lora:
+        adapters = load_file(str(state / "adapters.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in adapters.items():
+                params[k].copy_(v)
+    else:
+        loaded = load_owl3(ckpt, dtype=torch.float32, device="cpu")
+        src = dict(loaded.named_parameters())
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(src[n].to(p.device))
+    tensors = load_file(str(state / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("rng"))
+    st: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        i, name = k.split(".", 1)
+        st.setdefault(int(i), {})[name] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": st, "param_groups": groups})
+    return meta["step"]
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False) -> Path:
+    """Run the recipe. Returns the output directory (final model under output/final)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    if recipe.batch_size % world:
+        raise InputError(f"batch_size {recipe.batch_size} must divide by the number of processes {world}")
+    torch.manual_seed(recipe.seed)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, processor, tok_file = build(recipe, device)
+    model.decoder.activation_checkpointing = recipe.activation_checkpointing
+    use_lora = recipe.lora.r > 0
+    if use_lora:
+        apply_lora(model, recipe.lora)
+        model.to(device)
+    groups = param_groups(model, recipe.trainable, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
+    if not groups:
+        raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
+    opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+
+    start = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start = restore(model, opt, ckpt, use_lora)
+        log.info("resumed from %s at step %d", ckpt, start)
+    if rank == 0:
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+
+    data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
+                               recipe.data.cut, recipe.data.max_length)
+    pad = processor.tokenizer.token_to_id("<|endoftext|>") or 0
+
+    net: torch.nn.Module = model
+    if world > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.decoder.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+
+    model.train()
+    total = recipe.optim.max_steps
+    logf = (out / "log.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    t_last, tok_count = time.perf_counter(), 0
+    for step in range(start, total):
+        lr = lr_at(step, recipe.optim.lr, recipe.optim.warmup_steps, total, recipe.optim.min_lr_ratio)
+        set_lr(opt, lr)
+        micro = [collate_train([data[i] for i in batch_indices(len(data), recipe.seed, step, m, recipe.batch_size,
+                                                                 recipe.grad_accum, rank, world)], pad)
+                 for m in range(recipe.grad_accum)]
+        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
+        if world > 1:
+            dist.all_reduce(n_tok)
+        loss_sum = torch.zeros(())
+        for m, b in enumerate(micro):
+            sync = m == len(micro) - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
+                logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+                             image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
+                tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten().to(device),
+                                           ignore_index=-100, reduction="sum")
+            (tok_loss / n_tok.clamp(min=1) * (world if isinstance(net, torch.nn.parallel.DistributedDataParallel) else 1)).backward()
+            loss_sum += tok_loss.detach().cpu()
+            tok_count += int(b["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.grad_clip) if recipe.optim.grad_clip else None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss = float(loss_sum / n_tok.clamp(min=1))
+        done = step + 1
+        bar.update(1)
+        if rank == 0 and (done % recipe.log_every == 0 or done == total or done == start + 1):
+            now = time.perf_counter()
+            rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                   "tokens_per_s": tok_count * world / max(now - t_last, 1e-9), "time": time.time()}
+            t_last, tok_count = now, 0
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if rank == 0 and recipe.save_every and done % recipe.save_every == 0 and done < total:
+            save_checkpoint(model, opt, done, out, tok_file, use_lora, recipe)
+        if stop_after is not None and done >= stop_after:  # testing aid: die like a killed job
+            os._exit(3)
+    bar.close()
+    if rank == 0:
+        final = save_checkpoint(model, opt, total, out, tok_file, use_lora, recipe)
+        export = out / "final"
+        shutil.rmtree(export, ignore_errors=True)
+        export.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if (final / name).exists():
+                shutil.copy(final / name, export / name)
+        logf.close()
+        try:
+            from .plot import plot_log
+
+            plot_log(out / "log.jsonl", out / "loss.png")
+        except ImportError:
+            log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
