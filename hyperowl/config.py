@@ -106,7 +106,8 @@ class Owl3Config:
             num_layers=d["num_hidden_layers"],
             num_heads=d["num_attention_heads"],
             num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-            rope_theta=float(d.get("rope_theta", base.rope_theta)),
+            # newer transformers write rope_theta inside "rope_parameters"
+            rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta") or base.rope_theta),
             rms_norm_eps=float(d.get("rms_norm_eps", base.rms_norm_eps)),
             max_position_embeddings=d.get("max_position_embeddings", base.max_position_embeddings),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

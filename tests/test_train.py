@@ -1,0 +1,227 @@
+"""Training: data validation, labels, stages, resume after a kill, 2-process DDP == 1 process, LoRA, upgrade."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import hyperowl
+from conftest import make_tokenizer
+from hyperowl.errors import InputError
+from hyperowl.processing.processor import Owl3Processor
+from hyperowl.train.data import ConversationDataset, batch_indices, collate_train
+from hyperowl.train.recipe import Recipe
+from hyperowl.train.trainer import train
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "img").mkdir()
+    names = list(COLOURS)
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(48):
+            c = names[i % 4]
+            Image.new("RGB", (28, 28), COLOURS[c]).save(d / f"img/{i}.png")
+            if i % 3 == 0:  # two-image examples too, so every hyper-attention path trains
+                f.write(json.dumps({"messages": [{"role": "user", "content": "<|image|><|image|>Second colour?"},
+                                                 {"role": "assistant", "content": names[(i + 1) % 4]}],
+                                    "images": [f"img/{i}.png", f"img/{i - 2 if i >= 2 else 1}.png"]}) + "\n")
+            else:
+                f.write(json.dumps({"messages": [{"role": "user", "content": "<|image|>What colour is it?"},
+                                                 {"role": "assistant", "content": c}], "images": [f"img/{i}.png"]}) + "\n")
+    return d
+
+
+def recipe_for(data_dir, out, **over):
+    d = {"init": {"preset": "tiny-240728", "tokenizer": "train", "vocab_size": 300},
+         "data": {"train": str(data_dir / "train.jsonl")}, "stage": "instruct",
+         "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8}, "batch_size": 4, "output": str(out),
+         "log_every": 1, "save_every": 4}
+    for k, v in over.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return Recipe.from_dict(d)
+
+
+def processor():
+    return Owl3Processor(make_tokenizer(), image_size=28, cut=False)
+
+
+def test_bad_lines_are_reported_with_line_numbers(tmp_path, colour_data):
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": "<|image|>Hi"}, {"role": "assistant", "content": "red"}],
+                    "images": [str(colour_data / "img/0.png")]}),
+        "{broken json",
+        json.dumps({"messages": [{"role": "user", "content": "<|image|>Hi"}, {"role": "assistant", "content": "x"}],
+                    "images": ["missing.png"]}),
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}],
+                    "images": [str(colour_data / "img/0.png")]}),
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"d\.jsonl:2:"):
+        ConversationDataset(tmp_path / "d.jsonl", processor())
+    ds = ConversationDataset(tmp_path / "d.jsonl", processor(), on_error="skip")
+    assert len(ds) == 1 and [n for n, _ in ds.bad] == [2, 3, 4]
+    assert "missing.png" in ds.bad[1][1] and "placeholder" in ds.bad[2][1]
+
+
+def test_loss_only_on_assistant_tokens(colour_data):
+    p = processor()
+    ds = ConversationDataset(colour_data / "train.jsonl", p)
+    ex = ds[1]
+    kept = [t for t in ex.labels.tolist() if t != -100]
+    assert p.tokenizer.decode(kept, skip_special_tokens=False) == "green<|im_end|>"
+    batch = collate_train([ds[0], ds[1]], pad_id=0)
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_batch_indices_cover_each_example_once_per_epoch():
+    seen = [i for s in range(3) for r in range(2) for i in batch_indices(12, 0, s, 0, 4, 1, r, 2)]
+    assert sorted(seen) == list(range(12))
+
+
+def test_train_converges_saves_official_layout_and_chats(tmp_path, colour_data):
+    out = train(recipe_for(colour_data, tmp_path / "run", optim={"max_steps": 30}))
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    names = set(load_file(str(out / "final" / "model.safetensors")))
+    assert "language_model.model.layers.0.self_attn.v_kv_proj.weight" in names and "vision2text_model.weight" in names
+    assert (out / "loss.png").stat().st_size > 1000
+    model = hyperowl.load(out / "final", device="cpu")
+    answer = model.chat([{"role": "user", "content": "<|image|>What colour is it?"}],
+                        images=[str(colour_data / "img/0.png")], max_new_tokens=3)
+    assert isinstance(answer, str)
+
+
+def test_align_stage_freezes_llm_and_vision(tmp_path, colour_data):
+    r = recipe_for(colour_data, tmp_path / "a", stage="align", optim={"max_steps": 3})
+    out = train(r)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    from hyperowl.train.trainer import build
+
+    init_model, _, _ = build(r, torch.device("cpu"))
+    from hyperowl.checkpoint import official_state_dict
+
+    init = official_state_dict(init_model)
+    assert torch.equal(final["language_model.model.layers.1.mlp.up_proj.weight"], init["language_model.model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(final["vision_model.embeddings.patch_embedding.weight"], init["vision_model.embeddings.patch_embedding.weight"])
+    assert not torch.equal(final["vision2text_model.weight"], init["vision2text_model.weight"])
+    assert not torch.equal(final["language_model.model.layers.0.self_attn.v_kv_proj.weight"],
+                           init["language_model.model.layers.0.self_attn.v_kv_proj.weight"])
+
+
+def test_layer_wise_lr_decay_groups():
+    from conftest import random_owl3
+    from hyperowl.train.optim import param_groups
+
+    model = random_owl3("240728")
+    groups = param_groups(model, {"projector": True, "fusion": True, "llm": True, "vision": True}, 1.0, 0.0, 0.9)
+    scales = sorted({round(g["lr_scale"], 6) for g in groups})
+    assert scales == [round(0.9 ** 2, 6), round(0.9, 6), 1.0]  # embeddings, the one built layer, the rest
+
+
+def run_cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "hyperowl.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or ENV)
+
+
+def write_recipe(path, data_dir, out, **over):
+    import yaml
+
+    r = recipe_for(data_dir, out, **over).to_dict()
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, colour_data):
+    full = write_recipe(tmp_path / "full.yaml", colour_data, tmp_path / "full")
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part")
+    assert run_cli("train", str(full)).returncode == 0
+    killed = run_cli("train", str(part), "--stop-after", "6")
+    assert killed.returncode != 0 and (tmp_path / "part" / "checkpoint-4").exists()
+    assert not (tmp_path / "part" / "final").exists()
+    resumed = run_cli("train", str(part), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "log.jsonl").read_text().splitlines())}
+    lb = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "part" / "log.jsonl").read_text().splitlines())}
+    assert all(la[s] == lb[s] for s in la)
+
+
+def test_two_process_ddp_matches_single_process(tmp_path, colour_data):
+    one = write_recipe(tmp_path / "one.yaml", colour_data, tmp_path / "one", optim={"max_steps": 4}, num_threads=1)
+    two = write_recipe(tmp_path / "two.yaml", colour_data, tmp_path / "two", optim={"max_steps": 4}, num_threads=1)
+    assert run_cli("train", str(one)).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        "-m", "hyperowl.cli", "train", str(two)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 4
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+
+
+def test_lora_trains_adapters_only_and_merges(tmp_path, colour_data):
+    r = recipe_for(colour_data, tmp_path / "lora", stage="custom", trainable={"projector": True},
+                   lora={"r": 4, "alpha": 8}, optim={"max_steps": 4})
+    out = train(r)
+    from hyperowl.train.trainer import build
+
+    init_model, _, _ = build(recipe_for(colour_data, tmp_path / "lora"), torch.device("cpu"))
+    from hyperowl.checkpoint import official_state_dict
+
+    init = official_state_dict(init_model)
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert set(final) == set(init)  # merged: plain official names, no adapter tensors
+    changed = [k for k in init if not torch.equal(init[k], final[k])]
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in changed  # merged adapter
+    assert "language_model.model.embed_tokens.weight" not in changed  # not adapted, not trained
+    adapters = load_file(str(out / "checkpoint-4" / "trainer_state" / "adapters.safetensors"))
+    assert adapters and all("lora_" in k for k in adapters)
+
+
+def test_upgrade_text_llm_keeps_text_behaviour(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    qcfg = transformers.Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    qwen = transformers.Qwen2ForCausalLM(qcfg).eval()
+    qwen.save_pretrained(tmp_path / "qwen", safe_serialization=True)
+    make_tokenizer(300).save(str(tmp_path / "qwen" / "tokenizer.json"))
+    sig = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                                          num_attention_heads=2, image_size=28, patch_size=14))
+    sig.save_pretrained(tmp_path / "siglip", safe_serialization=True)
+    r = run_cli("upgrade", "--text-llm", str(tmp_path / "qwen"), "--vision", str(tmp_path / "siglip"),
+                "--hyper-layers", "2", "--out", str(tmp_path / "owl"))
+    assert r.returncode == 0, r.stderr
+    model = hyperowl.load(tmp_path / "owl", device="cpu")
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        assert (model(ids).logits - qwen(ids).logits).abs().max() < 1e-4
+        a = model.decoder.layers[1].self_attn
+        w = a.v_kv_proj.weight.view(2, 2, 16, 64)  # [kv_head, {K,V}, D, H]
+        assert torch.equal(w[:, 0], a.k_proj.weight.view(2, 16, 64)) and torch.equal(w[:, 1], a.v_proj.weight.view(2, 16, 64))
+    assert model.processor is not None  # the media tokens were added to the text tokenizer
+    with torch.no_grad():
+        out = model.chat([{"role": "user", "content": "<|image|>Hi"}], images=[Image.new("RGB", (28, 28))], max_new_tokens=2)
+    assert isinstance(out, str)
+
+
+def test_bad_recipe_is_a_clear_error(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim: {lrr: 1}\n")
+    r = run_cli("train", str(tmp_path / "r.yaml"))
+    assert r.returncode == 2 and "lrr" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("plot-log", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr
