@@ -274,9 +274,11 @@ def official_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str,
     return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
 
 
-def save_owl3(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+def save_owl3(model: nn.Module, out_dir: str | os.PathLike, params: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + model.safetensors in the official layout. `params` overrides the model's own tensors
+    (e.g. a gathered full state dict of a sharded model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-    save_file(official_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(official_state_dict(params if params is not None else model), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out

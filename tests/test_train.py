@@ -160,17 +160,25 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, colour_data):
     assert all(la[s] == lb[s] for s in la)
 
 
-def test_two_process_ddp_matches_single_process(tmp_path, colour_data):
+def test_two_process_ddp_and_fsdp_match_single_process(tmp_path, colour_data):
     one = write_recipe(tmp_path / "one.yaml", colour_data, tmp_path / "one", optim={"max_steps": 4}, num_threads=1)
     two = write_recipe(tmp_path / "two.yaml", colour_data, tmp_path / "two", optim={"max_steps": 4}, num_threads=1)
     assert run_cli("train", str(one)).returncode == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                         "-m", "hyperowl.cli", "train", str(two)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
+    three = write_recipe(tmp_path / "three.yaml", colour_data, tmp_path / "fsdp", optim={"max_steps": 4}, num_threads=1)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                        "-m", "hyperowl.cli", "train", str(three), "--fsdp"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
     la = [json.loads(l)["loss"] for l in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert len(la) == len(lb) == 4
-    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+    lc = [json.loads(l)["loss"] for l in (tmp_path / "fsdp" / "log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == len(lc) == 4
+    assert la[-1] < la[0]
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4  # DDP
+    assert max(abs(x - y) for x, y in zip(la, lc)) < 1e-4  # FSDP2
+    assert (tmp_path / "fsdp" / "final" / "model.safetensors").exists()
 
 
 def test_lora_trains_adapters_only_and_merges(tmp_path, colour_data):

@@ -156,6 +156,23 @@ def save_checkpoint(model: Owl3Model, opt: torch.optim.Optimizer, step: int, out
     return d
 
 
+def checkpoint(model, opt, step, out, tok_file, lora, recipe, rank, sharded) -> Path:
+    """Save on rank 0; a sharded (FSDP2) model is first gathered by all ranks (model weights only)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        d = out / f"checkpoint-{step}"
+        if rank == 0:
+            save_owl3(model, d, params=full)
+            if tok_file is not None and tok_file.exists():
+                shutil.copy(tok_file, d / "tokenizer.json")
+        return d
+    if rank == 0:
+        return save_checkpoint(model, opt, step, out, tok_file, lora, recipe)
+    return out / f"checkpoint-{step}"
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     steps = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
     return steps[-1][1] if steps else None
@@ -214,6 +231,19 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     groups = param_groups(model, recipe.trainable, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
     if not groups:
         raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
+    net: torch.nn.Module = model
+    sharded = world > 1 and fsdp
+    if sharded:  # FSDP2 replaces the parameters by sharded DTensors: build the optimizer groups afterwards
+        if resume or use_lora:
+            raise InputError("--fsdp: resuming and LoRA are not supported with FSDP2 yet; use DDP (no --fsdp)")
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.decoder.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        groups = param_groups(model, recipe.trainable, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
 
@@ -229,15 +259,6 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
                                recipe.data.cut, recipe.data.max_length)
     pad = processor.tokenizer.token_to_id("<|endoftext|>") or 0
 
-    net: torch.nn.Module = model
-    if world > 1 and fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.decoder.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
 
@@ -264,7 +285,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
                              image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
                 tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten().to(device),
                                            ignore_index=-100, reduction="sum")
-            (tok_loss / n_tok.clamp(min=1) * (world if isinstance(net, torch.nn.parallel.DistributedDataParallel) else 1)).backward()
+            (tok_loss / n_tok.clamp(min=1) * world).backward()  # DDP and FSDP average gradients over processes
             loss_sum += tok_loss.detach().cpu()
             tok_count += int(b["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.grad_clip) if recipe.optim.grad_clip else None
@@ -283,13 +304,13 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if rank == 0 and recipe.save_every and done % recipe.save_every == 0 and done < total:
-            save_checkpoint(model, opt, done, out, tok_file, use_lora, recipe)
+        if recipe.save_every and done % recipe.save_every == 0 and done < total:
+            checkpoint(model, opt, done, out, tok_file, use_lora, recipe, rank, sharded)
         if stop_after is not None and done >= stop_after:  # testing aid: die like a killed job
             os._exit(3)
     bar.close()
+    final = checkpoint(model, opt, total, out, tok_file, use_lora, recipe, rank, sharded)
     if rank == 0:
-        final = save_checkpoint(model, opt, total, out, tok_file, use_lora, recipe)
         export = out / "final"
         shutil.rmtree(export, ignore_errors=True)
         export.mkdir()
