@@ -190,6 +190,37 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`hyperowl serve`: the OpenAI-compatible API and the web chat page (hyperowl.serve)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise InputError("serving needs fastapi and uvicorn: pip install 'hyperowl[serve]'") from None
+    if args.allowed_media_dir is not None and not Path(args.allowed_media_dir).is_dir():
+        raise InputError(f"--allowed-media-dir '{args.allowed_media_dir}': no such directory")
+    for name in ("max_batch_size", "max_queue", "max_images", "frames"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    import hyperowl
+    from .serve import ServeConfig, serve
+
+    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    if model.processor is None:
+        raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; serving needs one")
+    config = ServeConfig(
+        model_name=args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=args.api_key,
+        allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
+        allow_remote_media=not args.no_remote_media, max_images=args.max_images, max_videos=args.max_videos,
+        max_frames=args.frames, fps=args.fps, cut=not args.no_cut, max_media_bytes=int(args.max_media_mb * 2**20),
+        max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
+        default_max_tokens=args.default_max_tokens)
+    print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
+    serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -235,6 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--variant", default="240728", choices=["240728", "241101"])
     u.add_argument("--out", required=True, help="output directory (official layout)")
     u.set_defaults(func=cmd_upgrade)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions) and a web chat page")
+    s.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="allow file:// media URLs below DIR")
+    s.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
+    s.add_argument("--max-images", type=int, default=16, help="image parts per request (default 16)")
+    s.add_argument("--max-videos", type=int, default=2, help="video parts per request (default 2)")
+    s.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
+    s.add_argument("--fps", type=float, default=None, help="sample video frames at this rate (capped by --frames)")
+    s.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
+    s.add_argument("--max-media-mb", type=float, default=50.0, help="size limit of one image or video (MiB)")
+    s.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default 64)")
+    s.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache size (MiB, 0 = off)")
+    s.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    s.set_defaults(func=cmd_serve)
 
     i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
     i.add_argument("path", help="checkpoint directory or hub id")

@@ -6,10 +6,14 @@ per live row. Finished rows are dropped from the cache (`KVCache.reorder`), so t
 of computing padding. Sampling is a plain function of logits (greedy when temperature == 0; else
 temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt + generated ids.
 `stream` yields (row, token) events as they are produced; `generate` collects them.
+
+Cancellation: a request may carry a `threading.Event`; once it is set (by any thread, e.g. a server whose
+client went away) the row is dropped at the next decode step like a finished one, freeing its cache rows.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -54,6 +58,7 @@ class Request:
     image_embeds: Tensor | None = None
     image_positions: Tensor | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = None  # set from any thread: the row leaves the batch at the next step
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -88,6 +93,10 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
                          ]) if len(generators) else probs
     choice = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
     return torch.where(temp == 0, greedy, choice)
+
+
+def _cancelled(request: Request) -> bool:
+    return request.cancel is not None and request.cancel.is_set()
 
 
 class Engine:
@@ -149,7 +158,8 @@ class Engine:
             keep = []
             for row, (r, t) in enumerate(zip(live, toks)):
                 counts[r] += 1
-                if counts[r] < params[r].max_new_tokens and t not in params[r].stop_token_ids:
+                if counts[r] < params[r].max_new_tokens and t not in params[r].stop_token_ids \
+                        and not _cancelled(requests[r]):
                     keep.append(row)
             if use_penalty:
                 seen[torch.arange(len(live), device=dev), tokens] = True

@@ -1,0 +1,368 @@
+"""The HTTP server: an OpenAI-compatible chat-completions API and the web chat page, one FastAPI app.
+
+Design note: a request goes through cheap checks first (API key, body size, JSON, fields, media count, a
+full queue) so bad or excess requests cost almost nothing, then media are fetched (async), decoded and
+tokenized in a worker thread (`asyncio.to_thread`, off the event loop), and the job is queued for the
+scheduler's model thread. Answers stream back as token ids, detokenized here (`TextStream`) with stop
+strings applied on the text: text that could be the beginning of a stop string is held back until it is
+known not to be one, so a stop string never leaks to the client, and the engine row is cancelled at once.
+
+Errors are OpenAI-shaped ({"error": {message, type, param, code}}). Every user mistake is an `ApiError`
+with a 4xx status; anything else is a 500 `server_error` with the traceback in the log, and the process
+keeps serving. A client that disconnects cancels its job (the stream generator's `finally`, or a
+disconnect poll for non-streaming requests), which frees its batch row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import TextStream, stop_ids
+from ..engine import SamplingParams
+from .feature_cache import FeatureCache
+from .media import MediaLimits, resolve
+from .prompt import PreparedPrompt, VisualOptions, build_prompt
+from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
+                       parse_json, usage_body)
+from .scheduler import Job, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).parent / "web"
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str = "hyperowl"
+    api_key: str | None = None
+    allowed_media_dir: Path | None = None
+    allow_remote_media: bool = True
+    max_images: int = 16  # image parts per request
+    max_videos: int = 2  # video parts per request
+    max_frames: int = 16
+    fps: float | None = None
+    cut: bool = True
+    max_media_bytes: int = 50 * 2**20
+    max_body_bytes: int = 100 * 2**20
+    fetch_timeout_s: float = 10.0
+    max_queue: int = 64
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    feature_cache_mb: float = 512.0
+    default_max_tokens: int = 512
+    max_tokens_limit: int = 4096
+    max_prompt_tokens: int = 32768
+    retry_after_s: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StopText:
+    """Token ids -> text deltas, cut at the first stop string (held back while a stop could still begin)."""
+
+    def __init__(self, stream: TextStream, stops: list[str]) -> None:
+        self.stream, self.stops = stream, stops
+        self.text, self.sent = "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text to send, whether a stop string ended the answer)."""
+        self.text += self.stream.push(token)
+        if not self.stops:
+            new, self.sent = self.text[self.sent:], len(self.text)
+            return new, False
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            new, self.sent = self.text[self.sent:end], end
+            return new, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        new, self.sent = self.text[self.sent:end], end
+        return new, False
+
+    def flush(self) -> str:
+        new, self.sent = self.text[self.sent:], len(self.text)
+        return new
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app for one loaded model (with its processor). The scheduler thread starts with the app."""
+    if processor is None:
+        raise ValueError("serving needs a processor (a checkpoint with tokenizer.json)")
+    cache = FeatureCache(int(config.feature_cache_mb * 2**20))
+    scheduler = Scheduler(model, cache, max_batch_size=config.max_batch_size,
+                          batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue)
+    limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
+                         allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media)
+    visual = VisualOptions(cut=config.cut, max_frames=config.max_frames, fps=config.fps)
+    tokenizer = processor.tokenizer
+    stops = stop_ids(tokenizer)
+    tokens_per_image = model.config.vision.tokens_per_image
+    started = now()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        log.info("serving %s (batch <= %d, queue <= %d)", config.model_name, config.max_batch_size, config.max_queue)
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="hyperowl", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.feature_cache, app.state.config = scheduler, cache, config
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 on routes
+        return _error_response(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error_response(ApiError(500, f"internal server error ({type(e).__name__})", code="internal_error"))
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = ApiError(413, f"request body larger than {limit} bytes", code="payload_too_large")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:  # chunked uploads have no Content-Length: count as we read
+                raise too_big
+        return bytes(buf)
+
+    def too_busy() -> ApiError:
+        return ApiError(429, "the server is busy: the request queue is full; retry shortly", code="queue_full",
+                        headers={"Retry-After": str(config.retry_after_s)})
+
+    async def prepare(req: ChatRequest) -> PreparedPrompt:
+        media = req.media
+        n_img = sum(p.kind == "image" for p in media)
+        n_vid = len(media) - n_img
+        if n_img > config.max_images:
+            raise ApiError(400, f"too many images: {n_img} (at most {config.max_images} per request)", param="messages",
+                           code="too_many_images")
+        if n_vid > config.max_videos:
+            raise ApiError(400, f"too many videos: {n_vid} (at most {config.max_videos} per request)", param="messages",
+                           code="too_many_videos")
+        blobs = await asyncio.gather(*(resolve(p, limits) for p in media))
+        prompt = await asyncio.to_thread(build_prompt, req, list(blobs), processor, cache, visual, tokens_per_image,
+                                         model.dtype)
+        n = int(prompt.input_ids.numel())
+        if n > config.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {n} tokens, more than this server's {config.max_prompt_tokens}",
+                           param="messages", code="context_length_exceeded")
+        return prompt
+
+    def sampling(req: ChatRequest) -> SamplingParams:
+        max_new = req.max_tokens or config.default_max_tokens
+        return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              repetition_penalty=req.repetition_penalty, stop_token_ids=stops,
+                              min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
+
+    async def answer(job: Job, req: ChatRequest) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(text delta, finish_reason or None, completion tokens so far) until the answer ends."""
+        text = StopText(TextStream(tokenizer, stops), req.stop)
+        n = 0
+        while True:
+            kind, value = await job.events.get()
+            if kind == "token":
+                n += 1
+                delta, stopped = text.push(value)
+                if stopped:
+                    job.cancel.set()  # the engine drops the row at its next step
+                    yield delta, "stop", n
+                    return
+                if delta:
+                    yield delta, None, n
+            elif kind == "done":
+                yield text.flush(), ("length" if value == "length" else "stop"), n
+                return
+            else:
+                raise ApiError(500, str(value), code="internal_error")
+
+    def usage(prompt: PreparedPrompt, completion_tokens: int) -> dict:
+        return usage_body(int(prompt.input_ids.numel()), completion_tokens, prompt.visual_tokens, prompt.image_tensors,
+                          prompt.cached_visual_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        req = parse_chat_request(parse_json(await read_body(request)), config.model_name, config.max_tokens_limit)
+        if scheduler.full():  # cheap early answer before any media work
+            raise too_busy()
+        prompt = await prepare(req)
+        job = Job(prompt, sampling(req), asyncio.get_running_loop())
+        try:
+            scheduler.submit(job)
+        except QueueFull:
+            raise too_busy() from None
+        cid, created = new_id(), now()
+        if req.stream:
+            return StreamingResponse(_sse(job, req, prompt, cid, created), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(request, job, req, prompt, cid, created)
+
+    async def _complete(request: Request, job: Job, req: ChatRequest, prompt: PreparedPrompt, cid: str,
+                        created: int) -> Response:
+        async def collect() -> tuple[str, str, int]:
+            parts, reason, n = [], "stop", 0
+            async for delta, fin, n in answer(job, req):
+                parts.append(delta)
+                reason = fin or reason
+            return "".join(parts), reason, n
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    log.info("%s: client disconnected, cancelling", cid)
+                    task.cancel()
+                    return Response(status_code=499)
+            text, reason, n = task.result()
+        finally:
+            job.cancel.set()  # no-op once finished; frees the row if we leave early
+        return JSONResponse(completion_body(cid, config.model_name, created, text, reason, usage(prompt, n)))
+
+    async def _sse(job: Job, req: ChatRequest, prompt: PreparedPrompt, cid: str, created: int) -> AsyncIterator[str]:
+        def event(body: dict) -> str:
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        name = config.model_name
+        try:
+            yield event(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
+            n, reason = 0, "stop"
+            try:
+                async for delta, fin, n in answer(job, req):
+                    if delta:
+                        yield event(chunk_body(cid, name, created, {"content": delta}))
+                    reason = fin or reason
+            except ApiError as e:  # headers are sent: report in-band, then end the stream
+                yield event(e.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield event(chunk_body(cid, name, created, {}, finish_reason=reason))
+            if req.include_usage:
+                yield event(chunk_body(cid, name, created, None, usage=usage(prompt, n)))
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the answer is complete and when the client disconnects (the generator is cancelled
+            # or closed): either way the engine row must not go on.
+            job.cancel.set()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_auth(request)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started,
+                                            "owned_by": "hyperowl"}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": config.model_name, "scheduler": scheduler.stats(),
+                "feature_cache": cache.stats(), "time": time.time()}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    @app.get("/web/{name}", include_in_schema=False)
+    async def web_file(name: str) -> FileResponse:
+        path = (WEB_DIR / name).resolve()
+        if not path.is_relative_to(WEB_DIR.resolve()) or not path.is_file():
+            raise ApiError(404, f"no such file {name!r}", code="not_found")
+        return FileResponse(path)
+
+    return app
+
+
+def serve(model: Any, processor: Any, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (blocking)."""
+    import uvicorn
+
+    uvicorn.run(create_app(model, processor, config), host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """uvicorn in a background thread on 127.0.0.1 and a free port (tests, benchmarks, notebooks).
+
+        with ServerThread(create_app(model, processor)) as srv:
+            httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 30.0) -> None:
+        import socket
+
+        import uvicorn
+
+        if port == 0:  # ask the OS for a free port, then hand it to uvicorn
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.host, self.port, self.startup_timeout_s = host, port, startup_timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self._thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ServerThread":
+        import threading
+
+        self._thread = threading.Thread(target=self.server.run, name="hyperowl-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.server.started:  # bounded wait for the socket to listen
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                self.stop()
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,150 @@
+"""Chat request + media bytes -> token ids, image positions and per-item visual work (cached or to encode).
+
+Design note: each media part becomes one `<|image|>` / `<|video|>` placeholder at its place in the message
+text, and the processor does everything else (cut templates, video frame tokens, ChatML, tokenization), so
+the server prompt is exactly the library's prompt. The processor concatenates the pixel tensors of all
+items in placeholder order; we split them back per item (image: rows*cols + 1 crops when cut, else 1;
+video: one per frame) so each item can be looked up in / stored into the feature cache on its own.
+
+A cache hit for a *video* skips decoding: the processor is given that many 1x1 stand-in frames (a video's
+prompt depends only on its frame count) and their pixels are dropped. An image is still decoded on a hit,
+because its cut grid depends on its size, but it is not re-encoded; the vision tower is the expensive
+part. A cached entry is held by reference from here on, so an eviction before the worker runs is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..errors import InputError
+from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
+from ..processing.images import select_grid
+from ..processing.processor import Owl3Processor
+from .feature_cache import CachedMedia, FeatureCache
+from .media import MediaBlob, decode_image, decode_video
+from .protocol import ApiError, ChatRequest, MediaPart, TextPart
+
+
+@dataclass(frozen=True)
+class VisualOptions:
+    cut: bool = True
+    max_frames: int = 16
+    fps: float | None = None
+
+
+@dataclass
+class MediaItem:
+    key: Hashable
+    tensors: int  # image tensors (crops + global view, or frames) this item contributes
+    cached: CachedMedia | None  # embeddings from the cache, or None: `pixels` must be encoded
+    pixels: Tensor | None
+    frames: int = 0  # videos: sampled frame count (kept in the cache entry)
+    hit: bool = False  # came from the cache (for usage reporting; `cached` is filled in after encoding too)
+
+    def __post_init__(self) -> None:
+        self.hit = self.cached is not None
+
+
+@dataclass
+class PreparedPrompt:
+    input_ids: Tensor  # [L]
+    image_positions: Tensor | None  # [N] or None without media
+    items: list[MediaItem]
+    tokens_per_image: int
+
+    @property
+    def image_tensors(self) -> int:
+        return sum(i.tensors for i in self.items)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.image_tensors * self.tokens_per_image
+
+    @property
+    def cached_visual_tokens(self) -> int:
+        return sum(i.tensors for i in self.items if i.hit) * self.tokens_per_image
+
+
+def cache_key(blob: MediaBlob, processor: Owl3Processor, opts: VisualOptions, dtype: torch.dtype) -> Hashable:
+    """Everything that changes an item's embeddings: its bytes and the preprocessing (and model dtype)."""
+    how = (opts.cut,) if blob.kind == "image" else (opts.max_frames, opts.fps)
+    return (blob.kind, blob.digest, processor.variant, processor.image_size, str(dtype)) + how
+
+
+def _message_text(parts: list[TextPart | MediaPart], index: int) -> str:
+    out = []
+    for j, p in enumerate(parts):
+        if isinstance(p, TextPart):
+            if IMAGE_TOKEN in p.text or VIDEO_TOKEN in p.text:
+                param = f"messages[{index}].content" + ("" if len(parts) == 1 else f"[{j}]")
+                raise ApiError(400, f"{param}: text must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; send images as "
+                                    "image_url parts and videos as video_url parts", param=param,
+                               code="invalid_value")
+            out.append(p.text)
+        else:
+            out.append(IMAGE_TOKEN if p.kind == "image" else VIDEO_TOKEN)
+    return "".join(out)
+
+
+def build_prompt(req: ChatRequest, blobs: list[MediaBlob], processor: Owl3Processor, cache: FeatureCache,
+                 opts: VisualOptions, tokens_per_image: int, dtype: torch.dtype) -> PreparedPrompt:
+    """Synchronous (decodes media, tokenizes): run it off the event loop."""
+    messages = [{"role": m.role, "content": _message_text(m.parts, i)} for i, m in enumerate(req.messages)]
+    images: list[Image.Image] = []
+    videos: list[list[Image.Image]] = []
+    items: list[MediaItem] = []
+    for blob in blobs:
+        key = cache_key(blob, processor, opts, dtype)
+        hit = cache.get(key)
+        if blob.kind == "image":
+            img = decode_image(blob)
+            images.append(img)
+            if opts.cut:
+                rows, cols = select_grid(img.width, img.height, processor.image_size)
+                n = rows * cols + 1
+            else:
+                n = 1
+            items.append(MediaItem(key, n, hit, None))
+        else:
+            if hit is not None:
+                frames = [Image.new("RGB", (1, 1))] * hit.frames  # only the count matters for the prompt
+            else:
+                frames = decode_video(blob, opts.max_frames, opts.fps)
+            videos.append(frames)
+            items.append(MediaItem(key, len(frames), hit, None, frames=len(frames)))
+    try:
+        inputs = processor(messages, images=images, videos=videos, max_frames=opts.max_frames, fps=opts.fps,
+                           cut=opts.cut, progress=False)
+    except InputError as e:
+        raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+    pixels = inputs.pixel_values
+    total = 0 if pixels is None else pixels.shape[0]
+    if total != sum(i.tensors for i in items):
+        raise RuntimeError(f"internal error: {total} pixel tensors for items of {[i.tensors for i in items]}")
+    start = 0
+    for item in items:
+        if item.cached is None:
+            item.pixels = pixels[start:start + item.tensors]
+        start += item.tensors
+    return PreparedPrompt(inputs.input_ids, inputs.image_positions if items else None, items, tokens_per_image)
+
+
+def encode_items(model: Any, cache: FeatureCache, prompts: list[PreparedPrompt]) -> list[Tensor | None]:
+    """Image embeddings per prompt ([N, T, H] in placeholder order, or None): the cached items reused, all
+    the others of all prompts encoded in one (chunked) vision call, then stored in the cache."""
+    todo = [item for p in prompts for item in p.items if item.cached is None]
+    if todo:
+        embeds = model.encode_images(torch.cat([item.pixels for item in todo]))
+        for item, e in zip(todo, embeds.split([item.tensors for item in todo])):
+            item.cached = CachedMedia(e.clone(), frames=item.frames)  # own storage: not a view of the batch
+            item.pixels = None  # the pixels are no longer needed
+            cache.put(item.key, item.cached)
+    out: list[Tensor | None] = []
+    for p in prompts:
+        out.append(torch.cat([item.cached.embeds for item in p.items]) if p.items else None)
+    return out
