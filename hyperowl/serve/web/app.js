@@ -59,7 +59,7 @@ function renderAttachments() {
       div.append(img);
     } else {
       const chip = document.createElement("span");
-      chip.className = "chip"; chip.textContent = "🎞 " + a.name;
+      chip.className = "chip"; chip.textContent = "video: " + a.name;
       div.append(chip);
     }
     const rm = document.createElement("button");
@@ -84,7 +84,7 @@ function bubble(role, text, media) {
         m.append(img);
       } else {
         const chip = document.createElement("span");
-        chip.className = "chip"; chip.textContent = "🎞 " + a.name;
+        chip.className = "chip"; chip.textContent = "video: " + a.name;
         m.append(chip);
       }
     }
@@ -117,7 +117,7 @@ async function send() {
     : { type: "video_url", video_url: { url: a.url } });
   if (text) parts.push({ type: "text", text });
   const userMsg = { role: "user", content: parts };
-  bubble("user", text, media);
+  const userBubble = bubble("user", text, media);
   $("prompt").value = "";
   pending = [];
   renderAttachments();
@@ -197,6 +197,7 @@ async function send() {
       history.push(userMsg, { role: "assistant", content: answer });
     } else {
       out.remove();
+      userBubble.remove();  // the turn did not happen: it goes back to the composer, not into the history
       bubble("error", "Error: " + e.message).dataset.state = "error";
       pending = media;  // give the attachments back so the message can be fixed and re-sent
       renderAttachments();
