@@ -339,6 +339,23 @@ def test_mp4_decodes_to_the_frames(dataset):
         assert np.abs(np.asarray(sampled[-1]).astype(int) - decoded[-1]).max() <= 2
 
 
+def test_bad_arguments_fail_at_the_call():
+    with pytest.raises(InputError, match="video frames"):
+        syn.iter_examples("train", 1, video_frames=3)
+    with pytest.raises(InputError, match="split"):
+        syn.iter_examples("dev", 1)
+    with pytest.raises(InputError, match="no multi task"):
+        syn.iter_examples("train", 1, 1, tasks=["single"])
+
+
+def test_write_dataset_removes_splits_not_asked_for(tmp_path):
+    syn.write_dataset(tmp_path, {"train": 3, "val": 2, "test": 2}, progress=False)
+    paths = syn.write_dataset(tmp_path, {"train": 3}, progress=False)
+    assert set(paths) == {"train", "meta"}
+    assert not (tmp_path / "val.jsonl").exists() and not (tmp_path / "val").exists()
+    assert not (tmp_path / "test.scenes.txt").exists()
+
+
 def test_examples_helper(tmp_path):
     written = syn.examples(tmp_path)
     assert [p.suffix for p in written] == [".png", ".png", ".png", ".mp4"]

@@ -650,6 +650,7 @@ class _Stats:
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
           stats: _Stats) -> Iterator[Example]:
+    """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
     _validate(split, counts, distractors, image_size, video_frames)
     per_group = _select_tasks(tasks)
@@ -659,6 +660,11 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
             raise InputError(f"{n} {g} examples asked for, but the task filter leaves no {g} task")
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
+    return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats)
+
+
+def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
+              exclude: Optional[set[str]], stats: _Stats) -> Iterator[Example]:
     for i, task in enumerate(order):
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(_seed_for(seed, split, i, attempt))
@@ -903,8 +909,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:  # stale files of a split not generated now would mislead
         if split not in plan and (out / f"{split}.jsonl").exists():
-            _prepare_split_dir(out, split)
-            shutil.rmtree(out / split)
+            shutil.rmtree(out / split, ignore_errors=True)
             (out / f"{split}.jsonl").unlink()
             _hash_file(out, split).unlink(missing_ok=True)
     seen: tuple[set[str], set[str]] = (set(), set())
