@@ -205,6 +205,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import hyperowl
     from .serve import ServeConfig, serve
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # shared CPUs: fewer threads than cores avoids spin-wait stalls
     model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; serving needs one")
@@ -219,6 +223,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import hyperowl
+
+    from .eval.runner import evaluate
+
+    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    if model.processor is None:
+        raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
+    s = evaluate(model, args.data, args.out, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    width = max(len(k) for k in s["groups"]) if s["groups"] else 5
+    print(f"{'group':<{width}}  {'n':>5}  accuracy")
+    for k, v in s["groups"].items():
+        print(f"{k:<{width}}  {v['n']:>5}  {v['accuracy']:.3f}")
+    print(f"{'all':<{width}}  {s['n']:>5}  {s['accuracy']:.3f}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if not args.rest or args.rest[0] != "synth":
+        raise InputError("data: the only subcommand is `synth` (hyperowl data synth --out DIR [--train N ...])")
+    from .data.synthetic import synth_main
+
+    return synth_main(args.rest[1:])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,7 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="exact-match evaluation on a conversation JSONL (writes predictions + summary)")
+    e.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    e.add_argument("--data", required=True, help="JSONL in the training format, with reference answers")
+    e.add_argument("--out", default="results/eval", help="output directory (resumes if it has predictions)")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    dt = sub.add_parser("data", help="datasets: `hyperowl data synth --out DIR` writes the synthetic visual world",
+                        add_help=False)
+    dt.add_argument("rest", nargs=argparse.REMAINDER)
+    dt.set_defaults(func=cmd_data)
 
     i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
     i.add_argument("path", help="checkpoint directory or hub id")
