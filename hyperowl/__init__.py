@@ -18,9 +18,18 @@ __all__ = ["load", "Owl3Config", "SiglipConfig", "PRESETS", "HyperowlError", "In
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def load(model: str | os.PathLike, dtype=None, device=None, revision: str | None = None):
+def default_model_dir():
+    """The embedded default model: $HYPEROWL_DEFAULT_MODEL, else models/owl3-synthetic in this checkout."""
+    from pathlib import Path
+
+    env = os.environ.get("HYPEROWL_DEFAULT_MODEL")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "owl3-synthetic"
+
+
+def load(model: str | os.PathLike | None = None, dtype=None, device=None, revision: str | None = None):
     """Load an mPLUG-Owl3 checkpoint (local directory or hub id) as an `Owl3Model`.
 
+    model: None = the embedded default model (a small Owl3 trained by this project, shipped in models/).
     dtype: None = float32 on CPU, the checkpoint's dtype on GPU. device: None = cuda if available.
     The returned model has the official drop-in forward and `.chat()` (when the checkpoint has a tokenizer).
     """
@@ -31,7 +40,12 @@ def load(model: str | os.PathLike, dtype=None, device=None, revision: str | None
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model is None:
+        model = default_model_dir()
+        if not (model / "config.json").exists():
+            raise CheckpointError(f"the embedded default model is not at {model}; pass a model directory or hub id")
     m = load_owl3(model, dtype=dtype, device=device, revision=revision)
     if (m.checkpoint_dir / "tokenizer.json").exists():
-        m.processor = Owl3Processor.from_dir(m.checkpoint_dir, variant=m.config.variant, image_size=m.config.vision.image_size)
+        m.processor = Owl3Processor.from_dir(m.checkpoint_dir, variant=m.config.variant, image_size=m.config.vision.image_size,
+                                                cut=m.config.cut_enable)
     return m

@@ -58,7 +58,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
     if model.processor is None:
-        raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; chat needs one")
+        raise InputError(f"model '{args.model or model.checkpoint_dir}': no tokenizer.json in the checkpoint; chat needs one")
     if args.prompt:
         text = _with_placeholders(" ".join(args.prompt), len(args.image), len(args.video))
         _answer(model, [{"role": "user", "content": text}], list(args.image), list(args.video), args)
@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="chat with a model (one question, or interactive without a prompt)")
     c.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
-    c.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. mPLUG/mPLUG-Owl3-7B-241101)")
+    c.add_argument("--model", default=None, help="checkpoint directory or hub id (e.g. mPLUG/mPLUG-Owl3-7B-241101); "
+                   "default: the embedded model in models/owl3-synthetic")
     c.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     c.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
     c.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="exact-match evaluation on a conversation JSONL (writes predictions + summary)")
-    e.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    e.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")
     e.add_argument("--data", required=True, help="JSONL in the training format, with reference answers")
     e.add_argument("--out", default="results/eval", help="output directory (resumes if it has predictions)")
     e.add_argument("--limit", type=int, default=None)

@@ -74,6 +74,7 @@ class Owl3Config:
     vision_batch_size: int = 16  # images per vision-tower chunk (bounded activation memory)
     bos_token_id: int = 151643
     eos_token_id: int = 151645
+    cut_enable: bool = True  # the processor's default for cutting big images into crops + global view
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -117,6 +118,7 @@ class Owl3Config:
             vision_batch_size=d.get("vision_batch_size", base.vision_batch_size),
             bos_token_id=d.get("bos_token_id", base.bos_token_id),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            cut_enable=bool(d.get("cut_enable", True)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -144,6 +146,7 @@ class Owl3Config:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "hyperowl_variant": self.variant,
+            "cut_enable": self.cut_enable,
         }
 
 
@@ -170,3 +173,10 @@ PRESETS: dict[str, Owl3Config] = {
     ),
 }
 PRESETS["tiny-241101"] = PRESETS["tiny-240728"].replace(variant="241101")
+# The embedded default model (models/owl3-synthetic): small enough to train from scratch on 2 CPU cores.
+PRESETS["owl3-synthetic"] = Owl3Config(
+    vocab_size=1024, hidden_size=256, intermediate_size=640, num_layers=4, num_heads=4, num_kv_heads=2,
+    rope_theta=1e4, max_position_embeddings=4096, tie_word_embeddings=True, hyper_layers=(2, 4), variant="240728",
+    vision=SiglipConfig(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=64, patch_size=8),
+    vision_batch_size=64, bos_token_id=0, eos_token_id=2, cut_enable=False,
+)

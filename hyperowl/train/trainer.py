@@ -111,7 +111,7 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processo
         from tokenizers import Tokenizer
 
         vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
-        cfg = PRESETS[init.preset].replace(vocab_size=max(vocab, init.vocab_size or 0))
+        cfg = PRESETS[init.preset].replace(vocab_size=max(vocab, init.vocab_size or 0), cut_enable=recipe.data.cut)
         model = Owl3Model(cfg).to(device)
         init_weights(model, recipe.seed)
     else:
