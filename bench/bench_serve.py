@@ -186,11 +186,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="media per TTFT measurement (median)")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, like hyperowl serve)")
     ap.add_argument("--out", default="bench/results/serve.json")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    if a.threads or a.device == "cpu":  # the same default as `hyperowl serve`: one core left to the event loop
+        torch.set_num_threads(a.threads or max(1, torch.get_num_threads() - 1))
     if a.model:
         import hyperowl
 

@@ -205,11 +205,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import hyperowl
     from .serve import ServeConfig, serve
 
-    if args.threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(args.threads)  # shared CPUs: fewer threads than cores avoids spin-wait stalls
     model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    if args.threads or model.device.type == "cpu":
+        # On CPU, leave one core to the event loop: torch's spinning worker threads on every core starve it
+        # and a batch of 8 streams ran >10x slower in bench/bench_serve.py on a 2-core machine.
+        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; serving needs one")
     config = ServeConfig(
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="exact-match evaluation on a conversation JSONL (writes predictions + summary)")

@@ -202,6 +202,7 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
                 n += 1
                 delta, stopped = text.push(value)
                 if stopped:
+                    job.stop_string = True
                     job.cancel.set()  # the engine drops the row at its next step
                     yield delta, "stop", n
                     return

@@ -8,12 +8,13 @@ call, and runs `Engine.stream` on the whole batch: one left-padded prefill, then
 for all live rows. Each produced token is handed to its job's asyncio queue with
 `loop.call_soon_threadsafe` (asyncio queues are not thread-safe). This is *dynamic* batching: jobs that
 arrive while a batch runs wait for the next batch (continuous batching would need rows to join a running
-KV cache; see the report in the README). Finished rows leave the batch inside the engine, and so do
+KV cache, which cache.py does not support yet). Finished rows leave the batch inside the engine, and so do
 cancelled ones: a handler whose client went away sets the job's `threading.Event`, the engine drops that
 row at its next decode step (freeing its cache rows), and a job cancelled while still queued is skipped.
 
 Events on a job's queue: ("token", id), then exactly one terminal ("done", finish_reason) or
-("error", message). finish_reason: "stop" (a stop token), "length" (max_tokens), "cancelled".
+("error", message). finish_reason: "stop" (a stop token), "length" (max_tokens), "cancelled" (the
+client left, or the handler found a stop string and set `stop_string` first: counted as completed).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     finished: bool = False  # a terminal event was pushed (worker thread only)
+    stop_string: bool = False  # the handler ended the answer at a stop string (then set `cancel`)
 
     def push(self, kind: str, value: Any) -> None:
         try:
@@ -185,7 +187,7 @@ class Scheduler:
 
     def _done(self, job: Job, reason: str) -> None:
         with self._lock:
-            if reason == "cancelled" or job.cancel.is_set():
+            if (reason == "cancelled" or job.cancel.is_set()) and not job.stop_string:
                 self.cancelled += 1
             else:
                 self.completed += 1
