@@ -215,10 +215,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; serving needs one")
     config = ServeConfig(
-        model_name=args.served_model_name or Path(str(args.model).rstrip("/")).name, api_key=args.api_key,
+        model_name=args.served_model_name or Path(str(args.model or hyperowl.default_model_dir()).rstrip("/")).name,
+        api_key=args.api_key,
         allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
         allow_remote_media=not args.no_remote_media, max_images=args.max_images, max_videos=args.max_videos,
-        max_frames=args.frames, fps=args.fps, cut=not args.no_cut, max_media_bytes=int(args.max_media_mb * 2**20),
+        max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
         default_max_tokens=args.default_max_tokens)
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_upgrade)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions) and a web chat page")
-    s.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    s.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")

@@ -26,9 +26,11 @@ def free_port() -> int:
 
 def test_serve_subcommand_runs_and_stops(chat_checkpoint):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hyperowl.cli", "serve", "--model", str(chat_checkpoint), "--port",
-                             str(port), "--served-model-name", "owl", "--max-batch-size", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    # No --model: the embedded default model, here pointed at the test checkpoint; the model id is its dir name.
+    proc = subprocess.Popen([sys.executable, "-m", "hyperowl.cli", "serve", "--port", str(port), "--max-batch-size", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(ENV, HYPEROWL_DEFAULT_MODEL=str(chat_checkpoint)))
+    name = chat_checkpoint.name
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -41,8 +43,8 @@ def test_serve_subcommand_runs_and_stops(chat_checkpoint):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "owl"
-        r = httpx.post(url + "/v1/chat/completions", json={"model": "owl", "max_tokens": 3,
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == name
+        r = httpx.post(url + "/v1/chat/completions", json={"model": name, "max_tokens": 3,
                                                             "messages": [{"role": "user", "content": "Hi"}]}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:

@@ -54,7 +54,7 @@ class ServeConfig:
     max_videos: int = 2  # video parts per request
     max_frames: int = 16
     fps: float | None = None
-    cut: bool = True
+    cut: bool | None = None  # None: the processor's (checkpoint's) default
     max_media_bytes: int = 50 * 2**20
     max_body_bytes: int = 100 * 2**20
     fetch_timeout_s: float = 10.0
@@ -110,7 +110,8 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
                           batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
                          allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media)
-    visual = VisualOptions(cut=config.cut, max_frames=config.max_frames, fps=config.fps)
+    cut = processor.cut if config.cut is None else config.cut
+    visual = VisualOptions(cut=cut, max_frames=config.max_frames, fps=config.fps)
     tokenizer = processor.tokenizer
     stops = stop_ids(tokenizer)
     tokens_per_image = model.config.vision.tokens_per_image
