@@ -91,9 +91,12 @@ def test_batch_indices_cover_each_example_once_per_epoch():
 
 
 def test_train_converges_saves_official_layout_and_chats(tmp_path, colour_data):
-    out = train(recipe_for(colour_data, tmp_path / "run", optim={"max_steps": 30}))
+    out = train(recipe_for(colour_data, tmp_path / "run", optim={"max_steps": 30}, eval_every=10,
+                           data={"val": str(colour_data / "train.jsonl")}))
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
+    vals = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0]
     names = set(load_file(str(out / "final" / "model.safetensors")))
     assert "language_model.model.layers.0.self_attn.v_kv_proj.weight" in names and "vision2text_model.weight" in names
     assert (out / "loss.png").stat().st_size > 1000
@@ -233,3 +236,19 @@ def test_bad_recipe_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "lrr" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("plot-log", str(tmp_path / "nope.jsonl"))
     assert r.returncode == 2 and "nope.jsonl" in r.stderr
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from conftest import random_owl3
+
+    model = random_owl3("240728").train()
+    ids = torch.randint(10, 1000, (2, 12))
+    pv, pos = torch.randn(3, 3, 28, 28), torch.tensor([[2, 5], [3, -1]])
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.decoder.activation_checkpointing = flag
+        model(ids, pixel_values=pv, image_positions=pos, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

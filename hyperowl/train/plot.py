@@ -29,6 +29,10 @@ def plot_log(log_path: str | Path, out: str | Path) -> Path:
         raise InputError(f"log '{log_path}': no step/loss records")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5, label="train loss")
+    val = [r for r in rows if r.get("val_loss") is not None]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, color="tab:green", label="val loss")
+    ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per target token)")
     ax.set_yscale("log")

@@ -206,6 +206,23 @@ def restore(model: Owl3Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool
     return meta["step"]
 
 
+@torch.no_grad()
+def validation_loss(model: Owl3Model, val: ConversationDataset, pad: int, device, batch_size: int, limit: int = 256) -> float:
+    """Per-token loss on the first `limit` validation examples (fixed, so curves are comparable)."""
+    model.eval()
+    total, n_tok = 0.0, 0
+    idx = list(range(min(limit, len(val))))
+    for i in range(0, len(idx), batch_size):
+        b = collate_train([val[j] for j in idx[i : i + batch_size]], pad)
+        logits = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                       pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+                       image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
+        labels = b["labels"][:, 1:].to(device)
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"))
+        n_tok += int((labels != -100).sum())
+    return total / max(n_tok, 1)
+
+
 # -- the loop -------------------------------------------------------------------------------------------------
 def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False) -> Path:
     """Run the recipe. Returns the output directory (final model under output/final)."""
@@ -216,6 +233,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny Adam moments/gradients turn denormal and slow x86 float math ~100x
     if recipe.batch_size % world:
         raise InputError(f"batch_size {recipe.batch_size} must divide by the number of processes {world}")
     torch.manual_seed(recipe.seed)
@@ -257,6 +276,10 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
 
     data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
                                recipe.data.cut, recipe.data.max_length)
+    val = None
+    if recipe.data.val and recipe.eval_every and rank == 0:
+        val = ConversationDataset(recipe.data.val, processor, "skip", recipe.data.max_frames, recipe.data.cut,
+                                  recipe.data.max_length)
     pad = processor.tokenizer.token_to_id("<|endoftext|>") or 0
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
@@ -301,6 +324,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
             rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_per_s": tok_count * world / max(now - t_last, 1e-9), "time": time.time()}
             t_last, tok_count = now, 0
+            if val is not None and (done % recipe.eval_every == 0 or done == total):
+                rec["val_loss"] = validation_loss(model, val, pad, device, recipe.batch_size)
+                model.train()
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
