@@ -319,3 +319,29 @@ def test_web_page_is_served(server):
 def test_serve_package_has_its_web_files():
     web = Path(__import__("hyperowl.serve.app", fromlist=["WEB_DIR"]).WEB_DIR)
     assert {"index.html", "app.js", "style.css"} <= {p.name for p in web.iterdir()}
+
+
+def test_concurrent_mixed_requests_equal_their_solo_answers(server, client):
+    """Text-only and image requests batched together (padding, precomputed embeddings, per-row seeds) give
+    the answers each gets alone."""
+    urls = [data_url(png_bytes((30 * i, 90, 200), size=(50 + 20 * i, 40))) for i in range(3)]
+    kws = [dict(messages=[{"role": "user", "content": "Hi" + "!" * i}], temperature=0.9, seed=i) for i in range(3)]
+    kws += [dict(messages=image_msg("What is shown here?" * (i + 1), urls[i]), temperature=0.0) for i in range(3)]
+    ask = lambda kw: client.chat.completions.create(model=MODEL, max_tokens=8, **kw).choices[0].message.content  # noqa: E731
+    solo = [ask(kw) for kw in kws]
+    before = health(server)["scheduler"]["batch_sizes"]
+    start = threading.Barrier(len(kws))
+    together: list = [None] * len(kws)
+
+    def run(i: int) -> None:
+        start.wait(timeout=30)
+        together[i] = ask(kws[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kws))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == solo
+    after = health(server)["scheduler"]["batch_sizes"]
+    assert any(int(k) >= 2 and v > before.get(k, 0) for k, v in after.items()), (before, after)

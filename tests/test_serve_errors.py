@@ -35,6 +35,15 @@ def durl(data: bytes, mime="image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
+def _bomb() -> bytes:
+    buf = io.BytesIO()  # 10000 x 8000 one-bit pixels: a few kB on the wire, 240 MB as RGB
+    Image.new("1", (10000, 8000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BOMB = _bomb()
+
+
 def img_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
@@ -145,6 +154,7 @@ BAD_CASES = {
     "oversize_media": (dict(body=chat(img_part(durl(png() + b"\0" * (MAX_MEDIA + 100))))), 413, "media_too_large"),
     "oversize_body": (dict(content=b'{"model": "tiny-owl", "pad": "' + b"x" * (MAX_BODY + 1) + b'"}'), 413,
                       "payload_too_large"),
+    "pixel_bomb": (dict(body=chat(img_part(durl(BOMB)))), 413, "image_too_large"),
     "unsupported_part": (dict(body=chat({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})), 415,
                          "unsupported_content_type"),
     "image_in_assistant": (dict(body={"model": MODEL, "messages": [

@@ -8,6 +8,7 @@ Design note: three URL kinds are accepted.
   * `http(s)://`: fetched with a connect/read timeout and a wall-clock limit on the whole download, streamed
     with a byte cap so a huge file is never held (413); redirects are followed at most a few times.
     `--no-remote-media` turns this off (fetching arbitrary URLs from a server is an SSRF surface).
+Images larger than MAX_IMAGE_PIXELS are refused from their header, before decoding (413).
 Each item gets the SHA-256 of its bytes: the visual feature cache key. Decoding (PIL for images, PyAV for
 videos through a temporary file, since the sampler seeks in a file) is synchronous and runs in a worker
 thread of the request handler; its InputErrors become 400 answers naming the content part.
@@ -19,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -36,6 +38,7 @@ from .protocol import ApiError, MediaPart
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+MAX_IMAGE_PIXELS = 64 * 2**20  # decoded RGB would be ~200 MB; the model resizes to a few crops anyway
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,15 @@ async def resolve(part: MediaPart, limits: MediaLimits) -> MediaBlob:
                    param=part.param, code="invalid_url")
 
 
-def decode_image(blob: MediaBlob) -> Image.Image:
+def decode_image(blob: MediaBlob, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(blob.data)) as probe:  # header only: refuse a pixel bomb before decoding it
+            w, h = probe.size
+    except Exception:
+        w = h = 0  # not an image PIL can open: load_image below gives the precise error
+    if w * h > max_pixels:
+        raise ApiError(413, f"{blob.param}: the image is {w}x{h} pixels, more than the {max_pixels} pixel limit",
+                       param=blob.param, code="image_too_large")
     try:
         return load_image(blob.data, name=blob.param)
     except InputError as e:
