@@ -4,7 +4,6 @@ history sent back to the server, an error shown for a broken file, and a screens
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

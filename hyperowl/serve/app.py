@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -66,7 +66,6 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 32768
     retry_after_s: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StopText:
