@@ -345,3 +345,21 @@ def test_concurrent_mixed_requests_equal_their_solo_answers(server, client):
     assert together == solo
     after = health(server)["scheduler"]["batch_sizes"]
     assert any(int(k) >= 2 and v > before.get(k, 0) for k, v in after.items()), (before, after)
+
+
+def test_engine_drops_a_cancelled_row_and_keeps_the_others(model):
+    import torch
+
+    from hyperowl.engine import Engine, Request, SamplingParams
+
+    params = SamplingParams(max_new_tokens=20, min_new_tokens=20)
+    cancel = threading.Event()
+    reqs = [Request(torch.tensor([5, 6, 7, 8]), params=params, cancel=cancel), Request(torch.tensor([9, 10]), params=params)]
+    alone = Engine(model).generate([Request(torch.tensor([9, 10]), params=params)])[0]
+    got: list[list[int]] = [[], []]
+    for step, events in enumerate(Engine(model).stream(reqs)):
+        for r, t in events:
+            got[r].append(t)
+        if step == 2:
+            cancel.set()  # from "another thread": the row leaves at the next step
+    assert len(got[0]) == 3 and got[1] == alone
