@@ -132,7 +132,7 @@ def safetensors_files(d: Path) -> list[Path]:
         pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if pickles:
             raise CheckpointError(f"{d} has only pickle weights ({', '.join(pickles[:3])}); hyperowl never loads pickle. "
-                                  "Convert them to safetensors with a tool you trust, then retry")
+                                  "Convert them once with `hyperowl convert SRC OUT --trust-pickle` (only if you trust them), then retry")
         raise CheckpointError(f"{d}: no *.safetensors weights found")
     missing = [str(f) for f in files if not f.exists()]
     if missing:
@@ -282,3 +282,131 @@ def save_owl3(model: nn.Module, out_dir: str | os.PathLike, params: dict[str, to
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
     save_file(official_state_dict(params if params is not None else model), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+# ==========================================================================================================
+# mPLUG-Owl2 (model_type `mplug_owl2`): same mechanism (key map as data, strict map_keys, streaming loader).
+# ==========================================================================================================
+OWL2_KEYS: KeyMap = [
+    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
+    (r"model\.norm\.weight", r"decoder.norm.weight"),
+    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),  # multiway.{0,1} names are kept as they are
+    (r"lm_head\.weight", r"lm_head.weight"),
+    (r"model\.vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
+    (r"model\.vision_model\.post_layernorm\.(weight|bias)", r"vision.post_layernorm.\1"),
+    (r"model\.visual_abstractor\.encoder\.layers\.(\d+)\.(.+)", r"abstractor.layers.\1.\2"),
+    (r"model\.visual_abstractor\.(query_embeds|vit_eos)", r"abstractor.\1"),
+    (r"model\.visual_abstractor\.visual_fc\.(weight|bias)", r"abstractor.visual_fc.\1"),
+]
+# Deterministic buffers some checkpoints carry: we recompute them (released checkpoints lack the sin-cos ones).
+OWL2_IGNORED = [
+    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    r"model\.visual_abstractor\.encoder\.layers\.\d+\.crossattention\.attention\.(q|k)_pos_embed",
+]
+_OWL2_INVERSE: KeyMap = [
+    (r"decoder\.embed_tokens\.weight", r"model.embed_tokens.weight"),
+    (r"decoder\.norm\.weight", r"model.norm.weight"),
+    (r"decoder\.layers\.(\d+)\.(.+)", r"model.layers.\1.\2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+    (r"vision\.embeddings\.(.+)", r"model.vision_model.embeddings.\1"),
+    (r"vision\.layers\.(\d+)\.(.+)", r"model.vision_model.encoder.layers.\1.\2"),
+    (r"vision\.post_layernorm\.(.+)", r"model.vision_model.post_layernorm.\1"),
+    (r"abstractor\.layers\.(\d+)\.(.+)", r"model.visual_abstractor.encoder.layers.\1.\2"),
+    (r"abstractor\.(.+)", r"model.visual_abstractor.\1"),
+]
+
+
+def load_owl2(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+              device: torch.device | str = "cpu", revision: str | None = None):
+    from .config import Owl2Config
+    from .models.abstractor import AbstractorAttention
+    from .models.owl2 import Owl2Model
+
+    d = resolve(path_or_id, revision)
+    raw = read_config(d)
+    if raw.get("model_type") != "mplug_owl2":
+        raise CheckpointError(f"{d / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'mplug_owl2'")
+    key_to_file = shard_keys(safetensors_files(d))
+    try:
+        cfg = Owl2Config.from_hf_dict(raw)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: not a valid mPLUG-Owl2 config ({type(e).__name__}: {e})") from None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device, raw.get("torch_dtype"))
+    ignored = OWL2_IGNORED + ([r"lm_head\.weight"] if cfg.tie_word_embeddings else [])
+    mapping = map_keys(key_to_file, OWL2_KEYS, ignored)
+    with torch.device("meta"):
+        model = Owl2Model(cfg)
+    load_weights(model, key_to_file, mapping, dtype, device)
+    for m in model.modules():  # non-persistent sin-cos tables: computed, never read from the checkpoint
+        if isinstance(m, AbstractorAttention):
+            m.init_tables(device)
+    model.checkpoint_dir = d
+    log.info("loaded %s (mPLUG-Owl2, %s, %s)", d, dtype, device)
+    return model.eval()
+
+
+def save_owl2(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """config.json + model.safetensors in the official mPLUG-Owl2 layout (loadable by load_owl2)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    names = dict(model.named_parameters())
+    mapping = map_keys(names, _OWL2_INVERSE)
+    save_file({mapping[n]: p.detach().contiguous() for n, p in names.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def load_any(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+             device: torch.device | str = "cpu", revision: str | None = None):
+    """Dispatch on config.json's model_type: mplugowl3 -> load_owl3, mplug_owl2 -> load_owl2."""
+    d = resolve(path_or_id, revision)
+    model_type = read_config(d).get("model_type")
+    loaders = {"mplugowl3": load_owl3, "mplug_owl2": load_owl2}
+    if model_type not in loaders:
+        raise CheckpointError(f"{d / 'config.json'}: model_type {model_type!r} is not supported "
+                              f"(expected one of {', '.join(loaders)})")
+    return loaders[model_type](d, dtype=dtype, device=device)
+
+
+# -- one-shot conversion of pickle checkpoints (explicitly trusted by the user) --------------------------------
+def convert_pickle_checkpoint(src: str | os.PathLike, out: str | os.PathLike, trust_pickle: bool = False) -> Path:
+    """Rewrite a checkpoint whose weights are pickle files (`*.bin`, `*.pt`) as safetensors, copying the other
+    small files (config, tokenizer). Unpickling can run code, so this refuses unless `trust_pickle` is True;
+    even then torch.load runs with weights_only=True."""
+    import shutil
+
+    if not trust_pickle:
+        raise CheckpointError("converting pickle weights can execute code hidden in them; re-run with --trust-pickle "
+                              "only if you trust the source of this checkpoint")
+    s, o = Path(src).expanduser(), Path(out).expanduser()
+    if not s.is_dir():
+        raise CheckpointError(f"'{src}': no such checkpoint directory")
+    pickles = sorted(p for p in s.iterdir() if p.suffix in (".bin", ".pt", ".pth") and p.is_file())
+    if not pickles:
+        raise CheckpointError(f"{s}: no pickle weight files (*.bin, *.pt, *.pth) to convert")
+    if o.resolve() == s.resolve():
+        raise CheckpointError("--out must be a different directory from the source")
+    o.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for i, p in enumerate(pickles):
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{p}: cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from None
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{p}: not a state dict of tensors")
+        name = "model.safetensors" if len(pickles) == 1 else f"model-{i + 1:05d}-of-{len(pickles):05d}.safetensors"
+        save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(o / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+        log.info("converted %s -> %s (%d tensors)", p.name, name, len(sd))
+    if len(pickles) > 1:
+        (o / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for f in s.iterdir():  # config, tokenizer, processor files; never the pickles or their index
+        if f.is_file() and f.suffix not in (".bin", ".pt", ".pth", ".safetensors") and not f.name.endswith(".bin.index.json"):
+            shutil.copy(f, o / f.name)
+    return o

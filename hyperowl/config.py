@@ -180,3 +180,182 @@ PRESETS["owl3-synthetic"] = Owl3Config(
     vision=SiglipConfig(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=64, patch_size=8),
     vision_batch_size=64, bos_token_id=0, eos_token_id=2, cut_enable=False,
 )
+
+
+# ==========================================================================================================
+# mPLUG-Owl2 (model_type `mplug_owl2`): LLaMA + modality-adaptive module, CLIP-style ViT, visual abstractor.
+# Separate from Owl3Config on purpose: the two models share building blocks, not configuration.
+# ==========================================================================================================
+@dataclass(frozen=True)
+class ClipVitConfig:
+    """Owl2's CLIP-like ViT (`visual_config.visual_model`); defaults = the released ViT-L/14 at 448."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 448
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "quick_gelu"
+    use_cls_token: bool = True
+    use_post_layernorm: bool = True
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size ** 2 + int(self.use_cls_token)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ClipVitConfig":
+        b = cls()
+        return cls(
+            hidden_size=d.get("hidden_size", b.hidden_size), intermediate_size=d.get("intermediate_size", b.intermediate_size),
+            num_layers=d.get("num_hidden_layers", b.num_layers), num_heads=d.get("num_attention_heads", b.num_heads),
+            image_size=d.get("image_size", b.image_size), patch_size=d.get("patch_size", b.patch_size),
+            layer_norm_eps=float(d.get("layer_norm_eps", b.layer_norm_eps)), hidden_act=d.get("hidden_act", b.hidden_act),
+            use_cls_token=bool(d.get("use_cls_token", b.use_cls_token)),
+            use_post_layernorm=bool(d.get("use_post_layernorm", b.use_post_layernorm)),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size, "projection_dim": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads, "num_channels": 3,
+            "image_size": self.image_size, "patch_size": self.patch_size, "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps, "attention_dropout": 0.0, "use_flash_attn": False,
+            "use_post_layernorm": self.use_post_layernorm, "use_cls_token": self.use_cls_token,
+        }
+
+
+@dataclass(frozen=True)
+class AbstractorConfig:
+    """Owl2's visual abstractor (`visual_config.visual_abstractor`); defaults = the released one."""
+
+    hidden_size: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    intermediate_size: int = 2816
+    num_queries: int = 64
+    grid_size: int = 32
+    encoder_hidden_size: int = 1024
+    layer_norm_eps: float = 1e-6
+    use_cls_token: bool = True
+    add_v2t_pos_emb: bool = False
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "AbstractorConfig":
+        b = cls()
+        return cls(
+            hidden_size=d.get("hidden_size", b.hidden_size), num_layers=d.get("num_hidden_layers", b.num_layers),
+            num_heads=d.get("num_attention_heads", b.num_heads), intermediate_size=d.get("intermediate_size", b.intermediate_size),
+            num_queries=d.get("num_learnable_queries", b.num_queries), grid_size=d.get("grid_size", b.grid_size),
+            encoder_hidden_size=d.get("encoder_hidden_size", b.encoder_hidden_size),
+            layer_norm_eps=float(d.get("layer_norm_eps", b.layer_norm_eps)),
+            use_cls_token=bool(d.get("use_cls_token", b.use_cls_token)), add_v2t_pos_emb=bool(d.get("add_v2t_pos_emb", False)),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "add_v2t_pos_emb": self.add_v2t_pos_emb, "use_cls_token": self.use_cls_token,
+            "num_learnable_queries": self.num_queries, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size, "attention_probs_dropout_prob": 0.0,
+            "layer_norm_eps": self.layer_norm_eps, "encoder_hidden_size": self.encoder_hidden_size, "grid_size": self.grid_size,
+        }
+
+
+@dataclass(frozen=True)
+class Owl2Config:
+    """mPLUG-Owl2 = LLaMA fields + `visual_config` {visual_model, visual_abstractor}. Defaults: llama2-7b."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # the official multiway K/V cannot do GQA; we can
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    vision: ClipVitConfig = field(default_factory=ClipVitConfig)
+    abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
+    vision_batch_size: int = 16  # images per ViT chunk
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    image_aspect_ratio: str = "resize"  # preprocessing path: resize (README) | pad | crop (plain CLIP)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        if self.abstractor.encoder_hidden_size != self.vision.hidden_size:
+            raise ValueError("visual_abstractor.encoder_hidden_size must equal visual_model.hidden_size")
+        if self.image_aspect_ratio not in ("resize", "pad", "crop"):
+            raise ValueError(f"image_aspect_ratio must be resize, pad or crop, got {self.image_aspect_ratio!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Rows each image becomes in the LLM sequence: the queries + the end-of-image row."""
+        return self.abstractor.num_queries + 1
+
+    def replace(self, **kw: Any) -> "Owl2Config":
+        return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "Owl2Config":
+        if d.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {d['rope_scaling']!r} is not supported for mPLUG-Owl2")
+        b = cls()
+        vc = d.get("visual_config") or {}
+        eos = d.get("eos_token_id", b.eos_token_id)
+        aspect = d.get("image_aspect_ratio") or b.image_aspect_ratio
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            rope_theta=float(d.get("rope_theta") or b.rope_theta), rms_norm_eps=float(d.get("rms_norm_eps", b.rms_norm_eps)),
+            max_position_embeddings=d.get("max_position_embeddings", b.max_position_embeddings),
+            attention_bias=bool(d.get("attention_bias", False)), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            vision=ClipVitConfig.from_hf_dict(vc.get("visual_model") or {}),
+            abstractor=AbstractorConfig.from_hf_dict(vc.get("visual_abstractor") or {}),
+            vision_batch_size=d.get("vision_batch_size", b.vision_batch_size),
+            bos_token_id=d.get("bos_token_id", b.bos_token_id), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id", b.pad_token_id) or 0,
+            image_aspect_ratio="crop" if aspect == "square" else aspect,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "architectures": ["MPLUGOwl2LlamaForCausalLM"], "model_type": "mplug_owl2", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "rope_theta": self.rope_theta, "rope_scaling": None,
+            "rms_norm_eps": self.rms_norm_eps, "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias, "tie_word_embeddings": self.tie_word_embeddings, "pretraining_tp": 1,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "visual_config": {"visual_model": self.vision.to_hf_dict(), "visual_abstractor": self.abstractor.to_hf_dict()},
+            "vision_batch_size": self.vision_batch_size, "image_aspect_ratio": self.image_aspect_ratio,
+        }
+
+
+OWL2_PRESETS: dict[str, Owl2Config] = {
+    "owl2-llama2-7b": Owl2Config(),
+    # the shape of shared/fixtures/owl2-tiny (MHA, like the official code needs)
+    "owl2-tiny": Owl2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
+        max_position_embeddings=256,
+        vision=ClipVitConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=28, patch_size=14),
+        abstractor=AbstractorConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, num_queries=4,
+                                    grid_size=2, encoder_hidden_size=32),
+    ),
+}
