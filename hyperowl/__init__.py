@@ -27,7 +27,8 @@ def default_model_dir():
 
 
 def load(model: str | os.PathLike | None = None, dtype=None, device=None, revision: str | None = None):
-    """Load an mPLUG-Owl3 checkpoint (local directory or hub id) as an `Owl3Model`.
+    """Load an mPLUG-Owl3 (`Owl3Model`) or mPLUG-Owl2 (`Owl2Model`) checkpoint (local directory or hub id);
+    config.json's model_type (mplugowl3 / mplug_owl2) decides.
 
     model: None = the embedded default model (a small Owl3 trained by this project, shipped in models/).
     dtype: None = float32 on CPU, the checkpoint's dtype on GPU. device: None = cuda if available.
@@ -35,7 +36,7 @@ def load(model: str | os.PathLike | None = None, dtype=None, device=None, revisi
     """
     import torch
 
-    from .checkpoint import load_owl3
+    from .checkpoint import load_any
     from .processing.processor import Owl3Processor
 
     if device is None:
@@ -44,8 +45,14 @@ def load(model: str | os.PathLike | None = None, dtype=None, device=None, revisi
         model = default_model_dir()
         if not (model / "config.json").exists():
             raise CheckpointError(f"the embedded default model is not at {model}; pass a model directory or hub id")
-    m = load_owl3(model, dtype=dtype, device=device, revision=revision)
-    if (m.checkpoint_dir / "tokenizer.json").exists():
+    m = load_any(model, dtype=dtype, device=device, revision=revision)  # dispatches on config.json model_type
+    if (m.checkpoint_dir / "tokenizer.json").exists() and m.config.__class__.__name__ == "Owl2Config":
+        from .processing.owl2 import Owl2Processor  # mPLUG-Owl2: USER/ASSISTANT prompt, CLIP pixels
+
+        m.processor = Owl2Processor.from_dir(m.checkpoint_dir, image_size=m.config.vision.image_size,
+                                             image_aspect_ratio=m.config.image_aspect_ratio,
+                                             eos_token_id=m.config.eos_token_id)
+    elif (m.checkpoint_dir / "tokenizer.json").exists():
         m.processor = Owl3Processor.from_dir(m.checkpoint_dir, variant=m.config.variant, image_size=m.config.vision.image_size,
                                                 cut=m.config.cut_enable)
     return m

@@ -41,9 +41,15 @@ class TextStream:
         return new
 
 
-def make_params(tokenizer: Tokenizer, **options: Any) -> SamplingParams:
+def processor_stops(processor) -> tuple[int, ...]:
+    """A processor may define its own stop ids (Owl2: `</s>`); else the ChatML stops of its tokenizer."""
+    own = getattr(processor, "stop_token_ids", None)
+    return tuple(own) if own else stop_ids(processor.tokenizer)
+
+
+def make_params(tokenizer: Tokenizer, stops: tuple[int, ...] | None = None, **options: Any) -> SamplingParams:
     try:
-        return SamplingParams(stop_token_ids=stop_ids(tokenizer), **options)
+        return SamplingParams(stop_token_ids=stop_ids(tokenizer) if stops is None else stops, **options)
     except (TypeError, ValueError) as e:
         raise InputError(f"sampling options: {e}") from None
 
@@ -72,7 +78,7 @@ def chat(
         raise InputError("this model has no tokenizer (no tokenizer.json in its checkpoint directory); "
                          "use a checkpoint that ships one, or attach an Owl3Processor as model.processor")
     inputs = processor(messages, images=images, videos=videos, max_frames=max_frames, fps=fps, cut=cut, system=system)
-    params = make_params(processor.tokenizer, **sampling)
+    params = make_params(processor.tokenizer, processor_stops(processor), **sampling)
     engine = Engine(model)
     events = engine.stream(requests_for(model, [inputs], params))
     text = TextStream(processor.tokenizer, params.stop_token_ids)
@@ -90,7 +96,7 @@ def chat(
 def chat_batch(model, processor: Owl3Processor, conversations: Sequence[dict], **sampling: Any) -> list[str]:
     """Several independent conversations in one padded batch. Each item: {"messages", "images"?, "videos"?}."""
     inputs = [processor(c["messages"], images=c.get("images"), videos=c.get("videos")) for c in conversations]
-    params = make_params(processor.tokenizer, **sampling)
+    params = make_params(processor.tokenizer, processor_stops(processor), **sampling)
     outs = Engine(model).generate(requests_for(model, inputs, params))
     stops = set(params.stop_token_ids)
     return [processor.tokenizer.decode([t for t in o if t not in stops], skip_special_tokens=True) for o in outs]

@@ -140,6 +140,21 @@ def cmd_info(args: argparse.Namespace) -> int:
             "vision": f"SigLIP {cfg.vision.hidden_size}x{cfg.vision.num_layers} layers, {cfg.vision.image_size}px, "
                       f"{cfg.vision.tokens_per_image} tokens/image",
         })
+    elif raw.get("model_type") == "mplug_owl2":
+        from .config import Owl2Config
+
+        try:
+            c2 = Owl2Config.from_hf_dict(raw)
+        except (KeyError, ValueError) as e:
+            raise InputError(f"{d / 'config.json'}: not a valid mPLUG-Owl2 config ({type(e).__name__}: {e})") from None
+        info.update({
+            "model": "mPLUG-Owl2 (LLaMA + modality-adaptive module)", "hidden_size": c2.hidden_size, "layers": c2.num_layers,
+            "heads": f"{c2.num_heads} (kv {c2.num_kv_heads})", "vocab_size": c2.vocab_size,
+            "vision": f"CLIP ViT {c2.vision.hidden_size}x{c2.vision.num_layers} layers, {c2.vision.image_size}px, "
+                      f"{c2.vision.tokens_per_image} tokens",
+            "abstractor": f"{c2.abstractor.num_layers} layers, {c2.abstractor.num_queries} queries -> "
+                          f"{c2.tokens_per_image} LLM rows/image",
+        })
     info.update({"parameters": n_params, "parameters_human": f"{n_params / 1e9:.3f}B" if n_params > 1e8 else f"{n_params / 1e6:.2f}M",
                  "stored_dtype": ", ".join(sorted(dtypes)), "shards": len(files),
                  "tokenizer": (d / "tokenizer.json").exists()})
@@ -149,6 +164,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         width = max(map(len, info))
         for k, v in info.items():
             print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`hyperowl convert SRC OUT --trust-pickle`: pickle weights -> safetensors, once, only when trusted."""
+    from .checkpoint import convert_pickle_checkpoint
+
+    if not args.trust_pickle:
+        raise InputError(f"'{args.src}': pickle files can run arbitrary code when loaded; hyperowl converts them only "
+                         "with --trust-pickle (use it only for checkpoints from a source you trust)")
+    print(convert_pickle_checkpoint(args.src, args.out, trust_pickle=True))
     return 0
 
 
@@ -340,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     dt.add_argument("rest", nargs=argparse.REMAINDER)
     dt.set_defaults(func=cmd_data)
+
+    cv = sub.add_parser("convert", help="one-shot: rewrite a pickle-only checkpoint (*.bin) as safetensors (needs --trust-pickle)")
+    cv.add_argument("src", help="checkpoint directory with pytorch_model*.bin")
+    cv.add_argument("out", help="output directory (config and tokenizer files are copied)")
+    cv.add_argument("--trust-pickle", action="store_true", help="I trust these pickle files (unpickling can run code)")
+    cv.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
     i.add_argument("path", help="checkpoint directory or hub id")
