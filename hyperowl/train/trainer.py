@@ -81,6 +81,17 @@ def init_weights(model: Owl3Model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
+def on_rank0(fn) -> None:
+    """Run fn on rank 0 while the other processes wait: a file that every rank then reads (the tokenizer)
+    must be written once and completely, not by several processes at the same time."""
+    if dist.is_initialized():
+        if dist.get_rank() == 0:
+            fn()
+        dist.barrier()
+    else:
+        fn()
+
+
 def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processor, Path | None]:
     """Model + processor from recipe.init; returns the tokenizer.json to ship with checkpoints."""
     init = recipe.init
@@ -95,17 +106,22 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processo
         if not (init.text_llm and init.vision and init.hyper_layers):
             raise InputError("recipe: an upgrade needs init.text_llm, init.vision and init.hyper_layers")
         model = upgrade(init.text_llm, init.vision, init.hyper_layers, seed=recipe.seed).to(device)
-        tok_file = with_media_tokens(model.source_dirs[0], Path(recipe.output) / "tokenizer.json")
+        tok_file = Path(recipe.output) / "tokenizer.json"
+        on_rank0(lambda: with_media_tokens(model.source_dirs[0], tok_file))
     elif init.preset:
         if init.preset not in PRESETS:
             raise InputError(f"recipe: unknown preset {init.preset!r}; known: {', '.join(PRESETS)}")
         Path(recipe.output).mkdir(parents=True, exist_ok=True)
         tok_file = Path(recipe.output) / "tokenizer.json"
         if init.tokenizer == "train":
-            if not tok_file.exists():  # a resumed run keeps the tokenizer it started with
-                train_tokenizer(Path(recipe.data.train), init.vocab_size or PRESETS[init.preset].vocab_size).save(str(tok_file))
+            def make_tokenizer() -> None:
+                if not tok_file.exists():  # a resumed run keeps the tokenizer it started with
+                    vocab = init.vocab_size or PRESETS[init.preset].vocab_size
+                    train_tokenizer(Path(recipe.data.train), vocab).save(str(tok_file))
+
+            on_rank0(make_tokenizer)  # every rank calls it: the barrier inside must be reached by all
         elif init.tokenizer:
-            shutil.copy(init.tokenizer, tok_file)
+            on_rank0(lambda: shutil.copy(init.tokenizer, tok_file))
         else:
             raise InputError("recipe: init.preset needs init.tokenizer (a tokenizer.json path, or 'train')")
         from tokenizers import Tokenizer
