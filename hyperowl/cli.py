@@ -255,17 +255,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from .eval import harness
+
+    # Read and check the data (or generate a synthetic set) before loading the model: bad input fails fast.
+    plan = harness.prepare(args.task, args.data, args.out, limit=args.limit, frames=args.frames,
+                           distractors=args.distractors, pool=args.pool, seed=args.seed, cache_dir=args.cache_dir,
+                           circular=not args.no_circular)
     import hyperowl
 
-    from .eval.runner import evaluate
+    device = args.device
+    if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
 
-    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+        if torch.cuda.is_available():  # torchrun: one GPU per rank
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = hyperowl.load(args.model, dtype=args.dtype, device=device)
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
-    s = evaluate(model, args.data, args.out, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    width = max(len(k) for k in s["groups"]) if s["groups"] else 5
-    print(f"{'group':<{width}}  {'n':>5}  accuracy")
-    for k, v in s["groups"].items():
+    s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                    seed=args.seed, variants=args.variants)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "results" in s:  # the distractor sweep
+        from .eval.distractor import format_table
+
+        print(format_table(s))
+        print(f"written: {Path(args.out) / 'distractor.json'}" + (f", {s['plot']}" if s.get("plot") else ""))
+        return 0
+    rows = s["groups"] if args.task == "exact" else s["categories"]
+    name = "group" if args.task == "exact" else "category"
+    width = max([len(k) for k in rows] + [len(name)])
+    print(f"{name:<{width}}  {'n':>5}  accuracy")
+    for k, v in rows.items():
         print(f"{k:<{width}}  {v['n']:>5}  {v['accuracy']:.3f}")
     print(f"{'all':<{width}}  {s['n']:>5}  {s['accuracy']:.3f}")
     return 0
@@ -351,13 +374,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
     s.set_defaults(func=cmd_serve)
 
-    e = sub.add_parser("eval", help="exact-match evaluation on a conversation JSONL (writes predictions + summary)")
+    e = sub.add_parser("eval", help="evaluate on a benchmark file or a built-in synthetic set (predictions + summary)",
+                       description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV, "
+                       "circular), vqa (JSON/JSONL, soft accuracy), multi-image (NLVR2 yes/no or multiple choice), "
+                       "video-mc, distractor (multiple choice among N irrelevant images, needs --pool), and "
+                       "synthetic-single|multi|video|distractor (generated offline, no --data). Resumes from --out; "
+                       "runs data-parallel under torchrun.")
     e.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")
-    e.add_argument("--data", required=True, help="JSONL in the training format, with reference answers")
+    e.add_argument("--task", default="exact", help="exact (default), mmbench, vqa, multi-image, video-mc, distractor, "
+                   "synthetic-single, synthetic-multi, synthetic-video, synthetic-distractor")
+    e.add_argument("--data", default=None, help="the benchmark file (not for synthetic-* tasks)")
     e.add_argument("--out", default="results/eval", help="output directory (resumes if it has predictions)")
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--limit", type=int, default=None, help="first N samples (synthetic-*: set size, default 100)")
+    e.add_argument("--batch-size", type=int, default=8, help="conversations per padded batch")
     e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--frames", type=int, default=16, help="video-mc: frames sampled per video (default 16)")
+    e.add_argument("--no-circular", action="store_true", help="mmbench: ask each question once (no option rotations)")
+    e.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")
+    e.add_argument("--pool", default=None, help="distractor: folder of images, or JSONL of {\"image\": path}")
+    e.add_argument("--variants", type=int, default=4, help="distractor: versions per question, all must be right")
+    e.add_argument("--seed", type=int, default=0, help="distractor sampling and synthetic sets")
+    e.add_argument("--cache-dir", default=None, help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default=None)
     e.set_defaults(func=cmd_eval)

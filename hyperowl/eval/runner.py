@@ -1,20 +1,34 @@
-"""Exact-match evaluation of conversation JSONL files (the training format with a reference answer).
+"""The evaluation loop shared by every task, and exact-match evaluation of conversation JSONL files.
 
-Design note: each record's last assistant message (or its "answer" field) is the reference; the model
-answers the conversation before it, greedily, in padded batches. Predictions are appended to
-`out/predictions.jsonl` as they come, so an interrupted run resumes where it stopped (records whose id is
-already there are skipped). `out/summary.json` holds accuracy per task group ("single/colour" -> "single")
-and per task.
+Design note: a task turns its data into `Sample`s. A sample has an id, a category, a reference answer (only
+written to the predictions), a `build()` that returns the conversations to ask (one for a plain question,
+k for a circularly evaluated multiple-choice question; media are loaded only then, so a large benchmark is
+never held in memory) and a `score(outputs)` that turns the model's answers into `{"score", "correct",
+...}`. `run_samples` asks the questions greedily in padded batches of about `batch_size` conversations and
+appends one row per sample to `out/predictions.jsonl` as they come, so an interrupted run resumes where it
+stopped (samples whose id is already there are skipped; a row on disk is trusted). `out/summary.json`
+holds the mean score overall, per category and per group (the category up to its first "/").
+
+Data parallel: under torchrun (WORLD_SIZE > 1) rank r evaluates samples r::world into
+`predictions.rank<r>.jsonl`; after a barrier (gloo, so it works on CPU) rank 0 merges them into
+`predictions.jsonl` (in sample order) and writes the summary; every rank returns the same summary.
+
+Exact match (the `exact` task): each record's last assistant message (or its "answer" field) is the
+reference, compared after `normalize`.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
 import re
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -26,6 +40,154 @@ log = logging.getLogger(__name__)
 
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".")
+
+
+@dataclass
+class Sample:
+    """One scored unit of a benchmark (see the module note)."""
+
+    id: str
+    category: str
+    answer: Any
+    build: Callable[[], list[dict]]
+    score: Callable[[list[str]], dict]
+    extra: dict = field(default_factory=dict)  # copied into the predictions row
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            rows[str(r["id"])] = r
+        except (ValueError, KeyError, TypeError):
+            # A line cut by a kill is the last one: drop it (the sample is recomputed), anything else is not ours.
+            if n == len(lines):
+                log.warning("%s:%d: incomplete last line dropped (interrupted run); it is recomputed", path, n)
+                path.write_text("".join(l + "\n" for l in lines[:-1]), encoding="utf-8")
+                continue
+            raise InputError(f"{path}:{n}: not a predictions row; remove the file or choose another --out") from None
+    return rows
+
+
+def _row_score(row: dict) -> float:
+    return float(row["score"]) if "score" in row else float(bool(row["correct"]))
+
+
+def _category(row: dict) -> str:
+    return str(row.get("category", row.get("task", "default")))
+
+
+def summarize(rows: Sequence[dict], **meta: Any) -> dict[str, Any]:
+    by_cat, by_group = defaultdict(list), defaultdict(list)
+    for r in rows:
+        by_cat[_category(r)].append(_row_score(r))
+        by_group[_category(r).split("/")[0]].append(_row_score(r))
+    acc = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    return {**meta, "n": len(rows), "accuracy": acc([_row_score(r) for r in rows]),
+            "groups": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_group.items())},
+            "categories": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_cat.items())}}
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises a gloo process group under torchrun if none exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))  # ranks may wait long for each other
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _chunks(samples: Sequence[Sample], batch_size: int):
+    """Consecutive samples whose conversations fill about `batch_size` slots (at least one sample)."""
+    chunk: list[tuple[Sample, list[dict]]] = []
+    size = 0
+    for s in samples:
+        convs = s.build()
+        chunk.append((s, convs))
+        size += len(convs)
+        if size >= batch_size:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_size: int = 8,
+                max_new_tokens: int = 16, desc: str = "eval", meta: dict | None = None) -> dict[str, Any]:
+    """Evaluate `samples` (resuming from `out_dir`), write predictions + summary, return the summary.
+    The summary also holds `seconds` (time spent computing in this call) and `computed` (samples computed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
+    rank, world = dist_info()
+    main_file = out / "predictions.jsonl"
+    own_file = main_file if world == 1 else out / f"predictions.rank{rank}.jsonl"
+    done = read_predictions(main_file)
+    if own_file != main_file:
+        done.update(read_predictions(own_file))
+    mine = list(samples[rank::world])
+    todo = [s for s in mine if s.id not in done]
+    t0 = time.perf_counter()
+    with own_file.open("a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc,
+                                                        disable=rank != 0) as bar:
+        for chunk in _chunks(todo, batch_size):
+            convs = [c for _, cs in chunk for c in cs]
+            outs: list[str] = []
+            for i in range(0, len(convs), batch_size):
+                outs += chat_batch(model, getattr(model, "processor", None), convs[i : i + batch_size], max_new_tokens=max_new_tokens)
+            k = 0
+            for s, cs in chunk:
+                preds = outs[k : k + len(cs)]
+                k += len(cs)
+                row = {"id": s.id, "category": s.category, **s.extra,
+                       "prediction": preds[0] if len(preds) == 1 else preds, "answer": s.answer, **s.score(preds)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[s.id] = row
+            f.flush()
+            bar.update(len(chunk))
+    seconds = time.perf_counter() - t0
+    meta = dict(meta or {})
+    if world > 1:
+        _barrier()
+        if rank == 0:
+            for r in range(world):
+                done.update(read_predictions(out / f"predictions.rank{r}.jsonl"))
+            rows = [done[i] for i in ids]
+            tmp = main_file.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(main_file)
+            for r in range(world):
+                (out / f"predictions.rank{r}.jsonl").unlink(missing_ok=True)
+            summary = summarize(rows, **meta, world_size=world)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _barrier()
+        summary = json.loads((out / "summary.json").read_text())
+    else:
+        summary = summarize([done[i] for i in ids], **meta)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["seconds"], summary["computed"] = seconds, len(todo)
+    return summary
+
+
+# -- exact match on conversation JSONL --------------------------------------------------------------------
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -53,38 +215,27 @@ def load_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def exact_samples(records: Sequence[dict[str, Any]]) -> list[Sample]:
+    def sample(rec: dict[str, Any]) -> Sample:
+        conv = {"messages": rec["messages"], "images": rec["images"], "videos": rec["videos"]}
+        return Sample(rec["id"], rec["task"], rec["answer"], build=lambda: [conv],
+                      score=lambda preds: {"correct": normalize(preds[0]) == normalize(rec["answer"])},
+                      extra={"task": rec["task"]})
+
+    return [sample(r) for r in records]
+
+
 def evaluate(model, data: str | Path, out_dir: str | Path, limit: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 16) -> dict[str, Any]:
-    data, out = Path(data), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Exact match over a conversation JSONL. The summary's `tasks` is the per-task accuracy (= categories)."""
+    data = Path(data)
     records = load_records(data)[:limit]
-    pred_file = out / "predictions.jsonl"
-    done = {}
-    if pred_file.exists():
-        for line in pred_file.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["id"]] = r
-    todo = [r for r in records if r["id"] not in done]
-    with pred_file.open("a") as f, tqdm(total=len(records), initial=len(records) - len(todo), desc="eval") as bar:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            preds = chat_batch(model, model.processor, chunk, max_new_tokens=max_new_tokens)
-            for rec, pred in zip(chunk, preds):
-                row = {"id": rec["id"], "task": rec["task"], "prediction": pred, "answer": rec["answer"],
-                       "correct": normalize(pred) == normalize(rec["answer"])}
-                f.write(json.dumps(row) + "\n")
-                done[rec["id"]] = row
-            f.flush()
-            bar.update(len(chunk))
-    rows = [done[r["id"]] for r in records]
-    by_task, by_group = defaultdict(list), defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r["correct"])
-        by_group[r["task"].split("/")[0]].append(r["correct"])
-    acc = lambda xs: sum(xs) / len(xs)
-    summary = {"data": str(data), "n": len(rows), "accuracy": acc([r["correct"] for r in rows]),
-               "groups": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_group.items())},
-               "tasks": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_task.items())}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    s = run_samples(model, exact_samples(records), out_dir, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    meta={"task": "exact", "data": str(data)})
+    s["tasks"] = s["categories"]
+    summary_file = Path(out_dir) / "summary.json"
+    if dist_info()[0] == 0:
+        on_disk = json.loads(summary_file.read_text())
+        on_disk["tasks"] = on_disk["categories"]
+        summary_file.write_text(json.dumps(on_disk, indent=2))
+    return s

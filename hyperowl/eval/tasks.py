@@ -1,0 +1,527 @@
+"""Benchmark formats read from local files, and their scorers.
+
+Design note: each format's loader validates the whole file first (columns, fields, media files, base64) and
+raises `InputError` naming the file, the record and what to do, so a run never dies after hours on a bad
+row. It returns `Sample`s (see `runner.py`) whose media are only decoded when their batch is built.
+
+Formats (media paths are relative to the data file's folder):
+
+* ``mmbench``: MMBench TSV (index, question, hint?, A, B, C?, D?, ..., answer, image (base64), category?).
+  An image cell that is a bare number refers to the row with that index (as the official TSVs do).
+  Circular evaluation: a question with k options is asked k times, options rotated; it is right only if
+  all k answers are.
+* ``vqa``: JSON / JSONL records {question, image, answers: [10 strings or {"answer": ...}]}; VQA answer
+  normalization and soft accuracy (`vqa_soft_accuracy`).
+* ``multi-image``: records {images: [...], sentence|question, label: true/false} (NLVR2, yes/no) or
+  {images, question, options, answer} (LLaVA-Interleave multiple choice). `<image>` placeholders in the
+  question are honoured when their count matches the images; else the images are labelled in front.
+* ``video-mc``: records {video | frames: [paths], question, options, answer (index, letter or option text),
+  frames?: int}; frames sampled with the repo's video reader (`--frames`, or the record's `frames`).
+
+Multiple-choice prompts: "<question>\\nA. ..\\nB. ..\\nAnswer with the option's letter from the given
+choices directly."; `parse_choice` reads the answer back (a leading letter, an option's text, or the first
+standalone option letter).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from PIL import Image
+
+from ..errors import InputError
+from .runner import Sample
+
+log = logging.getLogger(__name__)
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
+YES_NO_INSTRUCTION = "Answer yes or no."
+IMAGE_TOKEN = "<|image|>"
+VIDEO_TOKEN = "<|video|>"
+
+# -- scorers ----------------------------------------------------------------------------------------------
+
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# Apostrophe-less spellings -> the canonical form (the apostrophe itself is kept by the punctuation step).
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
+    "havent": "haven't", "hes": "he's", "hows": "how's", "im": "i'm", "isnt": "isn't", "itd": "it'd",
+    "itll": "it'll", "ive": "i've", "lets": "let's", "mightnt": "mightn't", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shes": "she's",
+    "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "theres": "there's",
+    "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't",
+    "werent": "weren't", "weve": "we've", "whats": "what's", "whens": "when's", "wheres": "where's",
+    "whos": "who's", "whyre": "why're", "wont": "won't", "wouldnt": "wouldn't", "wouldve": "would've",
+    "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD_NOT_DECIMAL = re.compile(r"(?<!\d)\.(?!\d)")
+
+
+def _strip_punctuation(t: str) -> str:
+    """As the VQA evaluation does: a mark next to a space (or any mark, when the text has a number with
+    a thousands comma) is deleted, otherwise replaced by a space; periods go unless inside a number."""
+    delete_all = _COMMA_IN_NUMBER.search(t) is not None
+    for p in _PUNCT:
+        if p not in t:
+            continue
+        t = t.replace(p, "") if delete_all or (p + " " in t or " " + p in t) else t.replace(p, " ")
+    return _PERIOD_NOT_DECIMAL.sub("", t)
+
+
+def vqa_normalize(text: str) -> str:
+    """VQA answer normalization: lowercase, punctuation, number words -> digits, no articles, contractions."""
+    t = _strip_punctuation(str(text).replace("\n", " ").replace("\t", " ").strip().lower())
+    words = []
+    for w in t.split():
+        w = _NUMBER_WORDS.get(w, w)
+        if w not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """For each annotator i: min(1, #other annotators who gave the prediction / 3); the mean over i.
+    With 10 answers: 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1. A single reference answer: exact match."""
+    pred = vqa_normalize(prediction)
+    gts = [vqa_normalize(a) for a in answers]
+    if not gts:
+        raise ValueError("no reference answers")
+    if len(gts) == 1:
+        return float(pred == gts[0])
+    hits = [g == pred for g in gts]
+    total = sum(hits)
+    return sum(min(1.0, (total - h) / 3) for h in hits) / len(gts)
+
+
+def parse_yes_no(text: str) -> Optional[bool]:
+    """yes/true -> True, no/false -> False (the first such word), else None."""
+    for w in vqa_normalize(text).split():
+        if w in ("yes", "true", "correct", "right"):
+            return True
+        if w in ("no", "false", "incorrect", "wrong"):
+            return False
+    return None
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", str(text).lower())).strip()
+
+
+def parse_choice(text: str, options: Sequence[str]) -> Optional[int]:
+    """The option a free-text answer picks (0-based), or None.
+
+    In order: a leading letter ("B", "B.", "(B)", "B) text", "Answer: B"); the whole answer equal to an
+    option's text; exactly one option's text contained in the answer (the longest wins when one contains
+    another); the first standalone option letter anywhere. "A" followed by a lowercase word ("A red
+    circle") is read as an article, not a letter."""
+    letters = LETTERS[: len(options)]
+    t = str(text).strip()
+    t = re.sub(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is|:)?\s*", "", t, flags=re.I)
+
+    def letter_ok(m: re.Match, s: str) -> bool:
+        c = m.group(1)
+        return c in letters and not (c == "A" and re.match(r"\s+[a-z]", s[m.end(1):]))
+
+    m = re.match(r"[\(\[]?([A-Z])(?:[\)\]]|[.:,]|\s|$)", t)
+    if m and letter_ok(m, t):
+        return letters.index(m.group(1))
+    plain = _plain(t)
+    opts = [_plain(o) for o in options]
+    for i, o in enumerate(opts):
+        if o and plain == o:
+            return i
+    found = [i for i, o in enumerate(opts) if o and re.search(r"\b" + re.escape(o) + r"\b", plain)]
+    found = [i for i in found if not any(j != i and opts[i] in opts[j] for j in found)]  # drop "red" inside "dark red"
+    if len(found) == 1:
+        return found[0]
+    for m in re.finditer(r"\b([A-Z])\b", t):
+        if letter_ok(m, t):
+            return letters.index(m.group(1))
+    return None
+
+
+def rotate(options: Sequence[str], answer: int, r: int) -> tuple[list[str], int]:
+    """Rotation r of circular evaluation: option r comes first; returns (options, new answer index)."""
+    k = len(options)
+    r %= k
+    return list(options[r:]) + list(options[:r]), (answer - r) % k
+
+
+def mc_prompt(question: str, options: Sequence[str], hint: str = "") -> str:
+    head = "\n".join(x for x in (hint.strip(), question.strip()) if x)
+    return head + "\n" + "".join(f"{LETTERS[i]}. {o}\n" for i, o in enumerate(options)) + MC_INSTRUCTION
+
+
+def mc_score(options_per_query: Sequence[Sequence[str]], answers: Sequence[int]) -> Callable[[list[str]], dict]:
+    """Scorer of a multiple-choice sample asked len(answers) times: right only if every query is."""
+
+    def score(preds: list[str]) -> dict:
+        picked = [parse_choice(p, o) for p, o in zip(preds, options_per_query)]
+        ok = [p == a for p, a in zip(picked, answers)]
+        return {"picked": [None if p is None else LETTERS[p] for p in picked], "score": float(all(ok)),
+                "correct": all(ok)}
+
+    return score
+
+
+# -- file reading -----------------------------------------------------------------------------------------
+
+
+def read_json_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) pairs from a .jsonl (one object a line) or .json (a list, or an object holding one
+    list: {"data": [...]}) file; `where` is "file:line" or "file[i]" for error messages."""
+    if not path.is_file():
+        raise InputError(f"eval data '{path}': no such file")
+    text = path.read_text(encoding="utf-8")
+    out: list[tuple[str, Any]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{n}", json.loads(line)))
+                except ValueError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({e}); one JSON object per line") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"{path}: not valid JSON ({e}); give a JSON list of records or a .jsonl file") from None
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise InputError(f"{path}: a JSON object must hold exactly one list of records (e.g. {{\"data\": [...]}})")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON list of records")
+        out = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+    for where, r in out:
+        if not isinstance(r, dict):
+            raise InputError(f"{where}: a record must be a JSON object, got {type(r).__name__}")
+    return out
+
+
+def need(rec: dict, names: str | Sequence[str], where: str, what: str = "") -> Any:
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if rec.get(n) is not None:
+            return rec[n]
+    alt = " or ".join(f"'{n}'" for n in names)
+    raise InputError(f"{where}: missing field {alt}" + (f"; {what}" if what else ""))
+
+
+def media_path(root: Path, value: Any, where: str, what: str = "image") -> str:
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{where}: {what} must be a file path string, got {value!r}")
+    p = Path(value)
+    p = p if p.is_absolute() else root / p
+    if not p.is_file():
+        raise InputError(f"{where}: {what} '{value}' not found (looked at {p}; relative paths are relative to the "
+                         f"data file's folder)")
+    return str(p)
+
+
+def answer_index(value: Any, options: Sequence[str], where: str) -> int:
+    """An answer given as a 0-based index, a letter, or the text of an option."""
+    if isinstance(value, bool):
+        raise InputError(f"{where}: answer {value!r} is not an option index, letter or option text")
+    if isinstance(value, int):
+        if 0 <= value < len(options):
+            return value
+        raise InputError(f"{where}: answer index {value} out of range for {len(options)} options (0-based)")
+    if isinstance(value, str):
+        v = value.strip()
+        texts = [str(o).strip() for o in options]
+        if v in texts:
+            return texts.index(v)
+        m = re.fullmatch(r"\(?([A-Z])[\).]?", v)
+        if m and m.group(1) in LETTERS[: len(options)]:
+            return LETTERS.index(m.group(1))
+        if v.isdigit() and int(v) < len(options):
+            return int(v)
+    raise InputError(f"{where}: answer {value!r} is not an option index, letter or option text of {list(options)}")
+
+
+def record_id(rec: dict, where: str, n: int) -> str:
+    for k in ("id", "question_id", "qid", "index", "uid"):
+        if rec.get(k) is not None:
+            return str(rec[k])
+    return str(n)
+
+
+def _category(rec: dict, default: str) -> str:
+    for k in ("category", "task", "answer_type", "question_type", "type"):
+        if rec.get(k) not in (None, ""):
+            return str(rec[k])
+    return default
+
+
+def _options(rec: dict, where: str) -> list[str]:
+    opts = need(rec, ("options", "choices", "candidates"), where, "a list of answer options")
+    if isinstance(opts, dict):  # {"A": "...", "B": "..."}
+        opts = [opts[k] for k in sorted(opts)]
+    if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, (str, int, float)) for o in opts):
+        raise InputError(f"{where}: 'options' must be a list of at least 2 strings")
+    return [str(o) for o in opts]
+
+
+# -- MMBench ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MCItem:
+    """A multiple-choice question about one image (MMBench rows, distractor-protocol input)."""
+
+    id: str
+    category: str
+    question: str
+    options: list[str]
+    answer: int
+    image: Any  # a path or encoded bytes
+    hint: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _cell(row: dict, key: str) -> str:
+    v = (row.get(key) or "").strip()
+    return "" if v.lower() == "nan" else v
+
+
+def _decode_image(b64: str, where: str) -> bytes:
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InputError(f"{where}: column 'image' is not valid base64 ({e}); the TSV may be damaged, download "
+                         f"it again") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for garbage
+        raise InputError(f"{where}: column 'image' decodes to no readable image ({type(e).__name__}); the TSV may be "
+                         f"damaged, download it again") from None
+    return raw
+
+
+def load_mmbench_items(path: Path) -> list[MCItem]:
+    if not path.is_file():
+        raise InputError(f"eval data '{path}': no such file")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long cells
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        header = reader.fieldnames or []
+        for col in ("index", "question", "A", "B", "answer", "image"):
+            if col not in header:
+                hint = " (MMBench test splits have no answers: evaluate the dev split)" if col == "answer" else ""
+                raise InputError(f"{path}: column '{col}' missing{hint}; an MMBench TSV needs index, question, A, B, "
+                                 f"[C, D ...], answer, image (base64); this header has: {', '.join(header)}")
+        rows = list(reader)
+    letters = [c for c in LETTERS if c in header]
+    by_index = {_cell(r, "index"): r for r in rows}
+    items = []
+    for n, row in enumerate(rows, 2):
+        where = f"{path}:{n} (index {_cell(row, 'index')})"
+        if None in row:
+            raise InputError(f"{where}: more cells than header columns; is the file tab-separated?")
+        options = [_cell(row, c) for c in letters]
+        k = next((i for i, o in enumerate(options) if not o), len(options))
+        if k < 2 or any(options[k:]):
+            raise InputError(f"{where}: options must fill A, B, ... without gaps (got {options})")
+        options = options[:k]
+        ans = _cell(row, "answer")
+        if ans not in LETTERS[:k]:
+            raise InputError(f"{where}: answer {ans!r} is not one of the option letters {', '.join(LETTERS[:k])}")
+        img = _cell(row, "image")
+        if img.isdigit() and len(img) < 16 and img in by_index:  # a reference to another row's image
+            img = _cell(by_index[img], "image")
+        if not img:
+            raise InputError(f"{where}: column 'image' is empty")
+        q = _cell(row, "question")
+        if not q:
+            raise InputError(f"{where}: column 'question' is empty")
+        items.append(MCItem(_cell(row, "index"), _cell(row, "category") or "default", q, options,
+                            LETTERS.index(ans), _decode_image(img, where), _cell(row, "hint"),
+                            {k: _cell(row, k) for k in ("l2-category", "split") if _cell(row, k)}))
+    if not items:
+        raise InputError(f"{path}: no rows")
+    return items
+
+
+def load_mc_json_items(path: Path) -> list[MCItem]:
+    """Single-image multiple choice as JSON/JSONL {image, question, options, answer, hint?, category?}."""
+    root = path.parent
+    items = []
+    for n, (where, rec) in enumerate(read_json_records(path), 1):
+        options = _options(rec, where)
+        items.append(MCItem(record_id(rec, where, n), _category(rec, "default"),
+                            str(need(rec, "question", where)), options,
+                            answer_index(need(rec, "answer", where), options, where),
+                            media_path(root, need(rec, "image", where), where), str(rec.get("hint") or "")))
+    if not items:
+        raise InputError(f"{path}: no records")
+    return items
+
+
+def load_mc_items(path: str | Path) -> list[MCItem]:
+    path = Path(path)
+    return load_mmbench_items(path) if path.suffix.lower() == ".tsv" else load_mc_json_items(path)
+
+
+def circular_sample(item: MCItem, prompt_of: Callable[[list[str]], str], images: Callable[[], list],
+                    rotations: Optional[int] = None) -> Sample:
+    k = len(item.options)
+    variants = [rotate(item.options, item.answer, r) for r in range(k if rotations is None else rotations)]
+
+    def build() -> list[dict]:
+        ims = images()
+        return [{"messages": [{"role": "user", "content": prompt_of(opts)}], "images": ims} for opts, _ in variants]
+
+    return Sample(item.id, item.category, LETTERS[item.answer], build, mc_score([o for o, _ in variants],
+                                                                                [a for _, a in variants]),
+                  extra=dict(item.extra))
+
+
+def mmbench_samples(path: str | Path, circular: bool = True) -> list[Sample]:
+    out = []
+    for it in load_mmbench_items(Path(path)):
+        prompt = lambda opts, it=it: IMAGE_TOKEN + mc_prompt(it.question, opts, it.hint)
+        out.append(circular_sample(it, prompt, lambda it=it: [it.image], None if circular else 1))
+    return out
+
+
+# -- VQA --------------------------------------------------------------------------------------------------
+
+
+def vqa_samples(path: str | Path) -> list[Sample]:
+    path = Path(path)
+    out = []
+    for n, (where, rec) in enumerate(read_json_records(path), 1):
+        q = str(need(rec, "question", where))
+        img = media_path(path.parent, need(rec, ("image", "image_path", "file"), where), where)
+        answers = need(rec, "answers", where, "a list of reference answers (10 in VQAv2)")
+        if not isinstance(answers, list) or not answers:
+            raise InputError(f"{where}: 'answers' must be a non-empty list")
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+        if not all(isinstance(a, (str, int, float)) for a in answers):
+            raise InputError(f"{where}: 'answers' must hold strings or {{\"answer\": ...}} objects")
+        answers = [str(a) for a in answers]
+        conv = {"messages": [{"role": "user", "content": f"{IMAGE_TOKEN}{q}\n{VQA_INSTRUCTION}"}], "images": [img]}
+        score = lambda preds, answers=answers: (lambda s: {"score": s, "correct": s >= 1.0})(
+            vqa_soft_accuracy(preds[0], answers))
+        out.append(Sample(record_id(rec, where, n), _category(rec, "default"), answers, lambda conv=conv: [conv], score))
+    return out
+
+
+# -- multi-image ------------------------------------------------------------------------------------------
+
+
+def _images_prompt(text: str, n: int) -> str:
+    """Use the question's own <image> placeholders when they match the images, else label them in front."""
+    t = text.replace("<image>", IMAGE_TOKEN)
+    if t.count(IMAGE_TOKEN) == n:
+        return t
+    t = t.replace(IMAGE_TOKEN, "")
+    return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(n)) + t.strip()
+
+
+def _bool_label(v: Any, where: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return v.strip().lower() in ("true", "yes", "1")
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    raise InputError(f"{where}: label {v!r} must be true/false (or yes/no)")
+
+
+def multi_image_samples(path: str | Path) -> list[Sample]:
+    path = Path(path)
+    out = []
+    for n, (where, rec) in enumerate(read_json_records(path), 1):
+        ims = need(rec, "images", where, "a list of image paths")
+        if not isinstance(ims, list) or not ims:
+            raise InputError(f"{where}: 'images' must be a non-empty list of paths")
+        ims = [media_path(path.parent, p, where) for p in ims]
+        rid = record_id(rec, where, n)
+        if rec.get("options") is not None or rec.get("choices") is not None:
+            options = _options(rec, where)
+            item = MCItem(rid, _category(rec, "mc"), str(need(rec, "question", where)), options,
+                          answer_index(need(rec, "answer", where), options, where), None)
+            prompt = lambda opts, item=item, k=len(ims): _images_prompt(mc_prompt(item.question, opts), k)
+            out.append(circular_sample(item, prompt, lambda ims=ims: ims, rotations=1))
+        else:
+            label = _bool_label(need(rec, ("label", "answer"), where, "true/false"), where)
+            if rec.get("question"):
+                text = str(rec["question"])
+            else:
+                text = f"Is this statement true for the images? {need(rec, ('sentence', 'statement'), where)}"
+            conv = {"messages": [{"role": "user", "content": _images_prompt(f"{text}\n{YES_NO_INSTRUCTION}", len(ims))}],
+                    "images": ims}
+
+            def score(preds, label=label):
+                got = parse_yes_no(preds[0])
+                return {"picked": got, "score": float(got is label), "correct": got is label}
+
+            out.append(Sample(rid, _category(rec, "yes-no"), "yes" if label else "no", lambda conv=conv: [conv], score))
+    return out
+
+
+# -- video multiple choice --------------------------------------------------------------------------------
+
+
+def video_mc_samples(path: str | Path, max_frames: int = 16) -> list[Sample]:
+    from ..processing.video import sample_frames
+
+    path = Path(path)
+    out = []
+    for n, (where, rec) in enumerate(read_json_records(path), 1):
+        options = _options(rec, where)
+        frames_field = rec.get("frames")
+        if isinstance(frames_field, list):
+            frame_paths = [media_path(path.parent, p, where, "frame") for p in frames_field]
+            if not frame_paths:
+                raise InputError(f"{where}: 'frames' is an empty list")
+            video, k = None, max_frames
+        else:
+            if frames_field is not None and (not isinstance(frames_field, int) or frames_field < 1):
+                raise InputError(f"{where}: 'frames' must be a positive number of frames or a list of frame images")
+            video = media_path(path.parent, need(rec, ("video", "video_path"), where), where, "video")
+            frame_paths, k = [], frames_field or max_frames
+        item = MCItem(record_id(rec, where, n), _category(rec, "default"), str(need(rec, "question", where)), options,
+                      answer_index(need(rec, "answer", where), options, where), None)
+
+        def frames(video=video, frame_paths=frame_paths, k=k):
+            if video is not None:
+                return [sample_frames(video, max_frames=k)]
+            from ..processing.images import load_image
+
+            m = min(k, len(frame_paths))  # m frames spread evenly over the list, first and last included
+            idx = [round(i * (len(frame_paths) - 1) / max(1, m - 1)) for i in range(m)]
+            return [[load_image(frame_paths[i]) for i in idx]]
+
+        prompt = lambda opts, item=item: VIDEO_TOKEN + mc_prompt(item.question, opts)
+        s = circular_sample(item, prompt, lambda: [], rotations=1)
+
+        def build(s_build=s.build, frames=frames):
+            convs = s_build()
+            vids = frames()
+            return [dict(c, images=[], videos=vids) for c in convs]
+
+        s.build = build
+        out.append(s)
+    return out
