@@ -24,7 +24,8 @@ def plot_log(log_path: str | Path, out: str | Path) -> Path:
                 rows.append(json.loads(line))
             except ValueError:
                 raise InputError(f"{p}:{n}: not a JSON line") from None
-    rows = [r for r in rows if "step" in r and "loss" in r]
+    # a resumed run re-logs the steps after its last checkpoint: the later record of a step wins
+    rows = sorted({r["step"]: r for r in rows if "step" in r and "loss" in r}.values(), key=lambda r: r["step"])
     if not rows:
         raise InputError(f"log '{log_path}': no step/loss records")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
