@@ -25,3 +25,16 @@ def test_long_context_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["images"] for row in rows] == [1, 2] and all(row["decode_tok_s"] > 0 for row in rows)
+
+
+def test_vs_llava_bench_smoke(tmp_path):
+    out = tmp_path / "vs.json"
+    r = subprocess.run([sys.executable, "bench/bench_vs_llava.py", "--shape", "tiny", "--ours", "1", "2", "--baseline", "1", "2",
+                        "--decode", "2", "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    got = sorted((row["model"], row["images"]) for row in res["rows"])
+    assert got == [("hyperowl", 1), ("hyperowl", 2), ("llava", 1), ("llava", 2)]
+    ours = [row for row in res["rows"] if row["model"] == "hyperowl"]
+    assert all(0 < row["floor_s"] and row["flops"] > 0 for row in ours)
+    assert res["summary"]["ttft_speedup_at_largest_baseline_n"]["images"] == 2
