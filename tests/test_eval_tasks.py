@@ -185,6 +185,11 @@ def test_resume_skips_done_samples_and_trusts_rows(monkeypatch, tmp_path):
     assert s["accuracy"] == pytest.approx(2 / 3) and s["computed"] == 1
     again = runner.run_samples(None, samples, tmp_path)
     assert oracle.calls == 9 and again["computed"] == 0 and again["accuracy"] == s["accuracy"]
+    # rows of another task or data file are never taken for this one's
+    runner.run_samples(None, samples, tmp_path / "tagged", meta={"task": "mmbench", "data": "a/mmbench.tsv"})
+    runner.run_samples(None, samples, tmp_path / "tagged", meta={"task": "mmbench", "data": "b/mmbench.tsv"})
+    with pytest.raises(InputError, match="holds a run of .*'task': 'mmbench'.*choose another --out"):
+        runner.run_samples(None, samples, tmp_path / "tagged", meta={"task": "vqa", "data": "vqa.jsonl"})
 
 
 def test_exact_task_is_the_default(chat_checkpoint, tmp_path, capsys):
@@ -379,9 +384,9 @@ def test_data_parallel_ranks_split_then_rank0_merges(monkeypatch, tmp_path):
     assert len(seen[0]) == 4 + 2 and len(seen[1]) == 3  # rank 0: samples 1 and 3, rank 1: sample 2
     assert all("shape is shown" in q for q in seen[1])
     assert [r["id"] for r in rows(tmp_path / "dp")] == ["1", "2", "3"]
-    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["predictions.jsonl", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["predictions.jsonl", "run.json", "summary.json"]
     monkeypatch.setattr(runner, "dist_info", lambda: (0, 1))
-    single = runner.run_samples(None, samples, tmp_path / "dp")  # one process now: everything is on disk
+    single = runner.run_samples(None, samples, tmp_path / "dp", meta={"task": "mmbench"})  # one process now: everything is on disk
     for k in ("n", "accuracy", "categories"):
         assert results[0][k] == results[1][k] == single[k]
     assert results[1]["world_size"] == 2 and single["computed"] == 0
@@ -412,6 +417,23 @@ def test_torchrun_two_ranks_merge_into_the_single_process_result(chat_checkpoint
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [x["id"] for x in two] == ["1", "2", "3"]   # merged in data order
     assert [x["prediction"] for x in two] == [x["prediction"] for x in one]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["predictions.jsonl", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["predictions.jsonl", "run.json", "summary.json"]
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["n"] == 3 and outs[0][0].count("all") == 1 and outs[1][0] == ""  # rank 0 prints
+
+
+def test_other_benchmark_spellings(monkeypatch, tmp_path):
+    """NExT-QA's a0..a4 columns, LongVideoBench's candidates + correct_choice, MVBench's answer as text,
+    VQAv2's answer_type "yes/no" kept whole (no "groups" split on its slash)."""
+    shutil.copy(DATA / "images" / "red_circle.png", tmp_path / "r.png")
+    recs = [{"qid": "n1", "frames": ["r.png"], "question": "q1", "a0": "x", "a1": "y", "a2": "z", "answer": 2},
+            {"id": "l1", "frames": ["r.png"], "question": "q2", "candidates": ["u", "v"], "correct_choice": 1},
+            {"id": "m1", "frames": ["r.png"], "question": "q3", "candidates": ["(A) u", "(B) v"], "answer": "(B) v"}]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    s = video_mc_samples(tmp_path / "v.jsonl")
+    assert [x.id for x in s] == ["n1", "l1", "m1"] and [x.answer for x in s] == ["C", "B", "B"]
+    assert "\nC. z\n" in s[0].build()[0]["messages"][0]["content"]
+    monkeypatch.setattr(runner, "chat_batch", lambda m, p, convs, **k: ["yes"] * len(convs))
+    summary = harness.run(None, harness.prepare("vqa", str(DATA / "vqa.jsonl"), tmp_path), tmp_path / "vqa")
+    assert "groups" not in summary and summary["categories"]["yes/no"]["accuracy"] == 1.0
+    assert summary["accuracy"] == pytest.approx(1 / 3)

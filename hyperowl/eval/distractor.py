@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import InputError
-from .runner import Sample, run_samples
+from .runner import Sample, dist_info, run_samples
 from .tasks import IMAGE_TOKEN, LETTERS, MCItem, mc_prompt, mc_score, media_path, read_json_records, rotate
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
         log.info("distractors=%d: accuracy %.3f over %d questions", n, s["accuracy"], s["n"])
     report = {"task": "distractor", "data": data, "seed": seed, "variants": variants, "pool_size": len(pool),
               "results": results}
+    if dist_info()[0] != 0:  # under torchrun rank 0 writes the report (its own memory and latency)
+        return report
     (out / "distractor.json").write_text(json.dumps(report, indent=2))
     (out / "distractor.txt").write_text(format_table(report) + "\n")
     if plot:

@@ -85,4 +85,4 @@ def run(model, plan: Plan, out: str | Path, *, batch_size: int = 8, max_new_toke
         return evaluate(model, plan.data, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         limit=len(plan.samples))
     return run_samples(model, plan.samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       desc=plan.task, meta={"task": plan.task, "data": str(plan.data)})
+                       desc=plan.task, meta={"task": plan.task, "data": str(plan.data)}, groups=plan.task != "vqa")

@@ -83,15 +83,18 @@ def _category(row: dict) -> str:
     return str(row.get("category", row.get("task", "default")))
 
 
-def summarize(rows: Sequence[dict], **meta: Any) -> dict[str, Any]:
+def summarize(rows: Sequence[dict], groups: bool = True, **meta: Any) -> dict[str, Any]:
     by_cat, by_group = defaultdict(list), defaultdict(list)
     for r in rows:
         by_cat[_category(r)].append(_row_score(r))
         by_group[_category(r).split("/")[0]].append(_row_score(r))
     acc = lambda xs: sum(xs) / len(xs) if xs else 0.0
-    return {**meta, "n": len(rows), "accuracy": acc([_row_score(r) for r in rows]),
-            "groups": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_group.items())},
-            "categories": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_cat.items())}}
+    out = {**meta, "n": len(rows), "accuracy": acc([_row_score(r) for r in rows]),
+           "groups": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_group.items())},
+           "categories": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_cat.items())}}
+    if not groups:  # categories with a "/" that is no hierarchy (VQA's "yes/no")
+        del out["groups"]
+    return out
 
 
 def dist_info() -> tuple[int, int]:
@@ -112,6 +115,27 @@ def _barrier() -> None:
     dist.barrier()
 
 
+def _run_key(meta: dict) -> dict:
+    key = {k: meta[k] for k in ("task", "distractors", "variants", "seed") if k in meta}
+    if meta.get("data"):
+        key["data"] = Path(str(meta["data"])).name
+    return key
+
+
+def _check_same_run(out: Path, meta: dict, rank: int) -> None:
+    """Resuming trusts the rows on disk: refuse those of another task or data file (`out/run.json`)."""
+    f = out / "run.json"
+    key = _run_key(meta)
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != key:
+            raise InputError(f"output '{out}' holds a run of {old}, not {key}; choose another --out (or delete it)")
+    elif rank == 0:
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(key))
+        tmp.replace(f)
+
+
 def _chunks(samples: Sequence[Sample], batch_size: int):
     """Consecutive samples whose conversations fill about `batch_size` slots (at least one sample)."""
     chunk: list[tuple[Sample, list[dict]]] = []
@@ -128,7 +152,8 @@ def _chunks(samples: Sequence[Sample], batch_size: int):
 
 
 def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_size: int = 8,
-                max_new_tokens: int = 16, desc: str = "eval", meta: dict | None = None) -> dict[str, Any]:
+                max_new_tokens: int = 16, desc: str = "eval", meta: dict | None = None,
+                groups: bool = True) -> dict[str, Any]:
     """Evaluate `samples` (resuming from `out_dir`), write predictions + summary, return the summary.
     The summary also holds `seconds` (time spent computing in this call) and `computed` (samples computed)."""
     out = Path(out_dir)
@@ -138,6 +163,8 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
         dup = next(i for i in ids if ids.count(i) > 1)
         raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
     rank, world = dist_info()
+    meta = dict(meta or {})
+    _check_same_run(out, meta, rank)
     main_file = out / "predictions.jsonl"
     own_file = main_file if world == 1 else out / f"predictions.rank{rank}.jsonl"
     done = read_predictions(main_file)
@@ -164,7 +191,6 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
             f.flush()
             bar.update(len(chunk))
     seconds = time.perf_counter() - t0
-    meta = dict(meta or {})
     if world > 1:
         _barrier()
         if rank == 0:
@@ -176,12 +202,12 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
             tmp.replace(main_file)
             for r in range(world):
                 (out / f"predictions.rank{r}.jsonl").unlink(missing_ok=True)
-            summary = summarize(rows, **meta, world_size=world)
+            summary = summarize(rows, groups, **meta, world_size=world)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _barrier()
         summary = json.loads((out / "summary.json").read_text())
     else:
-        summary = summarize([done[i] for i in ids], **meta)
+        summary = summarize([done[i] for i in ids], groups, **meta)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["seconds"], summary["computed"] = seconds, len(todo)
     return summary

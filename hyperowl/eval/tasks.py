@@ -273,7 +273,10 @@ def _category(rec: dict, default: str) -> str:
 
 
 def _options(rec: dict, where: str) -> list[str]:
-    opts = need(rec, ("options", "choices", "candidates"), where, "a list of answer options")
+    if all(rec.get(k) is None for k in ("options", "choices", "candidates")) and rec.get("a0") is not None:
+        opts = [rec[f"a{i}"] for i in range(26) if rec.get(f"a{i}") not in (None, "")]  # NExT-QA columns a0..a4
+        return [str(o) for o in opts]
+    opts = need(rec, ("options", "choices", "candidates"), where, "a list of answer options (or a0, a1, ...)")
     if isinstance(opts, dict):  # {"A": "...", "B": "..."}
         opts = [opts[k] for k in sorted(opts)]
     if not isinstance(opts, list) or len(opts) < 2 or not all(isinstance(o, (str, int, float)) for o in opts):
@@ -503,7 +506,7 @@ def video_mc_samples(path: str | Path, max_frames: int = 16) -> list[Sample]:
             video = media_path(path.parent, need(rec, ("video", "video_path"), where), where, "video")
             frame_paths, k = [], frames_field or max_frames
         item = MCItem(record_id(rec, where, n), _category(rec, "default"), str(need(rec, "question", where)), options,
-                      answer_index(need(rec, "answer", where), options, where), None)
+                      answer_index(need(rec, ("answer", "correct_choice"), where), options, where), None)
 
         def frames(video=video, frame_paths=frame_paths, k=k):
             if video is not None:
