@@ -38,3 +38,14 @@ def test_vs_llava_bench_smoke(tmp_path):
     ours = [row for row in res["rows"] if row["model"] == "hyperowl"]
     assert all(0 < row["floor_s"] and row["flops"] > 0 for row in ours)
     assert res["summary"]["ttft_speedup_at_largest_baseline_n"]["images"] == 2
+
+
+def test_long_video_bench_smoke(tmp_path):
+    out = tmp_path / "lv.json"
+    r = subprocess.run([sys.executable, "bench/bench_long_video.py", "--hours", "0.02", "--frames", "8", "--workdir", str(tmp_path),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    rows = {(row["mode"], row["video_hours"] > 0.01): row for row in json.loads(out.read_text())["rows"]}
+    assert rows[("full", True)]["frames_decoded"] == int(0.02 * 3600 * 4)
+    assert rows[("keyframes", True)]["decoded_per_kept"] <= rows[("exact", True)]["decoded_per_kept"]
+    assert rows[("exact", True)]["kept"] == 8

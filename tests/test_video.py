@@ -128,6 +128,16 @@ def test_seeking_decodes_fewer_frames(long_video: Path) -> None:
     assert dense.frames_decoded < 600
 
 
+def test_keyframe_mode_keeps_the_keyframe_it_lands_on(long_video: Path) -> None:
+    # keyframes every 10 frames (1 s): targets 75, 225, 375, 525 snap to the keyframes 70, 220, 370, 520
+    snap = sample_video(long_video, max_frames=4, keyframes=True)
+    assert [frame_index(f) for f in snap.frames] == [70, 220, 370, 520]
+    assert snap.frames_decoded == 4 and snap.seeks == 4
+    # targets closer than the seek threshold are still decoded forward to the exact frame
+    dense = sample_video(long_video, max_frames=600, keyframes=True)
+    assert [frame_index(f) for f in dense.frames] == list(range(600))
+
+
 def test_stream_without_duration(tmp_path: Path) -> None:
     # A raw H.264/MPEG-4 elementary stream has no container duration and no packet timestamps.
     fmt, ext = ("h264", "h264") if _codec() == "libx264" else ("m4v", "m4v")
