@@ -48,6 +48,7 @@ class Owl2Output:
     past_key_values: KVCache | None = None
     modality_indicators: Tensor | None = None  # [B, W] long, 1 = visual row (expanded sequence)
     attention_mask: Tensor | None = None  # [B, W] long, the expanded mask
+    labels: Tensor | None = None  # [B, W] the given labels aligned to the expanded sequence (-100 on visual rows)
 
 
 def positions_from_placeholders(input_ids: Tensor, placeholder: int = IMAGE_TOKEN_INDEX) -> Tensor:
@@ -119,6 +120,17 @@ class Owl2Model(nn.Module):
         self.abstractor = VisualAbstractor(cfg.abstractor, cfg.hidden_size)
         self.decoder = LlamaDecoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def fusion_parameters(self) -> dict[str, nn.Parameter]:
+        """The modality-adaptive module's visual side (new relative to the text LLaMA): every layer's visual
+        RMSNorms (`input_layernorm` / `post_attention_layernorm` `.multiway.1`) and visual K/V projections
+        (`k_proj` / `v_proj` `.multiway.1`). The text side (`multiway.0`) is the LLM's own."""
+        out = {}
+        for i, layer in enumerate(self.decoder.layers):
+            for n, p in layer.named_parameters():
+                if ".multiway.1." in f".{n}":
+                    out[f"decoder.layers.{i}.{n}"] = p
+        return out
 
     def chat(self, messages, images=None, videos=None, **options):
         """Answer a conversation; see hyperowl.chat.chat for the options (stream=True yields text pieces)."""
@@ -231,4 +243,4 @@ class Owl2Model(nn.Module):
         ind = visual.long() if visual is not None else torch.zeros(b, lx, dtype=torch.long, device=dev)
         return Owl2Output(logits=logits, loss=loss, hidden_states=tuple(hidden) if hidden is not None else None,
                           image_embeds=image_embeds, past_key_values=cache, modality_indicators=ind,
-                          attention_mask=valid.long())
+                          attention_mask=valid.long(), labels=labels)

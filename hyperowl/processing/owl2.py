@@ -20,6 +20,11 @@ separately with the tokenizer's special tokens; if the first chunk starts with B
 tokenizer's `<|image|>` id if it has one, else the unk/pad id; the model ignores that id and reads only
 `image_positions`. The output is the same `ProcessedInputs` as the Owl3 processor, so `collate`, the
 engine and `hyperowl.chat` work unchanged.
+
+Training (`training_example`): the whole conversation is rendered without a generation prompt and
+tokenised exactly as above; labels keep the tokens whose characters fall in an answer span
+(` {answer}</s>` after each `ASSISTANT:`), found from the tokenizer's offsets. So the tokens before each
+answer are the inference prompt for that turn and the trained answer ends with the stop token `</s>`.
 """
 
 from __future__ import annotations
@@ -128,6 +133,50 @@ def tokenizer_image_token(prompt: str, encode: Callable[[str], list[int]], bos_i
     return ids, positions
 
 
+def owl2_segments(messages: Sequence[Any]) -> list[tuple[str, bool]]:
+    """`render_owl2(messages, add_generation_prompt=False)` split into (text, trainable) pieces: each
+    assistant turn is `ASSISTANT:` (context, the end of the inference prompt) + ` {answer}</s>` (trained)."""
+    pairs = normalize_messages(messages)
+    if pairs and pairs[0][0] == "system":
+        pairs = pairs[1:]
+    segs: list[tuple[str, bool]] = []
+    for role, content in pairs:
+        if role == "user":
+            segs.append((f"USER: {content} ", False))
+        else:
+            segs += [("ASSISTANT:", False), (f" {content}{EOS_TOKEN}", True)]
+    return segs
+
+
+def tokenizer_image_token_offsets(prompt: str, tokenizer: Tokenizer, bos_id: Optional[int],
+                                  image_id: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """`tokenizer_image_token` (same ids, same BOS rule) that also returns each token's character span in
+    `prompt` ((0, 0) for BOS, the placeholder's own span for an image)."""
+    chunks, starts, at = [], [], 0
+    for c in prompt.split(IMAGE_TOKEN):
+        chunks.append(c)
+        starts.append(at)
+        at += len(c) + len(IMAGE_TOKEN)
+    encs = [tokenizer.encode(c, add_special_tokens=True) if c else None for c in chunks]
+    first = encs[0].ids if encs and encs[0] is not None else []
+    drop = 1 if first and bos_id is not None and first[0] == bos_id else 0
+    ids: list[int] = [first[0]] if drop else []
+    offsets: list[tuple[int, int]] = [(0, 0)] if drop else []
+    positions: list[int] = []
+    for k, (enc, start) in enumerate(zip(encs, starts)):
+        if k > 0:
+            positions.append(len(ids))
+            ids.append(image_id)
+            offsets.append((start - len(IMAGE_TOKEN), start))
+        if enc is None:
+            continue
+        for tid, (s, e), special in list(zip(enc.ids, enc.offsets, enc.special_tokens_mask))[drop:]:
+            ids.append(tid)
+            # post-processor tokens (a BOS added by a template) have no characters
+            offsets.append((start + s, start + e) if not (special and s == e) else (0, 0))
+    return ids, positions, offsets
+
+
 class Owl2Processor:
     """Messages + images (+ videos as frames) -> `ProcessedInputs` for mPLUG-Owl2."""
 
@@ -177,6 +226,50 @@ class Owl2Processor:
         progress: Optional[bool] = None,
     ) -> ProcessedInputs:
         """Same signature as `Owl3Processor.__call__`; `cut` and `system` have no effect for Owl2."""
+        new_messages, pixels = self._expand(messages, images, videos, max_frames, fps, progress)
+        prompt = render_owl2(new_messages, add_generation_prompt=add_generation_prompt)
+        ids, positions = tokenizer_image_token(prompt, self._encode, self.bos_token_id, self.image_token_id)
+        from hyperowl.processing.processor import Owl3Processor
+
+        return Owl3Processor._package(ids, positions, pixels, prompt)
+
+    def training_example(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,
+                         max_frames: int = 16, fps: Optional[float] = None, system: Optional[str] = None,
+                         cut: Optional[bool] = None) -> tuple[ProcessedInputs, torch.Tensor]:
+        """A whole conversation for training: inputs plus `labels` [L] (the token ids of each assistant answer
+        and its `</s>`, -100 elsewhere: user turns, `ASSISTANT:` headers, BOS, image placeholders).
+
+        The ids are exactly `tokenizer_image_token` of the full conversation text (`render_owl2` without a
+        generation prompt), i.e. the inference tokenisation; which tokens are answers is read from the
+        tokenizer's character offsets against the answer spans (`owl2_segments`), not from re-tokenising
+        pieces, so a SentencePiece tokenizer's prefix-space handling cannot shift the mask.
+        `system` and `cut` have no effect for Owl2 (interface parity with `Owl3Processor.training_example`).
+        """
+        from hyperowl.processing.processor import Owl3Processor
+
+        new_messages, pixels = self._expand(messages, images, videos, max_frames, fps, False)
+        segments = owl2_segments(new_messages)
+        text = "".join(t for t, _ in segments)
+        spans, at = [], 0
+        for seg, trainable in segments:
+            if trainable:
+                spans.append((at, at + len(seg)))
+            at += len(seg)
+        ids, positions, offsets = tokenizer_image_token_offsets(text, self.tokenizer, self.bos_token_id,
+                                                                self.image_token_id)
+        labels = [-100] * len(ids)
+        for j, (s, e) in enumerate(offsets):
+            if e > s and any(s < b and e > a for a, b in spans):
+                labels[j] = ids[j]
+        for p in positions:  # an image inside an answer is input, never a target
+            labels[p] = -100
+        if labels:
+            labels[0] = -100  # nothing predicts the first token
+        return Owl3Processor._package(ids, positions, pixels, text), torch.tensor(labels, dtype=torch.long)
+
+    def _expand(self, messages: Sequence[Any], images: Any, videos: Any, max_frames: int, fps: Optional[float],
+                progress: Optional[bool]) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
+        """Check placeholder counts, load + preprocess the media, and turn each video into frame placeholders."""
         from hyperowl.processing.processor import Owl3Processor
 
         pairs = normalize_messages(messages)
@@ -202,6 +295,4 @@ class Owl2Processor:
                 else:
                     out.append(piece)
             new_messages.append({"role": role, "content": "".join(out)})
-        prompt = render_owl2(new_messages, add_generation_prompt=add_generation_prompt)
-        ids, positions = tokenizer_image_token(prompt, self._encode, self.bos_token_id, self.image_token_id)
-        return Owl3Processor._package(ids, positions, pixels, prompt)
+        return new_messages, pixels

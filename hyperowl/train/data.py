@@ -7,7 +7,8 @@ Format (one JSON object per line; the ms-swift / LLaVA style):
      "images": ["images/0001.png"], "videos": []}
 
 Paths are relative to the JSONL file's folder (or absolute). Each `<|image|>` / `<|video|>` placeholder
-consumes the next image / video. Loss is taken only on assistant answers (and their `<|im_end|>`).
+consumes the next image / video. Loss is taken only on assistant answers (and their `<|im_end|>`; for
+mPLUG-Owl2 their `</s>`): the processor's `training_example` (Owl3Processor or Owl2Processor) decides.
 
 Design note: every line is validated when the dataset is opened (JSON, message structure, placeholder
 counts, files present and decodable), so a bad line is reported with its number before training starts:
@@ -76,7 +77,7 @@ def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
 
 
 class ConversationDataset:
-    def __init__(self, path: str | Path, processor: Owl3Processor, on_error: str = "fail", max_frames: int = 8,
+    def __init__(self, path: str | Path, processor: Owl3Processor | Any, on_error: str = "fail", max_frames: int = 8,
                  cut: bool = False, max_length: int = 4096, verify_media: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():

@@ -5,6 +5,12 @@ visual K/V and gates), `vision` (SigLIP tower), `llm` (everything else of the de
 switches parts on or off. The vision tower gets layer-wise LR decay (BEiT style): its top layer trains at
 lr * decay, each layer below at one more factor of decay, the patch/position embeddings lowest.
 LoRA adapters (when present) always train and belong to the part of the layer they adapt.
+
+mPLUG-Owl2 uses the same four parts: `vision` = the CLIP-style ViT (LR decay over its layers; its
+post_layernorm sits above the top layer and trains at the full LR), `projector` = the visual abstractor,
+`fusion` = the modality-adaptive module's visual side (every layer's visual RMSNorms and visual K/V,
+`...multiway.1`, from `Owl2Model.fusion_parameters`), `llm` = everything else (text norms/K/V, Q, O, MLP,
+embeddings, head).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from torch import nn
 
 from ..models.owl3 import Owl3Model
 
+PROJECTOR_PREFIXES = ("projector.", "abstractor.")  # Owl3's projection, Owl2's visual abstractor
+
 
 def part_of(name: str, fusion: set[str]) -> str:
-    if name.startswith("projector.") or name in fusion:
-        return "projector" if name.startswith("projector.") else "fusion"
+    if name.startswith(PROJECTOR_PREFIXES) or name in fusion:
+        return "projector" if name.startswith(PROJECTOR_PREFIXES) else "fusion"
     if name.startswith("vision."):
         return "vision"
     return "llm"
@@ -33,14 +41,16 @@ def _clean(name: str) -> str:
 
 
 def vision_depth(name: str, num_layers: int) -> int:
-    """0 for embeddings, i+1 for vision layer i."""
+    """0 for embeddings, i+1 for vision layer i, num_layers+1 for a norm above the last layer."""
     parts = name.split(".")
     if parts[1] == "layers":
         return int(parts[2]) + 1
+    if parts[1] == "post_layernorm":
+        return num_layers + 1
     return 0
 
 
-def param_groups(model: Owl3Model, trainable: dict[str, bool], lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+def param_groups(model: Owl3Model | nn.Module, trainable: dict[str, bool], lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """Set requires_grad by part and build AdamW groups (no decay on biases/norms; LR decay in the vision tower)."""
     fusion = set(model.fusion_parameters())
     n_vis = len(model.vision.layers)

@@ -5,9 +5,17 @@ must not silently train something else). The two stages of the papers are preset
 - align (stage 1): LLM frozen; projection + the new hyper-attention parameters (visual K/V, gates) train,
   the vision tower optionally;
 - instruct (stage 2): everything trains, the vision tower with layer-wise LR decay (0.9 in the paper).
+
+Model-specific defaults: `align` leaves `vision` unset (None), and the trainer fills it per model
+(`resolve_trainable`): mPLUG-Owl3 keeps the vision tower frozen (as before), mPLUG-Owl2 trains it, because
+the Owl2 paper's pre-training stage trains the vision encoder, the visual abstractor (part `projector`) and
+the modality-adaptive module's visual side (part `fusion`) with the LLM frozen. An explicit
+`trainable: {vision: true|false}` always wins.
 Example (see recipes/ in the repository):
 
     init: {from: path/to/checkpoint}          # or {preset: owl3-synthetic, tokenizer: tok.json}
+                                              # Owl2: an mplug_owl2 checkpoint, {preset: owl2-tiny, tokenizer: train},
+                                              # or {text_llm: path/to/llama, preset: owl2-llama2-7b}
     data: {train: data/train.jsonl, val: data/val.jsonl, on_error: skip, max_frames: 8, cut: false}
     stage: align                              # align | instruct | custom (then set `trainable`)
     optim: {lr: 1e-3, warmup_steps: 50, max_steps: 2000, layer_decay: 0.9}
@@ -25,9 +33,22 @@ from typing import Any
 from ..errors import InputError
 
 STAGES = {
-    "align": {"projector": True, "fusion": True, "llm": False, "vision": False},
+    "align": {"projector": True, "fusion": True, "llm": False, "vision": None},  # None: the model's default
     "instruct": {"projector": True, "fusion": True, "llm": True, "vision": True},
 }
+
+
+# What an unset (None) part means for each model family (see the module note).
+MODEL_DEFAULTS: dict[str, dict[str, bool]] = {
+    "mplugowl3": {"projector": False, "fusion": False, "llm": False, "vision": False},
+    "mplug_owl2": {"projector": False, "fusion": False, "llm": False, "vision": True},
+}
+
+
+def resolve_trainable(trainable: dict[str, bool | None], model_type: str) -> dict[str, bool]:
+    """Replace the parts left unset (None) by the model family's default; model_type as in config.json."""
+    defaults = MODEL_DEFAULTS.get(model_type, MODEL_DEFAULTS["mplugowl3"])
+    return {k: defaults[k] if v is None else bool(v) for k, v in trainable.items()}
 
 
 @dataclass
@@ -36,9 +57,9 @@ class InitSpec:
     preset: str | None = None  # a config preset (random init), needs a tokenizer
     tokenizer: str | None = None  # tokenizer.json for a preset; "train" = train a BPE on the training data
     vocab_size: int | None = None  # for a trained tokenizer
-    text_llm: str | None = None  # upgrade: a text-only Qwen2 checkpoint ...
-    vision: str | None = None  # ... plus a SigLIP checkpoint
-    hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based)
+    text_llm: str | None = None  # upgrade: a text-only Qwen2 checkpoint ... (Owl2: a LLaMA, with an owl2 `preset`)
+    vision: str | None = None  # ... plus a SigLIP checkpoint (Owl3 only)
+    hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only)
 
 
 @dataclass
@@ -77,7 +98,7 @@ class Recipe:
     init: InitSpec = field(default_factory=InitSpec)
     data: DataSpec = field(default_factory=DataSpec)
     stage: str = "align"
-    trainable: dict[str, bool] = field(default_factory=dict)
+    trainable: dict[str, bool | None] = field(default_factory=dict)  # None = the model's default
     optim: OptimSpec = field(default_factory=OptimSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
     batch_size: int = 8  # global batch (all processes, one optimizer step = batch_size * grad_accum examples)
@@ -98,6 +119,9 @@ class Recipe:
         unknown = set(self.trainable) - set(base)
         if unknown:
             raise InputError(f"recipe: unknown trainable part(s) {sorted(unknown)}; use projector, fusion, llm, vision")
+        bad = {k: v for k, v in self.trainable.items() if v is not None and not isinstance(v, bool)}
+        if bad:
+            raise InputError(f"recipe: trainable values must be true, false or null (model default); got {bad}")
         base.update(self.trainable)
         self.trainable = base
         if self.data.on_error not in ("fail", "skip"):

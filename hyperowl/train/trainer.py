@@ -12,6 +12,16 @@ Checkpoints (`output/checkpoint-STEP/`): config.json + model.safetensors in the 
 (LoRA merged in) + the tokenizer, so `hyperowl.load` and the official loaders read them; and
 `trainer_state/` (optimizer moments as safetensors, step, RNG state, LoRA adapters) for an exact resume.
 No pickle anywhere. Metrics go to `output/log.jsonl`; `hyperowl plot-log` draws them.
+
+mPLUG-Owl2 trains through the same loop (the model family follows `init`: an Owl2 checkpoint, an
+`owl2-*` preset, or `init.text_llm` = a LLaMA checkpoint + `init.preset` = an Owl2 preset for the visual
+side). Its processor is `Owl2Processor` (USER/ASSISTANT prompt, loss on each answer and its `</s>`). Owl2
+puts each image's rows *into* the LLM sequence, so the logits cover the expanded sequence: every batch's
+labels are expanded once with the model's own `expand_rows` (visual rows get -100) before the target
+tokens are counted, which keeps the global-token normalisation (DDP == one process) exact. Checkpoints are
+written with `save_owl2` (official mPLUG-Owl2 layout); models built from a preset or a text LLaMA start with
+the modality-adaptive visual parts equal to the text ones (`upgrade.init_visual_from_text`). Stage `align`
+trains the vision tower for Owl2 by default (the paper's pre-training stage), see recipe.py.
 """
 
 from __future__ import annotations
@@ -30,26 +40,31 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..checkpoint import load_owl3, official_state_dict, save_owl3
-from ..config import PRESETS
+from ..checkpoint import load_any, save_owl2, save_owl3
+from ..config import OWL2_PRESETS, PRESETS
 from ..errors import InputError
+from ..models.owl2 import Owl2Model, expand_rows
 from ..models.owl3 import Owl3Model
+from ..processing.owl2 import Owl2Processor
 from ..processing.processor import Owl3Processor
 from .data import ConversationDataset, batch_indices, collate_train
 from .lora import apply_lora, merge_lora
 from .optim import lr_at, param_groups, set_lr
-from .recipe import Recipe
+from .recipe import Recipe, resolve_trainable
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>", "<|video|>",
                   "<|start_cut|>", "<|end_cut|>", "<|start_video_frame|>", "<|end_video_frame|>"]
+# LLaMA's ids first (unk 0, BOS 1, EOS 2: the Owl2Config defaults), then the media placeholders.
+OWL2_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|image|>", "<|video|>"]
 
 
 # -- building the model ---------------------------------------------------------------------------------------
-def train_tokenizer(jsonl: Path, vocab_size: int):
-    """A byte-level BPE trained on the conversations' text, with the chat special tokens first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(jsonl: Path, vocab_size: int, owl2: bool = False):
+    """A byte-level BPE trained on the conversations' text, with the chat special tokens first. For Owl2: the
+    LLaMA special tokens, and a BOS added to every encoding (as LLaMA's tokenizer does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     def texts():
         with jsonl.open(encoding="utf-8") as f:
@@ -62,18 +77,20 @@ def train_tokenizer(jsonl: Path, vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=OWL2_SPECIAL_TOKENS if owl2 else SPECIAL_TOKENS,
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts(), trainer)
+    if owl2:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return tok
 
 
-def init_weights(model: Owl3Model, seed: int) -> None:
+def init_weights(model: Owl3Model | Owl2Model, seed: int) -> None:
     """Random init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
+            if ("norm" in name or ".ffn_ln." in name) and name.endswith("weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
@@ -92,14 +109,43 @@ def on_rank0(fn) -> None:
         fn()
 
 
-def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processor, Path | None]:
+def is_owl2(model: torch.nn.Module) -> bool:
+    return isinstance(model, Owl2Model)
+
+
+def model_type(model: torch.nn.Module) -> str:
+    """config.json's model_type of the model family (keys of recipe.MODEL_DEFAULTS)."""
+    return "mplug_owl2" if is_owl2(model) else "mplugowl3"
+
+
+def make_processor(model: Owl3Model | Owl2Model, tok_dir: Path, recipe: Recipe) -> Owl3Processor | Owl2Processor:
+    cfg = model.config
+    if is_owl2(model):
+        proc = Owl2Processor.from_dir(tok_dir, image_size=cfg.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio,
+                                      eos_token_id=cfg.eos_token_id)
+        if proc.tokenizer.token_to_id("</s>") is None:
+            log.warning("%s: the tokenizer has no </s> token; answers end in the text '</s>' instead", tok_dir)
+        return proc
+    return Owl3Processor.from_dir(tok_dir, variant=cfg.variant, image_size=cfg.vision.image_size, cut=recipe.data.cut)
+
+
+def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, Owl3Processor | Owl2Processor, Path | None]:
     """Model + processor from recipe.init; returns the tokenizer.json to ship with checkpoints."""
     init = recipe.init
     if init.from_:
-        model = load_owl3(init.from_, dtype=torch.float32, device=device)
+        model = load_any(init.from_, dtype=torch.float32, device=device)  # Owl3 or Owl2, by config.json
         tok_file = model.checkpoint_dir / "tokenizer.json"
         if not tok_file.exists():
             raise InputError(f"init.from '{init.from_}': no tokenizer.json next to the weights")
+    elif init.text_llm and init.preset in OWL2_PRESETS:
+        from .upgrade import upgrade_owl2
+
+        if init.vision or init.hyper_layers or init.tokenizer:
+            raise InputError("recipe: an Owl2 upgrade takes init.text_llm (LLaMA, with its tokenizer.json) + init.preset "
+                             "(the visual side's shapes); init.vision, init.hyper_layers and init.tokenizer do not apply")
+        model = upgrade_owl2(init.text_llm, OWL2_PRESETS[init.preset], seed=recipe.seed).to(device)
+        tok_file = Path(recipe.output) / "tokenizer.json"
+        on_rank0(lambda: with_image_token(model.source_dirs[0], tok_file))
     elif init.text_llm or init.vision:
         from .upgrade import upgrade, with_media_tokens
 
@@ -109,15 +155,17 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processo
         tok_file = Path(recipe.output) / "tokenizer.json"
         on_rank0(lambda: with_media_tokens(model.source_dirs[0], tok_file))
     elif init.preset:
-        if init.preset not in PRESETS:
-            raise InputError(f"recipe: unknown preset {init.preset!r}; known: {', '.join(PRESETS)}")
+        owl2 = init.preset in OWL2_PRESETS
+        if init.preset not in PRESETS and not owl2:
+            raise InputError(f"recipe: unknown preset {init.preset!r}; known: {', '.join([*PRESETS, *OWL2_PRESETS])}")
+        preset = OWL2_PRESETS[init.preset] if owl2 else PRESETS[init.preset]
         Path(recipe.output).mkdir(parents=True, exist_ok=True)
         tok_file = Path(recipe.output) / "tokenizer.json"
         if init.tokenizer == "train":
             def make_tokenizer() -> None:
                 if not tok_file.exists():  # a resumed run keeps the tokenizer it started with
-                    vocab = init.vocab_size or PRESETS[init.preset].vocab_size
-                    train_tokenizer(Path(recipe.data.train), vocab).save(str(tok_file))
+                    vocab = init.vocab_size or preset.vocab_size
+                    train_tokenizer(Path(recipe.data.train), vocab, owl2=owl2).save(str(tok_file))
 
             on_rank0(make_tokenizer)  # every rank calls it: the barrier inside must be reached by all
         elif init.tokenizer:
@@ -126,15 +174,69 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model, Owl3Processo
             raise InputError("recipe: init.preset needs init.tokenizer (a tokenizer.json path, or 'train')")
         from tokenizers import Tokenizer
 
-        vocab = Tokenizer.from_file(str(tok_file)).get_vocab_size()
-        cfg = PRESETS[init.preset].replace(vocab_size=max(vocab, init.vocab_size or 0), cut_enable=recipe.data.cut)
-        model = Owl3Model(cfg).to(device)
-        init_weights(model, recipe.seed)
+        tok = Tokenizer.from_file(str(tok_file))
+        vocab = max(tok.get_vocab_size(), init.vocab_size or 0)
+        if owl2:
+            from .upgrade import init_visual_from_text
+
+            ids = {k: tok.token_to_id(t) for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<unk>"))}
+            model = Owl2Model(preset.replace(vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None})).to(device)
+            init_weights(model, recipe.seed)
+            init_visual_from_text(model)  # the modality-adaptive visual side starts as the LLM's own norms/K/V
+        else:
+            model = Owl3Model(preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut)).to(device)
+            init_weights(model, recipe.seed)
     else:
-        raise InputError("recipe: init needs 'from', 'preset' or 'text_llm' + 'vision'")
-    processor = Owl3Processor.from_dir(tok_file.parent, variant=model.config.variant,
-                                       image_size=model.config.vision.image_size, cut=recipe.data.cut)
+        raise InputError("recipe: init needs 'from', 'preset', 'text_llm' + 'vision' (Owl3) or 'text_llm' + an Owl2 'preset'")
+    processor = make_processor(model, tok_file.parent, recipe)
     return model, processor, tok_file
+
+
+def with_image_token(src_dir: Path, dst: Path) -> Path:
+    """A LLaMA tokenizer.json plus `<|image|>` as a special token (the Owl2 placeholder; its id is never embedded)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    src = Path(src_dir) / "tokenizer.json"
+    if not src.exists():
+        raise InputError(f"init.text_llm '{src_dir}': no tokenizer.json; the Owl2 model needs the LLaMA's tokenizer")
+    tok = Tokenizer.from_file(str(src))
+    from ..processing.chat import IMAGE_TOKEN
+
+    if tok.token_to_id(IMAGE_TOKEN) is None:
+        tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst))
+    return dst
+
+
+def expand_labels(model: torch.nn.Module, batch: dict) -> dict:
+    """Owl2: labels aligned to the expanded sequence the logits cover (each image placeholder -> the image's
+    Q + 1 rows, labelled -100), computed by the model's own `expand_rows` on width-1 dummy rows. Owl3: as is."""
+    pos = batch["image_positions"]
+    if not is_owl2(model) or pos is None:
+        return batch
+    labels, valid = batch["labels"], batch["attention_mask"].bool()
+    n = int((pos >= 0).sum())
+    _, _, _, expanded = expand_rows(torch.zeros(*labels.shape, 1), valid, pos, torch.zeros(n, model.config.tokens_per_image, 1),
+                                    labels)
+    return {**batch, "labels": expanded}
+
+
+def pad_id(model: torch.nn.Module, processor) -> int:
+    if is_owl2(model):
+        return model.config.pad_token_id
+    return processor.tokenizer.token_to_id("<|endoftext|>") or 0
+
+
+def save_weights(model: torch.nn.Module, out: Path, params: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + model.safetensors in the model family's official layout; `params` overrides the model's
+    own tensors (merged LoRA weights, a gathered FSDP state dict)."""
+    if is_owl2(model):
+        from types import SimpleNamespace
+
+        src = model if params is None else SimpleNamespace(config=model.config, named_parameters=lambda: iter(params.items()))
+        return save_owl2(src, out)
+    return save_owl3(model, out, params=params)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -153,13 +255,11 @@ def save_checkpoint(model: Owl3Model, opt: torch.optim.Optimizer, step: int, out
         for m in layers:
             m.merge()
         merged = {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-        sd = official_state_dict(merged)
         for m in layers:
             m.unmerge()
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_weights(model, tmp, params=merged)
     else:
-        save_owl3(model, tmp)
+        save_weights(model, tmp)
     if tok_file is not None and tok_file.exists():
         shutil.copy(tok_file, tmp / "tokenizer.json")
     osd = opt.state_dict()
@@ -180,7 +280,7 @@ def checkpoint(model, opt, step, out, tok_file, lora, recipe, rank, sharded) -> 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         d = out / f"checkpoint-{step}"
         if rank == 0:
-            save_owl3(model, d, params=full)
+            save_weights(model, d, params=full)
             if tok_file is not None and tok_file.exists():
                 shutil.copy(tok_file, d / "tokenizer.json")
         return d
@@ -194,7 +294,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def restore(model: Owl3Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool) -> int:
+def restore(model: Owl3Model | Owl2Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool) -> int:
     state = ckpt / "trainer_state"
     meta = json.loads((state / "state.json").read_text())
     if lora:
@@ -204,7 +304,7 @@ def restore(model: Owl3Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool
             for k, v in adapters.items():
                 params[k].copy_(v)
     else:
-        loaded = load_owl3(ckpt, dtype=torch.float32, device="cpu")
+        loaded = load_any(ckpt, dtype=torch.float32, device="cpu")
         src = dict(loaded.named_parameters())
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -223,13 +323,13 @@ def restore(model: Owl3Model, opt: torch.optim.Optimizer, ckpt: Path, lora: bool
 
 
 @torch.no_grad()
-def validation_loss(model: Owl3Model, val: ConversationDataset, pad: int, device, batch_size: int, limit: int = 256) -> float:
+def validation_loss(model: Owl3Model | Owl2Model, val: ConversationDataset, pad: int, device, batch_size: int, limit: int = 256) -> float:
     """Per-token loss on the first `limit` validation examples (fixed, so curves are comparable)."""
     model.eval()
     total, n_tok = 0.0, 0
     idx = list(range(min(limit, len(val))))
     for i in range(0, len(idx), batch_size):
-        b = collate_train([val[j] for j in idx[i : i + batch_size]], pad)
+        b = expand_labels(model, collate_train([val[j] for j in idx[i : i + batch_size]], pad))
         logits = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                        pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                        image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
@@ -259,11 +359,13 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
 
     model, processor, tok_file = build(recipe, device)
     model.decoder.activation_checkpointing = recipe.activation_checkpointing
+    trainable_parts = resolve_trainable(recipe.trainable, model_type(model))
+    log.info("training parts: %s", ", ".join(k for k, v in trainable_parts.items() if v) or "LoRA adapters only")
     use_lora = recipe.lora.r > 0
     if use_lora:
         apply_lora(model, recipe.lora)
         model.to(device)
-    groups = param_groups(model, recipe.trainable, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
+    groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
     if not groups:
         raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
     net: torch.nn.Module = model
@@ -276,7 +378,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         for layer in model.decoder.layers:
             fully_shard(layer)
         fully_shard(model)
-        groups = param_groups(model, recipe.trainable, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
+        groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay)
@@ -296,7 +398,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     if recipe.data.val and recipe.eval_every and rank == 0:
         val = ConversationDataset(recipe.data.val, processor, "skip", recipe.data.max_frames, recipe.data.cut,
                                   recipe.data.max_length)
-    pad = processor.tokenizer.token_to_id("<|endoftext|>") or 0
+    pad = pad_id(model, processor)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -309,8 +411,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     for step in range(start, total):
         lr = lr_at(step, recipe.optim.lr, recipe.optim.warmup_steps, total, recipe.optim.min_lr_ratio)
         set_lr(opt, lr)
-        micro = [collate_train([data[i] for i in batch_indices(len(data), recipe.seed, step, m, recipe.batch_size,
-                                                                 recipe.grad_accum, rank, world)], pad)
+        micro = [expand_labels(model, collate_train([data[i] for i in batch_indices(len(data), recipe.seed, step, m,
+                                                                                    recipe.batch_size, recipe.grad_accum,
+                                                                                    rank, world)], pad))
                  for m in range(recipe.grad_accum)]
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
         if world > 1:

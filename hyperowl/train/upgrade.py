@@ -5,6 +5,12 @@ Design note: as in the papers, new modality modules start from the LM's own weig
 initialisation visual keys/values live in the same space as text keys/values. The 240728 gate starts
 almost closed (weight 0, bias -4: g ~ 0.018) so the upgraded model first behaves like the text LLM; the
 projection is random (std 0.02). Text-only inputs give exactly the source LLM's output.
+
+mPLUG-Owl2 follows the same rule (its paper initialises the modality-adaptive module from the LLM):
+`init_visual_from_text` copies every decoder layer's text RMSNorms and K/V projections (`multiway.0`) into
+the visual ones (`multiway.1`), so at the start visual rows are normalised and projected exactly like text.
+The trainer applies it to every Owl2 model it builds from a preset (`init.preset: owl2-...`);
+`upgrade_owl2` builds an Owl2 model whose LLM is a text-only LLaMA checkpoint and applies it too.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from torch import nn
 
 from ..checkpoint import (QWEN2_KEYS, SIGLIP_KEYS, load_weights, map_keys, read_config, resolve, safetensors_files,
                           shard_keys)
-from ..config import Owl3Config, SiglipConfig
-from ..errors import CheckpointError
+from ..config import Owl2Config, Owl3Config, SiglipConfig
+from ..errors import CheckpointError, InputError
 from ..models.hyper_attention import HyperAttention
 from ..models.owl3 import Owl3Model
 
@@ -73,6 +79,88 @@ def upgrade(text_llm: str | os.PathLike, vision: str | os.PathLike, hyper_layers
                 a.v_kv_proj.weight.copy_(w.reshape(2 * kvh * d, -1))
                 a.v_kv_proj.bias.copy_(b.reshape(-1))
     model.source_dirs = (tdir, vdir)
+    return model
+
+
+def init_visual_from_text(model: nn.Module) -> int:
+    """Owl2: copy each layer's text LayerNorm (RMSNorm) / K / V weights (and biases) into the visual ones.
+    Returns the number of tensors copied."""
+    from ..models.modality_adaptive import MultiwayLinear, MultiwayRMSNorm
+
+    copied = 0
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            for m in (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if not isinstance(m, (MultiwayLinear, MultiwayRMSNorm)):
+                    raise TypeError(f"init_visual_from_text: {type(m).__name__} is not a modality-adaptive module")
+                text, visual = m.multiway[0], m.multiway[1]
+                for name, p in visual.named_parameters():
+                    p.copy_(text.get_parameter(name))
+                    copied += 1
+    return copied
+
+
+# transformers' LlamaForCausalLM -> the Owl2 decoder: the LLM's norms and K/V become the *text* side.
+LLAMA_TO_OWL2_KEYS = [
+    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
+    (r"model\.norm\.weight", r"decoder.norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)\.(weight|bias)", r"decoder.layers.\1.self_attn.\2.multiway.0.\3"),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"decoder.layers.\1.\2.multiway.0.weight"),
+    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
+    (r"lm_head\.weight", r"lm_head.weight"),
+]
+
+
+def upgrade_owl2(text_llm: str | os.PathLike, visual: Owl2Config, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """An mPLUG-Owl2 model whose LLM is a text-only LLaMA checkpoint (transformers layout, safetensors).
+
+    The ViT and abstractor take their shapes from `visual` (e.g. an `OWL2_PRESETS` entry) and start random
+    (N(0, 0.02) matrices, unit norms, zero biases); the modality-adaptive visual side is copied from the
+    LLM's own norms/K/V (`init_visual_from_text`). Text-only inputs give exactly the LLaMA's output.
+    """
+    from ..models.abstractor import AbstractorAttention
+    from ..models.owl2 import Owl2Model
+
+    tdir = resolve(text_llm)
+    tcfg = read_config(tdir)
+    if tcfg.get("model_type") != "llama":
+        raise CheckpointError(f"{tdir}: model_type {tcfg.get('model_type')!r}; a LLaMA text LLM is needed")
+    vis = visual.to_hf_dict()
+    try:
+        cfg = Owl2Config.from_hf_dict({**tcfg, "visual_config": vis["visual_config"], "image_aspect_ratio": visual.image_aspect_ratio,
+                                       "vision_batch_size": visual.vision_batch_size})
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{tdir / 'config.json'}: cannot build an mPLUG-Owl2 config from it ({e})") from None
+    with torch.device("meta"):
+        model = Owl2Model(cfg)
+    keys = shard_keys(safetensors_files(tdir))
+    mapping = map_keys(keys, LLAMA_TO_OWL2_KEYS, [r".*rotary_emb\.inv_freq", *([r"lm_head\.weight"] if cfg.tie_word_embeddings else [])])
+    with torch.device("cpu"):
+        load_weights_partial(model, keys, mapping, dtype)
+    g = torch.Generator().manual_seed(seed)
+    for n, p in list(model.named_parameters()):
+        if not p.is_meta:
+            continue
+        if ".multiway.1." in n:  # filled from the text side below
+            init = torch.zeros(p.shape)
+        elif n.endswith("bias"):
+            init = torch.zeros(p.shape)
+        elif ("norm" in n or ".ffn_ln." in n) and n.endswith("weight"):
+            init = torch.ones(p.shape)
+        else:
+            init = torch.randn(p.shape, generator=g) * 0.02
+        mod_name, _, leaf = n.rpartition(".")
+        model.get_submodule(mod_name)._parameters[leaf] = nn.Parameter(init.to(dtype))
+    placed = set(mapping.values())  # the LLM (text side) must come entirely from the checkpoint
+    text_side = {n for n, _ in model.named_parameters() if n.startswith(("decoder.", "lm_head.")) and ".multiway.1." not in n}
+    absent = sorted(text_side - placed)
+    if absent:
+        raise CheckpointError(f"upgrade_owl2: {tdir} lacks LLM tensors, e.g. {', '.join(absent[:4])}")
+    for m in model.modules():
+        if isinstance(m, AbstractorAttention):
+            m.init_tables("cpu")
+    init_visual_from_text(model)
+    model.source_dirs = (tdir,)
     return model
 
 
