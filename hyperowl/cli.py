@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
     s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    seed=args.seed, variants=args.variants)
+                    seed=args.seed, variants=args.variants, style=args.prompt_style)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if "results" in s:  # the distractor sweep
@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")
     e.add_argument("--pool", default=None, help="distractor: folder of images, or JSONL of {\"image\": path}")
     e.add_argument("--variants", type=int, default=4, help="distractor: versions per question, all must be right")
+    e.add_argument("--prompt-style", default="mc", choices=["mc", "open"], help="distractor: 'mc' lists lettered "
+                   "options (default); 'open' asks without them and matches the answer to an option's text")
     e.add_argument("--seed", type=int, default=0, help="distractor sampling and synthetic sets")
     e.add_argument("--cache-dir", default=None, help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])

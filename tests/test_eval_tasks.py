@@ -224,6 +224,13 @@ def test_distractor_variants_are_seeded_and_reference_the_right_image():
     assert [c["images"] for c in dis.distractor_samples(items, pool, 3, seed=2)[0].build()] != [c["images"] for c in convs]
     plain = dis.distractor_samples(items, pool, 0)[0].build()[0]
     assert plain["messages"][0]["content"].startswith("<|image|>What colour") and len(plain["images"]) == 1
+    open_ = dis.distractor_samples(items, pool, 3, seed=1, style="open")[0]
+    texts = [c["messages"][0]["content"] for c in open_.build()]
+    assert texts[0].endswith(f"Look at image {open_.extra['target_image'][0]}. What colour is the circle?")
+    assert not any("A. " in t for t in texts) and open_.score(["red", "Red.", "red", "it is red"])["correct"] is True
+    assert open_.score(["red", "red", "blue", "red"])["correct"] is False
+    with pytest.raises(InputError, match="prompt style 'x'"):
+        dis.distractor_samples(items, pool, 3, style="x")
     with pytest.raises(InputError, match="fewer than 7 distractors"):
         dis.distractor_samples(items, pool, 7)
     assert dis.parse_counts("10,0,5") == [0, 5, 10]

@@ -76,16 +76,24 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, ("hyperowl-distractor",) + parts)).encode()).digest()[:8], "big")
 
 
-def variant_prompt(item: MCItem, options: Sequence[str], n: int, target: int) -> str:
-    """The prompt of one version: N+1 labelled images, the target (0-based) referenced by its number."""
+STYLES = ("mc", "open")
+
+
+def variant_prompt(item: MCItem, options: Sequence[str], n: int, target: int, style: str = "mc") -> str:
+    """The prompt of one version: N+1 labelled images, the target (0-based) referenced by its number.
+    style "open" leaves the options out (for models never taught lettered choices); the free answer is
+    then matched to an option's text by `parse_choice`."""
+    q = item.question if n == 0 else f"Look at image {target + 1}. {item.question}"
+    body = mc_prompt(q, options, item.hint) if style == "mc" else "\n".join(x for x in (item.hint, q) if x)
     if n == 0:
-        return IMAGE_TOKEN + mc_prompt(item.question, options, item.hint)
-    labels = "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(n + 1))
-    return labels + mc_prompt(f"Look at image {target + 1}. {item.question}", options, item.hint)
+        return IMAGE_TOKEN + body
+    return "".join(f"Image {i + 1}: {IMAGE_TOKEN}\n" for i in range(n + 1)) + body
 
 
 def distractor_samples(items: Sequence[MCItem], pool: Sequence[str], n: int, seed: int = 0,
-                       variants: int = VARIANTS) -> list[Sample]:
+                       variants: int = VARIANTS, style: str = "mc") -> list[Sample]:
+    if style not in STYLES:
+        raise InputError(f"distractor prompt style '{style}': choose {' or '.join(STYLES)}")
     out = []
     for it in items:
         own = str(Path(it.image).resolve()) if isinstance(it.image, str) else None
@@ -102,7 +110,7 @@ def distractor_samples(items: Sequence[MCItem], pool: Sequence[str], n: int, see
             plan.append((opts, ans, others[:k] + [it.image] + others[k:], k))
 
         def build(it=it, plan=plan) -> list[dict]:
-            return [{"messages": [{"role": "user", "content": variant_prompt(it, o, n, k)}], "images": ims}
+            return [{"messages": [{"role": "user", "content": variant_prompt(it, o, n, k, style)}], "images": ims}
                     for o, _, ims, k in plan]
 
         out.append(Sample(it.id, it.category, LETTERS[it.answer], build,
@@ -133,7 +141,8 @@ def _peak_rss_mib() -> float:
 
 
 def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: Sequence[int], out_dir: str | Path, *,
-                   seed: int = 0, variants: int = VARIANTS, batch_size: int = 8, max_new_tokens: int = 16,
+                   seed: int = 0, variants: int = VARIANTS, style: str = "mc", batch_size: int = 8,
+                   max_new_tokens: int = 16,
                    data: str = "", plot: bool = True) -> dict[str, Any]:
     """The sweep over N (see the module note); returns what `out/distractor.json` holds."""
     import torch
@@ -142,7 +151,7 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
     out.mkdir(parents=True, exist_ok=True)
     if variants < 1:
         raise InputError(f"variants={variants}: must be at least 1")
-    all_samples = {n: distractor_samples(items, pool, n, seed, variants) for n in counts}  # validate all N first
+    all_samples = {n: distractor_samples(items, pool, n, seed, variants, style) for n in counts}  # validate all N first
     param = next(model.parameters(), None) if hasattr(model, "parameters") else None
     cuda = param is not None and param.device.type == "cuda"
     results = []
@@ -152,7 +161,7 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
             torch.cuda.reset_peak_memory_stats()
         s = run_samples(model, all_samples[n], out / f"N{n}", batch_size=batch_size, max_new_tokens=max_new_tokens,
                         desc=f"distractors={n}", meta={"task": "distractor", "data": data, "distractors": n,
-                                                       "variants": variants, "seed": seed})
+                                                       "variants": variants, "seed": seed, "style": style})
         row = {"distractors": n, "n": s["n"], "accuracy": s["accuracy"], "computed": s["computed"],
                "latency_s": s["seconds"] / s["computed"] if s["computed"] else None,
                "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_peak_reset": reset,
@@ -161,7 +170,8 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
             row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         results.append(row)
         log.info("distractors=%d: accuracy %.3f over %d questions", n, s["accuracy"], s["n"])
-    report = {"task": "distractor", "data": data, "seed": seed, "variants": variants, "pool_size": len(pool),
+    report = {"task": "distractor", "data": data, "seed": seed, "variants": variants, "style": style,
+              "pool_size": len(pool),
               "results": results}
     if dist_info()[0] != 0:  # under torchrun rank 0 writes the report (its own memory and latency)
         return report

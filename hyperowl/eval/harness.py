@@ -75,12 +75,12 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
 
 
 def run(model, plan: Plan, out: str | Path, *, batch_size: int = 8, max_new_tokens: int = 16, seed: int = 0,
-        variants: int = dis.VARIANTS) -> dict[str, Any]:
+        variants: int = dis.VARIANTS, style: str = "mc") -> dict[str, Any]:
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
     if plan.items:
         return dis.run_distractor(model, plan.items, plan.pool, plan.counts, out, seed=seed, variants=variants,
-                                  batch_size=batch_size, max_new_tokens=max_new_tokens, data=str(plan.data))
+                                  style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, data=str(plan.data))
     if plan.task == "exact":  # keeps the exact task's summary format (with "tasks")
         return evaluate(model, plan.data, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         limit=len(plan.samples))

@@ -116,7 +116,7 @@ def _barrier() -> None:
 
 
 def _run_key(meta: dict) -> dict:
-    key = {k: meta[k] for k in ("task", "distractors", "variants", "seed") if k in meta}
+    key = {k: meta[k] for k in ("task", "distractors", "variants", "seed", "style") if k in meta}
     if meta.get("data"):
         key["data"] = Path(str(meta["data"])).name
     return key
