@@ -32,7 +32,7 @@ def model(chat_checkpoint):
 @pytest.mark.parametrize("raw, norm", [
     ("Two", "2"), ("The red car.", "red car"), ("dont", "don't"), ("1,000", "1000"), ("yes!", "yes"),
     ("3.5", "3.5"), ("hello-world", "hello world"), ("a dog's toy", "dog's toy"), ("  Ten\tapples ", "10 apples"),
-    ("Red.", "red"), ("an apple (green)", "apple green"),
+    ("Red.", "red"), ("an apple (green)", "apple green"), ("2.", "2"), ("It is 2.5 m.", "it is 2.5 m"),
 ])
 def test_vqa_normalize(raw, norm):
     assert vqa_normalize(raw) == norm
@@ -64,6 +64,7 @@ def test_parse_choice_and_yes_no():
     assert parse_choice("A red circle", ["blue circle", "red circle"]) == 1  # "A" here is an article
     assert parse_choice("A", ["x", "y"]) == 0 and parse_choice("A. x", ["x", "y"]) == 0
     assert parse_choice("dark red", ["red", "dark red"]) == 1   # the longest contained option wins
+    assert parse_choice("b", opts) == 1 and parse_choice("(c).", opts) == 2
     assert parse_choice("E", opts) is None and parse_choice("purple", opts) is None
     assert parse_yes_no("Yes, it is.") is True and parse_yes_no("no") is False and parse_yes_no("False.") is False
     assert parse_yes_no("maybe") is None

@@ -71,12 +71,12 @@ _CONTRACTIONS = {
 }
 _PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_PERIOD_NOT_DECIMAL = re.compile(r"(?<!\d)\.(?!\d)")
+_PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("2." -> "2", "3.5" stays)
 
 
 def _strip_punctuation(t: str) -> str:
     """As the VQA evaluation does: a mark next to a space (or any mark, when the text has a number with
-    a thousands comma) is deleted, otherwise replaced by a space; periods go unless inside a number."""
+    a thousands comma) is deleted, otherwise replaced by a space; periods go unless a digit follows."""
     delete_all = _COMMA_IN_NUMBER.search(t) is not None
     for p in _PUNCT:
         if p not in t:
@@ -139,6 +139,9 @@ def parse_choice(text: str, options: Sequence[str]) -> Optional[int]:
         c = m.group(1)
         return c in letters and not (c == "A" and re.match(r"\s+[a-z]", s[m.end(1):]))
 
+    bare = t.strip(" .()[]").upper()
+    if len(bare) == 1 and bare in letters:  # "b", "(c)."
+        return letters.index(bare)
     m = re.match(r"[\(\[]?([A-Z])(?:[\)\]]|[.:,]|\s|$)", t)
     if m and letter_ok(m, t):
         return letters.index(m.group(1))
