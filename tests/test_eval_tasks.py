@@ -14,9 +14,9 @@ from hyperowl.cli import main
 from hyperowl.errors import InputError
 from hyperowl.eval import harness, runner
 from hyperowl.eval import distractor as dis
-from hyperowl.eval.tasks import (LETTERS, load_mmbench_items, mc_prompt, mmbench_samples, multi_image_samples,
-                                 parse_choice, parse_yes_no, rotate, video_mc_samples, vqa_normalize,
-                                 vqa_samples, vqa_soft_accuracy)
+from hyperowl.eval.tasks import (load_mmbench_items, mmbench_samples, multi_image_samples, parse_choice,
+                                 parse_yes_no, rotate, video_mc_samples, vqa_normalize, vqa_samples,
+                                 vqa_soft_accuracy)
 
 DATA = Path(__file__).parent / "data" / "eval"
 

@@ -365,6 +365,7 @@ def load_mmbench_items(path: Path) -> list[MCItem]:
                             {k: _cell(row, k) for k in ("l2-category", "split") if _cell(row, k)}))
     if not items:
         raise InputError(f"{path}: no rows")
+    log.info("%s: %d questions, %d categories", path, len(items), len({i.category for i in items}))
     return items
 
 
