@@ -445,3 +445,13 @@ def test_other_benchmark_spellings(monkeypatch, tmp_path):
     summary = harness.run(None, harness.prepare("vqa", str(DATA / "vqa.jsonl"), tmp_path), tmp_path / "vqa")
     assert "groups" not in summary and summary["categories"]["yes/no"]["accuracy"] == 1.0
     assert summary["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_cli_synthetic_task_prints_categories(chat_checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["eval", "--task", "synthetic-multi", "--limit", "3", "--model", str(chat_checkpoint), "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["category", "n", "accuracy"] and printed[-1].split()[:2] == ["all", "3"]
+    assert {l.split()[0] for l in printed[1:-1]} == {"multi/which", "multi/same", "multi/diff"}
+    assert (tmp_path / "cache" / "synthetic-multi-n3-seed0" / "test.jsonl").exists() and (out / "summary.json").exists()
