@@ -157,6 +157,11 @@ def test_owl2_train_learns_saves_official_layout_and_loads(tmp_path, colour_data
         answer = model.chat([{"role": "user", "content": "<|image|>What colour is it?"}],
                             images=[str(colour_data / "img/0.png")], max_new_tokens=3)
     assert isinstance(answer, str)
+    # fine-tuning goes on from the saved Owl2 checkpoint (init.from dispatches on its model_type)
+    more = train(recipe_for(colour_data, tmp_path / "more", init={"from": str(out / "final"), "preset": None, "tokenizer": None,
+                                                                    "vocab_size": None}, optim={"max_steps": 2}, save_every=0))
+    after = load_file(str(more / "final" / "model.safetensors"))
+    assert set(after) == set(sd) and not torch.equal(after["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"])
 
 
 def _official(model):
@@ -267,6 +272,34 @@ def test_upgrade_owl2_from_text_llama(tmp_path, colour_data):
     assert torch.equal(final["model.layers.0.self_attn.k_proj.multiway.0.weight"], sd["model.layers.0.self_attn.k_proj.weight"])
     assert not torch.equal(final["model.layers.0.self_attn.k_proj.multiway.1.weight"], sd["model.layers.0.self_attn.k_proj.weight"])
     assert hyperowl.load(out / "final", device="cpu").processor.image_token_id is not None
+
+
+def test_owl2_lora_adapts_text_and_visual_kv_and_merges(tmp_path, colour_data):
+    r = recipe_for(colour_data, tmp_path / "lora", stage="custom", trainable={"projector": True},
+                   lora={"r": 4, "alpha": 8}, optim={"max_steps": 4})
+    out = train(r)
+    init = _official(build(recipe_for(colour_data, tmp_path / "lora"), torch.device("cpu"))[0])
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert set(final) == set(init)  # merged: plain official names, no adapter tensors
+    changed = {k for k in init if not torch.equal(init[k], final[k])}
+    for k in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.multiway.0.weight",
+              "model.layers.0.self_attn.v_proj.multiway.1.weight", "model.layers.2.mlp.down_proj.weight",
+              "model.visual_abstractor.query_embeds"):
+        assert k in changed, k
+    assert "model.embed_tokens.weight" not in changed and "model.vision_model.embeddings.patch_embed.weight" not in changed
+    adapters = load_file(str(out / "checkpoint-4" / "trainer_state" / "adapters.safetensors"))
+    assert adapters and all("lora_" in k for k in adapters)
+    assert isinstance(hyperowl.load(out / "final", device="cpu"), Owl2Model)
+
+
+def test_max_length_counts_the_image_rows(processor, colour_data):
+    rows = OWL2_PRESETS["owl2-tiny"].tokens_per_image
+    n_text = len(ConversationDataset(colour_data / "train.jsonl", processor)[0].labels)
+    ok = ConversationDataset(colour_data / "train.jsonl", processor, max_length=n_text + rows - 1, rows_per_image=rows)
+    assert len(ok[0].labels) == n_text
+    short = ConversationDataset(colour_data / "train.jsonl", processor, max_length=n_text + rows - 2, rows_per_image=rows)
+    with pytest.raises(hyperowl.InputError, match=f"{n_text + rows - 1} tokens > data.max_length"):
+        short[0]
 
 
 # -- resume and DDP -------------------------------------------------------------------------------------------

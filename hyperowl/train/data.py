@@ -78,11 +78,12 @@ def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
 
 class ConversationDataset:
     def __init__(self, path: str | Path, processor: Owl3Processor | Any, on_error: str = "fail", max_frames: int = 8,
-                 cut: bool = False, max_length: int = 4096, verify_media: bool = True) -> None:
+                 cut: bool = False, max_length: int = 4096, verify_media: bool = True, rows_per_image: int = 1) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"training data '{path}': no such file")
         self.processor, self.max_frames, self.cut, self.max_length = processor, max_frames, cut, max_length
+        self.rows_per_image = rows_per_image  # sequence rows each image takes in the LLM (Owl2: Q + 1; Owl3: 1)
         root = self.path.parent
         self.records: list[dict] = []
         self.bad: list[tuple[int, str]] = []
@@ -110,8 +111,9 @@ class ConversationDataset:
         rec = self.records[i]
         inputs, labels = self.processor.training_example(rec["messages"], images=rec["images"], videos=rec["videos"],
                                                          max_frames=self.max_frames, cut=self.cut)
-        if len(labels) > self.max_length:
-            raise InputError(f"{self.path}: example {i} has {len(labels)} tokens > data.max_length {self.max_length}")
+        n = len(labels) + inputs.num_images * (self.rows_per_image - 1)
+        if n > self.max_length:
+            raise InputError(f"{self.path}: example {i} has {n} tokens > data.max_length {self.max_length}")
         return TrainExample(inputs.input_ids, labels, inputs.pixel_values, inputs.image_positions)
 
 

@@ -20,7 +20,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
     from peft import LoraConfig, inject_adapter_in_model
 
     scope = r"(decoder|vision)" if spec.vision else r"decoder"
-    pattern = rf"{scope}\..*\.({'|'.join(map(re.escape, spec.targets))})"
+    # Owl2's modality-adaptive K/V are two Linears (`k_proj.multiway.0` text, `.multiway.1` visual): both adapted
+    pattern = rf"{scope}\..*\.({'|'.join(map(re.escape, spec.targets))})(\.multiway\.[01])?"
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names)
     inject_adapter_in_model(cfg, model)

@@ -392,12 +392,13 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     if rank == 0:
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
 
+    rows = model.config.tokens_per_image if is_owl2(model) else 1  # Owl2 images become Q + 1 sequence rows
     data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
-                               recipe.data.cut, recipe.data.max_length)
+                               recipe.data.cut, recipe.data.max_length, rows_per_image=rows)
     val = None
     if recipe.data.val and recipe.eval_every and rank == 0:
         val = ConversationDataset(recipe.data.val, processor, "skip", recipe.data.max_frames, recipe.data.cut,
-                                  recipe.data.max_length)
+                                  recipe.data.max_length, rows_per_image=rows)
     pad = pad_id(model, processor)
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
@@ -430,6 +431,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
             (tok_loss / n_tok.clamp(min=1) * world).backward()  # DDP and FSDP average gradients over processes
             loss_sum += tok_loss.detach().cpu()
             tok_count += int(b["attention_mask"].sum())
+            if b["image_positions"] is not None and rows > 1:  # Owl2: the images' rows are sequence tokens too
+                tok_count += int((b["image_positions"] >= 0).sum()) * (rows - 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.optim.grad_clip) if recipe.optim.grad_clip else None
         opt.step()
         opt.zero_grad(set_to_none=True)
