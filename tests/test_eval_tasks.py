@@ -455,3 +455,12 @@ def test_cli_synthetic_task_prints_categories(chat_checkpoint, tmp_path, capsys)
     assert printed[0].split() == ["category", "n", "accuracy"] and printed[-1].split()[:2] == ["all", "3"]
     assert {l.split()[0] for l in printed[1:-1]} == {"multi/which", "multi/same", "multi/diff"}
     assert (tmp_path / "cache" / "synthetic-multi-n3-seed0" / "test.jsonl").exists() and (out / "summary.json").exists()
+
+
+def test_distractor_reads_mmbench_tsv_too():
+    plan = harness.prepare("distractor", str(DATA / "mmbench.tsv"), "unused", pool=str(DATA / "pool"), distractors="2")
+    assert [it.id for it in plan.items] == ["1", "2", "3"] and plan.counts == [2]
+    s = dis.distractor_samples(plan.items, plan.pool, 2)[1]   # the hint stays in front of the question
+    for c, k in zip(s.build(), s.extra["target_image"]):
+        assert c["images"][k - 1] == plan.items[1].image and isinstance(c["images"][k - 1], bytes)
+        assert f"Look carefully.\nLook at image {k}. What shape is shown?\nA. " in c["messages"][0]["content"]
