@@ -378,6 +378,8 @@ def test_data_parallel_ranks_split_then_rank0_merges(monkeypatch, tmp_path):
 
     monkeypatch.setattr(runner, "chat_batch", fake_chat)
     samples = mmbench_samples(DATA / "mmbench.tsv")
+    (tmp_path / "dp").mkdir()  # a row of an earlier run over more samples (e.g. without --limit) is kept
+    (tmp_path / "dp" / "predictions.jsonl").write_text(json.dumps({"id": "zz", "category": "x", "score": 1.0}) + "\n")
     results = {}
 
     def rank(r):
@@ -391,7 +393,8 @@ def test_data_parallel_ranks_split_then_rank0_merges(monkeypatch, tmp_path):
         t.join(60)
     assert len(seen[0]) == 4 + 2 and len(seen[1]) == 3  # rank 0: samples 1 and 3, rank 1: sample 2
     assert all("shape is shown" in q for q in seen[1])
-    assert [r["id"] for r in rows(tmp_path / "dp")] == ["1", "2", "3"]
+    assert [r["id"] for r in rows(tmp_path / "dp")] == ["1", "2", "3", "zz"]
+    assert results[0]["n"] == 3
     assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["predictions.jsonl", "run.json", "summary.json"]
     monkeypatch.setattr(runner, "dist_info", lambda: (0, 1))
     single = runner.run_samples(None, samples, tmp_path / "dp", meta={"task": "mmbench"})  # one process now: everything is on disk

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -160,7 +160,7 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
     out.mkdir(parents=True, exist_ok=True)
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
     rank, world = dist_info()
     meta = dict(meta or {})
@@ -197,8 +197,10 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
             for r in range(world):
                 done.update(read_predictions(out / f"predictions.rank{r}.jsonl"))
             rows = [done[i] for i in ids]
+            wanted = set(ids)
+            kept = rows + [r for i, r in done.items() if i not in wanted]  # rows of an earlier, larger run stay
             tmp = main_file.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
             tmp.replace(main_file)
             for r in range(world):
                 (out / f"predictions.rank{r}.jsonl").unlink(missing_ok=True)
