@@ -222,6 +222,21 @@ def test_parts_and_layer_wise_lr_decay_on_the_vit():
     assert on == {k for k in named if k.startswith(("vision.", "abstractor."))} | fusion
 
 
+def test_bf16_autocast_training_step_runs():
+    """The trainer's CUDA bf16 path, on CPU autocast: fp32 weights, bf16 matmuls, image rows + token rows mixed."""
+    from hyperowl.train.trainer import visual_rows_in_embedding_dtype
+
+    model = random_owl2().train()
+    visual_rows_in_embedding_dtype(model)
+    ids = torch.randint(5, 300, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, pixel_values=torch.randn(3, 3, 28, 28), image_positions=torch.tensor([[1, 4], [2, -1]]), labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logits.shape[1] == 8 + 2 * (model.config.tokens_per_image - 1)
+    assert model.vision.embeddings.patch_embed.weight.grad is not None
+    assert model.decoder.layers[0].self_attn.k_proj.multiway[1].weight.grad.abs().sum() > 0
+
+
 def test_init_visual_from_text_copies_norms_and_kv():
     from hyperowl.train.upgrade import init_visual_from_text
 
