@@ -223,11 +223,9 @@ def test_parts_and_layer_wise_lr_decay_on_the_vit():
 
 
 def test_bf16_autocast_training_step_runs():
-    """The trainer's CUDA bf16 path, on CPU autocast: fp32 weights, bf16 matmuls, image rows + token rows mixed."""
-    from hyperowl.train.trainer import visual_rows_in_embedding_dtype
-
+    """The trainer's CUDA bf16 path, on CPU autocast: fp32 weights, bf16 matmuls, bf16 image rows written
+    into the fp32 token rows (expand_rows must cast, not fail on mixed dtypes)."""
     model = random_owl2().train()
-    visual_rows_in_embedding_dtype(model)
     ids = torch.randint(5, 300, (2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids, pixel_values=torch.randn(3, 3, 28, 28), image_positions=torch.tensor([[1, 4], [2, -1]]), labels=ids)

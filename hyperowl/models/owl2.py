@@ -95,7 +95,7 @@ def expand_rows(tok_embeds: Tensor, valid: Tensor, image_positions: Tensor, imag
     dst_img = torch.where(present[..., None], start[..., None] + torch.arange(t, device=dev), w)  # [B, N_max, T]
     dst_img = dst_img.view(b, n_max * t)
 
-    vis_in = image_embeds.new_zeros(b, n_max, t, hdim)
+    vis_in = tok_embeds.new_zeros(b, n_max, t, hdim)  # in the embeddings' dtype (under autocast the rows may be bf16)
     vis_in[present] = image_embeds.to(tok_embeds.dtype)  # row-major = concatenation order of the rows' images
     rows = tok_embeds.new_zeros(b, w + 1, hdim)
     rows = rows.scatter(1, dst_tok[..., None].expand(b, l, hdim), tok_embeds)

@@ -222,15 +222,6 @@ def expand_labels(model: torch.nn.Module, batch: dict) -> dict:
     return {**batch, "labels": expanded}
 
 
-def visual_rows_in_embedding_dtype(model: torch.nn.Module) -> None:
-    """Owl2 under bf16 autocast: the abstractor's rows come out bf16 while the token embeddings stay float32,
-    and `expand_rows` writes both into one tensor (it fails on mixed dtypes). A forward hook casts the rows to
-    the embedding dtype (autocast still runs the decoder's matmuls in bf16). No-op for Owl3."""
-    if is_owl2(model):
-        emb = model.decoder.embed_tokens
-        model.abstractor.register_forward_hook(lambda mod, args, out: out.to(emb.weight.dtype))
-
-
 def pad_id(model: torch.nn.Module, processor) -> int:
     if is_owl2(model):
         return model.config.pad_token_id
@@ -412,8 +403,6 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
-    if recipe.bf16 and device.type == "cuda":
-        visual_rows_in_embedding_dtype(model)
 
     model.train()
     total = recipe.optim.max_steps
