@@ -26,12 +26,14 @@ def default_model_dir():
     return Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "owl3-synthetic"
 
 
-def load(model: str | os.PathLike | None = None, dtype=None, device=None, revision: str | None = None):
+def load(model: str | os.PathLike | None = None, dtype=None, device=None, revision: str | None = None,
+         quantize: str | None = None):
     """Load an mPLUG-Owl3 (`Owl3Model`) or mPLUG-Owl2 (`Owl2Model`) checkpoint (local directory or hub id);
     config.json's model_type (mplugowl3 / mplug_owl2) decides.
 
     model: None = the embedded default model (a small Owl3 trained by this project, shipped in models/).
     dtype: None = float32 on CPU, the checkpoint's dtype on GPU. device: None = cuda if available.
+    quantize: None, or "int8" for int8 weight-only LLM linears (inference only; see hyperowl.quantize).
     The returned model has the official drop-in forward and `.chat()` (when the checkpoint has a tokenizer).
     """
     import torch
@@ -45,7 +47,13 @@ def load(model: str | os.PathLike | None = None, dtype=None, device=None, revisi
         model = default_model_dir()
         if not (model / "config.json").exists():
             raise CheckpointError(f"the embedded default model is not at {model}; pass a model directory or hub id")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}: the supported option is 'int8' (or None)")
     m = load_any(model, dtype=dtype, device=device, revision=revision)  # dispatches on config.json model_type
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(m)
     if (m.checkpoint_dir / "tokenizer.json").exists() and m.config.__class__.__name__ == "Owl2Config":
         from .processing.owl2 import Owl2Processor  # mPLUG-Owl2: USER/ASSISTANT prompt, CLIP pixels
 

@@ -56,7 +56,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _check_files(args.video, "video")
     import hyperowl
 
-    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if model.processor is None:
         raise InputError(f"model '{args.model or model.checkpoint_dir}': no tokenizer.json in the checkpoint; chat needs one")
     if args.prompt:
@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import torch
 
-    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device)
+    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     if args.threads or model.device.type == "cpu":
         # On CPU, leave one core to the event loop: torch's spinning worker threads on every core starve it
         # and a batch of 8 streams ran >10x slower in bench/bench_serve.py on a 2-core machine.
@@ -271,7 +271,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():  # torchrun: one GPU per rank
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model = hyperowl.load(args.model, dtype=args.dtype, device=device)
+    model = hyperowl.load(args.model, dtype=args.dtype, device=device, quantize=args.quantize)
     if model.processor is None:
         raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
     s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
     c.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("train", help="train or fine-tune from a YAML recipe (also under torchrun)")
@@ -372,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
+    s.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate on a benchmark file or a built-in synthetic set (predictions + summary)",
@@ -399,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=None, help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default=None)
+    e.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
     e.set_defaults(func=cmd_eval)
 
     dt = sub.add_parser("data", help="datasets: `hyperowl data synth --out DIR` writes the synthetic visual world",

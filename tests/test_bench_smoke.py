@@ -49,3 +49,14 @@ def test_long_video_bench_smoke(tmp_path):
     assert rows[("full", True)]["frames_decoded"] == int(0.02 * 3600 * 4)
     assert rows[("keyframes", True)]["decoded_per_kept"] <= rows[("exact", True)]["decoded_per_kept"]
     assert rows[("exact", True)]["kept"] == 8
+
+
+def test_quantize_bench_smoke(tmp_path):
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "bench/bench_quantize.py", "--shape", "tiny", "--images", "2", "--decode", "2",
+                        "--repeats", "1", "--questions", "3", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [row["weights"] for row in res["speed"]] == ["float32", "int8"]
+    assert res["speed"][1]["llm_linear_bytes"] < res["speed"][0]["llm_linear_bytes"]
+    assert res["quality"]["questions"] == 3 and 0 <= res["quality"]["same_answer"] <= 1

@@ -98,8 +98,9 @@ class Owl3Model(nn.Module):
         return self.projector(self.vision(pixel_values, chunk=self.config.vision_batch_size))
 
     def output_head(self, h: Tensor) -> Tensor:
-        w = self.decoder.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        if self.lm_head is None:  # tied embeddings
+            return F.linear(h, self.decoder.embed_tokens.weight)
+        return self.lm_head(h)  # nn.Linear, or an Int8Linear after quantize_int8
 
     # -- the forward -------------------------------------------------------------------------------------
     def forward(
