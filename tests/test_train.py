@@ -131,6 +131,26 @@ def test_layer_wise_lr_decay_groups():
     groups = param_groups(model, {"projector": True, "fusion": True, "llm": True, "vision": True}, 1.0, 0.0, 0.9)
     scales = sorted({round(g["lr_scale"], 6) for g in groups})
     assert scales == [round(0.9 ** 2, 6), round(0.9, 6), 1.0]  # embeddings, the one built layer, the rest
+    # part_lr multiplies whole parts, on top of the vision decay
+    fusion = set(model.fusion_parameters())
+    groups = param_groups(model, {"projector": True, "fusion": True, "llm": True, "vision": True}, 1.0, 0.0, 0.9,
+                          {"vision": 3.0, "fusion": 2.0})
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["vision.embeddings.patch_embedding.weight"])] == pytest.approx(3.0 * 0.9 ** 2)
+    assert scale[id(named[sorted(fusion)[0]])] == 2.0
+    assert scale[id(named["decoder.embed_tokens.weight"])] == 1.0
+    assert scale[id(named["projector.fc.weight"])] == 1.0
+
+
+def test_part_lr_is_validated():
+    from hyperowl.errors import InputError
+    from hyperowl.train.recipe import Recipe
+
+    with pytest.raises(InputError, match="part_lr"):
+        Recipe.from_dict({"optim": {"part_lr": {"visoin": 3.0}}})
+    with pytest.raises(InputError, match="part_lr"):
+        Recipe.from_dict({"optim": {"part_lr": {"vision": -1}}})
 
 
 def run_cli(*args, env=None, timeout=300):

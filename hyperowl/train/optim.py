@@ -50,8 +50,11 @@ def vision_depth(name: str, num_layers: int) -> int:
     return 0
 
 
-def param_groups(model: Owl3Model | nn.Module, trainable: dict[str, bool], lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Set requires_grad by part and build AdamW groups (no decay on biases/norms; LR decay in the vision tower)."""
+def param_groups(model: Owl3Model | nn.Module, trainable: dict[str, bool], lr: float, weight_decay: float, layer_decay: float,
+                 part_lr: dict[str, float] | None = None) -> list[dict]:
+    """Set requires_grad by part and build AdamW groups (no decay on biases/norms; LR decay in the vision tower;
+    part_lr multiplies the LR of whole parts, e.g. a from-scratch vision side that must learn faster than the LM)."""
+    part_lr = part_lr or {}
     fusion = set(model.fusion_parameters())
     n_vis = len(model.vision.layers)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -62,9 +65,9 @@ def param_groups(model: Owl3Model | nn.Module, trainable: dict[str, bool], lr: f
         p.requires_grad_(on)
         if not on:
             continue
-        scale = 1.0
+        scale = float(part_lr.get(part_of(clean, fusion), 1.0))
         if clean.startswith("vision."):
-            scale = layer_decay ** (n_vis + 1 - vision_depth(clean, n_vis))
+            scale *= layer_decay ** (n_vis + 1 - vision_depth(clean, n_vis))
         wd = 0.0 if (p.ndim < 2 or "norm" in clean) else weight_decay
         groups.setdefault((scale, wd), []).append(p)
     return [{"params": ps, "lr": lr * scale, "lr_scale": scale, "weight_decay": wd} for (scale, wd), ps in groups.items()]

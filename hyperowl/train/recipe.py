@@ -82,6 +82,7 @@ class OptimSpec:
     max_steps: int = 1000
     layer_decay: float = 0.9
     grad_clip: float = 1.0
+    part_lr: dict[str, float] = field(default_factory=dict)  # LR multiplier per part, e.g. {vision: 3.0}
 
 
 @dataclass
@@ -124,6 +125,11 @@ class Recipe:
             raise InputError(f"recipe: trainable values must be true, false or null (model default); got {bad}")
         base.update(self.trainable)
         self.trainable = base
+        bad_lr = {k: v for k, v in self.optim.part_lr.items()
+                  if k not in base or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        if bad_lr:
+            raise InputError(f"recipe: optim.part_lr takes parts (projector, fusion, llm, vision) with positive "
+                             f"multipliers; got {bad_lr}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
 
