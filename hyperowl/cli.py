@@ -262,7 +262,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Read and check the data (or generate a synthetic set) before loading the model: bad input fails fast.
     plan = harness.prepare(args.task, args.data, args.out, limit=args.limit, frames=args.frames,
                            distractors=args.distractors, pool=args.pool, seed=args.seed, cache_dir=args.cache_dir,
-                           circular=not args.no_circular)
+                           circular=not args.no_circular, annotations=args.annotations, image_dir=args.image_dir)
     import hyperowl
 
     device = args.device
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="first N samples (synthetic-*: set size, default 100)")
     e.add_argument("--batch-size", type=int, default=8, help="conversations per padded batch")
     e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--annotations", default=None, help="vqa: the VQAv2 annotations file when --data is the official "
+                   "questions file (v2_OpenEnded_mscoco_*_questions.json)")
+    e.add_argument("--image-dir", default=None, help="vqa: folder of the images (default: the data file's folder)")
     e.add_argument("--frames", type=int, default=16, help="video-mc: frames sampled per video (default 16)")
     e.add_argument("--no-circular", action="store_true", help="mmbench: ask each question once (no option rotations)")
     e.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")

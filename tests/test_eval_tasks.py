@@ -465,3 +465,40 @@ def test_distractor_reads_mmbench_tsv_too():
     for c, k in zip(s.build(), s.extra["target_image"]):
         assert c["images"][k - 1] == plan.items[1].image and isinstance(c["images"][k - 1], bytes)
         assert f"Look carefully.\nLook at image {k}. What shape is shown?\nA. " in c["messages"][0]["content"]
+
+
+V2 = DATA / "vqav2"
+V2Q, V2A = V2 / "v2_OpenEnded_mscoco_val2014_questions.json", V2 / "v2_mscoco_val2014_annotations.json"
+
+
+def test_vqav2_official_two_file_format(model, tmp_path):
+    samples = vqa_samples(V2Q, V2A, V2 / "val2014")
+    assert [s.id for s in samples] == ["42000", "7001"]  # question order, answers joined by question_id
+    assert [s.category for s in samples] == ["other", "yes/no"]
+    assert samples[0].answer == ["red"] * 9 + ["orange"]
+    conv = samples[0].build()[0]
+    assert conv["images"][0].endswith("COCO_val2014_000000000042.jpg")
+    out = tmp_path / "v2"
+    s = harness.run(model, harness.prepare("vqa", str(V2Q), out, annotations=str(V2A), image_dir=str(V2 / "val2014")),
+                    out, max_new_tokens=3)
+    rs = rows(out)
+    assert s["n"] == 2 and set(s["categories"]) == {"other", "yes/no"}
+    for r in rs:
+        assert r["score"] == pytest.approx(vqa_soft_accuracy(r["prediction"], r["answer"]))
+
+
+def test_vqav2_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(InputError, match="--annotations"):
+        vqa_samples(V2Q)  # the questions file alone has no answers
+    with pytest.raises(InputError, match="image 42 not found.*--image-dir"):
+        vqa_samples(V2Q, V2A, tmp_path)  # wrong image folder
+    anns = json.loads(V2A.read_text())
+    anns["annotations"] = anns["annotations"][:1]
+    bad = tmp_path / "ann.json"
+    bad.write_text(json.dumps(anns))
+    with pytest.raises(InputError, match="question_id 42000 has no entry"):
+        vqa_samples(V2Q, bad, V2 / "val2014")
+    with pytest.raises(InputError, match="official VQAv2"):
+        vqa_samples(DATA / "vqa.jsonl", V2A)
+    with pytest.raises(InputError, match="--task vqa"):
+        harness.prepare("mmbench", str(DATA / "mmbench.tsv"), tmp_path, annotations=str(V2A))

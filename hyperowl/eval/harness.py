@@ -33,7 +33,8 @@ class Plan:
 
 def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[int] = None, frames: int = 16,
             distractors: str = "0,5,10", pool: Optional[str] = None, seed: int = 0,
-            cache_dir: Optional[str] = None, circular: bool = True) -> Plan:
+            cache_dir: Optional[str] = None, circular: bool = True,
+            annotations: Optional[str] = None, image_dir: Optional[str] = None) -> Plan:
     if task not in TASKS:
         raise InputError(f"--task '{task}': choose one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
@@ -54,6 +55,8 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
     path = Path(data)
     if not path.is_file():
         raise InputError(f"--data '{data}': no such file")
+    if (annotations or image_dir) and task != "vqa":
+        raise InputError("--annotations and --image-dir are for --task vqa")
     if task == "distractor":
         if not pool:
             raise InputError("--task distractor needs --pool (a folder of images or a JSONL of {\"image\": path})")
@@ -64,7 +67,7 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
     if task == "mmbench":
         samples = tk.mmbench_samples(path, circular=circular)
     elif task == "vqa":
-        samples = tk.vqa_samples(path)
+        samples = tk.vqa_samples(path, annotations, image_dir)
     elif task == "multi-image":
         samples = tk.multi_image_samples(path)
     else:

@@ -414,23 +414,90 @@ def mmbench_samples(path: str | Path, circular: bool = True) -> list[Sample]:
 # -- VQA --------------------------------------------------------------------------------------------------
 
 
-def vqa_samples(path: str | Path) -> list[Sample]:
+def _vqa_sample(rid: str, category: str, q: str, img: str, answers: list, where: str) -> Sample:
+    answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+    if not answers or not all(isinstance(a, (str, int, float)) for a in answers):
+        raise InputError(f"{where}: 'answers' must be a non-empty list of strings or {{\"answer\": ...}} objects")
+    answers = [str(a) for a in answers]
+    conv = {"messages": [{"role": "user", "content": f"{IMAGE_TOKEN}{q}\n{VQA_INSTRUCTION}"}], "images": [img]}
+    score = lambda preds, answers=answers: (lambda s: {"score": s, "correct": s >= 1.0})(vqa_soft_accuracy(preds[0], answers))
+    return Sample(rid, category, answers, lambda conv=conv: [conv], score)
+
+
+def _load_json_object(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise InputError(f"{what} '{path}': no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{what} '{path}': not valid JSON ({e})") from None
+
+
+def _vqav2_image(image_dir: Path, subtype: str, image_id: Any, where: str) -> str:
+    """COCO file naming (COCO_val2014_000000000042.jpg), or a bare id (000000000042.jpg / 42.jpg)."""
+    if not isinstance(image_id, int):
+        raise InputError(f"{where}: image_id must be an integer, got {image_id!r}")
+    names = ([f"COCO_{subtype}_{image_id:012d}.jpg"] if subtype else []) + [f"{image_id:012d}.jpg", f"{image_id}.jpg",
+                                                                              f"{image_id}.png"]
+    for n in names:
+        if (image_dir / n).is_file():
+            return str(image_dir / n)
+    raise InputError(f"{where}: image {image_id} not found in '{image_dir}' (looked for {', '.join(names)}); "
+                     f"pass the images folder with --image-dir")
+
+
+def vqav2_samples(questions_path: Path, annotations: str | Path | None, image_dir: str | Path | None) -> list[Sample]:
+    """The official VQAv2 pair: a questions file ({"data_subtype", "questions": [{question_id, image_id,
+    question}]}) and an annotations file ({"annotations": [{question_id, answers: [{answer}], answer_type}]}),
+    images named as in COCO. Categories are the answer types (yes/no, number, other)."""
+    if annotations is None:
+        raise InputError(f"--data '{questions_path}' is a VQAv2 questions file: also pass its annotations file "
+                         f"with --annotations (e.g. v2_mscoco_val2014_annotations.json)")
+    qdoc = _load_json_object(questions_path, "--data")
+    adoc = _load_json_object(Path(annotations), "--annotations")
+    anns = adoc.get("annotations") if isinstance(adoc, dict) else None
+    if not isinstance(anns, list):
+        raise InputError(f"--annotations '{annotations}': expected an object with an 'annotations' list (VQAv2 format)")
+    by_qid = {a.get("question_id"): a for a in anns if isinstance(a, dict)}
+    subtype = str(qdoc.get("data_subtype") or "")
+    root = Path(image_dir) if image_dir else questions_path.parent
+    if not root.is_dir():
+        raise InputError(f"--image-dir '{root}': no such folder")
+    out = []
+    for i, q in enumerate(qdoc["questions"]):
+        where = f"{questions_path}[questions][{i}]"
+        if not isinstance(q, dict):
+            raise InputError(f"{where}: a question must be a JSON object")
+        qid = need(q, "question_id", where)
+        ann = by_qid.get(qid)
+        if ann is None:
+            raise InputError(f"{where}: question_id {qid} has no entry in --annotations '{annotations}' "
+                             f"(are the two files of the same split?)")
+        img = _vqav2_image(root, subtype, need(q, "image_id", where), where)
+        out.append(_vqa_sample(str(qid), str(ann.get("answer_type") or "default"), str(need(q, "question", where)), img,
+                               need(ann, "answers", f"--annotations question_id {qid}"), where))
+    return out
+
+
+def vqa_samples(path: str | Path, annotations: str | Path | None = None, image_dir: str | Path | None = None) -> list[Sample]:
+    """VQA records ({question, image, answers}) from JSON/JSONL, or the official VQAv2 questions +
+    annotations files (detected by the questions file's "questions" list)."""
     path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        doc = _load_json_object(path, "--data")
+        if isinstance(doc, dict) and isinstance(doc.get("questions"), list):
+            return vqav2_samples(path, annotations, image_dir)
+    if annotations is not None:
+        raise InputError(f"--annotations is for the official VQAv2 two-file format; '{path}' holds the answers itself")
     out = []
     for n, (where, rec) in enumerate(read_json_records(path), 1):
         q = str(need(rec, "question", where))
-        img = media_path(path.parent, need(rec, ("image", "image_path", "file"), where), where)
+        root = Path(image_dir) if image_dir else path.parent
+        img = media_path(root, need(rec, ("image", "image_path", "file"), where), where)
         answers = need(rec, "answers", where, "a list of reference answers (10 in VQAv2)")
-        if not isinstance(answers, list) or not answers:
+        if not isinstance(answers, list):
             raise InputError(f"{where}: 'answers' must be a non-empty list")
-        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
-        if not all(isinstance(a, (str, int, float)) for a in answers):
-            raise InputError(f"{where}: 'answers' must hold strings or {{\"answer\": ...}} objects")
-        answers = [str(a) for a in answers]
-        conv = {"messages": [{"role": "user", "content": f"{IMAGE_TOKEN}{q}\n{VQA_INSTRUCTION}"}], "images": [img]}
-        score = lambda preds, answers=answers: (lambda s: {"score": s, "correct": s >= 1.0})(
-            vqa_soft_accuracy(preds[0], answers))
-        out.append(Sample(record_id(rec, where, n), _category(rec, "default"), answers, lambda conv=conv: [conv], score))
+        out.append(_vqa_sample(record_id(rec, where, n), _category(rec, "default"), q, img, answers, where))
     return out
 
 

@@ -106,6 +106,24 @@ def main() -> None:
     ]
     (HERE / "distractor_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
 
+    # the official VQAv2 pair (questions + annotations), images named as in COCO
+    v2 = HERE / "vqav2"
+    (v2 / "val2014").mkdir(parents=True, exist_ok=True)
+    shape_image("red", "circle").save(v2 / "val2014" / "COCO_val2014_000000000042.jpg", quality=95)
+    shape_image("blue", "square").save(v2 / "val2014" / "COCO_val2014_000000000007.jpg", quality=95)
+    questions = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}, "data_subtype": "val2014",
+                 "questions": [{"image_id": 42, "question": "What colour is the circle?", "question_id": 42000},
+                               {"image_id": 7, "question": "Is this a square?", "question_id": 7001}]}
+    annotations = {"info": {}, "license": {}, "data_subtype": "val2014", "annotations": [
+        {"question_id": 7001, "image_id": 7, "answer_type": "yes/no", "question_type": "is this",
+         "multiple_choice_answer": "yes", "answers": [{"answer": "yes", "answer_confidence": "yes", "answer_id": i + 1}
+                                                      for i in range(10)]},
+        {"question_id": 42000, "image_id": 42, "answer_type": "other", "question_type": "what color is the",
+         "multiple_choice_answer": "red", "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                                      for i, a in enumerate(["red"] * 9 + ["orange"])]}]}
+    (v2 / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(questions) + "\n")
+    (v2 / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(annotations) + "\n")
+
 
 if __name__ == "__main__":
     main()
