@@ -279,27 +279,3 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
-
-
-def test_from_scratch_vision_positions_start_as_2d_sincos():
-    """init_weights gives the tower's learned position table a 2-D sin-cos start (Owl3 SigLIP and the Owl2
-    ViT with its CLS row), so patches are told apart by position from step 0."""
-    from hyperowl.config import PRESETS
-    from hyperowl.models.abstractor import sincos_2d
-    from hyperowl.models.owl2 import Owl2Model
-    from hyperowl.models.owl3 import Owl3Model
-    from hyperowl.train.trainer import init_weights
-
-    m3 = Owl3Model(PRESETS["owl3-synthetic"])
-    init_weights(m3, 0)
-    w = m3.vision.embeddings.position_embedding.weight
-    g = m3.config.vision.image_size // m3.config.vision.patch_size
-    assert torch.allclose(w, sincos_2d(w.shape[1], g, False).float())
-    assert (w[1] - w[0]).norm() > 0.5 and (w[g] - w[0]).norm() > 0.5  # next column / next row differ
-    from hyperowl.config import OWL2_PRESETS
-
-    m2 = Owl2Model(OWL2_PRESETS["owl2-tiny"])
-    init_weights(m2, 0)
-    p = m2.vision.embeddings.position_embedding[0]
-    assert torch.all(p[0] == 0)  # CLS row
-    assert torch.allclose(p, sincos_2d(p.shape[1], int((p.shape[0] - 1) ** 0.5), True).float())

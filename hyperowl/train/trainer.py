@@ -27,7 +27,6 @@ trains the vision tower for Owl2 by default (the paper's pre-training stage), se
 from __future__ import annotations
 
 import contextlib
-import math
 import json
 import logging
 import os
@@ -97,29 +96,6 @@ def init_weights(model: Owl3Model | Owl2Model, seed: int) -> None:
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        init_vision_positions(model)
-
-
-def init_vision_positions(model: Owl3Model | Owl2Model) -> None:
-    """Start the vision tower's learned position table as a 2-D sin-cos table (MAE-style), not as noise.
-
-    Why: with N(0, 0.02) positions next to patch features ~20x larger, a from-scratch tower trained on
-    the synthetic world never made positions visible: after 3000 steps the table had not moved (norm 0.23 ->
-    0.25) and the model answered position, shape and count questions at chance while naming colours."""
-    from ..models.abstractor import sincos_2d
-
-    emb = getattr(model.vision, "embeddings", None)
-    table = getattr(emb, "position_embedding", None)
-    if table is None:
-        return
-    w = table.weight if isinstance(table, torch.nn.Embedding) else table  # Owl3 SigLIP: Embedding; Owl2 ViT: Parameter
-    n, dim = w.shape[-2], w.shape[-1]
-    cls = n != int(round(math.sqrt(n))) ** 2  # a CLS row in front (Owl2 ViT)
-    grid = int(round(math.sqrt(n - cls)))
-    if grid * grid + cls != n or dim % 4:
-        return
-    with torch.no_grad():
-        w.copy_(sincos_2d(dim, grid, cls).to(w.dtype).reshape(w.shape))
 
 
 def on_rank0(fn) -> None:
