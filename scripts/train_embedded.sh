@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model from nothing: synthetic data -> training -> evaluation -> models/.
-# About an hour on 2 CPU cores. Usage: bash scripts/train_embedded.sh
+# About 15 minutes on 2 CPU cores. Usage: bash scripts/train_embedded.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/hyperowl ] || bash scripts/setup.sh
