@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    c.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
+    c.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
     c.set_defaults(func=cmd_chat)
 
     t = sub.add_parser("train", help="train or fine-tune from a YAML recipe (also under torchrun)")
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
-    s.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
+    s.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="evaluate on a benchmark file or a built-in synthetic set (predictions + summary)",
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=None, help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
     e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     e.add_argument("--device", default=None)
-    e.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; less memory, faster decode)")
+    e.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
     e.set_defaults(func=cmd_eval)
 
     dt = sub.add_parser("data", help="datasets: `hyperowl data synth --out DIR` writes the synthetic visual world",
