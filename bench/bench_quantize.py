@@ -22,26 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vs_llava import IMAGE, PATCH, QUESTION, SHAPES  # noqa: E402
+from bench_vs_llava import IMAGE, QUESTION, SHAPES, build_ours  # noqa: E402
 
 
 def build(shape: str):
-    from hyperowl.config import Owl3Config, SiglipConfig
-    from hyperowl.models.owl3 import Owl3Model
-
     m, v = SHAPES[shape]
-    cfg = Owl3Config(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["inter"], num_layers=m["layers"],
-                     num_heads=m["heads"], num_kv_heads=m["kv"], hyper_layers=m["hyper"], tie_word_embeddings=True,
-                     vision=SiglipConfig(hidden_size=v["hidden"], intermediate_size=v["inter"], num_layers=v["layers"],
-                                         num_heads=v["heads"], image_size=IMAGE, patch_size=PATCH))
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Owl3Model(cfg)
-    model = model.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model, m
+    return build_ours(m, v), m
 
 
 def speed(model, vocab: int, n: int, decode: int, repeats: int) -> dict:
@@ -75,7 +62,7 @@ def linear_bytes(model) -> int:
         if isinstance(mod, torch.nn.Linear):
             total += mod.weight.numel() * mod.weight.element_size()
         elif isinstance(mod, Int8Linear):
-            total += mod.weight_int8.numel() + mod.scales.numel() * mod.scales.element_size()
+            total += mod.nbytes
     if getattr(model, "lm_head", None) is None:  # tied: the float embedding is the head
         total += model.decoder.embed_tokens.weight.numel() * model.decoder.embed_tokens.weight.element_size()
     return total

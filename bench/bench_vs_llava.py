@@ -92,9 +92,9 @@ def peak_rss() -> int:
 
 
 # -- workers (one point each, in a fresh process) ------------------------------------------------------------
-def worker_ours(m: dict, v: dict, n: int, decode: int) -> dict:
+def build_ours(m: dict, v: dict):
+    """Our model in the given shape: built on the meta device, then random N(0, 0.02) weights on CPU."""
     from hyperowl.config import Owl3Config, SiglipConfig
-    from hyperowl.engine import Engine, Request, SamplingParams
     from hyperowl.models.owl3 import Owl3Model
 
     cfg = Owl3Config(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["inter"], num_layers=m["layers"],
@@ -107,6 +107,13 @@ def worker_ours(m: dict, v: dict, n: int, decode: int) -> dict:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    return model
+
+
+def worker_ours(m: dict, v: dict, n: int, decode: int) -> dict:
+    from hyperowl.engine import Engine, Request, SamplingParams
+
+    model = build_ours(m, v)
     engine = Engine(model)
     ids = torch.randint(10, m["vocab"], (n + QUESTION,))
     pixels = torch.randn(n, 3, IMAGE, IMAGE)

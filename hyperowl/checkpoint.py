@@ -274,11 +274,15 @@ def official_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str,
     return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
 
 
+def _refuse_quantized(model: nn.Module) -> None:
+    if getattr(model, "quantized", None):
+        raise CheckpointError("this model was quantized for inference (int8); save the unquantized model instead")
+
+
 def save_owl3(model: nn.Module, out_dir: str | os.PathLike, params: dict[str, torch.Tensor] | None = None) -> Path:
     """config.json + model.safetensors in the official layout. `params` overrides the model's own tensors
     (e.g. a gathered full state dict of a sharded model)."""
-    if getattr(model, "quantized", None):
-        raise CheckpointError("this model was quantized for inference (int8); save the unquantized model instead")
+    _refuse_quantized(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
@@ -352,8 +356,7 @@ def load_owl2(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = N
 
 def save_owl2(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     """config.json + model.safetensors in the official mPLUG-Owl2 layout (loadable by load_owl2)."""
-    if getattr(model, "quantized", None):
-        raise CheckpointError("this model was quantized for inference (int8); save the unquantized model instead")
+    _refuse_quantized(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))

@@ -39,8 +39,12 @@ class Int8Linear(nn.Module):
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [out]
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        dtype = weight.dtype
-        return cls(q, scales.to(dtype), None if bias is None else bias.detach().clone())
+        return cls(q, scales.to(weight.dtype), None if bias is None else bias.detach().clone())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized weight and its scales (the bias is not counted: it is not quantized)."""
+        return self.weight_int8.numel() + self.scales.numel() * self.scales.element_size()
 
     def dequantized(self) -> Tensor:
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
@@ -77,13 +81,13 @@ def quantize_int8(model: nn.Module, vision: bool = False, head: bool = True) -> 
         parent = model.get_submodule(parent_name) if parent_name else model
         q = Int8Linear.from_weight(lin.weight, lin.bias)
         before += lin.weight.numel() * lin.weight.element_size()
-        after += q.weight_int8.numel() + q.scales.numel() * q.scales.element_size()
+        after += q.nbytes
         setattr(parent, attr, q)
         n += 1
     if head and getattr(model, "lm_head", "absent") is None:  # tied: an int8 copy of the embedding as the head
         emb = model.decoder.embed_tokens.weight
         model.lm_head = Int8Linear.from_weight(emb)
-        after += model.lm_head.weight_int8.numel() + model.lm_head.scales.numel() * model.lm_head.scales.element_size()
+        after += model.lm_head.nbytes
         n += 1
     for p in model.parameters():
         p.requires_grad_(False)

@@ -206,14 +206,23 @@ def read_json_records(path: Path) -> list[tuple[str, dict]]:
             data = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path}: not valid JSON ({e}); give a JSON list of records or a .jsonl file") from None
-        if isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise InputError(f"{path}: a JSON object must hold exactly one list of records (e.g. {{\"data\": [...]}})")
-            data = lists[0]
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of records")
-        out = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
+        return json_records(path, data)
+    return _check_records(out)
+
+
+def json_records(path: Path, data: Any) -> list[tuple[str, dict]]:
+    """(where, record) pairs from an already parsed .json document: a list, or an object holding one list."""
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise InputError(f"{path}: a JSON object must hold exactly one list of records (e.g. {{\"data\": [...]}})")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of records")
+    return _check_records([(f"{path}[{i}]", r) for i, r in enumerate(data)])
+
+
+def _check_records(out: list[tuple[str, Any]]) -> list[tuple[str, dict]]:
     for where, r in out:
         if not isinstance(r, dict):
             raise InputError(f"{where}: a record must be a JSON object, got {type(r).__name__}")
@@ -483,16 +492,19 @@ def vqa_samples(path: str | Path, annotations: str | Path | None = None, image_d
     """VQA records ({question, image, answers}) from JSON/JSONL, or the official VQAv2 questions +
     annotations files (detected by the questions file's "questions" list)."""
     path = Path(path)
-    if path.suffix == ".json" and path.is_file():
+    if path.suffix == ".json":  # parsed once: it may be the VQAv2 questions file, else a list of records
         doc = _load_json_object(path, "--data")
         if isinstance(doc, dict) and isinstance(doc.get("questions"), list):
             return vqav2_samples(path, annotations, image_dir)
+        records = json_records(path, doc)
+    else:
+        records = read_json_records(path)
     if annotations is not None:
         raise InputError(f"--annotations is for the official VQAv2 two-file format; '{path}' holds the answers itself")
+    root = Path(image_dir) if image_dir else path.parent
     out = []
-    for n, (where, rec) in enumerate(read_json_records(path), 1):
+    for n, (where, rec) in enumerate(records, 1):
         q = str(need(rec, "question", where))
-        root = Path(image_dir) if image_dir else path.parent
         img = media_path(root, need(rec, ("image", "image_path", "file"), where), where)
         answers = need(rec, "answers", where, "a list of reference answers (10 in VQAv2)")
         if not isinstance(answers, list):

@@ -366,7 +366,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         apply_lora(model, recipe.lora)
         model.to(device)
     groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay,
-                              recipe.optim.part_lr)
+                          recipe.optim.part_lr)
     if not groups:
         raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
     net: torch.nn.Module = model
@@ -380,7 +380,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
             fully_shard(layer)
         fully_shard(model)
         groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay,
-                              recipe.optim.part_lr)
+                          recipe.optim.part_lr)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay)
