@@ -60,18 +60,27 @@ class KVCache:
     def _alloc(self, i: int, like: Tensor, nv: int) -> None:
         b, h, _, d = like.shape
         shape = (b, h, nv + self.capacity, d)
-        self.k[i] = like.new_zeros(shape)
-        self.v[i] = like.new_zeros(shape)
+        # empty, not zeros: every slot is written before it is read (reads stop at the filled length), and
+        # zero-filling a long video's visual K/V is a measurable share of TTFT
+        self.k[i] = like.new_empty(shape)
+        self.v[i] = like.new_empty(shape)
         self.nv[i] = nv
 
-    def write_visual(self, i: int, k: Tensor, v: Tensor) -> None:
+    def alloc_visual(self, i: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+        """Make layer i's buffer with nv = shape[2] visual slots in front; returns the views [B, Hkv, nv, D] for
+        the caller to fill (once, at prefill)."""
         if self.length or self.k[i] is not None:
             raise RuntimeError("visual K/V can only be written at prefill, into an empty cache")
-        nv = k.shape[2]
-        self._alloc(i, k, nv)
-        self.k[i][:, :, :nv] = k
-        self.v[i][:, :, :nv] = v
+        b, h, nv, d = shape
+        self._alloc(i, torch.empty(b, h, 0, d, dtype=dtype, device=device), nv)
         self.visual_writes += 1
+        return self.visual(i)
+
+    def write_visual(self, i: int, k: Tensor, v: Tensor) -> None:
+        kv, vv = self.alloc_visual(i, tuple(k.shape), k.dtype, k.device)
+        kv.copy_(k)
+        vv.copy_(v)
 
     def visual(self, i: int) -> tuple[Tensor, Tensor]:
         nv = self.nv[i]

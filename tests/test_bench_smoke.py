@@ -36,7 +36,7 @@ def test_vs_llava_bench_smoke(tmp_path):
     got = sorted((row["model"], row["images"]) for row in res["rows"])
     assert got == [("hyperowl", 1), ("hyperowl", 2), ("llava", 1), ("llava", 2)]
     ours = [row for row in res["rows"] if row["model"] == "hyperowl"]
-    assert all(0 < row["floor_s"] and row["flops"] > 0 for row in ours)
+    assert all(0 < row["floor_s"] and 0 < row["ttft_warm_s"] and row["flops"] > row["floor_flops"] > 0 for row in ours)
     assert res["summary"]["ttft_speedup_at_largest_baseline_n"]["images"] == 2
 
 

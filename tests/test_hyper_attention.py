@@ -158,21 +158,53 @@ def test_visual_projection_runs_once_per_request(variant):
 
 @torch.no_grad()
 def test_no_dense_visual_mask_in_240728(monkeypatch):
-    """Cross-attention calls receive no mask at all: each segment attends exactly its visible prefix."""
+    """Without grouping, cross-attention calls get no mask: each segment attends exactly its visible prefix.
+    With grouping (the default), small segments merge and only their few queries carry a mask."""
+    from hyperowl.models import attention
+
     model = random_owl3("240728")
     seen = []
     real = hyper_attention.attend
 
     def spy(q, k, v, mask=None, causal=False):
-        seen.append((k.shape[2], mask))
+        seen.append((q.shape[2], k.shape[2], mask))
         return real(q, k, v, mask, causal)
 
     monkeypatch.setattr(hyper_attention, "attend", spy)
     ids = make_row(1, 16, [3, 7, 8, 12])
-    model(ids[None], pixel_values=pixels(4), image_positions=torch.tensor([[3, 7, 8, 12]]))
+    run = lambda: model(ids[None], pixel_values=pixels(4), image_positions=torch.tensor([[3, 7, 8, 12]])).logits
+    monkeypatch.setattr(attention, "GROUP_QUERIES", 0)
+    ungrouped = run()
     # per hyper layer: text self-attention (16 keys), then one call per visible-count segment 1..4 (T = 4)
-    assert [n for n, _ in seen] == [16, 4, 8, 12, 16] * 2
-    assert all(m is None for _, m in seen)
+    assert [n for _, n, _ in seen] == [16, 4, 8, 12, 16] * 2
+    assert all(m is None for _, _, m in seen)
+    seen.clear()
+    monkeypatch.setattr(attention, "GROUP_QUERIES", 8)
+    grouped = run()
+    # queries per count: 4 (count 1), 1 (2), 4 (3), 3 (4) -> groups {1, 2} (5 queries) and {3, 4} (7)
+    assert [n for _, n, _ in seen] == [16, 8, 16] * 2
+    cross = [(nq, m) for nq, n, m in seen if n != 16 or m is not None][: 2]
+    assert [tuple(m.shape) for _, m in cross] == [(1, 1, 5, 8), (1, 1, 7, 16)]
+    assert cross[0][1][0, 0].sum(-1).tolist() == [4, 4, 4, 4, 8]  # four queries see image 1 only, one sees both
+    torch.testing.assert_close(grouped, ungrouped, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_grouped_segments_equal_ungrouped_in_padded_batches(monkeypatch, variant):
+    """Merging small segments (masked) gives the same logits as one call per count, row by row and padded."""
+    from hyperowl.models import attention
+
+    model = random_owl3(variant)
+    rows, pv = batch_inputs()
+    ids, mask, pos = pad_batch(rows, pv)
+    out = {}
+    for g in (0, 2, 8, 64):
+        monkeypatch.setattr(attention, "GROUP_QUERIES", g)
+        out[g] = model(ids, attention_mask=mask, pixel_values=pv, image_positions=pos).logits
+    for g in (2, 8, 64):
+        valid = mask.bool()
+        torch.testing.assert_close(out[g][valid], out[0][valid], atol=1e-5, rtol=1e-5)
 
 
 def test_fusion_parameters_are_listable():

@@ -13,7 +13,9 @@ where image_pos is the placeholder's position + 1 (240728: images strictly befor
 placeholder's position (241101: the placeholder sees its own image). Positions, not raw indices, are used,
 so a left-padded row gives the same result as the same row alone. Since visible images are always a
 prefix of the row's image list, queries are grouped into *segments* with the same visible count k; each
-segment attends the first k*T visual keys with no mask at all (see hyper_attention.py).
+segment attends the first k*T visual keys with no mask at all (see hyper_attention.py). Runs of small
+segments (a handful of queries each, like one placeholder per image) are merged into one call whose mask
+covers only those few queries (`build_segments`), so the visual K/V are not re-read once per image.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ BIG_POS = 1 << 40  # image_pos of padding images: never visible
 
 @dataclass
 class Segment:
-    """Queries that see the first `k` images. idx [B, n] indexes queries (Lq = dummy slot); None = all."""
+    """Queries that see at most the first `k` images (at least `lo`). idx [B, n] indexes queries (Lq = dummy
+    slot); None = all queries of every row (then all see exactly k)."""
 
     k: int
     idx: Tensor | None
+    lo: int = -1  # smallest visible count among the queries (merged segments); -1 = k
+
+    def __post_init__(self) -> None:
+        if self.lo < 0:
+            self.lo = self.k
 
 
 @dataclass
@@ -69,25 +77,64 @@ def build_text_mask(key_valid: Tensor, past: int, lq: int) -> Tensor:
     return mask[:, None]
 
 
-def build_segments(counts: Tensor, skip_zero: bool) -> list[Segment]:
-    """Group queries by visible-image count. counts [B, Lq] -> one Segment per distinct count."""
+# Queries of small segments are merged into groups of at most this many per row (see build_segments).
+GROUP_QUERIES = 8
+
+
+def build_segments(counts: Tensor, skip_zero: bool, group: int | None = None) -> list[Segment]:
+    """Group queries by visible-image count. counts [B, Lq] -> Segments in ascending count order.
+
+    A segment with one distinct count attends its first k*T visual keys with no mask. Runs of *small*
+    segments (at most `group` queries per row in all, e.g. the image placeholders of an interleaved prompt,
+    one per count) are merged into one segment over the largest count, with a [queries x k*T] mask for the
+    queries that see fewer images: without merging, N placeholders cost N attention calls that re-read a
+    growing prefix of the visual K/V (O(N^2) memory traffic, the dominant prefill cost beyond the vision
+    tower at a few hundred images); merged, each group reads it once.
+    """
+    group = GROUP_QUERIES if group is None else group
     b, lq = counts.shape
     values = torch.unique(counts).tolist()
-    if len(values) == 1:
-        return [] if (skip_zero and values[0] == 0) else [Segment(values[0], None)]
+    if skip_zero:
+        values = [k for k in values if k != 0]
+    if not values:
+        return []
+    if len(values) == 1 and bool((counts == values[0]).all()):
+        return [Segment(values[0], None)]
     order = torch.argsort(counts, dim=1, stable=True)
     ordered = counts.gather(1, order)
-    segments = []
-    for k in values:
-        if skip_zero and k == 0:
+    per_value = (ordered[:, :, None] == torch.tensor(values, device=counts.device)).sum(1)  # [B, V] queries per count
+    runs, cur, cur_n, cur_small = [], [], None, False  # runs of value indices; cur_n [B] queries per row in the run
+    for j in range(len(values)):
+        n_j = per_value[:, j]
+        small = int(n_j.max()) <= group
+        if cur and small and cur_small and int((cur_n + n_j).max()) <= group:
+            cur.append(j)
+            cur_n = cur_n + n_j
             continue
-        start = (ordered < k).sum(1)  # [B]
-        n = (ordered == k).sum(1)  # [B]
+        if cur:
+            runs.append(cur)
+        cur, cur_n, cur_small = [j], n_j, small
+    runs.append(cur)
+    segments = []
+    for run in runs:
+        lo, hi = values[run[0]], values[run[-1]]
+        start = (ordered < lo).sum(1)  # [B]
+        n = per_value[:, run].sum(1)  # [B]
         ar = torch.arange(int(n.max()), device=counts.device)
         idx = order.gather(1, (start[:, None] + ar).clamp(max=lq - 1))  # [B, n_max]
         idx = torch.where(ar[None] < n[:, None], idx, lq)  # rows with fewer queries point at the dummy slot
-        segments.append(Segment(k, idx))
+        segments.append(Segment(hi, idx, lo))
     return segments
+
+
+def segment_visual_mask(seg: Segment, counts: Tensor, tokens_per_image: int) -> Tensor | None:
+    """[B, 1, n, k*T] bool: which of the segment's first k*T visual keys each of its queries sees; None when
+    all do (one count). The dummy slot (padded idx entries) sees everything."""
+    if seg.lo == seg.k:
+        return None
+    c = torch.cat([counts, counts.new_full((counts.shape[0], 1), seg.k)], 1).gather(1, seg.idx)  # [B, n]
+    keys = torch.arange(seg.k * tokens_per_image, device=counts.device)
+    return (keys[None, None] < (c * tokens_per_image)[:, :, None])[:, None]
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -24,8 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Owl3Config
-from .attention import AttnContext, Attention, Segment, merge_heads
+from .attention import AttnContext, Attention, Segment, merge_heads, segment_visual_mask
 from .layers import apply_rope, attend
+
+
+# Image tokens per chunk when projecting visual K/V (see visual_kv): ~14 MB of float32 features at width 896.
+VISUAL_CHUNK_TOKENS = 4096
 
 
 class HyperAttention(Attention):
@@ -38,20 +42,32 @@ class HyperAttention(Attention):
             self.gate_proj = nn.Linear(self.head_dim, self.head_dim, bias=True)
 
     def visual_kv(self, ctx: AttnContext, norm: nn.Module) -> tuple[Tensor, Tensor]:
-        """Visual K/V [B, Hkv, N*T, D]: projected (and cached) at prefill, read from the cache later."""
+        """Visual K/V [B, Hkv, N*T, D]: projected (and cached) at prefill, read from the cache later.
+
+        Projected in chunks of whole images written straight into the output (the cache's buffer when
+        there is one): the temporaries (normed features, fused K/V, rotated keys) stay a few MB whatever the
+        number of images, instead of several full-length copies of every visual token per hyper layer.
+        """
         if ctx.visual_embeds is None:
             return ctx.cache.visual(self.layer_idx)
-        x = norm(ctx.visual_embeds)  # the layer's own input LayerNorm ("shared layernorm")
-        b, nt, _ = x.shape
+        feats = ctx.visual_embeds
+        b, nt, _ = feats.shape
         n = ctx.visual_cos.shape[1]
-        kv = self.v_kv_proj(x).view(b, n, nt // n, self.kv_heads, 2, self.head_dim)
-        k = kv[..., 0, :].permute(0, 3, 1, 2, 4)  # [B, Hkv, N, T, D]
-        v = kv[..., 1, :].permute(0, 3, 1, 2, 4)
-        k = apply_rope(k, ctx.visual_cos[:, None, :, None], ctx.visual_sin[:, None, :, None])  # one position per image
-        k = k.reshape(b, self.kv_heads, nt, self.head_dim)
-        v = v.reshape(b, self.kv_heads, nt, self.head_dim)
+        t = nt // n
+        shape, like = (b, self.kv_heads, nt, self.head_dim), feats
         if ctx.cache is not None:
-            ctx.cache.write_visual(self.layer_idx, k, v)
+            k, v = ctx.cache.alloc_visual(self.layer_idx, shape, like.dtype, like.device)
+        else:
+            k, v = like.new_empty(shape), like.new_empty(shape)
+        step = max(1, VISUAL_CHUNK_TOKENS // t)  # images per chunk
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            x = norm(feats[:, s * t : e * t])  # the layer's own input LayerNorm ("shared layernorm")
+            kv = self.v_kv_proj(x).view(b, e - s, t, self.kv_heads, 2, self.head_dim)
+            kc = kv[..., 0, :].permute(0, 3, 1, 2, 4)  # [B, Hkv, n, T, D]
+            cos, sin = ctx.visual_cos[:, None, s:e, None], ctx.visual_sin[:, None, s:e, None]
+            k[:, :, s * t : e * t].unflatten(2, (e - s, t)).copy_(apply_rope(kc, cos, sin))  # one position per image
+            v[:, :, s * t : e * t].unflatten(2, (e - s, t)).copy_(kv[..., 1, :].permute(0, 3, 1, 2, 4))
         return k, v
 
     def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:
@@ -66,7 +82,8 @@ class HyperAttention(Attention):
             c = attend(q, k, v, ctx.text_mask, ctx.causal)
             if not ctx.segments:  # no query sees an image yet
                 return self.o_proj(merge_heads(c))
-            x = by_segment(q, ctx, lambda seg, qs, idx: attend(qs, vk[:, :, : seg.k * t], vv[:, :, : seg.k * t]))
+            x = by_segment(q, ctx, lambda seg, qs, idx: attend(qs, vk[:, :, : seg.k * t], vv[:, :, : seg.k * t],
+                                                              segment_visual_mask(seg, ctx.counts, t)))
             g = torch.sigmoid(self.gate_proj(c))
             sees_image = (ctx.counts > 0)[:, None, :, None]
             return self.o_proj(merge_heads(torch.where(sees_image, c * (1 - g) + x * g, c)))
@@ -77,14 +94,20 @@ class HyperAttention(Attention):
                 keys, values = ctx.cache.visual_and_text(self.layer_idx, ctx.lq)
             else:
                 keys, values = torch.cat([vk[:, :, :kt], k], 2), torch.cat([vv[:, :, :kt], v], 2)
-            if ctx.text_mask is None:
+            vmask = segment_visual_mask(seg, ctx.counts, t)  # None: every query sees all kt visual keys
+            if ctx.text_mask is None and vmask is None:
                 return attend(qs, keys, values)
-            rows = ctx.text_mask
-            if idx is not None:  # this segment's query rows, the dummy slot seeing everything
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, 1, rows.shape[-1])], 2)
-                rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
-            mask = torch.cat([rows.new_ones(*rows.shape[:-1], kt), rows], -1)
-            return attend(qs, keys, values, mask)
+            lt = keys.shape[2] - kt
+            if ctx.text_mask is None:
+                rows = vmask.new_ones(*vmask.shape[:-1], lt)
+            else:
+                rows = ctx.text_mask
+                if idx is not None:  # this segment's query rows, the dummy slot seeing everything
+                    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, 1, rows.shape[-1])], 2)
+                    rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
+            if vmask is None:
+                vmask = rows.new_ones(*rows.shape[:-1], kt)
+            return attend(qs, keys, values, torch.cat([vmask.expand(rows.shape[0], -1, -1, -1), rows], -1))
 
         return self.o_proj(merge_heads(by_segment(q, ctx, fused)))
 

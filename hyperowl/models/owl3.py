@@ -95,7 +95,16 @@ class Owl3Model(nn.Module):
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[N, 3, S, S] -> image embeddings [N, T, H], the vision tower run in bounded chunks."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        return self.projector(self.vision(pixel_values, chunk=self.config.vision_batch_size))
+        n, chunk = pixel_values.shape[0], self.config.vision_batch_size
+        if not chunk or n <= chunk:
+            return self.projector(self.vision(pixel_values))
+        out = None  # tower + projection per chunk, written into one output: no [N, T, C] tower copy, no cat
+        for s in range(0, n, chunk):
+            e = self.projector(self.vision(pixel_values[s : s + chunk]))
+            if out is None:
+                out = e.new_empty(n, *e.shape[1:])
+            out[s : s + chunk] = e
+        return out
 
     def output_head(self, h: Tensor) -> Tensor:
         if self.lm_head is None:  # tied embeddings
@@ -191,6 +200,8 @@ class Owl3Model(nn.Module):
         shift = 1 if self.config.variant == "240728" else 0  # 240728: visible strictly after the placeholder
         image_pos = positions.gather(1, token_idx.clamp(min=0)) + shift
         image_pos = torch.where(present, image_pos, torch.full_like(image_pos, BIG_POS))
+        if n == b * n_max:  # every slot used (one row, or equal image counts): the layout is already right
+            return image_pos, embeds.reshape(b, n_max * t, hdim)  # a view: no copy of N*T*H floats
         visual = embeds.new_zeros(b, n_max, t, hdim)
         visual[present] = embeds  # row-major order = concatenation order of the rows' images
         return image_pos, visual.view(b, n_max * t, hdim)  # [B, N_max*T, H]

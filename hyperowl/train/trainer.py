@@ -85,9 +85,24 @@ def train_tokenizer(jsonl: Path, vocab_size: int, owl2: bool = False):
     return tok
 
 
-def init_weights(model: Owl3Model | Owl2Model, seed: int) -> None:
-    """Random init for training from scratch: N(0, 0.02) matrices, zero biases, unit norms."""
+# Residual-branch output projections (scaled down by depth in the fan_in scheme).
+_OUT_PROJ = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "mlp.fc2.weight")
+
+
+def init_weights(model: Owl3Model | Owl2Model, seed: int, scheme: str = "normal") -> None:
+    """Random init for training from scratch; unit norms and zero biases in both schemes.
+
+    normal: every matrix and embedding N(0, 0.02) (GPT-2 / HF default).
+    fan_in: matrices N(0, 1/fan_in), residual output projections further / sqrt(2 * layers of their stack),
+        token/position embeddings N(0, 0.02) (the patch embedding is a matrix). Why: in a narrow model (width 128-256) 0.02 is 3-4x below 1/sqrt(width), so
+        attention logits start ~10x flatter and the cross-attention over image patches must first grow its
+        q/k weights severalfold before it can pick out one object (measured: the README's embedded-model notes).
+    """
+    if scheme not in ("normal", "fan_in"):
+        raise InputError(f"recipe: init.scheme {scheme!r} unknown; use normal or fan_in")
     g = torch.Generator().manual_seed(seed)
+    n_llm = max(1, len(getattr(getattr(model, "decoder", None), "layers", [])))
+    n_vis = max(1, len(getattr(getattr(model, "vision", None), "layers", [])))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ("norm" in name or ".ffn_ln." in name) and name.endswith("weight"):
@@ -95,7 +110,12 @@ def init_weights(model: Owl3Model | Owl2Model, seed: int) -> None:
             elif name.endswith("bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                std = 0.02
+                if scheme == "fan_in" and p.ndim >= 2 and ("embed" not in name or "patch_embed" in name) and "query" not in name:
+                    std = p[0].numel() ** -0.5
+                    if name.endswith(_OUT_PROJ):
+                        std /= (2 * (n_vis if name.startswith("vision.") else n_llm)) ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def on_rank0(fn) -> None:
@@ -181,11 +201,11 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
 
             ids = {k: tok.token_to_id(t) for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<unk>"))}
             model = Owl2Model(preset.replace(vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None})).to(device)
-            init_weights(model, recipe.seed)
+            init_weights(model, recipe.seed, recipe.init.scheme)
             init_visual_from_text(model)  # the modality-adaptive visual side starts as the LLM's own norms/K/V
         else:
             model = Owl3Model(preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut)).to(device)
-            init_weights(model, recipe.seed)
+            init_weights(model, recipe.seed, recipe.init.scheme)
     else:
         raise InputError("recipe: init needs 'from', 'preset', 'text_llm' + 'vision' (Owl3) or 'text_llm' + an Owl2 'preset'")
     processor = make_processor(model, tok_file.parent, recipe)
