@@ -279,3 +279,26 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_init_schemes():
+    """normal: every matrix N(0, 0.02); fan_in: N(0, 1/fan_in), residual outputs scaled down by depth."""
+    from conftest import random_owl3
+    from hyperowl.train.trainer import init_weights
+
+    model = random_owl3("240728")
+    named = dict(model.named_parameters())
+    q, o = "decoder.layers.0.self_attn.q_proj.weight", "decoder.layers.0.self_attn.o_proj.weight"
+    init_weights(model, 0, "normal")
+    assert named[q].std().item() == pytest.approx(0.02, rel=0.1)
+    assert named[o].std().item() == pytest.approx(0.02, rel=0.1)
+    init_weights(model, 0, "fan_in")
+    fan_in, layers = named[q].shape[1], len(model.decoder.layers)
+    assert named[q].std().item() == pytest.approx(fan_in ** -0.5, rel=0.1)
+    assert named[o].std().item() == pytest.approx(named[o].shape[1] ** -0.5 / (2 * layers) ** 0.5, rel=0.1)
+    assert named["decoder.embed_tokens.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(float(p.abs().max()) == 0 for n, p in named.items() if n.endswith("bias"))
+    with pytest.raises(InputError, match="scheme"):
+        init_weights(model, 0, "xavier")
+    with pytest.raises(InputError, match="init.scheme"):
+        Recipe.from_dict({"init": {"preset": "tiny-240728", "scheme": "xavier"}})

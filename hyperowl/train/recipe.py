@@ -131,6 +131,8 @@ class Recipe:
         if bad_lr:
             raise InputError(f"recipe: optim.part_lr takes parts (projector, fusion, llm, vision) with positive "
                              f"multipliers; got {bad_lr}")
+        if self.init.scheme not in ("normal", "fan_in"):
+            raise InputError(f"recipe: init.scheme must be normal or fan_in; got {self.init.scheme!r}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
 
