@@ -11,12 +11,13 @@ weights, float32 on CPU. The baseline is transformers' LlavaForConditionalGenera
   request, so TTFT is also measured warm (the same request again) for the TTFT/floor ratio, and the table
   shows the FLOP ratio (our prefill / the floor's): what that ratio would be at equal efficiency;
 - analytic FLOPs of the prefill, and the fraction of the GEMM rate measured at the start of the run.
-The baseline stops at the first N that exceeds --budget-gib (predicted from the previous point) or
+The baseline stops at the first N that exceeds --budget-gib (extrapolated from the previous two points) or
 --point-timeout. Prints a table, writes JSON and a PNG.
 
     python bench/bench_vs_llava.py --shape a                       # Qwen2-0.5B + a small 729-token tower
     python bench/bench_vs_llava.py --shape b --ours 1 4 16 64      # SigLIP-400M + Qwen2-0.5B (the 1B shape)
     python bench/bench_vs_llava.py --shape tiny --ours 1 2 --baseline 1 2   # smoke
+    python bench/bench_vs_llava.py --shape a --ours 1 4 --baseline --dtype bfloat16   # bf16 vs the fp32 rows
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def peak_rss() -> int:
 
 
 # -- workers (one point each, in a fresh process) ------------------------------------------------------------
-def build_ours(m: dict, v: dict):
+def build_ours(m: dict, v: dict, dtype: torch.dtype = torch.float32):
     """Our model in the given shape: built on the meta device, then random N(0, 0.02) weights on CPU."""
     from hyperowl.config import Owl3Config, SiglipConfig
     from hyperowl.models.owl3 import Owl3Model
@@ -118,13 +119,13 @@ def build_ours(m: dict, v: dict):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return model
+    return model.to(dtype)
 
 
-def worker_ours(m: dict, v: dict, n: int, decode: int) -> dict:
+def worker_ours(m: dict, v: dict, n: int, decode: int, dtype: str = "float32") -> dict:
     from hyperowl.engine import Engine, Request, SamplingParams
 
-    model = build_ours(m, v)
+    model = build_ours(m, v, getattr(torch, dtype))
     engine = Engine(model)
     ids = torch.randint(10, m["vocab"], (n + QUESTION,))
     pixels = torch.randn(n, 3, IMAGE, IMAGE)
@@ -189,9 +190,9 @@ def worker_llava(m: dict, v: dict, n: int, decode: int) -> dict:
     return {"ttft_s": ttft, "decode_tok_s": tok_s, "peak_rss_bytes": peak_rss(), "flops": llava_flops(m, v, n)}
 
 
-def run_point(kind: str, shape: str, n: int, decode: int, timeout: float, threads: int) -> dict | None:
+def run_point(kind: str, shape: str, n: int, decode: int, timeout: float, threads: int, dtype: str = "float32") -> dict | None:
     cmd = [sys.executable, __file__, "--worker", kind, "--shape", shape, "--n", str(n), "--decode", str(decode),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--dtype", dtype]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -238,7 +239,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="a")
     ap.add_argument("--ours", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 400])
-    ap.add_argument("--baseline", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--baseline", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="our model's dtype (the baseline always runs float32); bf16 GEMMs are ~8x slower on AVX2 CPUs")
     ap.add_argument("--decode", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--point-timeout", type=float, default=300.0)
@@ -252,8 +255,8 @@ def main() -> None:
         if a.threads:
             torch.set_num_threads(a.threads)
         torch.manual_seed(0)
-        fn = worker_ours if a.worker == "ours" else worker_llava
-        print(json.dumps(fn(m, v, a.n, a.decode)))
+        out = worker_ours(m, v, a.n, a.decode, a.dtype) if a.worker == "ours" else worker_llava(m, v, a.n, a.decode)
+        print(json.dumps(out))
         return
 
     from tqdm import tqdm
@@ -263,19 +266,25 @@ def main() -> None:
     peak = gemm_rate()
     rows: list[dict] = []
     budget = a.budget_gib * 2 ** 30
-    prev = None
+    done: list[dict] = []
     for n in tqdm(a.baseline, desc="llava baseline"):
-        if prev is not None:  # memory grows at least linearly in N: do not start a point that cannot fit
-            if prev["peak_rss_bytes"] * n / prev["images"] > budget:
+        if len(done) >= 2:  # do not start a point that cannot fit: extrapolate the last two points' growth per image
+            p1, p2 = done[-2], done[-1]
+            per_image = max(0.0, (p2["peak_rss_bytes"] - p1["peak_rss_bytes"]) / (p2["images"] - p1["images"]))
+            if p2["peak_rss_bytes"] + per_image * (n - p2["images"]) > budget:
+                print(f"llava baseline: {n} images would exceed --budget-gib {a.budget_gib}; stopping", file=sys.stderr)
                 break
         r = run_point("llava", a.shape, n, a.decode, a.point_timeout, a.threads)
         if r is None:
+            print(f"llava baseline: {n} images failed or ran past --point-timeout {a.point_timeout:.0f} s; stopping",
+                  file=sys.stderr)
             break
-        prev = dict(r, model="llava", images=n)
-        rows.append(prev)
+        done.append(dict(r, model="llava", images=n))
+        rows.append(done[-1])
     for n in tqdm(a.ours, desc="hyperowl"):
-        r = run_point("ours", a.shape, n, a.decode, a.point_timeout, a.threads)
+        r = run_point("ours", a.shape, n, a.decode, a.point_timeout, a.threads, a.dtype)
         if r is None:
+            print(f"hyperowl: {n} images failed or ran past --point-timeout {a.point_timeout:.0f} s; stopping", file=sys.stderr)
             break
         rows.append(dict(r, model="hyperowl", images=n))
     for r in rows:
@@ -313,9 +322,9 @@ def main() -> None:
         lo, hi = min(ours), max(ours)
         summary["decode_ratio_last_vs_first"] = {"images": [lo, hi], "ratio": ours[hi]["decode_tok_s"] / ours[lo]["decode_tok_s"]}
     print(json.dumps(summary, indent=1))
-    out = Path(a.out or f"bench/results/vs_llava_{a.shape}.json")
+    out = Path(a.out or f"bench/results/vs_llava_{a.shape}{'' if a.dtype == 'float32' else '_' + a.dtype}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": a.shape, "llm": m, "vision": v, "gemm_flops_per_s": peak, "decode_steps": a.decode,
+    out.write_text(json.dumps({"shape": a.shape, "dtype": a.dtype, "llm": m, "vision": v, "gemm_flops_per_s": peak, "decode_steps": a.decode,
                                "rows": rows, "summary": summary}, indent=1))
     plot(rows, out.with_suffix(".png"), f"hyperowl vs LLaVA-style concatenation, shape {a.shape} (CPU fp32)")
 
