@@ -122,10 +122,12 @@ def build_ours(m: dict, v: dict, dtype: torch.dtype = torch.float32):
     return model.to(dtype)
 
 
-def worker_ours(m: dict, v: dict, n: int, decode: int, dtype: str = "float32") -> dict:
+def worker_ours(m: dict, v: dict, n: int, decode: int, dtype: str = "float32", compile_vision: bool = False) -> dict:
     from hyperowl.engine import Engine, Request, SamplingParams
 
     model = build_ours(m, v, getattr(torch, dtype))
+    if compile_vision:  # the cold TTFT then includes compiling; compare the warm column
+        model.vision.compile()
     engine = Engine(model)
     ids = torch.randint(10, m["vocab"], (n + QUESTION,))
     pixels = torch.randn(n, 3, IMAGE, IMAGE)
@@ -190,9 +192,10 @@ def worker_llava(m: dict, v: dict, n: int, decode: int) -> dict:
     return {"ttft_s": ttft, "decode_tok_s": tok_s, "peak_rss_bytes": peak_rss(), "flops": llava_flops(m, v, n)}
 
 
-def run_point(kind: str, shape: str, n: int, decode: int, timeout: float, threads: int, dtype: str = "float32") -> dict | None:
+def run_point(kind: str, shape: str, n: int, decode: int, timeout: float, threads: int, dtype: str = "float32",
+              compile_vision: bool = False) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", kind, "--shape", shape, "--n", str(n), "--decode", str(decode),
-           "--threads", str(threads), "--dtype", dtype]
+           "--threads", str(threads), "--dtype", dtype] + (["--compile"] if compile_vision else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -242,6 +245,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="our model's dtype (the baseline always runs float32); bf16 GEMMs are ~8x slower on AVX2 CPUs")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our vision tower (cold TTFT includes compiling)")
     ap.add_argument("--decode", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=16.0)
     ap.add_argument("--point-timeout", type=float, default=300.0)
@@ -255,7 +259,7 @@ def main() -> None:
         if a.threads:
             torch.set_num_threads(a.threads)
         torch.manual_seed(0)
-        out = worker_ours(m, v, a.n, a.decode, a.dtype) if a.worker == "ours" else worker_llava(m, v, a.n, a.decode)
+        out = worker_ours(m, v, a.n, a.decode, a.dtype, a.compile) if a.worker == "ours" else worker_llava(m, v, a.n, a.decode)
         print(json.dumps(out))
         return
 
@@ -282,7 +286,7 @@ def main() -> None:
         done.append(dict(r, model="llava", images=n))
         rows.append(done[-1])
     for n in tqdm(a.ours, desc="hyperowl"):
-        r = run_point("ours", a.shape, n, a.decode, a.point_timeout, a.threads, a.dtype)
+        r = run_point("ours", a.shape, n, a.decode, a.point_timeout, a.threads, a.dtype, a.compile)
         if r is None:
             print(f"hyperowl: {n} images failed or ran past --point-timeout {a.point_timeout:.0f} s; stopping", file=sys.stderr)
             break
@@ -322,9 +326,10 @@ def main() -> None:
         lo, hi = min(ours), max(ours)
         summary["decode_ratio_last_vs_first"] = {"images": [lo, hi], "ratio": ours[hi]["decode_tok_s"] / ours[lo]["decode_tok_s"]}
     print(json.dumps(summary, indent=1))
-    out = Path(a.out or f"bench/results/vs_llava_{a.shape}{'' if a.dtype == 'float32' else '_' + a.dtype}.json")
+    tag = ("" if a.dtype == "float32" else "_" + a.dtype) + ("_compiled" if a.compile else "")
+    out = Path(a.out or f"bench/results/vs_llava_{a.shape}{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": a.shape, "dtype": a.dtype, "llm": m, "vision": v, "gemm_flops_per_s": peak, "decode_steps": a.decode,
+    out.write_text(json.dumps({"shape": a.shape, "dtype": a.dtype, "compile_vision": a.compile, "llm": m, "vision": v, "gemm_flops_per_s": peak, "decode_steps": a.decode,
                                "rows": rows, "summary": summary}, indent=1))
     plot(rows, out.with_suffix(".png"), f"hyperowl vs LLaVA-style concatenation, shape {a.shape} (CPU fp32)")
 

@@ -133,3 +133,15 @@ def test_tied_embeddings_have_no_lm_head(tmp_path):
     save_owl3(model, tmp_path)
     assert "language_model.lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
     assert load_owl3(tmp_path).lm_head is None
+
+
+@torch.no_grad()
+def test_load_with_compiled_vision_tower_gives_the_same_features():
+    import hyperowl
+
+    eager = hyperowl.load()
+    compiled = hyperowl.load(compile_vision=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # compiled in place: names unchanged
+    px = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled.encode_images(px), eager.encode_images(px), atol=1e-4, rtol=1e-4)
+    assert compiled.vision._compiled_call_impl is not None  # really compiled
