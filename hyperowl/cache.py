@@ -77,11 +77,6 @@ class KVCache:
         self.visual_writes += 1
         return self.visual(i)
 
-    def write_visual(self, i: int, k: Tensor, v: Tensor) -> None:
-        kv, vv = self.alloc_visual(i, tuple(k.shape), k.dtype, k.device)
-        kv.copy_(k)
-        vv.copy_(v)
-
     def visual(self, i: int) -> tuple[Tensor, Tensor]:
         nv = self.nv[i]
         return self.k[i][:, :, :nv], self.v[i][:, :, :nv]

@@ -39,11 +39,7 @@ class Segment:
 
     k: int
     idx: Tensor | None
-    lo: int = -1  # smallest visible count among the queries (merged segments); -1 = k
-
-    def __post_init__(self) -> None:
-        if self.lo < 0:
-            self.lo = self.k
+    lo: int  # smallest visible count among the queries (== k unless small segments were merged)
 
 
 @dataclass
@@ -99,7 +95,7 @@ def build_segments(counts: Tensor, skip_zero: bool, group: int | None = None) ->
     if not values:
         return []
     if len(values) == 1 and bool((counts == values[0]).all()):
-        return [Segment(values[0], None)]
+        return [Segment(values[0], None, values[0])]
     order = torch.argsort(counts, dim=1, stable=True)
     ordered = counts.gather(1, order)
     per_value = (ordered[:, :, None] == torch.tensor(values, device=counts.device)).sum(1)  # [B, V] queries per count

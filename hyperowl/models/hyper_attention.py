@@ -54,11 +54,11 @@ class HyperAttention(Attention):
         b, nt, _ = feats.shape
         n = ctx.visual_cos.shape[1]
         t = nt // n
-        shape, like = (b, self.kv_heads, nt, self.head_dim), feats
+        shape = (b, self.kv_heads, nt, self.head_dim)
         if ctx.cache is not None:
-            k, v = ctx.cache.alloc_visual(self.layer_idx, shape, like.dtype, like.device)
+            k, v = ctx.cache.alloc_visual(self.layer_idx, shape, feats.dtype, feats.device)
         else:
-            k, v = like.new_empty(shape), like.new_empty(shape)
+            k, v = feats.new_empty(shape), feats.new_empty(shape)
         step = max(1, VISUAL_CHUNK_TOKENS // t)  # images per chunk
         for s in range(0, n, step):
             e = min(n, s + step)

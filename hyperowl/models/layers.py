@@ -21,11 +21,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # one fused pass: on long visual sequences (the hyper layers' shared norm over every image token)
-            # the four-op form below was ~10x slower, a large share of the prefill beyond the vision tower
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        dtype = x.dtype  # the reference form: normalise in float32, cast back, then scale
+        dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)

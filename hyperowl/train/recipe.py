@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import InputError
 
+INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see trainer.init_weights)
 STAGES = {
     "align": {"projector": True, "fusion": True, "llm": False, "vision": None},  # None: the model's default
     "instruct": {"projector": True, "fusion": True, "llm": True, "vision": True},
@@ -131,8 +132,8 @@ class Recipe:
         if bad_lr:
             raise InputError(f"recipe: optim.part_lr takes parts (projector, fusion, llm, vision) with positive "
                              f"multipliers; got {bad_lr}")
-        if self.init.scheme not in ("normal", "fan_in"):
-            raise InputError(f"recipe: init.scheme must be normal or fan_in; got {self.init.scheme!r}")
+        if self.init.scheme not in INIT_SCHEMES:
+            raise InputError(f"recipe: init.scheme must be one of {', '.join(INIT_SCHEMES)}; got {self.init.scheme!r}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
 

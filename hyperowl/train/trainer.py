@@ -50,7 +50,7 @@ from ..processing.processor import Owl3Processor
 from .data import ConversationDataset, batch_indices, collate_train
 from .lora import apply_lora, merge_lora
 from .optim import lr_at, param_groups, set_lr
-from .recipe import Recipe, resolve_trainable
+from .recipe import INIT_SCHEMES, Recipe, resolve_trainable
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ def init_weights(model: Owl3Model | Owl2Model, seed: int, scheme: str = "normal"
 
     normal: every matrix and embedding N(0, 0.02) (GPT-2 / HF default).
     fan_in: matrices N(0, 1/fan_in), residual output projections further / sqrt(2 * layers of their stack),
-        token/position embeddings N(0, 0.02) (the patch embedding is a matrix). Why: in a narrow model (width 128-256) 0.02 is 3-4x below 1/sqrt(width), so
-        attention logits start ~10x flatter and the cross-attention over image patches must first grow its
-        q/k weights severalfold before it can pick out one object (measured: the README's embedded-model notes).
+        token/position embeddings N(0, 0.02) (the patch embedding is a matrix). Why it exists: in a narrow
+        model (width 128-256) 0.02 is 3-4x below 1/sqrt(width), so attention logits start ~10x flatter. On the
+        embedded model it measured no better (README, embedded-model probes); the shipped recipe uses normal.
     """
-    if scheme not in ("normal", "fan_in"):
-        raise InputError(f"recipe: init.scheme {scheme!r} unknown; use normal or fan_in")
+    if scheme not in INIT_SCHEMES:
+        raise InputError(f"recipe: init.scheme {scheme!r} unknown; use one of {', '.join(INIT_SCHEMES)}")
     g = torch.Generator().manual_seed(seed)
     n_llm = max(1, len(getattr(getattr(model, "decoder", None), "layers", [])))
     n_vis = max(1, len(getattr(getattr(model, "vision", None), "layers", [])))
