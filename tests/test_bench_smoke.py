@@ -60,3 +60,13 @@ def test_quantize_bench_smoke(tmp_path):
     assert [row["weights"] for row in res["speed"]] == ["float32", "int8"]
     assert res["speed"][1]["llm_linear_bytes"] < res["speed"][0]["llm_linear_bytes"]
     assert res["quality"]["questions"] == 3 and 0 <= res["quality"]["same_answer"] <= 1
+
+
+def test_probe_tower_smoke(tmp_path):
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "scripts/probe_tower.py", "--images", "60", "--steps", "4", "--every", "2",
+                        "--batch-size", "4", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["step"] for row in rows] == [2, 4]
+    assert all(0 <= row[g] <= 1 for row in rows for g in ("colours", "kinds", "cells", "pairs"))

@@ -389,3 +389,40 @@ def test_cli(tmp_path):
     (user / "train").mkdir(parents=True)
     with pytest.raises(InputError, match="not a generated split"):
         syn.synth_main(["--out", str(user), "--train", "2", "--val", "0", "--test", "0"])
+
+
+def test_extra_turns_answered_from_the_named_image():
+    """`turns`: further questions about the images of a conversation, each checked by the oracle against the
+    image it names; the first question is the same as without turns; videos get none."""
+    plain = list(syn.iter_examples("train", 40, 20, 10, 30, seed=3))
+    multi = list(syn.iter_examples("train", 40, 20, 10, 30, seed=3, turns=5))
+    seen_tasks = set()
+    for a, b in zip(plain, multi):
+        assert a.messages == b.messages[:2] and not a.extra
+        if b.task.startswith("video/"):
+            assert not b.extra
+            continue
+        assert 2 <= len(b.extra) <= 4 and len(b.messages) == 2 + 2 * len(b.extra)
+        group, sub = b.task.split("/")
+        for task, q, ans in b.extra:
+            seen_tasks.add(task)
+            assert not (group == "single" and task == sub), "the first question asked again"
+            if len(b.scenes) == 1:
+                scene = b.scenes[0]
+            else:
+                (k,) = [int(m) for m in re.findall(r"\bimage (\d+)\b", q)]
+                scene = b.scenes[k - 1]
+            assert single_answer(task, q, scene) == ans, (q, ans)
+    assert seen_tasks == set(syn.SINGLE_TASKS)
+    with pytest.raises(InputError, match="turns"):
+        syn.iter_examples("train", 1, 0, 0, 0, turns=0)
+
+
+def test_train_turns_only_in_the_train_split(tmp_path):
+    syn.write_dataset(tmp_path, {"train": 12, "test": 6}, seed=2, train_turns=3, tasks=["single"], progress=False)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").open()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").open()]
+    assert all(len(r["messages"]) == 6 for r in train)  # single images always have 2 more answerable tasks
+    assert all(len(r["messages"]) == 2 for r in test)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["train_turns"] == 3 and meta["splits"]["train"]["extra_turns"] == 24

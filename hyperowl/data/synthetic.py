@@ -473,6 +473,57 @@ def _single(b: _Builder, task: str) -> _Item:
     raise ValueError(task)
 
 
+def ask(scene: Scene, task: str, rng: random.Random, img: str = "the image") -> Optional[tuple[str, str]]:
+    """A `single/<task>` question about an existing scene and its answer, or None if the scene has none.
+
+    The inverse of `_single` (which builds a scene for an answer): used for the extra turns of a training
+    conversation, so one image is asked about several times. Answers follow the same rules (the object named
+    is unique in the scene).
+    """
+    objs = scene.objects
+    if not objs:
+        return None
+    t = rng.choice(SINGLE_TEMPLATES[task])
+    kinds, colours = Counter(o.kind for o in objs), Counter(o.colour for o in objs)
+    names = Counter(o.name for o in objs)
+    named = [o for o in objs if names[o.name] == 1]  # nameable: a count scene may repeat a colour and kind
+    if task == "colour":
+        unique = sorted(k for k, n in kinds.items() if n == 1)
+        if not unique:
+            return None
+        kind = rng.choice(unique)
+        return t.format(img=img, kind=kind), scene.find(kind=kind)[0].colour
+    if task == "shape":
+        unique = sorted(c for c, n in colours.items() if n == 1)
+        if not unique:
+            return None
+        colour = rng.choice(unique)
+        return t.format(img=img, colour=colour), scene.find(colour=colour)[0].kind
+    if task == "count":
+        kind = rng.choice(sorted(kinds))
+        return t.format(img=img, kinds=PLURALS[kind]), str(kinds[kind])
+    if task == "count_all":
+        return t.format(img=img), str(len(objs))
+    if task in ("position", "size"):
+        if not named:
+            return None
+        o = rng.choice(named)
+        return t.format(img=img, obj=o.name), scene.position(o) if task == "position" else o.size
+    if task == "relation":
+        rel = rng.choice(RELATIONS)
+        axis = 1 if rel in ("left of", "right of") else 0
+        pairs = [(a, b) for a in named for b in named if scene.cell(a)[axis] != scene.cell(b)[axis]]
+        if not pairs:
+            return None
+        a, b = rng.choice(pairs)
+        ca, cb = scene.cell(a)[axis], scene.cell(b)[axis]
+        truth = ca < cb if rel in ("left of", "above") else ca > cb
+        return t.format(img=img, a=a.name, b=b.name, rel=rel), "yes" if truth else "no"
+    if task == "caption":
+        return t.format(img=img), scene.caption()
+    raise ValueError(task)
+
+
 def _multi(b: _Builder, task: str) -> _Item:
     rng = b.rng
     t = rng.choice(MULTI_TEMPLATES[task])
@@ -558,6 +609,7 @@ class Example:
     scenes: list[Scene] = field(default_factory=list)  # one per image, in prompt order
     video_scenes: list[list[Scene]] = field(default_factory=list)  # one frame list per video
     target: Optional[int] = None  # 1-based image asked about (distractor and multi/which)
+    extra: list[tuple[str, str, str]] = field(default_factory=list)  # further (task, question, answer) turns
 
     @functools.cached_property
     def images(self) -> list[Image.Image]:
@@ -573,13 +625,44 @@ class Example:
 
     @property
     def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+        out = [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.answer}]
+        for _, q, a in self.extra:
+            out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return out
 
     def scene_hashes(self) -> set[str]:
         return {s.hash for s in self.scenes} | {s.hash for v in self.video_scenes for s in v}
 
     def all_scenes(self) -> list[Scene]:
         return list(self.scenes) + [s for v in self.video_scenes for s in v]
+
+
+def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
+    """Give `ex` up to `turns - 1` further single-image questions about its images (set `ex.extra`).
+
+    Why: an answer is a few tokens, so a one-question conversation is a thin learning signal per image;
+    asking about the same picture several times (different tasks, different objects) multiplies the
+    supervised answers at little cost, the way instruction datasets ask many questions per image. A single
+    image is "the image"; with several images each question names its image ("image 2"). Videos get none
+    (their questions are about events, one per video).
+    """
+    if turns <= 1 or not ex.scenes:
+        return ex
+    group, sub = ex.task.split("/", 1)
+    tasks = [t for t in SINGLE_TASKS if not (group == "single" and t == sub)]  # not the first question again
+    rng.shuffle(tasks)
+    extra: list[tuple[str, str, str]] = []
+    for task in tasks:
+        if len(extra) == turns - 1:
+            break
+        k = rng.randrange(len(ex.scenes))
+        img = rng.choice(SINGLE_REFS) if len(ex.scenes) == 1 else f"image {k + 1}"
+        qa = ask(ex.scenes[k], task, rng, img)
+        if qa is not None:
+            q = qa[0][0].upper() + qa[0][1:]
+            extra.append((task, q, qa[1]))
+    ex.extra = extra
+    return ex
 
 
 def _seed_for(*parts: object) -> int:
@@ -628,7 +711,8 @@ def _select_tasks(tasks: Optional[Sequence[str]]) -> dict[str, list[str]]:
     return {g: [t for t in chosen if t.startswith(g + "/")] for g in GROUPS}
 
 
-def _validate(split: str, counts: Mapping[str, int], distractors: int, image_size: int, video_frames: int) -> None:
+def _validate(split: str, counts: Mapping[str, int], distractors: int, image_size: int, video_frames: int,
+              turns: int = 1) -> None:
     if split not in SPLITS:
         raise InputError(f"split '{split}': must be one of {', '.join(SPLITS)}")
     for g, n in counts.items():
@@ -640,6 +724,9 @@ def _validate(split: str, counts: Mapping[str, int], distractors: int, image_siz
         raise InputError(f"image size {image_size!r}: must be an even number of pixels from 32 to 1024")
     if not isinstance(video_frames, int) or not 4 <= video_frames <= 64:
         raise InputError(f"video frames {video_frames!r}: must be from 4 to 64")
+    if not isinstance(turns, int) or not 1 <= turns <= len(SINGLE_TASKS):
+        raise InputError(f"turns={turns!r}: questions per conversation must be from 1 to {len(SINGLE_TASKS)} "
+                         f"(one per single-image task)")
 
 
 class _Stats:
@@ -649,10 +736,10 @@ class _Stats:
 
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
-          stats: _Stats) -> Iterator[Example]:
+          stats: _Stats, turns: int = 1) -> Iterator[Example]:
     """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames)
+    _validate(split, counts, distractors, image_size, video_frames, turns)
     per_group = _select_tasks(tasks)
     order: list[str] = []
     for g, n in counts.items():
@@ -660,11 +747,11 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
             raise InputError(f"{n} {g} examples asked for, but the task filter leaves no {g} task")
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
-    return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats)
+    return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns)
 
 
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
-              exclude: Optional[set[str]], stats: _Stats) -> Iterator[Example]:
+              exclude: Optional[set[str]], stats: _Stats, turns: int = 1) -> Iterator[Example]:
     for i, task in enumerate(order):
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(_seed_for(seed, split, i, attempt))
@@ -675,21 +762,22 @@ def _generate(split: str, order: list[str], distractors: int, seed: int, image_s
             stats.rejected += 1  # an image of an earlier split: redraw
         else:
             raise RuntimeError(f"{split} example {i} ({task}): every attempt reused an earlier split's scene")
-        yield ex
+        # Its own RNG: the first question (and so every turns=1 dataset) does not depend on `turns`.
+        yield add_turns(ex, turns, random.Random(_seed_for(seed, split, i, "turns")))
 
 
 def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_video: int = 0, n_distractor: int = 0,
                   distractors: int = 3, seed: int = 0, image_size: int = 64, video_frames: int = 8, *,
                   exclude_hashes: Optional[set[str]] = None,
-                  tasks: Optional[Sequence[str]] = None) -> Iterator[Example]:
+                  tasks: Optional[Sequence[str]] = None, turns: int = 1) -> Iterator[Example]:
     """The examples of a split in memory (same content as `generate_split` writes), without files.
 
     `ex.images` / `ex.videos` render lazily to PIL images / frame lists; `ex.scenes` / `ex.video_scenes`
     hold the data. `exclude_hashes`: scene hashes to avoid (an earlier split's). `tasks`: keep only these
-    task or group names.
+    task or group names. `turns`: questions per image conversation (see `add_turns`).
     """
     return _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                 exclude_hashes, tasks, _Stats())
+                 exclude_hashes, tasks, _Stats(), turns)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -768,12 +856,12 @@ def _prepare_split_dir(out: Path, split: str) -> Path:
 def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int,
                  distractors: int, seed: int, image_size: int, video_frames: int, fps: int,
                  exclude: Optional[tuple[set[str], set[str]]], tasks: Optional[Sequence[str]],
-                 progress: Optional[bool]) -> tuple[Path, dict]:
+                 progress: Optional[bool], turns: int = 1) -> tuple[Path, dict]:
     from tqdm import tqdm
 
     out = Path(out_dir)
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames)
+    _validate(split, counts, distractors, image_size, video_frames, turns)
     if not isinstance(fps, int) or fps < 1:
         raise InputError(f"fps={fps!r}: must be a positive integer")
     if exclude is None:  # the hashes of the splits before this one that are already in out_dir
@@ -793,7 +881,8 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     jsonl = out / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
     examples = _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                     exclude[0], tasks, stats)
+                     exclude[0], tasks, stats, turns)
+    extra_turns = 0
     with open(tmp, "w", encoding="utf-8") as f:
         bar = tqdm(examples, total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
                    disable=None if progress is None else not progress)  # None: shown on a terminal
@@ -814,6 +903,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
             for s in ex.all_scenes():
                 hashes[s.hash] = s.layout_hash
             tasks_count[ex.task] += 1
+            extra_turns += len(ex.extra)
             answers[ex.answer if not ex.task.endswith("/caption") else "<caption>"] += 1
             prompt_chars.append(len(ex.prompt))
             del ex.images, ex.videos  # free the rendered pixels
@@ -823,6 +913,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     stats_out = {
         "file": jsonl.name,
         "examples": total,
+        "extra_turns": extra_turns,
         "tasks": dict(sorted(tasks_count.items())),
         "answers": dict(sorted(answers.items())),
         "scenes": len(hashes),
@@ -839,16 +930,16 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
 def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: int, n_video: int,
                    n_distractor: int = 0, distractors: int = 3, seed: int = 0, image_size: int = 64,
                    video_frames: int = 8, *, fps: int = 4, exclude_hashes: Optional[set[str]] = None,
-                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None) -> Path:
+                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None, turns: int = 1) -> Path:
     """Write `<out_dir>/<split>.jsonl` with its images, videos and scene hashes; return the JSONL path.
 
     Scenes of earlier splits (train < val < test) whose `<split>.scenes.txt` is in `out_dir` are never
     reused, unless `exclude_hashes` is given (then exactly those are avoided). An existing generated split of
-    the same name is replaced.
+    the same name is replaced. `turns`: questions per image conversation (see `add_turns`).
     """
     exclude = None if exclude_hashes is None else (set(exclude_hashes), set())
     path, _ = _write_split(out_dir, split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size,
-                           video_frames, fps, exclude, tasks, progress)
+                           video_frames, fps, exclude, tasks, progress, turns)
     return path
 
 
@@ -886,8 +977,12 @@ frames (max_frames >= {video_frames}). The module docstring of `hyperowl/data/sy
 
 def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapping[str, int]]] = DEFAULT_SIZES,
                   seed: int = 0, *, image_size: int = 64, video_frames: int = 8, distractors: int = 3, fps: int = 4,
-                  tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None) -> dict[str, Path]:
+                  tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
+                  train_turns: int = 1) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
+
+    train_turns: questions per image conversation in the train split (`add_turns`); val and test always
+    ask one, so evaluation scores one answer per conversation.
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -902,7 +997,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     groups = [g for g in GROUPS if per_group[g]]
     plan = {s: _split_counts(sizes[s], s, groups) for s in SPLITS if s in sizes}
     for split, counts in plan.items():  # validate everything before writing anything
-        _validate(split, counts, distractors, image_size, video_frames)
+        _validate(split, counts, distractors, image_size, video_frames, train_turns if split == "train" else 1)
         for g, n in counts.items():
             if n and not per_group[g]:
                 raise InputError(f"{n} {g} examples asked for in '{split}', but the task filter leaves no {g} task")
@@ -917,7 +1012,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     split_meta: dict[str, dict] = {}
     for split, c in plan.items():
         path, st = _write_split(out, split, c["single"], c["multi"], c["video"], c["distractor"], distractors, seed,
-                                image_size, video_frames, fps, (set(seen[0]), set(seen[1])), tasks, progress)
+                                image_size, video_frames, fps, (set(seen[0]), set(seen[1])), tasks, progress,
+                                train_turns if split == "train" else 1)
         h, lay = _read_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
@@ -932,6 +1028,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "video_frames": video_frames,
         "fps": fps,
         "distractors": distractors,
+        "train_turns": train_turns,
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
         "splits": split_meta,
@@ -1009,6 +1106,8 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--frames", type=int, default=8, help="frames per video")
     p.add_argument("--fps", type=int, default=4)
     p.add_argument("--distractors", type=int, default=3, help="irrelevant images around a distractor question")
+    p.add_argument("--turns", type=int, default=1, metavar="K",
+                   help="training conversations ask up to K questions about their images (val/test: 1)")
     p.add_argument("--tasks", default=None, help="comma-separated task or group names to keep (default: all)")
     p.add_argument("--examples", action="store_true", help="only write a few example images and a video")
     args = p.parse_args(argv)
@@ -1019,6 +1118,6 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     paths = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
-                          fps=args.fps, tasks=tasks)
+                          fps=args.fps, tasks=tasks, train_turns=args.turns)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0
