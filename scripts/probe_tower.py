@@ -79,7 +79,7 @@ def exact_set(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="owl3-synthetic")
+    p.add_argument("--preset", default="owl3-synthetic", choices=sorted(k for k in PRESETS if k.startswith("owl3")))
     p.add_argument("--patch", type=int, help="override the tower's patch size")
     p.add_argument("--width", type=int, help="override the tower's width (MLP = 2x)")
     p.add_argument("--layers", type=int, help="override the tower's depth")
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--out", default="results/probe_tower.json")
     a = p.parse_args()
+    if a.steps < 1 or a.images < 10 or a.batch_size < 1 or a.every < 1:
+        p.error("--steps, --batch-size and --every must be >= 1, --images >= 10 (a fifth is held out)")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
 

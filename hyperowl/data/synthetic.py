@@ -484,21 +484,17 @@ def ask(scene: Scene, task: str, rng: random.Random, img: str = "the image") -> 
     if not objs:
         return None
     t = rng.choice(SINGLE_TEMPLATES[task])
-    kinds, colours = Counter(o.kind for o in objs), Counter(o.colour for o in objs)
+    kinds = Counter(o.kind for o in objs)
     names = Counter(o.name for o in objs)
     named = [o for o in objs if names[o.name] == 1]  # nameable: a count scene may repeat a colour and kind
-    if task == "colour":
-        unique = sorted(k for k, n in kinds.items() if n == 1)
+    if task in ("colour", "shape"):  # name the object by its other attribute, which must be unique
+        key, answer = ("kind", "colour") if task == "colour" else ("colour", "kind")
+        seen = Counter(getattr(o, key) for o in objs)
+        unique = sorted(v for v, n in seen.items() if n == 1)
         if not unique:
             return None
-        kind = rng.choice(unique)
-        return t.format(img=img, kind=kind), scene.find(kind=kind)[0].colour
-    if task == "shape":
-        unique = sorted(c for c, n in colours.items() if n == 1)
-        if not unique:
-            return None
-        colour = rng.choice(unique)
-        return t.format(img=img, colour=colour), scene.find(colour=colour)[0].kind
+        value = rng.choice(unique)
+        return t.format(img=img, **{key: value}), getattr(scene.find(**{key: value})[0], answer)
     if task == "count":
         kind = rng.choice(sorted(kinds))
         return t.format(img=img, kinds=PLURALS[kind]), str(kinds[kind])
@@ -659,8 +655,7 @@ def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
         img = rng.choice(SINGLE_REFS) if len(ex.scenes) == 1 else f"image {k + 1}"
         qa = ask(ex.scenes[k], task, rng, img)
         if qa is not None:
-            q = qa[0][0].upper() + qa[0][1:]
-            extra.append((task, q, qa[1]))
+            extra.append((task, *qa))
     ex.extra = extra
     return ex
 
