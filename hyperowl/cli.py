@@ -216,6 +216,24 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_vision(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import PRESETS
+    from .train.vision_pretrain import pretrain_vision
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = pretrain_vision(PRESETS[args.preset].vision, args.out, steps=args.steps, batch_size=args.batch_size,
+                              lr=args.lr, warmup=args.warmup, seed=args.seed, exclude=args.exclude,
+                              eval_every=args.eval_every)
+    acc = summary["accuracy"]
+    print(f"{args.out}: held-out per-object accuracy " + ", ".join(f"{h} {acc[h + '_object']:.3f}" for h in
+                                                                  ("kind", "colour", "size", "cell"))
+          + f"  ({summary['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`hyperowl serve`: the OpenAI-compatible API and the web chat page (hyperowl.serve)."""
     try:
@@ -303,6 +321,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PRESETS  # Owl3 presets (light: dataclasses only)
+
     p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -349,6 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--variant", default="240728", choices=["240728", "241101"])
     u.add_argument("--out", required=True, help="output directory (official layout)")
     u.set_defaults(func=cmd_upgrade)
+
+    pv = sub.add_parser("pretrain-vision", help="stage 0 from scratch: pretrain a preset's vision tower on dense "
+                        "synthetic labels (writes a SigLIP checkpoint for a recipe's init.vision)")
+    pv.add_argument("--preset", default="owl3-synthetic", choices=sorted(PRESETS),
+                    help="the Owl3 preset whose tower shape to train")
+    pv.add_argument("--out", required=True, help="output directory")
+    pv.add_argument("--steps", type=int, default=3000)
+    pv.add_argument("--batch-size", type=int, default=32)
+    pv.add_argument("--lr", type=float, default=1e-3)
+    pv.add_argument("--warmup", type=int, default=100)
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--eval-every", type=int, default=500)
+    pv.add_argument("--exclude", nargs="*", default=[], metavar="SCENES_TXT",
+                    help="<split>.scenes.txt files whose images are never drawn (the val and test splits)")
+    pv.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    pv.set_defaults(func=cmd_pretrain_vision)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions) and a web chat page")
     s.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")

@@ -54,10 +54,17 @@ def test_answers_come_from_the_images(model, tmp_path):
 
 
 def test_embedded_recipe_smoke(tmp_path):
+    """scripts/train_embedded.sh in miniature: stage 0 (tower pretraining) then the recipe from its tower."""
+    from hyperowl.config import PRESETS
     from hyperowl.data.synthetic import write_dataset
+    from hyperowl.train.vision_pretrain import pretrain_vision
 
     write_dataset(tmp_path / "synth", {"train": 24, "val": 4, "test": 4}, seed=1)
+    pretrain_vision(PRESETS["owl3-synthetic"].vision, tmp_path / "vision", steps=2, batch_size=4, eval_every=2,
+                    exclude=[tmp_path / "synth" / "val.scenes.txt", tmp_path / "synth" / "test.scenes.txt"], progress=False)
     r = Recipe.from_yaml(ROOT / "recipes" / "embedded.yaml")
+    assert r.init.vision == "runs/vision-synthetic"  # what scripts/train_embedded.sh writes
+    r.init.vision = str(tmp_path / "vision")
     r.data.train = str(tmp_path / "synth" / "train.jsonl")
     r.data.val = str(tmp_path / "synth" / "val.jsonl")
     r.optim.max_steps, r.optim.warmup_steps, r.batch_size, r.log_every, r.save_every = 2, 1, 4, 1, 0

@@ -305,6 +305,48 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
+def object_map(scene: Scene) -> np.ndarray:
+    """[S, S] int64: 1 + the index in `scene.objects` of the object drawn at each pixel, 0 = background."""
+    s = scene.image_size
+    out = np.zeros((s, s), np.int64)
+    for i, o in enumerate(scene.objects):
+        im = Image.new("RGB", (s, s))  # black: every colour of the palette has a non-zero channel
+        _draw(ImageDraw.Draw(im), o, s)
+        out[np.asarray(im).any(-1)] = i + 1
+    return out
+
+
+# Dense labels for vision-tower pretraining: one row per patch, each column a class index (0 = background).
+PATCH_LABELS = {"kind": 1 + len(KINDS), "colour": 1 + len(COLOUR_NAMES), "size": 1 + len(SIZES),
+                "cell": 1 + GRID * GRID}
+MIN_PATCH_PIXELS = 6  # a patch belongs to the object covering most of its pixels, if it covers at least this many
+
+
+def patch_labels(scene: Scene, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch targets of a scene, patches in row-major order (the tower's token order).
+
+    Returns (labels [P, 4] int64: kind, colour, size, cell per PATCH_LABELS, 0 where no object; owner [P]:
+    1 + the index of the object the patch belongs to, 0 for background). Why: naming an object needs the
+    tower to know, at every place, what is there; one label per patch is ~64x more supervision per image
+    than one set of names per image (see README, "The embedded default model").
+    """
+    s = scene.image_size
+    if s % patch_size:
+        raise ValueError(f"image size {s} is not a multiple of patch size {patch_size}")
+    g, n = s // patch_size, len(scene.objects)
+    ids = object_map(scene).reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    owner = np.zeros(g * g, np.int64)
+    if n:
+        counts = np.stack([(ids == i + 1).sum(1) for i in range(n)], 1)  # [P, n] pixels per object
+        owner = np.where(counts.max(1) >= MIN_PATCH_PIXELS, counts.argmax(1) + 1, 0)
+    table = np.zeros((n + 1, len(PATCH_LABELS)), np.int64)  # row 0: background
+    for i, o in enumerate(scene.objects):
+        r, c = scene.cell(o)
+        table[i + 1] = (1 + KINDS.index(o.kind), 1 + COLOUR_NAMES.index(o.colour), 1 + SIZES.index(o.size),
+                        1 + GRID * r + c)
+    return table[owner], owner
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Scene construction (all randomness goes through one random.Random per example)
 # ----------------------------------------------------------------------------------------------------------
@@ -383,6 +425,12 @@ class _Builder:
         else:
             raise ValueError(what)
         return replace(scene, objects=tuple(objs))
+
+
+def random_scene(rng: random.Random, image_size: int = 64) -> Scene:
+    """A scene of 1..MAX_OBJECTS random objects (unique colour+kind pairs) on a random background."""
+    b = _Builder(rng, image_size)
+    return b.scene(b.random_objects())
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ the modality-adaptive module's visual side (part `fusion`) with the LLM frozen. 
 Example (see recipes/ in the repository):
 
     init: {from: path/to/checkpoint}          # or {preset: owl3-synthetic, tokenizer: tok.json}
+                                              # or {preset: ..., tokenizer: train, vision: runs/vision} (pretrained tower)
                                               # Owl2: an mplug_owl2 checkpoint, {preset: owl2-tiny, tokenizer: train},
                                               # or {text_llm: path/to/llama, preset: owl2-llama2-7b}
     data: {train: data/train.jsonl, val: data/val.jsonl, on_error: skip, max_frames: 8, cut: false}
@@ -59,7 +60,8 @@ class InitSpec:
     tokenizer: str | None = None  # tokenizer.json for a preset; "train" = train a BPE on the training data
     vocab_size: int | None = None  # for a trained tokenizer
     text_llm: str | None = None  # upgrade: a text-only Qwen2 checkpoint ... (Owl2: a LLaMA, with an owl2 `preset`)
-    vision: str | None = None  # ... plus a SigLIP checkpoint (Owl3 only)
+    vision: str | None = None  # ... plus a SigLIP checkpoint (Owl3 only); with `preset`: a pretrained tower
+    #                            (e.g. `hyperowl pretrain-vision`) under the preset's freshly initialised LM
     hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only)
     scheme: str = "normal"  # random init of a preset: normal (all N(0, 0.02)) | fan_in (see trainer.init_weights)
 

@@ -166,7 +166,7 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
         model = upgrade_owl2(init.text_llm, OWL2_PRESETS[init.preset], seed=recipe.seed).to(device)
         tok_file = Path(recipe.output) / "tokenizer.json"
         on_rank0(lambda: with_image_token(model.source_dirs[0], tok_file))
-    elif init.text_llm or init.vision:
+    elif init.text_llm or (init.vision and not init.preset):
         from .upgrade import upgrade, with_media_tokens
 
         if not (init.text_llm and init.vision and init.hyper_layers):
@@ -179,6 +179,8 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
         if init.preset not in PRESETS and not owl2:
             raise InputError(f"recipe: unknown preset {init.preset!r}; known: {', '.join([*PRESETS, *OWL2_PRESETS])}")
         preset = OWL2_PRESETS[init.preset] if owl2 else PRESETS[init.preset]
+        if owl2 and init.vision:
+            raise InputError("recipe: init.vision (a pretrained SigLIP tower) applies to Owl3 presets only")
         Path(recipe.output).mkdir(parents=True, exist_ok=True)
         tok_file = Path(recipe.output) / "tokenizer.json"
         if init.tokenizer == "train":
@@ -206,6 +208,10 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
         else:
             model = Owl3Model(preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut)).to(device)
             init_weights(model, recipe.seed, recipe.init.scheme)
+            if init.vision:  # a pretrained tower (e.g. `hyperowl pretrain-vision`) under a fresh LM
+                from .upgrade import load_vision_tower
+
+                load_vision_tower(model, init.vision)
     else:
         raise InputError("recipe: init needs 'from', 'preset', 'text_llm' + 'vision' (Owl3) or 'text_llm' + an Owl2 'preset'")
     processor = make_processor(model, tok_file.parent, recipe)

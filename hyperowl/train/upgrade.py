@@ -50,9 +50,7 @@ def upgrade(text_llm: str | os.PathLike, vision: str | os.PathLike, hyper_layers
     tkeys = shard_keys(safetensors_files(tdir))
     tmap = map_keys(tkeys, QWEN2_KEYS, [r".*rotary_emb\.inv_freq", *([r"lm_head\.weight"] if cfg.tie_word_embeddings else [])])
     vkeys = shard_keys(safetensors_files(vdir))
-    last = cfg.vision.num_layers - 1
-    vmap = map_keys(vkeys, SIGLIP_KEYS, [r"(vision_model\.)?post_layernorm\..+", r"(vision_model\.)?head\..+", r"text_model\..+",
-                                        r"logit_(scale|bias)", rf"(vision_model\.)?encoder\.layers\.{last}\..+"])
+    vmap = siglip_key_map(vkeys, cfg.vision.num_layers)
 
     # New parameters first (everything load_weights does not fill), then the two checkpoints.
     g = torch.Generator().manual_seed(seed)
@@ -80,6 +78,39 @@ def upgrade(text_llm: str | os.PathLike, vision: str | os.PathLike, hyper_layers
                 a.v_kv_proj.bias.copy_(b.reshape(-1))
     model.source_dirs = (tdir, vdir)
     return model
+
+
+def siglip_key_map(keys, num_layers: int) -> dict[str, str]:
+    """SigLIP (vision or full) checkpoint key -> our `vision.*` name. Owl3 reads the penultimate layer, so the
+    last layer, the post-LayerNorm, the pooling head and a full SigLIP's text side are not used."""
+    return map_keys(keys, SIGLIP_KEYS, [r"(vision_model\.)?post_layernorm\..+", r"(vision_model\.)?head\..+", r"text_model\..+",
+                                        r"logit_(scale|bias)", rf"(vision_model\.)?encoder\.layers\.{num_layers - 1}\..+"])
+
+
+def load_vision_tower(model: Owl3Model, vision: str | os.PathLike) -> Path:
+    """Put a pretrained SigLIP tower (a checkpoint dir / hub id, e.g. `hyperowl pretrain-vision`'s output) into
+    an Owl3 model built from a preset; its vision_config must have the model's tower shape. Returns the dir."""
+    vdir = resolve(vision)
+    raw = read_config(vdir)
+    vcfg = raw.get("vision_config", raw)
+    if vcfg.get("model_type", "siglip_vision_model") not in ("siglip_vision_model", "siglip"):
+        raise CheckpointError(f"init.vision '{vdir}': not a SigLIP vision checkpoint (model_type {vcfg.get('model_type')!r})")
+    theirs, ours = SiglipConfig.from_hf_dict(vcfg), model.config.vision
+    diff = {f: (getattr(theirs, f), getattr(ours, f)) for f in ("hidden_size", "intermediate_size", "num_layers",
+                                                                 "num_heads", "image_size", "patch_size")
+            if getattr(theirs, f) != getattr(ours, f)}
+    if diff:
+        raise CheckpointError(f"init.vision '{vdir}': its tower differs from the preset's ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())});"
+                              " pretrain a tower of the preset's shape or pick a preset with this vision_config")
+    keys = shard_keys(safetensors_files(vdir))
+    mapping = siglip_key_map(keys, ours.num_layers)
+    missing = sorted({n for n, _ in model.named_parameters() if n.startswith("vision.")} - set(mapping.values()))
+    if missing:
+        raise CheckpointError(f"init.vision '{vdir}': missing {len(missing)} tower tensor(s), e.g. {', '.join(missing[:3])}")
+    device, dtype = model.vision.embeddings.patch_embedding.weight.device, model.vision.embeddings.patch_embedding.weight.dtype
+    load_weights(model, keys, mapping, dtype, device)
+    log.info("vision tower from %s", vdir)
+    return vdir
 
 
 def init_visual_from_text(model: nn.Module) -> int:
