@@ -66,7 +66,9 @@ circle?"; video prompts are "<|video|>Which way does the red circle move?". Also
 (settings, counts per task, the answer vocabulary, prompt lengths) and a `README.md`.
 
 API: `iter_examples` (in memory: `Example` with scenes, PIL images and frame lists), `generate_split`,
-`write_dataset`, `examples` (a few files for a README), `synth_main` (the `hyperowl data synth` CLI).
+`write_dataset`, `examples` (a few files for a README), `synth_main` (the `hyperowl data synth` CLI);
+`random_scene` + `patch_labels` (per-patch kind/colour/size/cell targets) feed vision-tower pretraining
+(`hyperowl.train.vision_pretrain`).
 """
 
 from __future__ import annotations
@@ -1103,7 +1105,7 @@ def examples(out_dir: Union[str, Path], image_size: int = 64, fps: int = 4) -> l
                Obj("square", "red", "large", c(1), c(2))), "gray", s),
     ]
     qa = [
-        ("What colour is the circle in the image?", "red"),
+        ("Describe the image.", scenes[0].caption()),
         ("Is the green triangle above the purple diamond in the image?", "yes"),
         ("How many circles are there in the image?", "2"),
     ]
