@@ -17,7 +17,7 @@ from hyperowl.data import synthetic as syn
 from hyperowl.errors import CheckpointError, InputError
 from hyperowl.train.recipe import Recipe
 from hyperowl.train.trainer import build
-from hyperowl.train.vision_pretrain import SceneStream, pretrain_vision
+from hyperowl.train.vision_pretrain import SceneStream, pretrain_vision, read_excluded
 from test_train import ENV, colour_data  # noqa: F401  (fixture)
 
 TINY = PRESETS["tiny-240728"].vision  # 28 px, 14 px patches
@@ -108,11 +108,28 @@ def test_init_vision_shape_mismatch_and_owl2_are_clear_errors(tmp_path, colour_d
         build(owl2, torch.device("cpu"))
 
 
+def test_exclude_reads_the_scenes_files_data_synth_writes(tmp_path):
+    """--exclude takes `hyperowl data synth`'s own <split>.scenes.txt: every test image's hash is excluded."""
+    syn.write_dataset(tmp_path, {"train": {"single": 4}, "test": {"single": 6}}, seed=2, progress=False)
+    scenes = tmp_path / "test.scenes.txt"
+    assert read_excluded([scenes]) == syn.read_scene_hashes(scenes)[0]
+    rendered = {e.scenes[0].hash for e in syn.iter_examples("test", n_single=6, seed=2, exclude_hashes=
+                                                            syn.read_scene_hashes(tmp_path / "train.scenes.txt")[0])}
+    assert rendered and rendered <= read_excluded([scenes])
+    bad = tmp_path / "bad.scenes.txt"
+    bad.write_bytes(b"\xb9\x00garbage")
+    with pytest.raises(InputError, match="bad.scenes.txt: cannot read it as a scenes file"):
+        read_excluded([bad])
+    bad.write_text("abc\n")
+    with pytest.raises(InputError, match=r"bad.scenes.txt:1: expected 'scene_hash<TAB>layout_hash'"):
+        read_excluded([bad])
+
+
 def test_cli_pretrain_vision(tmp_path):
     scenes = tmp_path / "test.scenes.txt"
     first = SceneStream(TINY, seed=1_000_003, record=True)  # the held-out stream of seed 0
     first.batch(5)
-    scenes.write_text("\n".join(sorted(first.drawn)) + "\n")
+    scenes.write_text("".join(f"{h}\t{'0' * 16}\n" for h in sorted(first.drawn)))  # data synth's format
     r = subprocess.run([sys.executable, "-m", "hyperowl.cli", "pretrain-vision", "--preset", "tiny-240728", "--out",
                         str(tmp_path / "t"), "--steps", "4", "--batch-size", "4", "--eval-every", "2",
                         "--exclude", str(scenes)], capture_output=True, text=True, env=ENV, timeout=300)

@@ -873,13 +873,22 @@ def _hash_file(out: Path, split: str) -> Path:
     return out / f"{split}.scenes.txt"
 
 
-def _read_hashes(path: Path) -> tuple[set[str], set[str]]:
+def read_scene_hashes(path: Path) -> tuple[set[str], set[str]]:
+    """(scene hashes, layout hashes) of a `<split>.scenes.txt` (one `hash<TAB>layout_hash` line per scene)."""
     hashes, layouts = set(), set()
-    for line in path.read_text().splitlines():
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as a scenes file ({e}); pass a <split>.scenes.txt written by "
+                         "`hyperowl data synth`") from e
+    for n, line in enumerate(lines, 1):
         if line:
-            h, lay = line.split("\t")
-            hashes.add(h)
-            layouts.add(lay)
+            parts = line.split("\t")
+            if len(parts) != 2:
+                raise InputError(f"{path}:{n}: expected 'scene_hash<TAB>layout_hash', got {line[:60]!r}; pass a "
+                                 "<split>.scenes.txt written by `hyperowl data synth`")
+            hashes.add(parts[0])
+            layouts.add(parts[1])
     return hashes, layouts
 
 
@@ -913,7 +922,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
         exclude = (set(), set())
         for earlier in SPLITS[: SPLITS.index(split)]:
             if _hash_file(out, earlier).exists():
-                h, lay = _read_hashes(_hash_file(out, earlier))
+                h, lay = read_scene_hashes(_hash_file(out, earlier))
                 exclude[0].update(h)
                 exclude[1].update(lay)
     split_dir = _prepare_split_dir(out, split)
@@ -1059,7 +1068,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         path, st = _write_split(out, split, c["single"], c["multi"], c["video"], c["distractor"], distractors, seed,
                                 image_size, video_frames, fps, (set(seen[0]), set(seen[1])), tasks, progress,
                                 train_turns if split == "train" else 1)
-        h, lay = _read_hashes(_hash_file(out, split))
+        h, lay = read_scene_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
         paths[split] = path

@@ -47,13 +47,13 @@ EVAL_SCENES = 256
 
 
 def read_excluded(files: Iterable[str | Path]) -> set[str]:
-    """Scene hashes of `<split>.scenes.txt` files (one per line)."""
+    """Scene hashes of `<split>.scenes.txt` files (as `hyperowl data synth` writes them)."""
     out: set[str] = set()
     for f in files:
         p = Path(f)
         if not p.is_file():
             raise InputError(f"--exclude {p}: no such file (a <split>.scenes.txt written by `hyperowl data synth`)")
-        out |= {line.strip() for line in p.read_text().splitlines() if line.strip()}
+        out |= syn.read_scene_hashes(p)[0]
     return out
 
 
