@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import official_state_dict
 from ..config import SiglipConfig
 from ..data import synthetic as syn
 from ..errors import InputError
@@ -110,9 +111,9 @@ def evaluate(tower: SiglipTower, head: PatchHead, pixels: torch.Tensor, labels: 
     n_obj = int(owner.max())
     onehot = F.one_hot(owner, n_obj + 1)[..., 1:].float()  # [N, P, n_obj]: patch -> object
     has = onehot.sum(1) > 0  # [N, n_obj]
+    fg = owner > 0
     for i, h in enumerate(HEADS):
         y = labels[..., i]
-        fg = owner > 0
         out[f"{h}_patch"] = float((logits[h].argmax(-1)[fg] == y[fg]).float().mean())
         lp = logits[h].log_softmax(-1)[..., 1:]  # [N, P, K-1], background dropped
         votes = torch.einsum("npk,npo->nok", lp, onehot)  # [N, n_obj, K-1]
@@ -122,21 +123,14 @@ def evaluate(tower: SiglipTower, head: PatchHead, pixels: torch.Tensor, labels: 
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def tower_state_dict(tower: SiglipTower) -> dict[str, torch.Tensor]:
-    """Our tower names -> the SigLIP checkpoint layout (`vision_model.embeddings.*`, `...encoder.layers.i.*`)."""
-    out = {}
-    for name, t in tower.state_dict().items():
-        key = name.replace("layers.", "encoder.layers.", 1) if name.startswith("layers.") else name
-        out[f"vision_model.{key}"] = t.detach().contiguous().cpu()
-    return out
-
-
 def save_tower(tower: SiglipTower, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = {**tower.config.to_hf_dict(), "architectures": ["SiglipVisionModel"],
            "hyperowl_note": "Owl3 tower layers only: the last SigLIP layer (unused by Owl3) is not stored"}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file(tower_state_dict(tower), str(out / "model.safetensors"), metadata={"format": "pt"})
+    # The Owl3 checkpoint map names the tower's tensors: `vision.*` -> `vision_model.embeddings.*` / `...encoder.layers.i.*`.
+    params = official_state_dict({f"vision.{n}": p for n, p in tower.named_parameters()})
+    save_file({k: v.cpu() for k, v in params.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3,
