@@ -143,7 +143,7 @@ def safetensors_files(d: Path) -> list[Path]:
 def read_config(d: Path) -> dict:
     f = d / "config.json"
     if not f.exists():
-        raise CheckpointError(f"{d}: no config.json; pass an mPLUG-Owl3 checkpoint directory")
+        raise CheckpointError(f"{d}: no config.json; pass a checkpoint directory (config.json + *.safetensors)")
     try:
         return json.loads(f.read_text())
     except ValueError as e:

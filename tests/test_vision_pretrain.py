@@ -102,6 +102,9 @@ def test_init_vision_shape_mismatch_and_owl2_are_clear_errors(tmp_path, colour_d
                                "data": {"train": str(colour_data / "train.jsonl")}, "output": str(tmp_path / "run")})
     with pytest.raises(CheckpointError, match="hidden_size: 48 vs 32"):
         build(recipe, torch.device("cpu"))
+    recipe.init.vision = str(tmp_path)  # a directory without config.json
+    with pytest.raises(CheckpointError, match="no config.json; pass a checkpoint directory"):
+        build(recipe, torch.device("cpu"))
     owl2 = Recipe.from_dict({"init": {"preset": "owl2-tiny", "tokenizer": "train", "vocab_size": 300, "vision": str(out)},
                              "data": {"train": str(colour_data / "train.jsonl")}, "output": str(tmp_path / "run2")})
     with pytest.raises(InputError, match="Owl3 presets only"):
