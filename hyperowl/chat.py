@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
+import torch
 from tokenizers import Tokenizer
 
 from .engine import Engine, Request, SamplingParams
@@ -55,7 +56,8 @@ def make_params(tokenizer: Tokenizer, stops: tuple[int, ...] | None = None, **op
 
 
 def requests_for(model, inputs: list[ProcessedInputs], params: SamplingParams) -> list[Request]:
-    return [Request(x.input_ids, pixel_values=x.pixel_values, image_positions=x.image_positions, params=params) for x in inputs]
+    return [Request(x.input_ids, pixel_values=x.pixel_values, image_embeds=x.image_embeds,
+                    image_positions=x.image_positions, params=params) for x in inputs]
 
 
 def chat(
@@ -77,7 +79,12 @@ def chat(
     if processor is None:
         raise InputError("this model has no tokenizer (no tokenizer.json in its checkpoint directory); "
                          "use a checkpoint that ships one, or attach an Owl3Processor as model.processor")
-    inputs = processor(messages, images=images, videos=videos, max_frames=max_frames, fps=fps, cut=cut, system=system)
+    extra = {}
+    if videos is not None and isinstance(processor, Owl3Processor):
+        # Videos: the tower encodes decoded frames while the next ones decode (processing/overlap.py).
+        extra["encode"] = torch.no_grad()(model.encode_images)
+    inputs = processor(messages, images=images, videos=videos, max_frames=max_frames, fps=fps, cut=cut, system=system,
+                       **extra)
     params = make_params(processor.tokenizer, processor_stops(processor), **sampling)
     engine = Engine(model)
     events = engine.stream(requests_for(model, [inputs], params))

@@ -51,6 +51,17 @@ def test_long_video_bench_smoke(tmp_path):
     assert rows[("exact", True)]["kept"] == 8
 
 
+def test_video_encode_bench_smoke(tmp_path):
+    out = tmp_path / "ve.json"
+    r = subprocess.run([sys.executable, "bench/bench_video_encode.py", "--hours", "0.01", "--frames", "6", "--chunk", "2",
+                        "--repeats", "1", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [row["mode"] for row in res["rows"]] == ["decode only", "encode only", "sequential", "overlapped"]
+    assert res["same_embeddings"] and all(row["frames"] == 6 for row in res["rows"])
+
+
 def test_quantize_bench_smoke(tmp_path):
     out = tmp_path / "q.json"
     r = subprocess.run([sys.executable, "bench/bench_quantize.py", "--shape", "tiny", "--images", "2", "--decode", "2",

@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -49,7 +49,8 @@ from hyperowl.processing.chat import (
     render_chatml,
 )
 from hyperowl.processing.images import ImageSource, cut_image, cut_prompt, image_to_tensor, load_image
-from hyperowl.processing.video import sample_frames
+from hyperowl.processing.overlap import chunked, encode_overlapped
+from hyperowl.processing.video import iter_video, sample_frames
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class ProcessedInputs:
     pixel_values: Optional[torch.Tensor]  # float32 [N, 3, S, S], None when the prompt has no images
     image_positions: torch.Tensor  # int64 [N]: index in input_ids of each image's <|image|> token
     prompt: str  # the rendered text (with expanded placeholders)
+    # With `encode=` given: the images' embeddings [N, T, H] instead of pixel_values (which is then None).
+    image_embeds: Optional[torch.Tensor] = None
 
     @property
     def num_images(self) -> int:
@@ -170,19 +173,29 @@ class Owl3Processor:
         cut: Optional[bool] = None,
         add_generation_prompt: bool = True,
         progress: Optional[bool] = None,
+        encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        encode_chunk: int = 16,
     ) -> ProcessedInputs:
-        """Build model inputs. See the module note for how placeholders are expanded."""
+        """Build model inputs. See the module note for how placeholders are expanded.
+
+        encode (e.g. `model.encode_images`): return `image_embeds` instead of pixels. Each image is encoded
+        as soon as it is loaded; a video file is decoded in a background thread, `encode_chunk` frames at a
+        time, while the tower encodes the frames already decoded (processing/overlap.py): the tower starts
+        before the last frame is decoded and only a few chunks of pixels exist at once."""
         pairs = normalize_messages(messages)  # validated copy; the caller's dicts are not touched
         image_list = _as_list(images, "images")
         video_list = _as_list(videos, "videos")
         if system is not None and (IMAGE_TOKEN in system or VIDEO_TOKEN in system):
             raise InputError(f"system: must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; put media in a user message")
         self._check_counts(pairs, image_list, video_list)
-        new_messages, pixels = self._expand(pairs, image_list, video_list, cut, max_frames, fps, progress)
+        if encode_chunk < 1:
+            raise InputError(f"encode_chunk={encode_chunk}: must be at least 1 frame")
+        new_messages, pixels = self._expand(pairs, image_list, video_list, cut, max_frames, fps, progress, encode,
+                                            encode_chunk)
         kwargs = {} if system is None else {"system": system}
         prompt = render_chatml(new_messages, add_generation_prompt=add_generation_prompt, **kwargs)
         ids, positions = self._tokenize(prompt)
-        return self._package(ids, positions, pixels, prompt)
+        return self._package(ids, positions, pixels, prompt, encoded=encode is not None)
 
     def training_example(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,
                          max_frames: int = 16, fps: Optional[float] = None, system: Optional[str] = None,
@@ -223,22 +236,29 @@ class Owl3Processor:
             )
 
     @staticmethod
-    def _package(ids: list[int], positions: list[int], pixels: list[torch.Tensor], prompt: str) -> ProcessedInputs:
-        pixel_values = torch.cat(pixels, dim=0) if pixels else None
-        n_pixels = 0 if pixel_values is None else pixel_values.shape[0]
+    def _package(ids: list[int], positions: list[int], pixels: list[torch.Tensor], prompt: str,
+                 encoded: bool = False) -> ProcessedInputs:
+        """pixels: one tensor per media item ([n, 3, S, S], or its embeddings [n, T, H] when `encoded`)."""
+        values = torch.cat(pixels, dim=0) if pixels else None
+        n_pixels = 0 if values is None else values.shape[0]
         if len(positions) != n_pixels:
             # Can only happen if a template or the tokenizer disagrees with our expansion: a bug, not user error.
             raise RuntimeError(f"internal error: {len(positions)} image tokens but {n_pixels} pixel tensors")
         return ProcessedInputs(
             input_ids=torch.tensor(ids, dtype=torch.long),
-            pixel_values=pixel_values,
+            pixel_values=None if encoded else values,
             image_positions=torch.tensor(positions, dtype=torch.long),
             prompt=prompt,
+            image_embeds=values if encoded else None,
         )
 
     def _expand(self, pairs: list[tuple[str, str]], image_list: list[Any], video_list: list[Any], cut: Optional[bool],
-                max_frames: int, fps: Optional[float], progress: Optional[bool]) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
-        """Replace placeholders by their expanded text (cut templates, video frames); collect pixel tensors."""
+                max_frames: int, fps: Optional[float], progress: Optional[bool],
+                encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                encode_chunk: int = 16) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
+        """Replace placeholders by their expanded text (cut templates, video frames); collect pixel tensors
+        (or, with `encode`, their embeddings)."""
+        enc = encode if encode is not None else (lambda px: px)
         do_cut = self.cut if cut is None else cut
         template = _CUT_TEMPLATE[self.variant]
         size = self.image_size
@@ -254,16 +274,23 @@ class Owl3Processor:
                     img_i += 1
                     if do_cut:
                         px, (rows, cols) = cut_image(img, size)
-                        pixels.append(px)
+                        pixels.append(enc(px))
                         out.append(cut_prompt(rows, cols, template, IMAGE_TOKEN))
                     else:
-                        pixels.append(image_to_tensor(img, size).unsqueeze(0))
+                        pixels.append(enc(image_to_tensor(img, size).unsqueeze(0)))
                         out.append(IMAGE_TOKEN)
                 elif piece == VIDEO_TOKEN:
-                    frames = self._video_frames(video_list[vid_i], vid_i, max_frames, fps, progress)
+                    src = video_list[vid_i]
                     vid_i += 1
-                    pixels.append(torch.stack([image_to_tensor(f, size) for f in frames]))
-                    out.append(self._video_text(len(frames)))
+                    if encode is not None and isinstance(src, (str, os.PathLike)):
+                        frames_iter = (im for _, im in iter_video(src, max_frames=max_frames, fps=fps, progress=progress))
+                        chunks = (torch.stack([image_to_tensor(f, size) for f in group])
+                                  for group in chunked(frames_iter, encode_chunk))
+                        pixels.append(encode_overlapped(chunks, encode))
+                    else:
+                        frames = self._video_frames(src, vid_i - 1, max_frames, fps, progress)
+                        pixels.append(enc(torch.stack([image_to_tensor(f, size) for f in frames])))
+                    out.append(self._video_text(pixels[-1].shape[0]))
                 else:
                     out.append(piece)
             new_messages.append({"role": role, "content": "".join(out)})

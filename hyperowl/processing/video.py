@@ -232,6 +232,80 @@ class _Decoder:
         return t, frame
 
 
+def iter_video(
+    path: "str | os.PathLike[str]",
+    max_frames: int = 16,
+    fps: Optional[float] = None,
+    progress: Optional[bool] = None,
+    seek_threshold: float = DEFAULT_SEEK_THRESHOLD,
+    keyframes: bool = False,
+    stats: Optional[VideoSample] = None,
+) -> Iterator[tuple[float, Image.Image]]:
+    """Yield (timestamp, RGB frame) for each sampled frame as soon as it is decoded (see the module note for
+    the rule), so a consumer can work on early frames while later ones decode. `stats`, if given, is
+    filled in as decoding goes: targets and duration before the first frame, then times, frames_decoded and
+    seeks (its `frames` list stays empty: the frames are yielded, not kept). Arguments are checked and the
+    file opened on the first `next()`."""
+    if max_frames < 1:
+        raise InputError(f"max_frames={max_frames}: must be at least 1")
+    if fps is not None and not fps > 0:
+        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    st = stats if stats is not None else VideoSample(frames=[], times=[])
+    p = os.fspath(path)
+    container = _open(p)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame/slice threads: decoding is the cost here
+        info = _stream_info(container, p)
+        st.duration = info.duration
+        st.targets = video_targets(info.duration, info.count, max_frames, fps)
+        # Seeking needs timestamps; raw elementary streams without pts are decoded straight through.
+        threshold = seek_threshold if info.has_pts else math.inf
+        show = progress if progress is not None else (max_frames > 32 and sys.stderr.isatty())
+        dec = _Decoder(container, p, info)
+        prev: Optional[tuple[float, "av.VideoFrame"]] = None  # last frame with time <= current target
+        ahead: Optional[tuple[float, "av.VideoFrame"]] = None  # decoded frame past the current target
+        last: Optional[tuple["av.VideoFrame", Image.Image]] = None  # the same frame can serve close targets
+        with tqdm(total=len(st.targets), desc="video frames", unit="frame", file=sys.stderr, disable=not show) as bar:
+            for target in st.targets:
+                latest = ahead if ahead is not None else prev
+                position = latest[0] if latest is not None else 0.0
+                pick = None
+                if target - position > threshold and not dec.missing_pts:
+                    dec.seek(target)
+                    prev = ahead = None
+                    if keyframes:
+                        pick = prev = dec.next()
+                if pick is None:
+                    while True:
+                        if ahead is not None:
+                            item, ahead = ahead, None
+                        else:
+                            item = dec.next()
+                        if item is None:  # end of stream: the last frame is displayed until the end
+                            break
+                        if item[0] > target + _TIME_EPS:
+                            ahead = item
+                            break
+                        prev = item
+                    pick = prev if prev is not None else ahead
+                if pick is None:
+                    raise _fail(p, "no decodable video frames")
+                if last is None or last[0] is not pick[1]:  # convert each distinct frame once
+                    try:
+                        last = (pick[1], pick[1].to_image().convert("RGB"))
+                    except _AV_ERRORS as exc:
+                        raise _fail(p, f"frame conversion failed: {exc}") from None
+                st.times.append(pick[0])
+                st.frames_decoded, st.seeks = dec.frames_decoded, dec.seeks
+                bar.update(1)
+                yield pick[0], last[1]
+        logger.debug("video %s: %.2fs, %d targets, decoded %d frames with %d seeks", p, st.duration, len(st.targets),
+                     st.frames_decoded, st.seeks)
+    finally:
+        container.close()
+
+
 def sample_video(
     path: "str | os.PathLike[str]",
     max_frames: int = 16,
@@ -245,80 +319,10 @@ def sample_video(
     keyframes=True: where the sampler seeks, it keeps the keyframe it lands on (at or before the target)
     instead of decoding forward to the exact frame: one decoded frame per kept frame on long videos, at
     the price of frames up to one keyframe interval early."""
-    if max_frames < 1:
-        raise InputError(f"max_frames={max_frames}: must be at least 1")
-    if fps is not None and not fps > 0:
-        raise InputError(f"fps={fps}: must be a positive number of frames per second")
-    p = os.fspath(path)
-    container = _open(p)
-    try:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame/slice threads: decoding is the cost here
-        info = _stream_info(container, p)
-        duration = info.duration
-        targets = video_targets(duration, info.count, max_frames, fps)
-        # Seeking needs timestamps; raw elementary streams without pts are decoded straight through.
-        threshold = seek_threshold if info.has_pts else math.inf
-        show = progress if progress is not None else (max_frames > 32 and sys.stderr.isatty())
-        dec = _Decoder(container, p, info)
-        chosen: list[tuple[float, "av.VideoFrame"]] = []
-        prev: Optional[tuple[float, "av.VideoFrame"]] = None  # last frame with time <= current target
-        ahead: Optional[tuple[float, "av.VideoFrame"]] = None  # decoded frame past the current target
-        with tqdm(total=len(targets), desc="video frames", unit="frame", file=sys.stderr, disable=not show) as bar:
-            for target in targets:
-                latest = ahead if ahead is not None else prev
-                position = latest[0] if latest is not None else 0.0
-                if target - position > threshold and not dec.missing_pts:
-                    dec.seek(target)
-                    prev = ahead = None
-                    if keyframes:
-                        landed = dec.next()
-                        if landed is not None:
-                            prev = landed
-                            chosen.append(landed)
-                            bar.update(1)
-                            continue
-                while True:
-                    if ahead is not None:
-                        item, ahead = ahead, None
-                    else:
-                        item = dec.next()
-                    if item is None:  # end of stream: the last frame is displayed until the end
-                        break
-                    if item[0] > target + _TIME_EPS:
-                        ahead = item
-                        break
-                    prev = item
-                pick = prev if prev is not None else ahead
-                if pick is None:
-                    raise _fail(p, "no decodable video frames")
-                chosen.append(pick)
-                bar.update(1)
-        frames_decoded, seeks = dec.frames_decoded, dec.seeks
-        # Convert each distinct chosen frame once (the same frame can serve several close targets).
-        images: dict[int, Image.Image] = {}
-        out: list[Image.Image] = []
-        for _, frame in chosen:
-            key = id(frame)
-            if key not in images:
-                try:
-                    images[key] = frame.to_image().convert("RGB")
-                except _AV_ERRORS as exc:
-                    raise _fail(p, f"frame conversion failed: {exc}") from None
-            out.append(images[key])
-    finally:
-        container.close()
-    logger.debug(
-        "video %s: %.2fs, %d targets, decoded %d frames with %d seeks", p, duration, len(targets), frames_decoded, seeks
-    )
-    return VideoSample(
-        frames=out,
-        times=[t for t, _ in chosen],
-        targets=targets,
-        duration=duration,
-        frames_decoded=frames_decoded,
-        seeks=seeks,
-    )
+    st = VideoSample(frames=[], times=[])
+    frames = [im for _, im in iter_video(path, max_frames, fps, progress, seek_threshold, keyframes, stats=st)]
+    st.frames = frames
+    return st
 
 
 def sample_frames_with_times(

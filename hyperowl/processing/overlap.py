@@ -1,0 +1,83 @@
+"""Decode media in a background thread while the vision tower encodes what is already decoded.
+
+Design note. A long video costs two things before the first token: decoding and resizing the sampled
+frames (PyAV, Pillow: they release the GIL) and running the vision tower on them (torch). Done one after
+the other, the tower waits for the last frame and every frame's pixels are held at once (400 frames at
+384 px are 0.7 GB of float32). `encode_overlapped` runs the producer (an iterator of pixel chunks) in one
+thread and the encoder in the caller's thread, with a queue of at most `depth` chunks between them: the
+tower works on chunk k while chunk k+1 decodes, and at most depth + 2 chunks of pixels exist at any time,
+whatever the video's length. Errors on either side stop both and are raised in the caller (an InputError
+from the decoder stays an InputError); the thread never outlives the call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def encode_overlapped(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tensor], depth: int = 2) -> Tensor:
+    """torch.cat([encode(c) for c in chunks]), with `chunks` produced in a background thread (see the note)."""
+    if depth < 1:
+        raise ValueError(f"depth={depth}: must be at least 1")
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():  # a bounded put that gives up when the consumer has stopped
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for c in chunks:
+                if not put(c):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, re-raised there
+            put(_Failed(exc))
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:  # a generator: release its file now, from its own thread
+                close()
+
+    worker = threading.Thread(target=produce, name="media-decode", daemon=True)
+    worker.start()
+    out: list[Tensor] = []
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failed):
+                raise item.exc
+            out.append(encode(item))
+    finally:
+        stop.set()
+        worker.join()
+    if not out:
+        raise ValueError("encode_overlapped: no chunks were produced")
+    return out[0] if len(out) == 1 else torch.cat(out)

@@ -1,0 +1,140 @@
+"""Decoding overlapped with the vision tower (processing/overlap.py): same embeddings as decode-then-encode,
+a bounded number of chunks in flight, errors from either side raised in the caller, no thread left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperowl.chat import chat
+from hyperowl.engine import Engine, Request, SamplingParams
+from hyperowl.errors import InputError
+from hyperowl.processing.overlap import chunked, encode_overlapped
+from hyperowl.processing.processor import Owl3Processor
+from tests.conftest import make_tokenizer, random_owl3
+from tests.test_video import make_video
+
+
+def test_chunked():
+    assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(chunked([], 3)) == []
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_encode_overlapped_equals_sequential_and_is_bounded(depth):
+    produced = 0
+    ahead = []
+
+    def chunks():
+        nonlocal produced
+        for k in range(12):
+            produced += 1
+            yield torch.full((2, 3), float(k))
+
+    consumed = 0
+
+    def encode(x):
+        nonlocal consumed
+        consumed += 1
+        time.sleep(0.02)  # a slow tower: an unbounded producer would run far ahead
+        ahead.append(produced - consumed)
+        return x * 2
+
+    before = threading.active_count()
+    out = encode_overlapped(chunks(), encode, depth=depth)
+    assert torch.equal(out, torch.cat([torch.full((2, 3), 2.0 * k) for k in range(12)]))
+    # depth chunks queued + one the producer holds while it waits to put it
+    assert max(ahead) <= depth + 1
+    assert max(ahead) >= 1  # it did run ahead: decoding overlapped the encoder
+    assert threading.active_count() == before
+
+
+def test_producer_error_reaches_caller():
+    def chunks():
+        yield torch.zeros(1)
+        raise InputError("video 'x.mp4': broken")
+
+    before = threading.active_count()
+    with pytest.raises(InputError, match="x.mp4"):
+        encode_overlapped(chunks(), lambda x: x)
+    assert threading.active_count() == before
+
+
+def test_encoder_error_stops_producer():
+    closed = threading.Event()
+    produced = 0
+
+    def chunks():
+        nonlocal produced
+        try:
+            for _ in range(1000):
+                produced += 1
+                yield torch.zeros(1)
+        finally:
+            closed.set()
+
+    def encode(x):
+        raise RuntimeError("tower failed")
+
+    with pytest.raises(RuntimeError, match="tower failed"):
+        encode_overlapped(chunks(), encode, depth=2)
+    assert closed.is_set() and produced < 10  # the producer stopped and released its source
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("ov") / "v.mp4", 40)
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    model = random_owl3()
+    return model, Owl3Processor(make_tokenizer(), image_size=model.config.vision.image_size, cut=False)
+
+
+def test_processor_encode_matches_pixels(model_and_processor, video):
+    model, proc = model_and_processor
+    messages = [{"role": "user", "content": "<|image|>Compare with <|video|>"}]
+    img = torch.rand(3, 50, 40).mul(255).byte().permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    image = Image.fromarray(img)
+    plain = proc(messages, images=[image], videos=[video], max_frames=11)
+    with torch.no_grad():
+        ref = model.encode_images(plain.pixel_values)
+        fast = proc(messages, images=[image], videos=[video], max_frames=11, encode=model.encode_images, encode_chunk=3)
+    assert fast.pixel_values is None and plain.image_embeds is None
+    assert torch.equal(fast.input_ids, plain.input_ids) and torch.equal(fast.image_positions, plain.image_positions)
+    assert fast.image_embeds.shape == ref.shape == (12, *ref.shape[1:])
+    torch.testing.assert_close(fast.image_embeds, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_encode_bad_video_is_input_error(model_and_processor, tmp_path):
+    model, proc = model_and_processor
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(InputError, match="bad.mp4"):
+        proc([{"role": "user", "content": "<|video|>?"}], videos=[bad], encode=model.encode_images)
+    with pytest.raises(InputError, match="encode_chunk"):
+        proc([{"role": "user", "content": "<|video|>?"}], videos=[bad], encode=model.encode_images, encode_chunk=0)
+
+
+def test_chat_on_video_equals_pixel_path(model_and_processor, video):
+    model, proc = model_and_processor
+    messages = [{"role": "user", "content": "<|video|>Describe this video."}]
+    answer = chat(model, proc, messages, videos=[video], max_frames=9, max_new_tokens=8)
+    x = proc(messages, videos=[video], max_frames=9)
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=())
+    out = Engine(model).generate([Request(x.input_ids, pixel_values=x.pixel_values, image_positions=x.image_positions,
+                                          params=params)])[0]
+    stops = {proc.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    kept = []
+    for t in out:
+        if t in stops:
+            break
+        kept.append(t)
+    assert answer == proc.tokenizer.decode(kept, skip_special_tokens=True)
