@@ -41,6 +41,25 @@ def test_evaluate_writes_predictions_summary_and_resumes(chat_checkpoint, eval_d
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 3
 
 
+def test_resume_refuses_rows_of_another_model(chat_checkpoint, eval_data, tmp_path):
+    # A retrained model at the same path must not inherit the old model's predictions (this happened:
+    # scripts/train_embedded.sh re-evaluated into the same --out and "resumed" all 1000 old rows).
+    import torch
+
+    model = hyperowl.load(chat_checkpoint)
+    evaluate(model, eval_data, tmp_path, batch_size=2, max_new_tokens=3)
+    p = next(model.parameters())
+    kept = p.detach().clone()
+    with torch.no_grad():
+        p.mul_(1.5)  # the "retrained" model
+    with pytest.raises(InputError, match="another model"):
+        evaluate(model, eval_data, tmp_path, batch_size=2, max_new_tokens=3)
+    with torch.no_grad():
+        p.copy_(kept)
+    s = evaluate(model, eval_data, tmp_path, batch_size=2, max_new_tokens=3)  # the same weights resume
+    assert s["computed"] == 0 and s["n"] == 3
+
+
 def test_records_and_normalization(eval_data, tmp_path):
     recs = load_records(eval_data)
     assert recs[0]["answer"] == "red" and recs[0]["messages"][-1]["role"] == "user"

@@ -20,6 +20,7 @@ reference, compared after `normalize`.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from tqdm import tqdm
 
 from ..chat import chat_batch
@@ -115,20 +117,34 @@ def _barrier() -> None:
     dist.barrier()
 
 
+def model_fingerprint(model) -> str:
+    """A cheap identity of a model's weights: names, shapes, dtypes and the first values of every tensor
+    (a retrained or re-quantized model differs; hashing all of a 7B model's bytes would take minutes)."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _run_key(meta: dict) -> dict:
-    key = {k: meta[k] for k in ("task", "distractors", "variants", "seed", "style") if k in meta}
+    key = {k: meta[k] for k in ("task", "distractors", "variants", "seed", "style", "model") if k in meta}
     if meta.get("data"):
         key["data"] = Path(str(meta["data"])).name
     return key
 
 
 def _check_same_run(out: Path, meta: dict, rank: int) -> None:
-    """Resuming trusts the rows on disk: refuse those of another task or data file (`out/run.json`)."""
+    """Resuming trusts the rows on disk: refuse those of another task, data file or model (`out/run.json`)."""
     f = out / "run.json"
     key = _run_key(meta)
     if f.exists():
         old = json.loads(f.read_text())
         if old != key:
+            if {k: v for k, v in old.items() if k != "model"} == {k: v for k, v in key.items() if k != "model"}:
+                raise InputError(f"output '{out}' holds predictions of another model (or of an older hyperowl that did "
+                                 "not record the model): its rows cannot be resumed with this one; choose another "
+                                 "--out (or delete it)")
             raise InputError(f"output '{out}' holds a run of {old}, not {key}; choose another --out (or delete it)")
     elif rank == 0:
         tmp = f.with_suffix(".tmp")
@@ -164,6 +180,8 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
         raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
     rank, world = dist_info()
     meta = dict(meta or {})
+    if isinstance(model, torch.nn.Module):  # rows on disk are resumed only for the same weights
+        meta["model"] = model_fingerprint(model)
     _check_same_run(out, meta, rank)
     main_file = out / "predictions.jsonl"
     own_file = main_file if world == 1 else out / f"predictions.rank{rank}.jsonl"
