@@ -81,8 +81,10 @@ def chat(
                          "use a checkpoint that ships one, or attach an Owl3Processor as model.processor")
     extra = {}
     if videos is not None and isinstance(processor, Owl3Processor):
-        # Videos: the tower encodes decoded frames while the next ones decode (processing/overlap.py).
+        # Videos are encoded chunk by chunk as they decode (bounded pixel memory); on an accelerator the next
+        # chunk decodes in a thread meanwhile. On CPU the two would share the cores: measured slower there.
         extra["encode"] = torch.no_grad()(model.encode_images)
+        extra["overlap"] = model.device.type != "cpu"
     inputs = processor(messages, images=images, videos=videos, max_frames=max_frames, fps=fps, cut=cut, system=system,
                        **extra)
     params = make_params(processor.tokenizer, processor_stops(processor), **sampling)

@@ -58,7 +58,7 @@ def test_video_encode_bench_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert [row["mode"] for row in res["rows"]] == ["decode only", "encode only", "sequential", "overlapped"]
+    assert [row["mode"] for row in res["rows"]] == ["decode only", "encode only", "sequential", "chunked", "overlapped"]
     assert res["same_embeddings"] and all(row["frames"] == 6 for row in res["rows"])
 
 

@@ -96,7 +96,14 @@ def model_and_processor():
     return model, Owl3Processor(make_tokenizer(), image_size=model.config.vision.image_size, cut=False)
 
 
-def test_processor_encode_matches_pixels(model_and_processor, video):
+def test_unthreaded_is_plain_chunked_encode():
+    before = threading.active_count()
+    out = encode_overlapped((torch.full((1,), float(k)) for k in range(5)), lambda x: x + 1, threaded=False)
+    assert torch.equal(out, torch.arange(1.0, 6.0)) and threading.active_count() == before
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_processor_encode_matches_pixels(model_and_processor, video, overlap):
     model, proc = model_and_processor
     messages = [{"role": "user", "content": "<|image|>Compare with <|video|>"}]
     img = torch.rand(3, 50, 40).mul(255).byte().permute(1, 2, 0).numpy()
@@ -106,7 +113,8 @@ def test_processor_encode_matches_pixels(model_and_processor, video):
     plain = proc(messages, images=[image], videos=[video], max_frames=11)
     with torch.no_grad():
         ref = model.encode_images(plain.pixel_values)
-        fast = proc(messages, images=[image], videos=[video], max_frames=11, encode=model.encode_images, encode_chunk=3)
+        fast = proc(messages, images=[image], videos=[video], max_frames=11, encode=model.encode_images, encode_chunk=3,
+                    overlap=overlap)
     assert fast.pixel_values is None and plain.image_embeds is None
     assert torch.equal(fast.input_ids, plain.input_ids) and torch.equal(fast.image_positions, plain.image_positions)
     assert fast.image_embeds.shape == ref.shape == (12, *ref.shape[1:])

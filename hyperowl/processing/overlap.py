@@ -35,10 +35,20 @@ def chunked(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def encode_overlapped(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tensor], depth: int = 2) -> Tensor:
-    """torch.cat([encode(c) for c in chunks]), with `chunks` produced in a background thread (see the note)."""
+def encode_overlapped(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tensor], depth: int = 2,
+                      threaded: bool = True) -> Tensor:
+    """torch.cat([encode(c) for c in chunks]), with `chunks` produced in a background thread (see the note).
+
+    threaded=False: the same chunk by chunk in the caller's thread (bounded memory, no overlap). On a CPU-only
+    machine the decoder and the tower compete for the same cores: there, measured on 2 cores
+    (bench/bench_video_encode.py), the thread made it slower, not faster."""
     if depth < 1:
         raise ValueError(f"depth={depth}: must be at least 1")
+    if not threaded:
+        out = [encode(c) for c in chunks]
+        if not out:
+            raise ValueError("encode_overlapped: no chunks were produced")
+        return out[0] if len(out) == 1 else torch.cat(out)
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

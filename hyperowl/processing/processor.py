@@ -175,13 +175,16 @@ class Owl3Processor:
         progress: Optional[bool] = None,
         encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         encode_chunk: int = 16,
+        overlap: bool = True,
     ) -> ProcessedInputs:
         """Build model inputs. See the module note for how placeholders are expanded.
 
         encode (e.g. `model.encode_images`): return `image_embeds` instead of pixels. Each image is encoded
         as soon as it is loaded; a video file is decoded in a background thread, `encode_chunk` frames at a
         time, while the tower encodes the frames already decoded (processing/overlap.py): the tower starts
-        before the last frame is decoded and only a few chunks of pixels exist at once."""
+        before the last frame is decoded and only a few chunks of pixels exist at once. overlap=False:
+        the same chunks decoded and encoded in turn, in this thread (bounded memory; for CPU-only runs,
+        where decoding and the tower share the cores)."""
         pairs = normalize_messages(messages)  # validated copy; the caller's dicts are not touched
         image_list = _as_list(images, "images")
         video_list = _as_list(videos, "videos")
@@ -191,7 +194,7 @@ class Owl3Processor:
         if encode_chunk < 1:
             raise InputError(f"encode_chunk={encode_chunk}: must be at least 1 frame")
         new_messages, pixels = self._expand(pairs, image_list, video_list, cut, max_frames, fps, progress, encode,
-                                            encode_chunk)
+                                            encode_chunk, overlap)
         kwargs = {} if system is None else {"system": system}
         prompt = render_chatml(new_messages, add_generation_prompt=add_generation_prompt, **kwargs)
         ids, positions = self._tokenize(prompt)
@@ -255,7 +258,7 @@ class Owl3Processor:
     def _expand(self, pairs: list[tuple[str, str]], image_list: list[Any], video_list: list[Any], cut: Optional[bool],
                 max_frames: int, fps: Optional[float], progress: Optional[bool],
                 encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                encode_chunk: int = 16) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
+                encode_chunk: int = 16, overlap: bool = True) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
         """Replace placeholders by their expanded text (cut templates, video frames); collect pixel tensors
         (or, with `encode`, their embeddings)."""
         enc = encode if encode is not None else (lambda px: px)
@@ -286,7 +289,7 @@ class Owl3Processor:
                         frames_iter = (im for _, im in iter_video(src, max_frames=max_frames, fps=fps, progress=progress))
                         chunks = (torch.stack([image_to_tensor(f, size) for f in group])
                                   for group in chunked(frames_iter, encode_chunk))
-                        pixels.append(encode_overlapped(chunks, encode))
+                        pixels.append(encode_overlapped(chunks, encode, threaded=overlap))
                     else:
                         frames = self._video_frames(src, vid_i - 1, max_frames, fps, progress)
                         pixels.append(enc(torch.stack([image_to_tensor(f, size) for f in frames])))
