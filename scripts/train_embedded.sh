@@ -14,9 +14,10 @@ sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and t['examples'] == 4800
 fi
 # Stage 0: the tower learns what is where from dense per-patch labels of fresh scenes (never a val/test image).
 [ -f runs/vision-synthetic/model.safetensors ] || \
-  $H pretrain-vision --preset owl3-synthetic --out runs/vision-synthetic --steps 4000 \
+  $H pretrain-vision --preset owl3-synthetic --out runs/vision-synthetic --steps 2500 \
     --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt
 $H train recipes/embedded.yaml
+rm -rf results/embedded-test  # a new model: never resume the previous one's predictions
 $H eval --model runs/embedded/final --data data/synth/test.jsonl --out results/embedded-test --batch-size 32
 rm -rf models/owl3-synthetic && mkdir -p models/owl3-synthetic
 cp runs/embedded/final/{config.json,model.safetensors,tokenizer.json} models/owl3-synthetic/
