@@ -44,11 +44,14 @@ def encode_overlapped(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tenso
     (bench/bench_video_encode.py), the thread made it slower, not faster."""
     if depth < 1:
         raise ValueError(f"depth={depth}: must be at least 1")
-    if not threaded:
-        out = [encode(c) for c in chunks]
-        if not out:
-            raise ValueError("encode_overlapped: no chunks were produced")
-        return out[0] if len(out) == 1 else torch.cat(out)
+    out = _encode_in_thread(chunks, encode, depth) if threaded else [encode(c) for c in chunks]
+    if not out:
+        raise ValueError("encode_overlapped: no chunks were produced")
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _encode_in_thread(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tensor], depth: int) -> list[Tensor]:
+    """[encode(c) for c in chunks], the chunks produced in a thread, at most `depth` of them queued."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -81,13 +84,10 @@ def encode_overlapped(chunks: Iterable[Tensor], encode: Callable[[Tensor], Tenso
         while True:
             item = q.get()
             if item is _DONE:
-                break
+                return out
             if isinstance(item, _Failed):
                 raise item.exc
             out.append(encode(item))
     finally:
         stop.set()
         worker.join()
-    if not out:
-        raise ValueError("encode_overlapped: no chunks were produced")
-    return out[0] if len(out) == 1 else torch.cat(out)

@@ -242,7 +242,8 @@ class Owl3Processor:
     def _package(ids: list[int], positions: list[int], pixels: list[torch.Tensor], prompt: str,
                  encoded: bool = False) -> ProcessedInputs:
         """pixels: one tensor per media item ([n, 3, S, S], or its embeddings [n, T, H] when `encoded`)."""
-        values = torch.cat(pixels, dim=0) if pixels else None
+        # One media item (the usual case): its tensor as is; a cat would copy a long video's embeddings again.
+        values = (pixels[0] if len(pixels) == 1 else torch.cat(pixels, dim=0)) if pixels else None
         n_pixels = 0 if values is None else values.shape[0]
         if len(positions) != n_pixels:
             # Can only happen if a template or the tokenizer disagrees with our expansion: a bug, not user error.
