@@ -146,3 +146,97 @@ def test_chat_on_video_equals_pixel_path(model_and_processor, video):
             break
         kept.append(t)
     assert answer == proc.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_total_writes_each_output_into_one_tensor(threaded):
+    """With `total`, an encoded chunk is copied into the result as it comes and can be freed right away:
+    the embeddings exist once, not as a list of chunks plus their concatenation."""
+    import gc
+    import weakref
+
+    outputs: list = []
+    alive_when_encoding: list[int] = []
+
+    def encode(x):
+        gc.collect()
+        alive_when_encoding.append(sum(r() is not None for r in outputs))
+        y = x * 2
+        outputs.append(weakref.ref(y))
+        return y
+
+    chunks = (torch.full((2, 3), float(k)) for k in range(5))
+    out = encode_overlapped(chunks, encode, threaded=threaded, total=lambda: 10)
+    assert torch.equal(out, torch.cat([torch.full((2, 3), 2.0 * k) for k in range(5)]))
+    assert max(alive_when_encoding) == 0  # no earlier chunk's output is kept
+    outputs.clear()
+    alive_when_encoding.clear()
+    encode_overlapped((torch.full((2, 3), float(k)) for k in range(5)), encode, threaded=threaded)
+    assert alive_when_encoding[-1] == 4  # without total: all kept for the final cat (what total avoids)
+
+
+@pytest.mark.parametrize("total", [3, 9])
+def test_total_mismatch_is_an_error(total):
+    with pytest.raises(ValueError, match="total"):
+        encode_overlapped((torch.zeros(2, 1) for _ in range(3)), lambda x: x, total=total)
+
+
+def test_total_single_chunk_is_returned_as_is():
+    x = torch.arange(6.0).view(3, 2)
+    assert encode_overlapped(iter([x]), lambda c: c, threaded=False, total=3) is x
+
+
+def test_images_to_tensor_equals_stack_and_keeps_no_image():
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from hyperowl.processing.images import image_to_tensor, images_to_tensor
+
+    refs = []
+    gen = torch.Generator().manual_seed(0)
+
+    def frames():
+        for _ in range(4):
+            gc.collect()
+            # the consumer may still hold the frame before this one (its loop variable), never older ones
+            assert sum(r() is not None for r in refs[:-1]) == 0
+            im = Image.fromarray(torch.randint(0, 256, (30, 20, 3), dtype=torch.uint8, generator=gen).numpy())
+            refs.append(weakref.ref(im))
+            yield im
+            del im
+
+    out = images_to_tensor(frames(), 16, lambda: 4)
+    gen.manual_seed(0)
+    again = [Image.fromarray(torch.randint(0, 256, (30, 20, 3), dtype=torch.uint8, generator=gen).numpy())
+             for _ in range(4)]
+    assert torch.equal(out, torch.stack([image_to_tensor(im, 16) for im in again]))
+    with pytest.raises(ValueError, match="count"):
+        images_to_tensor(again, 16, 3)
+    with pytest.raises(ValueError, match="count"):
+        images_to_tensor(again, 16, 5)
+
+
+def test_video_file_pixels_equal_sampled_frames(model_and_processor, video):
+    """The processor resizes a video file's frames as they decode; the pixels equal sampling, then resizing."""
+    from hyperowl.processing.images import image_to_tensor
+    from hyperowl.processing.video import sample_frames
+
+    _, proc = model_and_processor
+    x = proc([{"role": "user", "content": "<|video|>What happens?"}], videos=[video], max_frames=7)
+    ref = torch.stack([image_to_tensor(f, proc.image_size) for f in sample_frames(video, max_frames=7)])
+    assert x.pixel_values.shape[0] == 7 and torch.equal(x.pixel_values, ref)
+
+
+def test_video_pixels_tensor_equals_file(model_and_processor, video):
+    """videos=[processor.video_pixels(path)] (a server decodes off its loop, then builds the prompt) gives the
+    same prompt and pixels as the file itself; a tensor of the wrong shape is a clear InputError."""
+    _, proc = model_and_processor
+    messages = [{"role": "user", "content": "<|video|>What happens?"}]
+    px = proc.video_pixels(video, max_frames=5)
+    a, b = proc(messages, videos=[video], max_frames=5), proc(messages, videos=px, max_frames=5)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
+    assert px.shape[0] == 5 and b.prompt.count("<|image|>") == 5
+    with pytest.raises(InputError, match=r"videos\[0\].*video_pixels"):
+        proc(messages, videos=[px[:, :, :8]])

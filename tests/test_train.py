@@ -302,3 +302,16 @@ def test_init_schemes():
         init_weights(model, 0, "xavier")
     with pytest.raises(InputError, match="init.scheme"):
         Recipe.from_dict({"init": {"preset": "tiny-240728", "scheme": "xavier"}})
+
+
+def test_preset_hyper_layers_override(tmp_path, colour_data):
+    """init.hyper_layers with a preset replaces the preset's hyper layers (bad ones: a clear recipe error)."""
+    from hyperowl.train.trainer import build
+
+    model, _, _ = build(recipe_for(colour_data, tmp_path / "h", init={"hyper_layers": [2, 4]}), torch.device("cpu"))
+    assert model.config.hyper_layers == (2, 4)
+    assert [i for i in range(4) if model.config.is_hyper(i)] == [1, 3]
+    default, _, _ = build(recipe_for(colour_data, tmp_path / "d"), torch.device("cpu"))
+    assert default.config.hyper_layers == (1, 3)
+    with pytest.raises(InputError, match="hyper_layers"):
+        build(recipe_for(colour_data, tmp_path / "b", init={"hyper_layers": [5]}), torch.device("cpu"))

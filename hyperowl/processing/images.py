@@ -24,7 +24,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Iterable, Union
 
 import numpy as np
 import torch
@@ -125,6 +125,27 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
         img = img.convert("RGB")
     resized = img.resize((size, size), Image.Resampling.BICUBIC)
     return _pil_to_normalized(resized)
+
+
+def images_to_tensor(images: Iterable[Image.Image], size: int, count: Union[int, Callable[[], int]]) -> torch.Tensor:
+    """`torch.stack([image_to_tensor(im, size) for im in images])` without the list: each image is resized
+    into one preallocated [count, 3, size, size] tensor as it arrives, so a long video's pixels exist once
+    and no decoded frame is kept. `count` may be a function, asked after the first image (a video sampler
+    knows its frame count only once the file is open)."""
+    out = None
+    i = 0
+    for i, im in enumerate(images):
+        if out is None:
+            n = count() if callable(count) else count
+            out = torch.empty(n, 3, size, size)
+        if i >= out.shape[0]:
+            raise ValueError(f"images_to_tensor: more than count={out.shape[0]} images")
+        out[i] = image_to_tensor(im, size)
+    if out is None:
+        raise ValueError("images_to_tensor: no images")
+    if i + 1 != out.shape[0]:
+        raise ValueError(f"images_to_tensor: {i + 1} images, not count={out.shape[0]}")
+    return out
 
 
 def select_grid(

@@ -9,7 +9,8 @@ expanded in the text before ChatML rendering:
     `<|image|>` tokens, and pixels = crops (row-major) + global view;
   * image, cutting off: one `<|image|>`, pixels = the image resized to size x size;
   * video: one `<|image|>` per frame (241101 wraps them in `<|start_video_frame|>`..`<|end_video_frame|>`),
-    never cut.
+    never cut. A video is a file (frames are resized as they decode; no full-size frame is kept), a list of
+    PIL frames, or pixel values [F, 3, S, S] made earlier (`video_pixels`, e.g. by a server off its loop).
 Each image is expanded with *its own* grid. The official 240728 processor indexes its per-crop shape
 list by image number, so every image after the first gets a wrong template and the token count stops
 matching the pixel count (spec section 4); we deliberately do not reproduce that bug. The invariant
@@ -48,9 +49,9 @@ from hyperowl.processing.chat import (
     normalize_messages,
     render_chatml,
 )
-from hyperowl.processing.images import ImageSource, cut_image, cut_prompt, image_to_tensor, load_image
+from hyperowl.processing.images import ImageSource, cut_image, cut_prompt, image_to_tensor, images_to_tensor, load_image
 from hyperowl.processing.overlap import chunked, encode_overlapped
-from hyperowl.processing.video import iter_video, sample_frames
+from hyperowl.processing.video import VideoSample, iter_video
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ VARIANTS = ("240728", "241101")
 _CUT_TEMPLATE = {"240728": "v2_global", "241101": "v3_global"}
 _PLACEHOLDER_RE = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 
-VideoSource = Union[str, os.PathLike, Sequence[Image.Image]]
+VideoSource = Union[str, os.PathLike, Sequence[Image.Image], torch.Tensor]  # tensor: pixels [F, 3, S, S]
 
 
 @dataclass
@@ -93,6 +94,8 @@ def _as_list(items: Any, what: str) -> list[Any]:
     if items is None:
         return []
     if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image)):
+        return [items]
+    if isinstance(items, torch.Tensor) and what == "videos":  # one video's pixels
         return [items]
     if isinstance(items, (list, tuple)):
         return list(items)
@@ -286,14 +289,13 @@ class Owl3Processor:
                 elif piece == VIDEO_TOKEN:
                     src = video_list[vid_i]
                     vid_i += 1
-                    if encode is not None and isinstance(src, (str, os.PathLike)):
-                        frames_iter = (im for _, im in iter_video(src, max_frames=max_frames, fps=fps, progress=progress))
-                        chunks = (torch.stack([image_to_tensor(f, size) for f in group])
-                                  for group in chunked(frames_iter, encode_chunk))
-                        pixels.append(encode_overlapped(chunks, encode, threaded=overlap))
+                    if isinstance(src, (str, os.PathLike)):
+                        pixels.append(self._video_file(src, max_frames, fps, progress, encode, encode_chunk, overlap))
+                    elif isinstance(src, torch.Tensor):
+                        pixels.append(enc(self._video_tensor(src, vid_i - 1)))
                     else:
-                        frames = self._video_frames(src, vid_i - 1, max_frames, fps, progress)
-                        pixels.append(enc(torch.stack([image_to_tensor(f, size) for f in frames])))
+                        frames = self._video_frames(src, vid_i - 1)
+                        pixels.append(enc(images_to_tensor(frames, size, len(frames))))
                     out.append(self._video_text(pixels[-1].shape[0]))
                 else:
                     out.append(piece)
@@ -307,12 +309,35 @@ class Owl3Processor:
             return os.fspath(src)
         return f"images[{index}]"
 
+    def video_pixels(self, path: Union[str, os.PathLike], max_frames: int = 16, fps: Optional[float] = None,
+                     progress: Optional[bool] = None) -> torch.Tensor:
+        """A video file's sampled frames as pixel values [F, 3, S, S] (pass them on as `videos=[pixels]`).
+        Frames are resized as they decode: the video's full-size frames are never held at once."""
+        return self._video_file(path, max_frames, fps, progress, None, 1, False)
+
+    def _video_tensor(self, px: torch.Tensor, index: int) -> torch.Tensor:
+        s = self.image_size
+        if px.dim() != 4 or tuple(px.shape[1:]) != (3, s, s) or not px.is_floating_point() or px.shape[0] < 1:
+            raise InputError(f"videos[{index}]: a tensor must hold pixel values [frames, 3, {s}, {s}] (float, at least "
+                             f"one frame), got {px.dtype} {list(px.shape)}; make them with processor.video_pixels(path)")
+        return px
+
+    def _video_file(self, src: Union[str, os.PathLike], max_frames: int, fps: Optional[float],
+                    progress: Optional[bool], encode: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                    encode_chunk: int, overlap: bool) -> torch.Tensor:
+        """A video file's sampled frames as pixels [F, 3, S, S], or with `encode` their embeddings: decoded
+        frame by frame and resized into one preallocated tensor (no decoded frame is kept); with `encode`,
+        `encode_chunk` frames at a time go to the tower (overlapped with decoding when `overlap`)."""
+        size = self.image_size
+        st = VideoSample(frames=[], times=[])  # its targets (one per frame) are known once the file is open
+        frames = (im for _, im in iter_video(src, max_frames=max_frames, fps=fps, progress=progress, stats=st))
+        if encode is None:
+            return images_to_tensor(frames, size, lambda: len(st.targets))
+        chunks = (images_to_tensor(group, size, len(group)) for group in chunked(frames, encode_chunk))
+        return encode_overlapped(chunks, encode, threaded=overlap, total=lambda: len(st.targets))
+
     @staticmethod
-    def _video_frames(
-        src: Any, index: int, max_frames: int, fps: Optional[float], progress: Optional[bool]
-    ) -> list[Image.Image]:
-        if isinstance(src, (str, os.PathLike)):
-            return sample_frames(src, max_frames=max_frames, fps=fps, progress=progress)
+    def _video_frames(src: Any, index: int) -> list[Image.Image]:
         if isinstance(src, (list, tuple)):
             if not src:
                 raise InputError(f"videos[{index}]: empty frame list; pass at least one frame")
@@ -326,7 +351,8 @@ class Owl3Processor:
                 frames.append(f if f.mode == "RGB" else f.convert("RGB"))
             return frames
         raise InputError(
-            f"videos[{index}]: expected a video file path or a list of PIL frames, got {type(src).__name__}"
+            f"videos[{index}]: expected a video file path, a list of PIL frames or a pixel tensor, "
+            f"got {type(src).__name__}"
         )
 
 

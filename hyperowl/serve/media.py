@@ -1,4 +1,4 @@
-"""Media of a chat request: URLs -> bytes (with limits) -> decoded images / sampled video frames.
+"""Media of a chat request: URLs -> bytes (with limits) -> decoded images / sampled video frames' pixels.
 
 Design note: three URL kinds are accepted.
   * `data:<mime>;base64,...`: size checked on the encoded length *before* decoding (413), the mime type must
@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from torch import Tensor
 
 from ..errors import InputError
 from ..processing.images import load_image
-from ..processing.video import sample_frames
+from ..processing.processor import Owl3Processor
 from .protocol import ApiError, MediaPart
 
 log = logging.getLogger(__name__)
@@ -186,13 +187,15 @@ def decode_image(blob: MediaBlob, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
                        code="invalid_image") from None
 
 
-def decode_video(blob: MediaBlob, max_frames: int, fps: float | None) -> list[Image.Image]:
+def decode_video(blob: MediaBlob, processor: Owl3Processor, max_frames: int, fps: float | None) -> Tensor:
+    """The video's sampled frames as pixel values [F, 3, S, S], resized as they decode: its full-size frames
+    are never all held, whatever its resolution or max_frames."""
     # The sampler seeks in a file; a temporary file keeps the bytes API simple and memory bounded.
     fd, name = tempfile.mkstemp(prefix="hyperowl-video-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob.data)
-        frames = sample_frames(name, max_frames=max_frames, fps=fps, progress=False)
+        return processor.video_pixels(name, max_frames=max_frames, fps=fps, progress=False)
     except InputError as e:
         raise ApiError(400, str(e).replace(name, blob.param), param=blob.param, code="invalid_video") from None
     except Exception as e:  # as for images: a broken file must not become a 500
@@ -201,6 +204,3 @@ def decode_video(blob: MediaBlob, max_frames: int, fps: float | None) -> list[Im
                        code="invalid_video") from None
     finally:
         os.unlink(name)
-    if not frames:
-        raise ApiError(400, f"{blob.param}: the video has no decodable frames", param=blob.param, code="invalid_video")
-    return frames

@@ -96,7 +96,7 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], processor: Owl3Proces
     """Synchronous (decodes media, tokenizes): run it off the event loop."""
     messages = [{"role": m.role, "content": _message_text(m.parts, i)} for i, m in enumerate(req.messages)]
     images: list[Image.Image] = []
-    videos: list[list[Image.Image]] = []
+    videos: list[Tensor] = []  # pixel values [F, 3, S, S] per video
     items: list[MediaItem] = []
     for blob in blobs:
         key = cache_key(blob, processor, opts, dtype)
@@ -111,12 +111,13 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], processor: Owl3Proces
                 n = 1
             items.append(MediaItem(key, n, hit, None))
         else:
-            if hit is not None:
-                frames = [Image.new("RGB", (1, 1))] * hit.frames  # only the count matters for the prompt
+            if hit is not None:  # only the frame count matters for the prompt: a view of one zero frame
+                s = processor.image_size
+                px = torch.zeros(1, 3, s, s).expand(hit.frames, -1, -1, -1)
             else:
-                frames = decode_video(blob, opts.max_frames, opts.fps)
-            videos.append(frames)
-            items.append(MediaItem(key, len(frames), hit, None, frames=len(frames)))
+                px = decode_video(blob, processor, opts.max_frames, opts.fps)
+            videos.append(px)
+            items.append(MediaItem(key, px.shape[0], hit, None, frames=px.shape[0]))
     try:
         inputs = processor(messages, images=images, videos=videos, max_frames=opts.max_frames, fps=opts.fps,
                            cut=opts.cut, progress=False)
@@ -139,9 +140,12 @@ def encode_items(model: Any, cache: FeatureCache, prompts: list[PreparedPrompt])
     the others of all prompts encoded in one (chunked) vision call, then stored in the cache."""
     todo = [item for p in prompts for item in p.items if item.cached is None]
     if todo:
-        embeds = model.encode_images(torch.cat([item.pixels for item in todo]))
+        # One item (a long video, say) is encoded as it is: no copy of its pixels, none of its embeddings.
+        one = len(todo) == 1
+        embeds = model.encode_images(todo[0].pixels if one else torch.cat([item.pixels for item in todo]))
         for item, e in zip(todo, embeds.split([item.tensors for item in todo])):
-            item.cached = CachedMedia(e.clone(), frames=item.frames)  # own storage: not a view of the batch
+            # own storage, not a view of the batch (the cache must not pin the other items' embeddings)
+            item.cached = CachedMedia(embeds if one else e.clone(), frames=item.frames)
             item.pixels = None  # the pixels are no longer needed
             cache.put(item.key, item.cached)
     out: list[Tensor | None] = []

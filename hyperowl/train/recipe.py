@@ -62,7 +62,8 @@ class InitSpec:
     text_llm: str | None = None  # upgrade: a text-only Qwen2 checkpoint ... (Owl2: a LLaMA, with an owl2 `preset`)
     vision: str | None = None  # ... plus a SigLIP checkpoint (Owl3 only); with `preset`: a pretrained tower
     #                            (e.g. `hyperowl pretrain-vision`) under the preset's freshly initialised LM
-    hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only)
+    hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only; with an Owl3
+    #                                        `preset`: replaces the preset's hyper layers)
     scheme: str = "normal"  # random init of a preset: normal (all N(0, 0.02)) | fan_in (see trainer.init_weights)
 
 

@@ -206,7 +206,13 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
             init_weights(model, recipe.seed, recipe.init.scheme)
             init_visual_from_text(model)  # the modality-adaptive visual side starts as the LLM's own norms/K/V
         else:
-            model = Owl3Model(preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut)).to(device)
+            # init.hyper_layers with a preset: the preset's shapes, these layers as hyper layers
+            hyper = {"hyper_layers": tuple(init.hyper_layers)} if init.hyper_layers else {}
+            try:
+                cfg = preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut, **hyper)
+            except ValueError as e:
+                raise InputError(f"recipe: init.hyper_layers: {e}") from None
+            model = Owl3Model(cfg).to(device)
             init_weights(model, recipe.seed, recipe.init.scheme)
             if init.vision:  # a pretrained tower (e.g. `hyperowl pretrain-vision`) under a fresh LM
                 from .upgrade import load_vision_tower
