@@ -7,8 +7,9 @@ the other, the tower waits for the last frame and every frame's pixels are held 
 thread and the encoder in the caller's thread, with a queue of at most `depth` chunks between them: the
 tower works on chunk k while chunk k+1 decodes, and at most depth + 2 chunks of pixels exist at any time,
 whatever the video's length. Given the number of frames (`total`), the embeddings are written into one
-tensor as they come, so they too exist once (not once as chunks and again as their concatenation). Errors on either side stop both and are raised in the caller (an InputError
-from the decoder stays an InputError); the thread never outlives the call.
+tensor as they come, so they too exist once (not once as chunks and again as their concatenation). Errors
+on either side stop both and are raised in the caller (an InputError from the decoder stays an
+InputError); the thread never outlives the call.
 """
 
 from __future__ import annotations

@@ -318,8 +318,9 @@ class Owl3Processor:
     def _video_tensor(self, px: torch.Tensor, index: int) -> torch.Tensor:
         s = self.image_size
         if px.dim() != 4 or tuple(px.shape[1:]) != (3, s, s) or not px.is_floating_point() or px.shape[0] < 1:
-            raise InputError(f"videos[{index}]: a tensor must hold pixel values [frames, 3, {s}, {s}] (float, at least "
-                             f"one frame), got {px.dtype} {list(px.shape)}; make them with processor.video_pixels(path)")
+            raise InputError(f"videos[{index}]: a tensor must hold pixel values [frames, 3, {s}, {s}] (float, at "
+                             f"least one frame), got {px.dtype} {list(px.shape)}; "
+                             "make them with processor.video_pixels(path)")
         return px
 
     def _video_file(self, src: Union[str, os.PathLike], max_frames: int, fps: Optional[float],
