@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
 
 
@@ -81,3 +83,20 @@ def test_probe_tower_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["step"] for row in rows] == [2, 4]
     assert all(0 <= row[g] <= 1 for row in rows for g in ("colours", "kinds", "cells", "pairs"))
+
+
+@pytest.mark.parametrize("images", ["solid", "objects"])
+def test_probe_index_smoke(tmp_path, images):
+    out = tmp_path / "probe"
+    r = subprocess.run([sys.executable, "scripts/probe_index.py", "--images", images, "--model", "tiny", "--steps", "3",
+                        "--train", "12", "--test", "10", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["n"] == 10 and 0 <= summary["accuracy"] <= 1
+    for line in (out / "test.jsonl").read_text().splitlines():  # every answer is what the images say
+        row = json.loads(line)
+        q = row["messages"][0]["content"].splitlines()[-1]
+        if row["task"] == "index/which" and images == "solid":
+            target = q.removeprefix("Which image is ").rstrip("?")
+            assert row["answer"] == f"image {row['images'].index(f'img/{target}.png') + 1}"
+        assert row["messages"][-1]["content"] == row["answer"] and len(row["images"]) == 4
