@@ -10,8 +10,8 @@ multi-image and video stay at chance", has the measurements):
   --model embedded: the embedded model's preset on the stage-0 tower (runs/vision-synthetic, frozen) and the
                     shipped tokenizer.
 
-    python scripts/probe_index.py --images solid --model tiny --steps 2000          # 3 min: 0.985
-    python scripts/probe_index.py --images solid --model embedded --steps 1200      # 8 min: 0.52
+    python scripts/probe_index.py --images solid --model tiny --steps 2000          # 4 min: 1.000 (plateau to ~800)
+    python scripts/probe_index.py --images solid --model embedded --steps 1200      # 8 min: 0.52 (plateau to ~950)
 """
 
 from __future__ import annotations
