@@ -28,14 +28,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperowl.data.synthetic import ALL_CELLS, COLOUR_NAMES, KINDS, SIZES, _Builder, phrase  # noqa: E402
+from hyperowl.data.synthetic import ALL_CELLS, COLOUR_NAMES, KINDS, SIZES, _Builder, _labelled, phrase  # noqa: E402
 
 SOLID = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 N_IMAGES = 4
-
-
-def labelled(n: int) -> str:
-    return "".join(f"Image {k + 1}: <|image|>\n" for k in range(n))
 
 
 def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str) -> list[dict]:
@@ -49,7 +45,7 @@ def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str) -> 
         target = rng.choice(order)
         answer = f"image {order.index(target) + 1}"
         rows.append({"id": f"{split}-{i}", "task": "index/which", "answer": answer,
-                     "messages": [{"role": "user", "content": labelled(N_IMAGES) + f"Which image is {target}?"},
+                     "messages": [{"role": "user", "content": _labelled(N_IMAGES) + f"Which image is {target}?"},
                                   {"role": "assistant", "content": answer}],
                      "images": [f"img/{c}.png" for c in order]})
     return rows
@@ -78,7 +74,7 @@ def object_rows(out: Path, size: int, n: int, rng: random.Random, split: str) ->
             qs = qs[:1]  # scored: the first question only
         messages = []
         for qi, (_, q, a) in enumerate(qs):
-            messages += [{"role": "user", "content": (labelled(N_IMAGES) if qi == 0 else "") + q},
+            messages += [{"role": "user", "content": (_labelled(N_IMAGES) if qi == 0 else "") + q},
                          {"role": "assistant", "content": a}]
         rows.append({"id": f"{split}-{i}", "task": qs[0][0], "answer": qs[0][2], "messages": messages,
                      "images": paths})

@@ -313,7 +313,7 @@ class Owl3Processor:
                      progress: Optional[bool] = None) -> torch.Tensor:
         """A video file's sampled frames as pixel values [F, 3, S, S] (pass them on as `videos=[pixels]`).
         Frames are resized as they decode: the video's full-size frames are never held at once."""
-        return self._video_file(path, max_frames, fps, progress, None, 1, False)
+        return self._video_file(path, max_frames, fps, progress, encode=None, encode_chunk=1, overlap=False)
 
     def _video_tensor(self, px: torch.Tensor, index: int) -> torch.Tensor:
         s = self.image_size
