@@ -12,6 +12,12 @@ multi-image and video stay at chance", has the measurements):
 
     python scripts/probe_index.py --images solid --model tiny --steps 2000          # 4 min: 1.000 (plateau to ~800)
     python scripts/probe_index.py --images solid --model embedded --steps 1200      # 8 min: 0.52 (plateau to ~950)
+
+Layout variants (solid images, tiny model; the test set always uses the usual layout):
+  --aux 0.5:       half the training conversations show the images one per turn ("Image k: <|image|> What
+                   colour is it?") before the index question: 0.935 at 700 steps vs 0.515 without (both
+                   1.000 at 1500) -- the idea behind `hyperowl data synth --progressive`;
+  --label after:   "<|image|> image k" instead of "Image k: <|image|>": 0.260 at 1500 steps (worse).
 """
 
 from __future__ import annotations
@@ -28,13 +34,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hyperowl.data.synthetic import ALL_CELLS, COLOUR_NAMES, KINDS, SIZES, _Builder, _labelled, phrase  # noqa: E402
+from hyperowl.data.synthetic import ALL_CELLS, IMAGE_TOKEN, COLOUR_NAMES, KINDS, SIZES, _Builder, _labelled, phrase  # noqa: E402
 
 SOLID = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 N_IMAGES = 4
 
 
-def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str) -> list[dict]:
+def labels(n: int, where: str) -> str:
+    """The image list: "Image k: <|image|>" (the dataset's format) or the label after each image."""
+    return _labelled(n) if where == "before" else "".join(f"{IMAGE_TOKEN} image {i + 1}\n" for i in range(n))
+
+
+def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str, where: str = "before",
+               aux: float = 0.0) -> list[dict]:
+    """`aux`: the share of training rows that show the images one per turn ("What colour is it?") before the
+    index question, so the answer can lean on the text and cross-attention learns "the latest image"."""
     (out / "img").mkdir(parents=True, exist_ok=True)
     for c, rgb in SOLID.items():
         Image.new("RGB", (size, size), rgb).save(out / f"img/{c}.png")
@@ -44,9 +58,17 @@ def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str) -> 
         rng.shuffle(order)
         target = rng.choice(order)
         answer = f"image {order.index(target) + 1}"
-        rows.append({"id": f"{split}-{i}", "task": "index/which", "answer": answer,
-                     "messages": [{"role": "user", "content": _labelled(N_IMAGES) + f"Which image is {target}?"},
-                                  {"role": "assistant", "content": answer}],
+        question = f"Which image is {target}?"
+        if split == "train" and rng.random() < aux:
+            messages = []
+            for k, c in enumerate(order):
+                messages += [{"role": "user", "content": f"Image {k + 1}: {IMAGE_TOKEN}\nWhat colour is it?"},
+                             {"role": "assistant", "content": c}]
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        else:
+            messages = [{"role": "user", "content": labels(N_IMAGES, where) + question},
+                        {"role": "assistant", "content": answer}]
+        rows.append({"id": f"{split}-{i}", "task": "index/which", "answer": answer, "messages": messages,
                      "images": [f"img/{c}.png" for c in order]})
     return rows
 
@@ -90,10 +112,17 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=4000, help="training conversations")
     ap.add_argument("--test", type=int, default=200, help="held-out questions")
     ap.add_argument("--out", default="runs/probe-index")
+    ap.add_argument("--label", choices=["before", "after"], default="before",
+                    help="solid: 'Image k: <|image|>' (the dataset's format) or '<|image|> image k'")
+    ap.add_argument("--aux", type=float, default=0.0, help="solid: share of one-image-per-turn conversations")
     a = ap.parse_args()
     out = Path(a.out)
     size = 28 if a.model == "tiny" else 64
-    make = solid_rows if a.images == "solid" else object_rows
+    if a.images == "solid":
+        def make(out, size, n, rng, split):
+            return solid_rows(out, size, n, rng, split, a.label, a.aux)
+    else:
+        make = object_rows
     rng = random.Random(0)
     out.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", a.train), ("test", a.test)):

@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/hyperowl ] || bash scripts/setup.sh
 H=.venv/bin/hyperowl
-# Reuse data/synth only if it is exactly this dataset (an older one, e.g. 24k without --turns, is rebuilt).
+# Reuse data/synth only if it is exactly this dataset (an older one, e.g. without --progressive, is rebuilt).
 if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth/meta.json')); t = m['splits']['train']
-sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
+sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and m.get('train_progressive') == 0.5 and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
   rm -rf data/synth runs/vision-synthetic
-  $H data synth --out data/synth --train 48000 --val 500 --test 1000 --seed 0 --turns 3
+  $H data synth --out data/synth --train 48000 --val 500 --test 1000 --seed 0 --turns 3 --progressive 0.5
 fi
 # Stage 0: the tower learns what is where from dense per-patch labels of fresh scenes (never a val/test image).
 [ -f runs/vision-synthetic/model.safetensors ] || \

@@ -85,11 +85,12 @@ def test_probe_tower_smoke(tmp_path):
     assert all(0 <= row[g] <= 1 for row in rows for g in ("colours", "kinds", "cells", "pairs"))
 
 
-@pytest.mark.parametrize("images", ["solid", "objects"])
-def test_probe_index_smoke(tmp_path, images):
+@pytest.mark.parametrize("images,extra", [("solid", []), ("objects", []), ("solid", ["--aux", "1", "--label", "after"])])
+def test_probe_index_smoke(tmp_path, images, extra):
     out = tmp_path / "probe"
     r = subprocess.run([sys.executable, "scripts/probe_index.py", "--images", images, "--model", "tiny", "--steps", "3",
-                        "--train", "12", "--test", "10", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+                        "--train", "12", "--test", "10", "--out", str(out), *extra], capture_output=True, text=True,
+                       timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert summary["n"] == 10 and 0 <= summary["accuracy"] <= 1
@@ -100,3 +101,13 @@ def test_probe_index_smoke(tmp_path, images):
             target = q.removeprefix("Which image is ").rstrip("?")
             assert row["answer"] == f"image {row['images'].index(f'img/{target}.png') + 1}"
         assert row["messages"][-1]["content"] == row["answer"] and len(row["images"]) == 4
+        if extra:  # the label after each image
+            assert row["messages"][0]["content"].startswith("<|image|> image 1\n")
+    if extra:  # --aux 1: every training conversation shows the images one per turn, answers from that image
+        for line in (out / "train.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            msgs = row["messages"]
+            assert len(msgs) == 10
+            for k in range(4):
+                assert msgs[2 * k]["content"] == f"Image {k + 1}: <|image|>\nWhat colour is it?"
+                assert row["images"][k] == f"img/{msgs[2 * k + 1]['content']}.png"

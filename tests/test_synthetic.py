@@ -418,6 +418,44 @@ def test_extra_turns_answered_from_the_named_image():
         syn.iter_examples("train", 1, 0, 0, 0, turns=0)
 
 
+def test_progressive_shows_images_one_per_turn_with_answers_from_that_image(tmp_path):
+    """`progressive`: a share of multi-image conversations shows image k in turn k with a question about
+    "this image" (checked by the oracle against image k), then the conversation's own question without the
+    image list; images keep their order, the first question and answer are the same, videos and single
+    images never change. Only the train split gets them."""
+    plain = list(syn.iter_examples("train", 20, 40, 10, 40, seed=3, turns=3))
+    prog = list(syn.iter_examples("train", 20, 40, 10, 40, seed=3, turns=3, progressive=0.5))
+    shown = 0
+    for a, b in zip(plain, prog):
+        assert (a.prompt, a.answer, a.scenes) == (b.prompt, b.answer, b.scenes)
+        if not b.intro:
+            assert a.messages == b.messages
+            continue
+        shown += 1
+        assert b.task.split("/")[0] in ("multi", "distractor") and not b.extra
+        n = len(b.scenes)
+        msgs = b.messages
+        assert len(msgs) == 2 * n + 2 and len(b.intro) == n
+        for k in range(n):
+            q, ans = msgs[2 * k]["content"], msgs[2 * k + 1]["content"]
+            assert q.startswith(f"Image {k + 1}: <|image|>\n") and q.count("<|image|>") == 1 and "this image" in q
+            assert single_answer(b.intro[k][0], q, b.scenes[k]) == ans, (q, ans)
+        assert msgs[-1]["content"] == b.answer and "<|image|>" not in msgs[-2]["content"]
+        assert b.prompt.endswith(msgs[-2]["content"])
+    assert 0.3 < shown / 80 < 0.7, shown
+    with pytest.raises(InputError, match="progressive"):
+        syn.iter_examples("train", 1, 0, 0, 0, progressive=1.5)
+    syn.write_dataset(tmp_path, {"train": 40, "test": 20}, seed=2, train_progressive=1.0, tasks=["multi"],
+                      progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["train_progressive"] == 1.0 and meta["splits"]["train"]["one_image_per_turn"] >= 30
+    assert meta["splits"]["test"]["one_image_per_turn"] == 0
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").open()]
+    intro = [r for r in train if len(r["messages"]) > 2]
+    assert intro and all(len(r["images"]) == r["messages"][0]["content"].count("<|image|>") + sum(
+        m["content"].count("<|image|>") for m in r["messages"][1:]) for r in intro)
+
+
 def test_train_turns_only_in_the_train_split(tmp_path):
     syn.write_dataset(tmp_path, {"train": 12, "test": 6}, seed=2, train_turns=3, tasks=["single"], progress=False)
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").open()]

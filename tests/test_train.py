@@ -1,6 +1,7 @@
 """Training: data validation, labels, stages, resume after a kill, 2-process DDP == 1 process, LoRA, upgrade."""
 
 import json
+import random
 import os
 import subprocess
 import sys
@@ -88,6 +89,27 @@ def test_loss_only_on_assistant_tokens(colour_data):
 def test_batch_indices_cover_each_example_once_per_epoch():
     seen = [i for s in range(3) for r in range(2) for i in batch_indices(12, 0, s, 0, 4, 1, r, 2)]
     assert sorted(seen) == list(range(12))
+
+
+def test_group_by_length_keeps_epochs_and_ranks_and_groups_lengths():
+    n, bs = 960, 16
+    rng = random.Random(0)
+    lengths = tuple(rng.choice([50, 100, 400, 900]) + i % 7 for i in range(n))
+    steps = n // bs
+    plain = [batch_indices(n, 0, s, 0, bs, 1, 0, 1) for s in range(steps)]
+    grouped = [batch_indices(n, 0, s, 0, bs, 1, 0, 1, lengths, 10) for s in range(steps)]
+    assert sorted(i for b in grouped for i in b) == list(range(n))  # still every example once per epoch
+    assert grouped != plain and grouped == [batch_indices(n, 0, s, 0, bs, 1, 0, 1, lengths, 10) for s in range(steps)]
+    # The same global batch split over two ranks (what DDP runs see) and over two micro-batches.
+    for s in range(3):
+        ranks = [i for r in range(2) for i in batch_indices(n, 0, s, 0, bs, 1, r, 2, lengths, 10)]
+        micro = [i for m in range(2) for i in batch_indices(n, 0, s, m, bs // 2, 2, 0, 1, lengths, 10)]
+        assert ranks == grouped[s] == micro
+    padded = [sum(max(lengths[i] for i in b) for b in bb) for bb in (plain, grouped)]
+    assert padded[1] < 0.7 * padded[0], padded  # batches padded to their longest row: much less padding
+    # Second epoch: another order, still a permutation.
+    second = [i for s in range(steps, 2 * steps) for i in batch_indices(n, 0, s, 0, bs, 1, 0, 1, lengths, 10)]
+    assert sorted(second) == list(range(n)) and second != [i for b in grouped for i in b]
 
 
 def test_train_converges_saves_official_layout_and_chats(tmp_path, colour_data):

@@ -107,6 +107,10 @@ class ConversationDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> tuple[int, ...]:
+        """Characters of each conversation's messages: a cheap proxy of its token length (for grouping)."""
+        return tuple(sum(len(m["content"]) for m in rec["messages"]) for rec in self.records)
+
     def __getitem__(self, i: int) -> TrainExample:
         rec = self.records[i]
         inputs, labels = self.processor.training_example(rec["messages"], images=rec["images"], videos=rec["videos"],
@@ -134,13 +138,39 @@ def global_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[int]:
-    """Indices of the examples for (optimizer step, micro-batch, rank): a pure function of the position."""
+@functools.lru_cache(maxsize=4)
+def grouped_order(n: int, seed: int, epoch: int, lengths: tuple[int, ...], window: int, block: int) -> tuple[int, ...]:
+    """The epoch's order with every `window` consecutive examples sorted by length, cut into blocks of `block`
+    (one optimizer step) and the blocks shuffled inside their window.
+
+    Why: a batch is padded to its longest conversation; drawn at random, a few long ones (several images
+    shown one per turn) make every batch long. Sorting inside windows of many batches keeps the data random
+    at the scale of an epoch while the rows of one step have similar lengths.
+    """
+    order = global_order(n, seed, epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    out: list[int] = []
+    for w in range(0, n, window):
+        chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])  # stable: ties keep the random order
+        blocks = [chunk[b : b + block] for b in range(0, len(chunk), block)]
+        out += [i for j in torch.randperm(len(blocks), generator=g).tolist() for i in blocks[j]]
+    return tuple(out)
+
+
+def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int, world: int,
+                  lengths: tuple[int, ...] | None = None, group: int = 0) -> list[int]:
+    """Indices of the examples for (optimizer step, micro-batch, rank): a pure function of the position.
+
+    group > 0 (with `lengths`, one per example): sort windows of `group` optimizer steps by length
+    (`grouped_order`)."""
     per_step = batch_size * grad_accum
     start = step * per_step + micro * batch_size
     per_rank = batch_size // world
     out = []
     for j in range(start + rank * per_rank, start + (rank + 1) * per_rank):
         epoch, k = divmod(j, n)
-        out.append(global_order(n, seed, epoch)[k])
+        if group > 0 and lengths is not None:
+            out.append(grouped_order(n, seed, epoch, lengths, group * per_step, per_step)[k])
+        else:
+            out.append(global_order(n, seed, epoch)[k])
     return out

@@ -75,6 +75,7 @@ class DataSpec:
     max_frames: int = 8
     cut: bool = False
     max_length: int = 4096
+    group_by_length: int = 0  # > 0: sort each window of that many optimizer steps' examples by length (less padding)
 
 
 @dataclass
@@ -139,6 +140,9 @@ class Recipe:
             raise InputError(f"recipe: init.scheme must be one of {', '.join(INIT_SCHEMES)}; got {self.init.scheme!r}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
+        if not isinstance(self.data.group_by_length, int) or self.data.group_by_length < 0:
+            raise InputError(f"recipe: data.group_by_length must be 0 (off) or a number of optimizer steps whose "
+                             f"examples are sorted by length together; got {self.data.group_by_length!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":

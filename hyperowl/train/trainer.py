@@ -434,6 +434,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         val = ConversationDataset(recipe.data.val, processor, "skip", recipe.data.max_frames, recipe.data.cut,
                                   recipe.data.max_length, rows_per_image=rows)
     pad = pad_id(model, processor)
+    group = recipe.data.group_by_length
+    lengths = data.lengths() if group > 0 else None
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
@@ -448,7 +450,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         set_lr(opt, lr)
         micro = [expand_labels(model, collate_train([data[i] for i in batch_indices(len(data), recipe.seed, step, m,
                                                                                     recipe.batch_size, recipe.grad_accum,
-                                                                                    rank, world)], pad))
+                                                                                    rank, world, lengths, group)], pad))
                  for m in range(recipe.grad_accum)]
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
         if world > 1:
