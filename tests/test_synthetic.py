@@ -456,6 +456,22 @@ def test_progressive_shows_images_one_per_turn_with_answers_from_that_image(tmp_
         m["content"].count("<|image|>") for m in r["messages"][1:]) for r in intro)
 
 
+def test_train_mix_weights_only_the_train_split(tmp_path):
+    syn.synth_main(["--out", str(tmp_path), "--train", "40", "--val", "0", "--test", "20", "--seed", "2",
+                    "--train-mix", "video=0.6,single=0"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    groups = lambda split: {g: sum(n for t, n in meta["splits"][split]["tasks"].items() if t.startswith(g + "/"))
+                            for g in syn.GROUPS}
+    assert groups("train") == {"single": 0, "multi": 8, "video": 24, "distractor": 8}
+    assert groups("test") == {"single": 8, "multi": 4, "video": 4, "distractor": 4}  # evaluation keeps DEFAULT_MIX
+    assert meta["train_mix"] == {"single": 0, "multi": 0.2, "video": 0.6, "distractor": 0.2}
+    for bad in ("video=x", "audio=0.3", "single=0,multi=0,video=0,distractor=0", "video=-1"):
+        with pytest.raises(InputError, match="mix"):
+            syn.synth_main(["--out", str(tmp_path / "bad"), "--train", "4", "--val", "0", "--test", "0",
+                            "--train-mix", bad])
+    assert not (tmp_path / "bad").exists()  # validated before anything is written
+
+
 def test_train_turns_only_in_the_train_split(tmp_path):
     syn.write_dataset(tmp_path, {"train": 12, "test": 6}, seed=2, train_turns=3, tasks=["single"], progress=False)
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").open()]

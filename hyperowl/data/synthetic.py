@@ -1042,8 +1042,10 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
     return path
 
 
-def _split_counts(size: Union[int, Mapping[str, int]], split: str, groups: Sequence[str]) -> dict[str, int]:
-    """Examples per group; a total is shared by DEFAULT_MIX among the groups that have tasks (`groups`)."""
+def _split_counts(size: Union[int, Mapping[str, int]], split: str, groups: Sequence[str],
+                  mix: Optional[Mapping[str, float]] = None) -> dict[str, int]:
+    """Examples per group; a total is shared by `mix` (default DEFAULT_MIX) among the groups that have tasks."""
+    mix = {**DEFAULT_MIX, **(mix or {})}
     if isinstance(size, Mapping):
         unknown = set(size) - set(GROUPS)
         if unknown:
@@ -1052,8 +1054,8 @@ def _split_counts(size: Union[int, Mapping[str, int]], split: str, groups: Seque
         return {g: size.get(g, 0) for g in GROUPS}
     if not isinstance(size, int) or size < 0:
         raise InputError(f"size of split '{split}' {size!r}: must be a non-negative integer")
-    weight = sum(DEFAULT_MIX[g] for g in groups)
-    counts = {g: int(size * DEFAULT_MIX[g] / weight) if g in groups else 0 for g in GROUPS}
+    weight = sum(mix[g] for g in groups)
+    counts = {g: int(size * mix[g] / weight) if g in groups else 0 for g in GROUPS}
     counts[groups[0]] += size - sum(counts.values())
     return counts
 
@@ -1077,12 +1079,15 @@ frames (max_frames >= {video_frames}). The module docstring of `hyperowl/data/sy
 def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapping[str, int]]] = DEFAULT_SIZES,
                   seed: int = 0, *, image_size: int = 64, video_frames: int = 8, distractors: int = 3, fps: int = 4,
                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
-                  train_turns: int = 1, train_progressive: float = 0.0) -> dict[str, Path]:
+                  train_turns: int = 1, train_progressive: float = 0.0,
+                  train_mix: Optional[Mapping[str, float]] = None) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
     train_turns: questions per image conversation in the train split (`add_turns`); val and test always
     ask one, so evaluation scores one answer per conversation. train_progressive: share of the train split's
     multi-image conversations shown one image per turn (`add_intro`); val and test keep the one-turn layout.
+    train_mix: weights of the groups in the train split's total (missing groups keep DEFAULT_MIX's); val and
+    test keep DEFAULT_MIX, so scores stay comparable across training mixes.
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -1095,7 +1100,12 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         raise InputError(f"output '{out}': exists and is not a directory")
     per_group = _select_tasks(tasks)
     groups = [g for g in GROUPS if per_group[g]]
-    plan = {s: _split_counts(sizes[s], s, groups) for s in SPLITS if s in sizes}
+    mix = dict(train_mix or {})
+    bad = {g: w for g, w in mix.items() if g not in GROUPS or not isinstance(w, (int, float)) or w < 0}
+    if bad or (mix and sum({**DEFAULT_MIX, **mix}[g] for g in groups) <= 0):
+        raise InputError(f"train mix {mix!r}: give non-negative weights for groups {', '.join(GROUPS)} "
+                         f"(e.g. video=0.3), not all zero")
+    plan = {s: _split_counts(sizes[s], s, groups, mix if s == "train" else None) for s in SPLITS if s in sizes}
     for split, counts in plan.items():  # validate everything before writing anything
         _validate(split, counts, distractors, image_size, video_frames, train_turns if split == "train" else 1,
                   train_progressive if split == "train" else 0.0)
@@ -1132,6 +1142,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "distractors": distractors,
         "train_turns": train_turns,
         "train_progressive": train_progressive,
+        "train_mix": {g: {**DEFAULT_MIX, **mix}[g] for g in GROUPS},
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
         "splits": split_meta,
@@ -1214,6 +1225,9 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--progressive", type=float, default=0.0, metavar="P",
                    help="share of training multi-image conversations that show their images one per turn, each "
                         "with a question about it, before the conversation's question (val/test: never)")
+    p.add_argument("--train-mix", default=None, metavar="G=W,...",
+                   help="weights of the groups in the train split, e.g. video=0.3 (others keep "
+                        + ", ".join(f"{g}={w}" for g, w in DEFAULT_MIX.items()) + "); val/test keep the default")
     p.add_argument("--tasks", default=None, help="comma-separated task or group names to keep (default: all)")
     p.add_argument("--examples", action="store_true", help="only write a few example images and a video")
     args = p.parse_args(argv)
@@ -1222,8 +1236,17 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("wrote %s", path)
         return 0
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    mix: dict[str, float] = {}
+    for item in (args.train_mix or "").split(","):
+        if item.strip():
+            g, _, w = item.partition("=")
+            try:
+                mix[g.strip()] = float(w)
+            except ValueError:
+                raise InputError(f"--train-mix '{item}': expected GROUP=WEIGHT, e.g. video=0.3") from None
     paths = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
-                          fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive)
+                          fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
+                          train_mix=mix)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0
