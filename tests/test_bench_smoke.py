@@ -111,3 +111,20 @@ def test_probe_index_smoke(tmp_path, images, extra):
             for k in range(4):
                 assert msgs[2 * k]["content"] == f"Image {k + 1}: <|image|>\nWhat colour is it?"
                 assert row["images"][k] == f"img/{msgs[2 * k + 1]['content']}.png"
+
+
+def test_bench_padding_smoke(tmp_path):
+    """Exact counts on a small file: rows of 1 and 6 turns mixed; grouping must cut the padded tokens."""
+    rows = [{"messages": [{"role": "user", "content": "<|image|>What colour is it?"},
+                          {"role": "assistant", "content": "red"}] * (1 if i % 3 else 6), "images": [], "videos": []}
+            for i in range(96)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "padding.json"
+    r = subprocess.run([sys.executable, "bench/bench_padding.py", "--data", str(data), "--batch-size", "8", "--groups", "0,4",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    plain, grouped = json.loads(out.read_text())["results"]
+    assert plain["real_tokens"] == grouped["real_tokens"]  # the same rows, one epoch
+    assert grouped["padded_tokens"] < plain["padded_tokens"] and grouped["efficiency"] > plain["efficiency"]
+    assert grouped["padded_tokens"] >= grouped["real_tokens"]
