@@ -677,7 +677,9 @@ class Example:
         if self.intro:  # the images one per turn, each with a question about it, then the question
             for k, (_, q, a) in enumerate(self.intro):
                 out += [{"role": "user", "content": _labelled(1, k) + q}, {"role": "assistant", "content": a}]
-            prompt = prompt[len(_labelled(len(self.scenes))):]
+            prefix = _labelled(len(self.scenes))
+            assert prompt.startswith(prefix), "only multi-image prompts that start with the image list get an intro"
+            prompt = prompt[len(prefix):]
         out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": self.answer}]
         for _, q, a in self.extra:
             out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
