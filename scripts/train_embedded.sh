@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 H=.venv/bin/hyperowl
 # Reuse data/synth only if it is exactly this dataset (an older one, e.g. without --progressive, is rebuilt).
 if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth/meta.json')); t = m['splits']['train']
-sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and m.get('train_progressive') == 0.5 and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
+d = {'single': 0.4, 'multi': 0.2, 'video': 0.2, 'distractor': 0.2}
+sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and m.get('train_progressive') == 0.5 and m.get('train_mix', d) == d and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
   rm -rf data/synth runs/vision-synthetic
   $H data synth --out data/synth --train 48000 --val 500 --test 1000 --seed 0 --turns 3 --progressive 0.5
 fi
