@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from tokenizers import Tokenizer  # noqa: E402
 
 from hyperowl.processing.chat import render_chatml  # noqa: E402
-from hyperowl.train.data import batch_indices  # noqa: E402
+from hyperowl.train.data import batch_indices, conversation_length  # noqa: E402
 
 IMAGE, VIDEO = "<|image|>", "<|video|>"
 
@@ -51,7 +51,7 @@ def main() -> None:
     tok = Tokenizer.from_file(a.tokenizer)
     rows = [json.loads(line) for line in open(a.data, encoding="utf-8") if line.strip()]
     tokens = [row_tokens(r["messages"], tok, a.frames) for r in rows]
-    lengths = tuple(sum(len(m["content"]) for m in r["messages"]) for r in rows)  # what the trainer sorts by
+    lengths = tuple(conversation_length(r["messages"]) for r in rows)  # what the trainer sorts by
     n, steps = len(rows), len(rows) // a.batch_size
     results = []
     for g in (int(x) for x in a.groups.split(",")):

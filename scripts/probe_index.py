@@ -62,7 +62,7 @@ def solid_rows(out: Path, size: int, n: int, rng: random.Random, split: str, whe
         if split == "train" and rng.random() < aux:
             messages = []
             for k, c in enumerate(order):
-                messages += [{"role": "user", "content": f"Image {k + 1}: {IMAGE_TOKEN}\nWhat colour is it?"},
+                messages += [{"role": "user", "content": _labelled(1, k) + "What colour is it?"},
                              {"role": "assistant", "content": c}]
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         else:

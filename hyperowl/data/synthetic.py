@@ -1045,9 +1045,8 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
 
 
 def _split_counts(size: Union[int, Mapping[str, int]], split: str, groups: Sequence[str],
-                  mix: Optional[Mapping[str, float]] = None) -> dict[str, int]:
-    """Examples per group; a total is shared by `mix` (default DEFAULT_MIX) among the groups that have tasks."""
-    mix = {**DEFAULT_MIX, **(mix or {})}
+                  mix: Mapping[str, float] = DEFAULT_MIX) -> dict[str, int]:
+    """Examples per group; a total is shared by the weights `mix` among the groups that have tasks."""
     if isinstance(size, Mapping):
         unknown = set(size) - set(GROUPS)
         if unknown:
@@ -1102,12 +1101,14 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         raise InputError(f"output '{out}': exists and is not a directory")
     per_group = _select_tasks(tasks)
     groups = [g for g in GROUPS if per_group[g]]
-    mix = dict(train_mix or {})
-    bad = {g: w for g, w in mix.items() if g not in GROUPS or not isinstance(w, (int, float)) or w < 0}
-    if bad or (mix and sum({**DEFAULT_MIX, **mix}[g] for g in groups) <= 0):
-        raise InputError(f"train mix {mix!r}: give non-negative weights for groups {', '.join(GROUPS)} "
+    given = dict(train_mix or {})
+    weights = {**DEFAULT_MIX, **given}  # the train split's; val and test keep DEFAULT_MIX
+    bad = {g: w for g, w in given.items() if g not in GROUPS or not isinstance(w, (int, float)) or w < 0}
+    if bad or sum(weights[g] for g in groups) <= 0:
+        raise InputError(f"train mix {given!r}: give non-negative weights for groups {', '.join(GROUPS)} "
                          f"(e.g. video=0.3), not all zero")
-    plan = {s: _split_counts(sizes[s], s, groups, mix if s == "train" else None) for s in SPLITS if s in sizes}
+    plan = {s: _split_counts(sizes[s], s, groups, weights if s == "train" else DEFAULT_MIX)
+            for s in SPLITS if s in sizes}
     for split, counts in plan.items():  # validate everything before writing anything
         _validate(split, counts, distractors, image_size, video_frames, train_turns if split == "train" else 1,
                   train_progressive if split == "train" else 0.0)
@@ -1144,7 +1145,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "distractors": distractors,
         "train_turns": train_turns,
         "train_progressive": train_progressive,
-        "train_mix": {g: {**DEFAULT_MIX, **mix}[g] for g in GROUPS},
+        "train_mix": {g: weights[g] for g in GROUPS},
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
         "splits": split_meta,

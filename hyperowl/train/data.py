@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
@@ -108,8 +108,8 @@ class ConversationDataset:
         return len(self.records)
 
     def lengths(self) -> tuple[int, ...]:
-        """Characters of each conversation's messages: a cheap proxy of its token length (for grouping)."""
-        return tuple(sum(len(m["content"]) for m in rec["messages"]) for rec in self.records)
+        """Each conversation's `conversation_length` (for `data.group_by_length`)."""
+        return tuple(conversation_length(rec["messages"]) for rec in self.records)
 
     def __getitem__(self, i: int) -> TrainExample:
         rec = self.records[i]
@@ -130,6 +130,11 @@ def collate_train(examples: list[TrainExample], pad_id: int = 0) -> dict[str, to
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels,
             "pixel_values": batch.pixel_values,
             "image_positions": batch.image_positions if int(batch.image_counts.sum()) else None}
+
+
+def conversation_length(messages: list[dict]) -> int:
+    """Characters of a conversation's messages: a cheap proxy of its token length (what grouping sorts by)."""
+    return sum(len(m["content"]) for m in messages)
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,11 +171,12 @@ def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, gra
     per_step = batch_size * grad_accum
     start = step * per_step + micro * batch_size
     per_rank = batch_size // world
-    out = []
-    for j in range(start + rank * per_rank, start + (rank + 1) * per_rank):
-        epoch, k = divmod(j, n)
+    js = range(start + rank * per_rank, start + (rank + 1) * per_rank)
+
+    def order(epoch: int) -> Sequence[int]:
         if group > 0 and lengths is not None:
-            out.append(grouped_order(n, seed, epoch, lengths, group * per_step, per_step)[k])
-        else:
-            out.append(global_order(n, seed, epoch)[k])
-    return out
+            return grouped_order(n, seed, epoch, lengths, group * per_step, per_step)
+        return global_order(n, seed, epoch)
+
+    orders = {e: order(e) for e in {j // n for j in js}}  # once per epoch: the cache key hashes `lengths`
+    return [orders[j // n][j % n] for j in js]
