@@ -48,13 +48,30 @@ def main() -> None:
     for path, what in ((a.data, "--data"), (a.tokenizer, "--tokenizer")):
         if not Path(path).is_file():
             sys.exit(f"{what} {path}: no such file (the default data comes from scripts/train_embedded.sh)")
+    try:
+        groups = [int(x) for x in a.groups.split(",")]
+    except ValueError:
+        sys.exit(f"--groups {a.groups}: expected comma-separated integers, e.g. 0,16")
     tok = Tokenizer.from_file(a.tokenizer)
-    rows = [json.loads(line) for line in open(a.data, encoding="utf-8") if line.strip()]
+    rows = []
+    with open(a.data, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row.get("messages"), list) or not all("content" in m for m in row["messages"]):
+                    raise ValueError("no messages list with contents")
+            except (ValueError, AttributeError) as e:
+                sys.exit(f"{a.data}:{n}: not a training conversation ({e}); see README, 'Training data'")
+            rows.append(row)
+    if not rows:
+        sys.exit(f"{a.data}: no conversations")
     tokens = [row_tokens(r["messages"], tok, a.frames) for r in rows]
     lengths = tuple(conversation_length(r["messages"]) for r in rows)  # what the trainer sorts by
     n, steps = len(rows), len(rows) // a.batch_size
     results = []
-    for g in (int(x) for x in a.groups.split(",")):
+    for g in groups:
         real = padded = 0
         for s in range(steps):
             batch = [tokens[i] for i in batch_indices(n, a.seed, s, 0, a.batch_size, 1, 0, 1, lengths, g)]
