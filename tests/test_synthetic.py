@@ -418,6 +418,33 @@ def test_extra_turns_answered_from_the_named_image():
         syn.iter_examples("train", 1, 0, 0, 0, turns=0)
 
 
+def test_video_turns_answered_from_the_named_frame(tmp_path):
+    """`video_turns`: video conversations get further questions about their first or last frame, each checked
+    by the oracle against that frame's scene; the video's own question is unchanged; images never get them.
+    Only the train split gets them (meta says how many)."""
+    plain = list(syn.iter_examples("train", 10, 10, 40, 10, seed=3, turns=2))
+    more = list(syn.iter_examples("train", 10, 10, 40, 10, seed=3, turns=2, video_turns=4))
+    ends = set()
+    for a, b in zip(plain, more):
+        if not b.task.startswith("video/"):
+            assert a.messages == b.messages
+            continue
+        assert a.messages == b.messages[:2] and len(b.extra) == 3 and len(b.messages) == 8
+        frames = b.video_scenes[0]
+        for task, q, ans in b.extra:
+            (end,) = [e for e in ("first", "last") if f"the {e} frame" in q]
+            ends.add(end)
+            assert single_answer(task, q, frames[0] if end == "first" else frames[-1]) == ans, (q, ans)
+    assert ends == {"first", "last"}
+    with pytest.raises(InputError, match="video_turns"):
+        syn.iter_examples("train", 0, 0, 1, 0, video_turns=0)
+    syn.synth_main(["--out", str(tmp_path), "--train", "20", "--val", "0", "--test", "10", "--seed", "2",
+                    "--tasks", "video", "--video-turns", "3"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["train_video_turns"] == 3
+    assert meta["splits"]["train"]["extra_turns"] == 40 and meta["splits"]["test"]["extra_turns"] == 0
+
+
 def test_progressive_shows_images_one_per_turn_with_answers_from_that_image(tmp_path):
     """`progressive`: a share of multi-image conversations shows image k in turn k with a question about
     "this image" (checked by the oracle against image k), then the conversation's own question without the

@@ -698,8 +698,8 @@ def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
     Why: an answer is a few tokens, so a one-question conversation is a thin learning signal per image;
     asking about the same picture several times (different tasks, different objects) multiplies the
     supervised answers at little cost, the way instruction datasets ask many questions per image. A single
-    image is "the image"; with several images each question names its image ("image 2"). Videos get none
-    (their questions are about events, one per video).
+    image is "the image"; with several images each question names its image ("image 2"). Videos get theirs
+    from `add_video_turns`.
     """
     if turns <= 1 or not ex.scenes:
         return ex
@@ -713,6 +713,36 @@ def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
         k = rng.randrange(len(ex.scenes))
         img = rng.choice(SINGLE_REFS) if len(ex.scenes) == 1 else f"image {k + 1}"
         qa = ask(ex.scenes[k], task, rng, img)
+        if qa is not None:
+            extra.append((task, *qa))
+    ex.extra = extra
+    return ex
+
+
+FRAME_REFS = ("the first frame", "the last frame")
+
+
+def add_video_turns(ex: Example, turns: int, rng: random.Random) -> Example:
+    """Give a video conversation up to `turns - 1` further questions about its first or last frame (`ex.extra`).
+
+    Why: a video conversation asks one question (about an event), so each video, eight images through the
+    tower, is a thin learning signal. The events are differences between the start and the end: what moves
+    is somewhere else in the last frame, what appears is only in the last, what vanishes only in the first.
+    Questions about "the first frame" and "the last frame" (colour, position, count, caption, ... of that
+    frame, answered from its scene like any single-image question) teach the model to read the start and the
+    end of a video apart, the part of every video task that a single event question supervises least.
+    """
+    if turns <= 1 or not ex.video_scenes:
+        return ex
+    frames = ex.video_scenes[0]
+    tasks = list(SINGLE_TASKS)
+    rng.shuffle(tasks)
+    extra: list[tuple[str, str, str]] = list(ex.extra)
+    for task in tasks:
+        if len(extra) == turns - 1:
+            break
+        last = rng.random() < 0.5
+        qa = ask(frames[-1] if last else frames[0], task, rng, FRAME_REFS[last])
         if qa is not None:
             extra.append((task, *qa))
     ex.extra = extra
@@ -793,7 +823,7 @@ def _select_tasks(tasks: Optional[Sequence[str]]) -> dict[str, list[str]]:
 
 
 def _validate(split: str, counts: Mapping[str, int], distractors: int, image_size: int, video_frames: int,
-              turns: int = 1, progressive: float = 0.0) -> None:
+              turns: int = 1, progressive: float = 0.0, video_turns: int = 1) -> None:
     if split not in SPLITS:
         raise InputError(f"split '{split}': must be one of {', '.join(SPLITS)}")
     for g, n in counts.items():
@@ -808,6 +838,9 @@ def _validate(split: str, counts: Mapping[str, int], distractors: int, image_siz
     if not isinstance(turns, int) or not 1 <= turns <= len(SINGLE_TASKS):
         raise InputError(f"turns={turns!r}: questions per conversation must be from 1 to {len(SINGLE_TASKS)} "
                          f"(one per single-image task)")
+    if not isinstance(video_turns, int) or not 1 <= video_turns <= len(SINGLE_TASKS):
+        raise InputError(f"video_turns={video_turns!r}: questions per video conversation must be from 1 to "
+                         f"{len(SINGLE_TASKS)} (the video's question, then one per single-image task)")
     if not isinstance(progressive, (int, float)) or not 0 <= progressive <= 1:
         raise InputError(f"progressive={progressive!r}: the share of multi-image conversations shown one image per "
                          f"turn must be from 0 to 1")
@@ -820,10 +853,10 @@ class _Stats:
 
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
-          stats: _Stats, turns: int = 1, progressive: float = 0.0) -> Iterator[Example]:
+          stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
     """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames, turns, progressive)
+    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns)
     per_group = _select_tasks(tasks)
     order: list[str] = []
     for g, n in counts.items():
@@ -831,12 +864,13 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
             raise InputError(f"{n} {g} examples asked for, but the task filter leaves no {g} task")
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
-    return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns, progressive)
+    return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns, progressive,
+                     video_turns)
 
 
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
               exclude: Optional[set[str]], stats: _Stats, turns: int = 1,
-              progressive: float = 0.0) -> Iterator[Example]:
+              progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
     for i, task in enumerate(order):
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(_seed_for(seed, split, i, attempt))
@@ -849,6 +883,7 @@ def _generate(split: str, order: list[str], distractors: int, seed: int, image_s
             raise RuntimeError(f"{split} example {i} ({task}): every attempt reused an earlier split's scene")
         # Own RNGs: the first question (and so every turns=1 dataset) depends on neither option.
         ex = add_turns(ex, turns, random.Random(_seed_for(seed, split, i, "turns")))
+        ex = add_video_turns(ex, video_turns, random.Random(_seed_for(seed, split, i, "video-turns")))
         yield add_intro(ex, progressive, random.Random(_seed_for(seed, split, i, "intro")))
 
 
@@ -856,16 +891,17 @@ def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_v
                   distractors: int = 3, seed: int = 0, image_size: int = 64, video_frames: int = 8, *,
                   exclude_hashes: Optional[set[str]] = None,
                   tasks: Optional[Sequence[str]] = None, turns: int = 1,
-                  progressive: float = 0.0) -> Iterator[Example]:
+                  progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
     """The examples of a split in memory (same content as `generate_split` writes), without files.
 
     `ex.images` / `ex.videos` render lazily to PIL images / frame lists; `ex.scenes` / `ex.video_scenes`
     hold the data. `exclude_hashes`: scene hashes to avoid (an earlier split's). `tasks`: keep only these
     task or group names. `turns`: questions per image conversation (see `add_turns`). `progressive`: share of
-    multi-image conversations shown one image per turn (see `add_intro`).
+    multi-image conversations shown one image per turn (see `add_intro`). `video_turns`: questions per video
+    conversation (see `add_video_turns`).
     """
     return _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                 exclude_hashes, tasks, _Stats(), turns, progressive)
+                 exclude_hashes, tasks, _Stats(), turns, progressive, video_turns)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -953,12 +989,13 @@ def _prepare_split_dir(out: Path, split: str) -> Path:
 def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int,
                  distractors: int, seed: int, image_size: int, video_frames: int, fps: int,
                  exclude: Optional[tuple[set[str], set[str]]], tasks: Optional[Sequence[str]],
-                 progress: Optional[bool], turns: int = 1, progressive: float = 0.0) -> tuple[Path, dict]:
+                 progress: Optional[bool], turns: int = 1, progressive: float = 0.0,
+                 video_turns: int = 1) -> tuple[Path, dict]:
     from tqdm import tqdm
 
     out = Path(out_dir)
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames, turns, progressive)
+    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns)
     if not isinstance(fps, int) or fps < 1:
         raise InputError(f"fps={fps!r}: must be a positive integer")
     if exclude is None:  # the hashes of the splits before this one that are already in out_dir
@@ -978,7 +1015,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     jsonl = out / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
     examples = _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                     exclude[0], tasks, stats, turns, progressive)
+                     exclude[0], tasks, stats, turns, progressive, video_turns)
     extra_turns = intro_conversations = 0
     with open(tmp, "w", encoding="utf-8") as f:
         bar = tqdm(examples, total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
@@ -1030,17 +1067,18 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
                    n_distractor: int = 0, distractors: int = 3, seed: int = 0, image_size: int = 64,
                    video_frames: int = 8, *, fps: int = 4, exclude_hashes: Optional[set[str]] = None,
                    tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None, turns: int = 1,
-                   progressive: float = 0.0) -> Path:
+                   progressive: float = 0.0, video_turns: int = 1) -> Path:
     """Write `<out_dir>/<split>.jsonl` with its images, videos and scene hashes; return the JSONL path.
 
     Scenes of earlier splits (train < val < test) whose `<split>.scenes.txt` is in `out_dir` are never
     reused, unless `exclude_hashes` is given (then exactly those are avoided). An existing generated split of
     the same name is replaced. `turns`: questions per image conversation (see `add_turns`); `progressive`: share
-    of multi-image conversations shown one image per turn (see `add_intro`).
+    of multi-image conversations shown one image per turn (see `add_intro`); `video_turns`: questions per video
+    conversation (see `add_video_turns`).
     """
     exclude = None if exclude_hashes is None else (set(exclude_hashes), set())
     path, _ = _write_split(out_dir, split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size,
-                           video_frames, fps, exclude, tasks, progress, turns, progressive)
+                           video_frames, fps, exclude, tasks, progress, turns, progressive, video_turns)
     return path
 
 
@@ -1081,14 +1119,15 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                   seed: int = 0, *, image_size: int = 64, video_frames: int = 8, distractors: int = 3, fps: int = 4,
                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
                   train_turns: int = 1, train_progressive: float = 0.0,
-                  train_mix: Optional[Mapping[str, float]] = None) -> dict[str, Path]:
+                  train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
     train_turns: questions per image conversation in the train split (`add_turns`); val and test always
     ask one, so evaluation scores one answer per conversation. train_progressive: share of the train split's
     multi-image conversations shown one image per turn (`add_intro`); val and test keep the one-turn layout.
     train_mix: weights of the groups in the train split's total (missing groups keep DEFAULT_MIX's); val and
-    test keep DEFAULT_MIX, so scores stay comparable across training mixes.
+    test keep DEFAULT_MIX, so scores stay comparable across training mixes. train_video_turns: questions per
+    video conversation in the train split (`add_video_turns`); val and test ask one.
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -1111,7 +1150,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
             for s in SPLITS if s in sizes}
     for split, counts in plan.items():  # validate everything before writing anything
         _validate(split, counts, distractors, image_size, video_frames, train_turns if split == "train" else 1,
-                  train_progressive if split == "train" else 0.0)
+                  train_progressive if split == "train" else 0.0, train_video_turns if split == "train" else 1)
         for g, n in counts.items():
             if n and not per_group[g]:
                 raise InputError(f"{n} {g} examples asked for in '{split}', but the task filter leaves no {g} task")
@@ -1128,7 +1167,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         path, st = _write_split(out, split, c["single"], c["multi"], c["video"], c["distractor"], distractors, seed,
                                 image_size, video_frames, fps, (set(seen[0]), set(seen[1])), tasks, progress,
                                 train_turns if split == "train" else 1,
-                                train_progressive if split == "train" else 0.0)
+                                train_progressive if split == "train" else 0.0,
+                                train_video_turns if split == "train" else 1)
         h, lay = read_scene_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
@@ -1145,6 +1185,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "distractors": distractors,
         "train_turns": train_turns,
         "train_progressive": train_progressive,
+        "train_video_turns": train_video_turns,
         "train_mix": {g: weights[g] for g in GROUPS},
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
@@ -1228,6 +1269,9 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--progressive", type=float, default=0.0, metavar="P",
                    help="share of training multi-image conversations that show their images one per turn, each "
                         "with a question about it, before the conversation's question (val/test: never)")
+    p.add_argument("--video-turns", type=int, default=1, metavar="K",
+                   help="training video conversations ask up to K questions: the video's own, then questions about "
+                        "its first or last frame (val/test: 1)")
     p.add_argument("--train-mix", default=None, metavar="G=W,...",
                    help="weights of the groups in the train split, e.g. video=0.3 (others keep "
                         + ", ".join(f"{g}={w}" for g, w in DEFAULT_MIX.items()) + "); val/test keep the default")
@@ -1250,6 +1294,6 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
                           fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
-                          train_mix=mix)
+                          train_mix=mix, train_video_turns=args.video_turns)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0
