@@ -128,6 +128,34 @@ def test_train_converges_saves_official_layout_and_chats(tmp_path, colour_data):
     assert isinstance(answer, str)
 
 
+def test_loader_workers_train_exactly_like_the_loop(tmp_path, colour_data):
+    """data.workers: micro-batches prepared in loader processes are the ones the loop would read (same losses,
+    same weights, with gradient accumulation and a resume offset); a bad example raised in a worker is the
+    same one-line InputError; bad values are refused."""
+    over = {"optim": {"max_steps": 5}, "grad_accum": 2, "batch_size": 2, "save_every": 0, "num_threads": 1}
+    a = train(recipe_for(colour_data, tmp_path / "loop", data={"workers": 0}, **over))
+    b = train(recipe_for(colour_data, tmp_path / "workers", data={"workers": 2}, **over))
+    la, lb = ([json.loads(l)["loss"] for l in (d / "log.jsonl").read_text().splitlines()] for d in (a, b))
+    assert len(la) == 5 and la == lb
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    from hyperowl.train.data import StepBatches, step_loader
+    data = ConversationDataset(colour_data / "train.jsonl", processor())
+    from_3 = list(step_loader(StepBatches(data, 3, 6, 0, 4, 2, 0, 1, None, 0, 0), 2))
+    loop = [collate_train([data[i] for i in batch_indices(len(data), 0, s, m, 4, 2, 0, 1)]) for s in (3, 4, 5)
+            for m in (0, 1)]
+    assert len(from_3) == 6 and all(torch.equal(x["input_ids"], y["input_ids"]) and
+                                    torch.equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(from_3, loop))
+
+    with pytest.raises(InputError, match="max_length 5") as e:
+        train(recipe_for(colour_data, tmp_path / "long", data={"workers": 1, "max_length": 5}, **over))
+    assert "Traceback" not in str(e.value)
+    for bad in (-1, "two", True):
+        with pytest.raises(InputError, match="data.workers"):
+            recipe_for(colour_data, tmp_path / "x", data={"workers": bad})
+
+
 def test_align_stage_freezes_llm_and_vision(tmp_path, colour_data):
     r = recipe_for(colour_data, tmp_path / "a", stage="align", optim={"max_steps": 3})
     out = train(r)

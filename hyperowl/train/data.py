@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -180,3 +181,40 @@ def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, gra
 
     orders = {e: order(e) for e in {j // n for j in js}}  # once per epoch: the cache key hashes `lengths`
     return [orders[j // n][j % n] for j in js]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """The training micro-batches from optimizer step `start` on, in order, as a dataset for a DataLoader.
+
+    Item k is micro-batch k % grad_accum of step start + k // grad_accum for this rank (`batch_indices`), read
+    and collated (`collate_train`). Each batch is a pure function of its position, so worker processes can
+    prepare the next ones while the model trains, and a resumed run reads exactly what an uninterrupted one
+    would. A bad example (InputError) comes back as {"error": message}: the training loop raises it, with the
+    message and not a worker traceback.
+    """
+
+    def __init__(self, data: ConversationDataset, start: int, total: int, seed: int, batch_size: int, grad_accum: int,
+                 rank: int, world: int, lengths: tuple[int, ...] | None, group: int, pad_id: int) -> None:
+        self.data, self.start, self.steps = data, start, max(0, total - start)
+        self.seed, self.batch_size, self.grad_accum, self.rank, self.world = seed, batch_size, grad_accum, rank, world
+        self.lengths, self.group, self.pad_id = lengths, group, pad_id
+
+    def __len__(self) -> int:
+        return self.steps * self.grad_accum
+
+    def __getitem__(self, k: int) -> dict:
+        step, micro = divmod(k, self.grad_accum)
+        idx = batch_indices(len(self.data), self.seed, self.start + step, micro, self.batch_size, self.grad_accum,
+                            self.rank, self.world, self.lengths, self.group)
+        try:
+            return collate_train([self.data[i] for i in idx], self.pad_id)
+        except InputError as e:
+            return {"error": str(e)}
+
+
+def step_loader(batches: StepBatches, workers: int) -> torch.utils.data.DataLoader:
+    """Iterate `batches` in order; workers > 0 prepare the next micro-batches in that many processes."""
+    if workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used in forked workers
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+                                       prefetch_factor=4 if workers > 0 else None)

@@ -76,6 +76,10 @@ class DataSpec:
     cut: bool = False
     max_length: int = 4096
     group_by_length: int = 0  # > 0: sort each window of that many optimizer steps' examples by length (less padding)
+    # Processes that read, decode and tokenize the next micro-batches while the model trains (torch DataLoader
+    # workers); 0 = in the training loop. null = 4 on a GPU (decoding must not starve it), 0 on CPU (the
+    # workers would take the cores the model computes on; no gain measured on 2 cores).
+    workers: int | None = None
 
 
 @dataclass
@@ -143,6 +147,10 @@ class Recipe:
         if not isinstance(self.data.group_by_length, int) or self.data.group_by_length < 0:
             raise InputError(f"recipe: data.group_by_length must be 0 (off) or a number of optimizer steps whose "
                              f"examples are sorted by length together; got {self.data.group_by_length!r}")
+        if self.data.workers is not None and (not isinstance(self.data.workers, int) or isinstance(self.data.workers, bool)
+                                              or self.data.workers < 0):
+            raise InputError(f"recipe: data.workers must be null (auto), 0 (load in the training loop) or a number "
+                             f"of loader processes; got {self.data.workers!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":

@@ -47,7 +47,7 @@ from ..models.owl2 import Owl2Model, expand_rows
 from ..models.owl3 import Owl3Model
 from ..processing.owl2 import Owl2Processor
 from ..processing.processor import Owl3Processor
-from .data import ConversationDataset, batch_indices, collate_train
+from .data import ConversationDataset, StepBatches, collate_train, step_loader
 from .lora import apply_lora, merge_lora
 from .optim import lr_at, param_groups, set_lr
 from .recipe import INIT_SCHEMES, Recipe, resolve_trainable
@@ -445,13 +445,17 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     logf = (out / "log.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_last, tok_count = time.perf_counter(), 0
+    workers = recipe.data.workers if recipe.data.workers is not None else (4 if device.type == "cuda" else 0)
+    batches = iter(step_loader(StepBatches(data, start, total, recipe.seed, recipe.batch_size, recipe.grad_accum,
+                                           rank, world, lengths, group, pad), workers))
     for step in range(start, total):
         lr = lr_at(step, recipe.optim.lr, recipe.optim.warmup_steps, total, recipe.optim.min_lr_ratio)
         set_lr(opt, lr)
-        micro = [expand_labels(model, collate_train([data[i] for i in batch_indices(len(data), recipe.seed, step, m,
-                                                                                    recipe.batch_size, recipe.grad_accum,
-                                                                                    rank, world, lengths, group)], pad))
-                 for m in range(recipe.grad_accum)]
+        micro = [next(batches) for _ in range(recipe.grad_accum)]
+        bad = next((b["error"] for b in micro if "error" in b), None)
+        if bad is not None:
+            raise InputError(bad)
+        micro = [expand_labels(model, b) for b in micro]
         n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
         if world > 1:
             dist.all_reduce(n_tok)
