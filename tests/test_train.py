@@ -43,6 +43,20 @@ def colour_data(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def turns_data(colour_data, tmp_path_factory):
+    """Conversations of 1 to 3 answers (so rows differ in answer tokens), on colour_data's images."""
+    d = tmp_path_factory.mktemp("turns")
+    names = list(COLOURS)
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(16):
+            turns = [{"role": "user", "content": "<|image|>What colour is it?"},
+                     {"role": "assistant", "content": names[i % 4]}]
+            turns += [{"role": "user", "content": "And again?"}, {"role": "assistant", "content": names[i % 4]}] * (i % 3)
+            f.write(json.dumps({"messages": turns, "images": [str(colour_data / f"img/{i}.png")]}) + "\n")
+    return d
+
+
 def recipe_for(data_dir, out, **over):
     d = {"init": {"preset": "tiny-240728", "tokenizer": "train", "vocab_size": 300},
          "data": {"train": str(data_dir / "train.jsonl")}, "stage": "instruct",
@@ -156,6 +170,39 @@ def test_loader_workers_train_exactly_like_the_loop(tmp_path, colour_data):
             recipe_for(colour_data, tmp_path / "x", data={"workers": bad})
 
 
+def test_loss_weighting_weighs_conversations_as_configured(tmp_path, turns_data):
+    """loss_weighting: the logged loss of step 1 (the initial weights) is the token mean (token), the mean of
+    the conversations' own means (sample) or their 1/sqrt(n)-weighted mean (square), recomputed here from the
+    model and batch; bad values are refused."""
+    import torch.nn.functional as F
+    from hyperowl.train.data import StepBatches
+    from hyperowl.train.trainer import build, expand_labels
+
+    over = {"optim": {"max_steps": 1}, "batch_size": 8, "save_every": 0, "num_threads": 1}
+    for mode, power in (("token", 0.0), ("square", 0.5), ("sample", 1.0)):
+        recipe = recipe_for(turns_data, tmp_path / mode, loss_weighting=mode, **over)
+        out = train(recipe)
+        logged = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+        torch.manual_seed(recipe.seed)
+        model, proc, _ = build(recipe, torch.device("cpu"))
+        data = ConversationDataset(turns_data / "train.jsonl", proc)
+        b = expand_labels(model, StepBatches(data, 0, 1, recipe.seed, 8, 1, 0, 1, None, 0, 0)[0])
+        with torch.no_grad():
+            logits = model(b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                           image_positions=b["image_positions"]).logits
+        labels = b["labels"][:, 1:]
+        per_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        n = (labels != -100).sum(1).double()
+        assert len(set(n.tolist())) > 1  # rows differ in answer tokens, so the modes differ
+        w = n ** -power
+        want = float((per_tok.sum(1).double() * w).sum() / (n * w).sum())
+        assert abs(logged["loss"] - want) < 1e-4 * want, (mode, logged, want)
+        if power:
+            assert abs(logged["token_loss"] - float(per_tok.sum() / n.sum())) < 1e-4 * want
+    with pytest.raises(InputError, match="loss_weighting"):
+        recipe_for(turns_data, tmp_path / "x", loss_weighting="row")
+
+
 def test_align_stage_freezes_llm_and_vision(tmp_path, colour_data):
     r = recipe_for(colour_data, tmp_path / "a", stage="align", optim={"max_steps": 3})
     out = train(r)
@@ -240,7 +287,7 @@ def torchrun_failure(r) -> str:
     return "\n".join(errs[:20] + lines[-15:])
 
 
-def test_two_process_ddp_and_fsdp_match_single_process(tmp_path, colour_data):
+def test_two_process_ddp_and_fsdp_match_single_process(tmp_path, colour_data, turns_data):
     one = write_recipe(tmp_path / "one.yaml", colour_data, tmp_path / "one", optim={"max_steps": 4}, num_threads=1)
     two = write_recipe(tmp_path / "two.yaml", colour_data, tmp_path / "two", optim={"max_steps": 4}, num_threads=1)
     assert run_cli("train", str(one)).returncode == 0
@@ -259,6 +306,18 @@ def test_two_process_ddp_and_fsdp_match_single_process(tmp_path, colour_data):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4  # DDP
     assert max(abs(x - y) for x, y in zip(la, lc)) < 1e-4  # FSDP2
     assert (tmp_path / "fsdp" / "final" / "model.safetensors").exists()
+    # loss_weighting square on rows of different answer lengths: the normaliser is summed over processes
+    sq1 = write_recipe(tmp_path / "sq1.yaml", turns_data, tmp_path / "sq1", optim={"max_steps": 4}, num_threads=1,
+                       loss_weighting="square")
+    sq2 = write_recipe(tmp_path / "sq2.yaml", turns_data, tmp_path / "sq2", optim={"max_steps": 4}, num_threads=1,
+                       loss_weighting="square")
+    assert run_cli("train", str(sq1)).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+                        "-m", "hyperowl.cli", "train", str(sq2)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, torchrun_failure(r)
+    la = [json.loads(l)["loss"] for l in (tmp_path / "sq1" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "sq2" / "log.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
 
 
 def test_lora_trains_adapters_only_and_merges(tmp_path, colour_data):

@@ -34,6 +34,11 @@ from typing import Any
 from ..errors import InputError
 
 INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see trainer.init_weights)
+# How the answer tokens of a batch are weighted in the loss: every token alike (token), every conversation
+# alike (sample: mean over its answer tokens), or in between (square: a conversation's tokens weigh
+# 1/sqrt(its answer tokens), InternVL 2.5's "square averaging"). Token weighting lets conversations with many
+# answer tokens dominate the gradient (see README, Training).
+LOSS_WEIGHTING = {"token": 0.0, "square": 0.5, "sample": 1.0}
 STAGES = {
     "align": {"projector": True, "fusion": True, "llm": False, "vision": None},  # None: the model's default
     "instruct": {"projector": True, "fusion": True, "llm": True, "vision": True},
@@ -122,6 +127,7 @@ class Recipe:
     save_every: int = 500
     eval_every: int = 0
     num_threads: int = 0  # 0 = torch default
+    loss_weighting: str = "token"  # token | square | sample (LOSS_WEIGHTING)
 
     def __post_init__(self) -> None:
         if self.stage not in (*STAGES, "custom"):
@@ -142,6 +148,9 @@ class Recipe:
                              f"multipliers; got {bad_lr}")
         if self.init.scheme not in INIT_SCHEMES:
             raise InputError(f"recipe: init.scheme must be one of {', '.join(INIT_SCHEMES)}; got {self.init.scheme!r}")
+        if self.loss_weighting not in LOSS_WEIGHTING:
+            raise InputError(f"recipe: loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}; "
+                             f"got {self.loss_weighting!r}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
         if not isinstance(self.data.group_by_length, int) or self.data.group_by_length < 0:

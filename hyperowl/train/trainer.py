@@ -50,7 +50,7 @@ from ..processing.processor import Owl3Processor
 from .data import ConversationDataset, StepBatches, collate_train, step_loader
 from .lora import apply_lora, merge_lora
 from .optim import lr_at, param_groups, set_lr
-from .recipe import INIT_SCHEMES, Recipe, resolve_trainable
+from .recipe import INIT_SCHEMES, LOSS_WEIGHTING, Recipe, resolve_trainable
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +445,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     logf = (out / "log.jsonl").open("a") if rank == 0 else None
     bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
     t_last, tok_count = time.perf_counter(), 0
+    power = LOSS_WEIGHTING[recipe.loss_weighting]
     workers = recipe.data.workers if recipe.data.workers is not None else (4 if device.type == "cuda" else 0)
     batches = iter(step_loader(StepBatches(data, start, total, recipe.seed, recipe.batch_size, recipe.grad_accum,
                                            rank, world, lengths, group, pad), workers))
@@ -456,20 +457,37 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         if bad is not None:
             raise InputError(bad)
         micro = [expand_labels(model, b) for b in micro]
-        n_tok = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)))
+        # Per-row answer tokens; a row's tokens weigh rows_n ** -power; the normaliser is the global sum of the
+        # weights, so N processes compute the gradient of one (power 0: the mean over all answer tokens).
+        rows_n = [(b["labels"][:, 1:] != -100).sum(1).double() for b in micro]
+        n_tok = torch.stack([n.sum() for n in rows_n]).sum()
+        norm = n_tok.clone() if power == 0 else torch.stack([(n.clamp(min=1) ** (1 - power) * (n > 0)).sum()
+                                                             for n in rows_n]).sum()
         if world > 1:
             dist.all_reduce(n_tok)
-        loss_sum = torch.zeros(())
+            dist.all_reduce(norm)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tok_sum = torch.zeros((), dtype=torch.float64)
         for m, b in enumerate(micro):
             sync = m == len(micro) - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
                 logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                              pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                              image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
-                tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten().to(device),
-                                           ignore_index=-100, reduction="sum")
-            (tok_loss / n_tok.clamp(min=1) * world).backward()  # DDP and FSDP average gradients over processes
-            loss_sum += tok_loss.detach().cpu()
+                if power == 0:
+                    tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               b["labels"][:, 1:].flatten().to(device), ignore_index=-100,
+                                               reduction="sum")
+                    obj = tok_loss
+                else:
+                    per_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), b["labels"][:, 1:].to(device),
+                                              ignore_index=-100, reduction="none")  # [B, L-1], 0 off the answers
+                    row = per_tok.sum(1)
+                    tok_loss = row.sum()
+                    obj = (row * rows_n[m].clamp(min=1).to(row) ** -power).sum()
+            (obj / norm.clamp(min=1).to(obj) * world).backward()  # DDP and FSDP average gradients over processes
+            loss_sum += obj.detach().cpu().double()
+            tok_sum += tok_loss.detach().cpu().double()
             tok_count += int(b["attention_mask"].sum())
             if b["image_positions"] is not None and rows > 1:  # Owl2: the images' rows are sequence tokens too
                 tok_count += int((b["image_positions"] >= 0).sum()) * (rows - 1)
@@ -478,12 +496,14 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         opt.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(loss_sum)
-        loss = float(loss_sum / n_tok.clamp(min=1))
+            dist.all_reduce(tok_sum)
+        loss = float(loss_sum / norm.clamp(min=1))
+        token_loss = float(tok_sum / n_tok.clamp(min=1))
         done = step + 1
         bar.update(1)
         if rank == 0 and (done % recipe.log_every == 0 or done == total or done == start + 1):
             now = time.perf_counter()
-            rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            rec = {"step": done, "loss": loss, **({"token_loss": token_loss} if power else {}), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_per_s": tok_count * world / max(now - t_last, 1e-9), "time": time.time()}
             t_last, tok_count = now, 0
             if val is not None and (done % recipe.eval_every == 0 or done == total):
