@@ -503,7 +503,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         bar.update(1)
         if rank == 0 and (done % recipe.log_every == 0 or done == total or done == start + 1):
             now = time.perf_counter()
-            rec = {"step": done, "loss": loss, **({"token_loss": token_loss} if power else {}), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+            rec = {"step": done, "loss": loss, **({"token_loss": token_loss} if power else {}), "lr": lr,
+                   "grad_norm": None if grad_norm is None else float(grad_norm),
                    "tokens_per_s": tok_count * world / max(now - t_last, 1e-9), "time": time.time()}
             t_last, tok_count = now, 0
             if val is not None and (done % recipe.eval_every == 0 or done == total):
