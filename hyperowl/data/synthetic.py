@@ -705,18 +705,30 @@ def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
         return ex
     group, sub = ex.task.split("/", 1)
     tasks = [t for t in SINGLE_TASKS if not (group == "single" and t == sub)]  # not the first question again
-    rng.shuffle(tasks)
-    extra: list[tuple[str, str, str]] = []
-    for task in tasks:
-        if len(extra) == turns - 1:
-            break
+
+    def pick() -> tuple[Scene, str]:
         k = rng.randrange(len(ex.scenes))
-        img = rng.choice(SINGLE_REFS) if len(ex.scenes) == 1 else f"image {k + 1}"
-        qa = ask(ex.scenes[k], task, rng, img)
-        if qa is not None:
-            extra.append((task, *qa))
-    ex.extra = extra
+        return ex.scenes[k], rng.choice(SINGLE_REFS) if len(ex.scenes) == 1 else f"image {k + 1}"
+
+    ex.extra = _ask_turns(tasks, turns - 1, pick, rng)
     return ex
+
+
+def _ask_turns(tasks: list[str], n: int, pick: Callable[[], tuple[Scene, str]],
+               rng: random.Random) -> list[tuple[str, str, str]]:
+    """Up to n (task, question, answer) turns, one per task in a shuffled order of `tasks`; `pick()` draws the
+    scene to ask about and how the question names it. Tasks the scene cannot answer are skipped."""
+    tasks = list(tasks)
+    rng.shuffle(tasks)
+    out: list[tuple[str, str, str]] = []
+    for task in tasks:
+        if len(out) == n:
+            break
+        scene, ref = pick()
+        qa = ask(scene, task, rng, ref)
+        if qa is not None:
+            out.append((task, *qa))
+    return out
 
 
 FRAME_REFS = ("the first frame", "the last frame")
@@ -735,17 +747,12 @@ def add_video_turns(ex: Example, turns: int, rng: random.Random) -> Example:
     if turns <= 1 or not ex.video_scenes:
         return ex
     frames = ex.video_scenes[0]
-    tasks = list(SINGLE_TASKS)
-    rng.shuffle(tasks)
-    extra: list[tuple[str, str, str]] = list(ex.extra)
-    for task in tasks:
-        if len(extra) == turns - 1:
-            break
+
+    def pick() -> tuple[Scene, str]:
         last = rng.random() < 0.5
-        qa = ask(frames[-1] if last else frames[0], task, rng, FRAME_REFS[last])
-        if qa is not None:
-            extra.append((task, *qa))
-    ex.extra = extra
+        return frames[-1] if last else frames[0], FRAME_REFS[last]
+
+    ex.extra = _ask_turns(list(SINGLE_TASKS), turns - 1, pick, rng)  # a video has no other extra turns
     return ex
 
 
