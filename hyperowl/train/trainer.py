@@ -461,8 +461,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         # weights, so N processes compute the gradient of one (power 0: the mean over all answer tokens).
         rows_n = [(b["labels"][:, 1:] != -100).sum(1).double() for b in micro]
         n_tok = torch.stack([n.sum() for n in rows_n]).sum()
-        norm = n_tok.clone() if power == 0 else torch.stack([(n.clamp(min=1) ** (1 - power) * (n > 0)).sum()
-                                                             for n in rows_n]).sum()
+        norm = torch.stack([(n.clamp(min=1) ** (1 - power) * (n > 0)).sum() for n in rows_n]).sum()
         if world > 1:
             dist.all_reduce(n_tok)
             dist.all_reduce(norm)
@@ -474,17 +473,11 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
                 logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                              pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                              image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
-                if power == 0:
-                    tok_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                               b["labels"][:, 1:].flatten().to(device), ignore_index=-100,
-                                               reduction="sum")
-                    obj = tok_loss
-                else:
-                    per_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), b["labels"][:, 1:].to(device),
-                                              ignore_index=-100, reduction="none")  # [B, L-1], 0 off the answers
-                    row = per_tok.sum(1)
-                    tok_loss = row.sum()
-                    obj = (row * rows_n[m].clamp(min=1).to(row) ** -power).sum()
+                labels = b["labels"][:, 1:].to(device)
+                row = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                      reduction="none").view(labels.shape).sum(1)  # [B]: 0 off the answers
+                tok_loss = row.sum()
+                obj = tok_loss if power == 0 else (row * rows_n[m].clamp(min=1).to(row) ** -power).sum()
             (obj / norm.clamp(min=1).to(obj) * world).backward()  # DDP and FSDP average gradients over processes
             loss_sum += obj.detach().cpu().double()
             tok_sum += tok_loss.detach().cpu().double()
