@@ -424,3 +424,24 @@ def test_preset_hyper_layers_override(tmp_path, colour_data):
     assert default.config.hyper_layers == (1, 3)
     with pytest.raises(InputError, match="hyper_layers"):
         build(recipe_for(colour_data, tmp_path / "b", init={"hyper_layers": [5]}), torch.device("cpu"))
+
+
+def test_preset_llm_shape_override(tmp_path, colour_data):
+    """init.llm changes the preset's LM shape (the tower keeps the preset's); unknown fields, bad values and
+    init.llm without a preset are clear recipe errors."""
+    from hyperowl.config import PRESETS
+    from hyperowl.train.trainer import build
+
+    over = {"num_layers": 6, "hidden_size": 96, "num_heads": 3, "num_kv_heads": 1}
+    model, _, _ = build(recipe_for(colour_data, tmp_path / "l", init={"llm": over, "hyper_layers": [3, 6]}),
+                        torch.device("cpu"))
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (6, 96, 3, 1)
+    assert len(model.decoder.layers) == 6 and model.decoder.embed_tokens.weight.shape[1] == 96
+    assert [i for i in range(6) if cfg.is_hyper(i)] == [2, 5]
+    assert cfg.vision == PRESETS["tiny-240728"].vision
+    for bad, match in (({"hidden": 96}, "init.llm"), ({"num_layers": 0}, "positive"), ({"num_heads": 5}, "divide")):
+        with pytest.raises(InputError, match=match):
+            build(recipe_for(colour_data, tmp_path / "b", init={"llm": bad}), torch.device("cpu"))
+    with pytest.raises(InputError, match="init.llm"):
+        Recipe.from_dict({"init": {"from": "x", "llm": {"num_layers": 2}}})

@@ -33,7 +33,9 @@ from typing import Any
 
 from ..errors import InputError
 
-INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see trainer.init_weights)
+INIT_SCHEMES = ("normal", "fan_in")
+# init.llm: the LM shape fields a recipe may change in a preset (the tower's come from init.vision / the preset)
+LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "rope_theta")  # random init of a preset (see trainer.init_weights)
 # How the answer tokens of a batch are weighted in the loss: every token alike (token), every conversation
 # alike (sample: mean over its answer tokens), or in between (square: a conversation's tokens weigh
 # 1/sqrt(its answer tokens), InternVL 2.5's "square averaging"). Token weighting lets conversations with many
@@ -70,6 +72,7 @@ class InitSpec:
     hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only; with an Owl3
     #                                        `preset`: replaces the preset's hyper layers)
     scheme: str = "normal"  # random init of a preset: normal (all N(0, 0.02)) | fan_in (see trainer.init_weights)
+    llm: dict | None = None  # with `preset`: replace the preset's LM shape, e.g. {hidden_size: 384, num_layers: 6}
 
 
 @dataclass
@@ -146,6 +149,16 @@ class Recipe:
         if bad_lr:
             raise InputError(f"recipe: optim.part_lr takes parts (projector, fusion, llm, vision) with positive "
                              f"multipliers; got {bad_lr}")
+        if self.init.llm is not None:
+            bad = {k: v for k, v in self.init.llm.items() if k not in LLM_SHAPE_FIELDS} if isinstance(self.init.llm, dict) else self.init.llm
+            if bad or not isinstance(self.init.llm, dict) or not self.init.preset:
+                raise InputError(f"recipe: init.llm (with init.preset) takes the LM's shape fields "
+                                 f"({', '.join(LLM_SHAPE_FIELDS)}); got {bad or self.init.llm!r}")
+            wrong = {k: v for k, v in self.init.llm.items() if isinstance(v, bool) or v <= 0
+                     or not isinstance(v, (int, float) if k == "rope_theta" else int)}
+            if wrong:
+                raise InputError(f"recipe: init.llm values must be positive integers (rope_theta: a positive "
+                                 f"number); got {wrong}")
         if self.init.scheme not in INIT_SCHEMES:
             raise InputError(f"recipe: init.scheme must be one of {', '.join(INIT_SCHEMES)}; got {self.init.scheme!r}")
         if self.loss_weighting not in LOSS_WEIGHTING:

@@ -202,16 +202,20 @@ def build(recipe: Recipe, device: torch.device) -> tuple[Owl3Model | Owl2Model, 
             from .upgrade import init_visual_from_text
 
             ids = {k: tok.token_to_id(t) for k, t in (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<unk>"))}
-            model = Owl2Model(preset.replace(vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None})).to(device)
+            try:
+                cfg = preset.replace(vocab_size=vocab, **{k: v for k, v in ids.items() if v is not None}, **(init.llm or {}))
+            except ValueError as e:
+                raise InputError(f"recipe: init.llm: {e}") from None
+            model = Owl2Model(cfg).to(device)
             init_weights(model, recipe.seed, recipe.init.scheme)
             init_visual_from_text(model)  # the modality-adaptive visual side starts as the LLM's own norms/K/V
         else:
             # init.hyper_layers with a preset: the preset's shapes, these layers as hyper layers
             hyper = {"hyper_layers": tuple(init.hyper_layers)} if init.hyper_layers else {}
             try:
-                cfg = preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut, **hyper)
+                cfg = preset.replace(vocab_size=vocab, cut_enable=recipe.data.cut, **hyper, **(init.llm or {}))
             except ValueError as e:
-                raise InputError(f"recipe: init.hyper_layers: {e}") from None
+                raise InputError(f"recipe: init.hyper_layers / init.llm: {e}") from None
             model = Owl3Model(cfg).to(device)
             init_weights(model, recipe.seed, recipe.init.scheme)
             if init.vision:  # a pretrained tower (e.g. `hyperowl pretrain-vision`) under a fresh LM
