@@ -97,6 +97,41 @@ def test_stop_text_holds_back_a_possible_stop_prefix():
     assert st.push(0) == ("a ", False) and st.push(1) == ("Ex", False)  # "E" was not a stop after all
 
 
+def test_prompt_keeps_pixels_per_item_and_never_materializes_a_cached_video(model, monkeypatch):
+    """A request with a cached video (frame count only) and an image: same ids and positions as the processor
+    given real frames, the image's pixels exactly the processor's, and no tensor as large as the video's
+    frames is ever built (torch.cat is watched: the old path concatenated the stand-in frames)."""
+    import hashlib
+
+    import torch
+
+    from hyperowl.serve.media import MediaBlob
+    from hyperowl.serve.prompt import VisualOptions, build_prompt, cache_key
+    from hyperowl.serve.protocol import parse_chat_request
+
+    proc, frames, opts = model.processor, 500, VisualOptions(cut=True, max_frames=16)
+    s, png = proc.image_size, png_bytes(size=(90, 40))
+    video = MediaBlob("video", b"not decoded on a hit", hashlib.sha256(b"v").hexdigest(), "messages[0].content[0]")
+    image = MediaBlob("image", png, hashlib.sha256(png).hexdigest(), "messages[0].content[1]")
+    cache = FeatureCache(max_bytes=1 << 30)
+    cache.put(cache_key(video, proc, opts, torch.float32), CachedMedia(torch.zeros(frames, 2, 4), frames=frames))
+    req = parse_chat_request({"model": MODEL, "messages": image_msg("What?", "v", "i")}, MODEL, 100)
+    req.messages[0].parts[0] = type(req.messages[0].parts[0])("video", "v", video.param)
+    largest = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: largest.append(real_cat(ts, *a, **k).numel()) or real_cat(ts, *a, **k))
+    p = build_prompt(req, [video, image], proc, cache, opts, 7, torch.float32)
+    monkeypatch.undo()
+    assert max(largest, default=0) < frames * 3 * s * s  # the frames were never concatenated
+    assert p.items[0].hit and p.items[0].pixels is None and p.items[0].tensors == frames
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    ref = proc([{"role": "user", "content": "<|video|><|image|>What?"}], images=[img],
+               videos=[torch.zeros(frames, 3, s, s)], max_frames=16, cut=True)
+    assert torch.equal(p.input_ids, ref.input_ids) and torch.equal(p.image_positions, ref.image_positions)
+    assert torch.equal(p.items[1].pixels, ref.pixel_values[frames:]) and not p.items[1].hit
+    assert p.image_tensors == ref.pixel_values.shape[0]
+
+
 # -- API --------------------------------------------------------------------------------------------------
 
 def test_models_and_health(server, client):

@@ -2,12 +2,12 @@
 
 Design note: each media part becomes one `<|image|>` / `<|video|>` placeholder at its place in the message
 text, and the processor does everything else (cut templates, video frame tokens, ChatML, tokenization), so
-the server prompt is exactly the library's prompt. The processor concatenates the pixel tensors of all
-items in placeholder order; we split them back per item (image: rows*cols + 1 crops when cut, else 1;
-video: one per frame) so each item can be looked up in / stored into the feature cache on its own.
+the server prompt is exactly the library's prompt. The processor passes each item's pixel tensor to an
+`encode` hook in placeholder order (image: rows*cols + 1 crops when cut, else 1; video: one per frame); we
+keep them per item, uncopied, so each item can be looked up in / stored into the feature cache on its own.
 
-A cache hit for a *video* skips decoding: the processor is given that many 1x1 stand-in frames (a video's
-prompt depends only on its frame count) and their pixels are dropped. An image is still decoded on a hit,
+A cache hit for a *video* skips decoding: the processor is given a view of one zero frame expanded to that
+many frames (a video's prompt depends only on its frame count), never materialized. An image is still decoded on a hit,
 because its cut grid depends on its size, but it is not re-encoded; the vision tower is the expensive
 part. A cached entry is held by reference from here on, so an eviction before the worker runs is harmless.
 """
@@ -118,20 +118,26 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], processor: Owl3Proces
                 px = decode_video(blob, processor, opts.max_frames, opts.fps)
             videos.append(px)
             items.append(MediaItem(key, px.shape[0], hit, None, frames=px.shape[0]))
+    # The processor hands each item's pixels to `encode` once, in placeholder order (images and pixel-tensor
+    # videos); we keep them per item and give it an empty [n, 0] stand-in, so nothing is concatenated: a
+    # cached video's stand-in frames (an expanded view) are never materialized, the others are not copied.
+    per_item: list[Tensor] = []
+
+    def keep(px: Tensor) -> Tensor:
+        per_item.append(px)
+        return px.new_empty(px.shape[0], 0)
+
     try:
         inputs = processor(messages, images=images, videos=videos, max_frames=opts.max_frames, fps=opts.fps,
-                           cut=opts.cut, progress=False)
+                           cut=opts.cut, progress=False, encode=keep)
     except InputError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    pixels = inputs.pixel_values
-    total = 0 if pixels is None else pixels.shape[0]
-    if total != sum(i.tensors for i in items):
-        raise RuntimeError(f"internal error: {total} pixel tensors for items of {[i.tensors for i in items]}")
-    start = 0
-    for item in items:
+    if [px.shape[0] for px in per_item] != [i.tensors for i in items]:
+        raise RuntimeError(f"internal error: pixel tensors {[px.shape[0] for px in per_item]} for items of "
+                           f"{[i.tensors for i in items]}")
+    for item, px in zip(items, per_item):
         if item.cached is None:
-            item.pixels = pixels[start:start + item.tensors]
-        start += item.tensors
+            item.pixels = px
     return PreparedPrompt(inputs.input_ids, inputs.image_positions if items else None, items, tokens_per_image)
 
 
