@@ -128,3 +128,28 @@ def test_bench_padding_smoke(tmp_path):
     assert plain["real_tokens"] == grouped["real_tokens"]  # the same rows, one epoch
     assert grouped["padded_tokens"] < plain["padded_tokens"] and grouped["efficiency"] > plain["efficiency"]
     assert grouped["padded_tokens"] >= grouped["real_tokens"]
+
+
+def test_bench_train_step_smoke(tmp_path):
+    """Two workers settings over the same steps: both timed, same tokens per step (the same batches)."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(24):
+            Image.new("RGB", (28, 28), (40 * (i % 6), 20, 200)).save(tmp_path / f"img/{i}.png")
+            turn = [{"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": f"colour {i % 6}"}]
+            f.write(json.dumps({"messages": [{"role": "user", "content": "<|image|>Hi"}, turn[1]] + turn * (i % 2),
+                                "images": [f"img/{i}.png"]}) + "\n")
+    (tmp_path / "r.yaml").write_text(
+        f"init: {{preset: tiny-240728, tokenizer: train, vocab_size: 300}}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, group_by_length: 2}}\nbatch_size: 4\n")
+    out = tmp_path / "step.json"
+    r = subprocess.run([sys.executable, "bench/bench_train_step.py", "--recipe", str(tmp_path / "r.yaml"), "--tokenizer",
+                        "train", "--workers", "0,1", "--steps", "3", "--blocks", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["workers"] for row in rows] == [0, 1] and all(row["steps_timed"] == 4 for row in rows)
+    assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] > 0
+    assert all(row[f"{ph}_ms"] > 0 for row in rows for ph in ("forward", "backward", "optimizer"))
