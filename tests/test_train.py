@@ -440,7 +440,8 @@ def test_preset_llm_shape_override(tmp_path, colour_data):
     assert len(model.decoder.layers) == 6 and model.decoder.embed_tokens.weight.shape[1] == 96
     assert [i for i in range(6) if cfg.is_hyper(i)] == [2, 5]
     assert cfg.vision == PRESETS["tiny-240728"].vision
-    for bad, match in (({"hidden": 96}, "init.llm"), ({"num_layers": 0}, "positive"), ({"num_heads": 5}, "divide")):
+    for bad, match in (({"hidden": 96}, "init.llm"), ({"num_layers": 0}, "positive"), ({"num_layers": "six"}, "positive"),
+                       ({"num_heads": 5}, "divide"), ({"num_layers": 2}, "hyper_layers")):
         with pytest.raises(InputError, match=match):
             build(recipe_for(colour_data, tmp_path / "b", init={"llm": bad}), torch.device("cpu"))
     with pytest.raises(InputError, match="init.llm"):

@@ -33,9 +33,9 @@ from typing import Any
 
 from ..errors import InputError
 
-INIT_SCHEMES = ("normal", "fan_in")
+INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see trainer.init_weights)
 # init.llm: the LM shape fields a recipe may change in a preset (the tower's come from init.vision / the preset)
-LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "rope_theta")  # random init of a preset (see trainer.init_weights)
+LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "rope_theta")
 # How the answer tokens of a batch are weighted in the loss: every token alike (token), every conversation
 # alike (sample: mean over its answer tokens), or in between (square: a conversation's tokens weigh
 # 1/sqrt(its answer tokens), InternVL 2.5's "square averaging"). Token weighting lets conversations with many
@@ -149,13 +149,13 @@ class Recipe:
         if bad_lr:
             raise InputError(f"recipe: optim.part_lr takes parts (projector, fusion, llm, vision) with positive "
                              f"multipliers; got {bad_lr}")
-        if self.init.llm is not None:
-            bad = {k: v for k, v in self.init.llm.items() if k not in LLM_SHAPE_FIELDS} if isinstance(self.init.llm, dict) else self.init.llm
-            if bad or not isinstance(self.init.llm, dict) or not self.init.preset:
+        llm = self.init.llm
+        if llm is not None:
+            if not isinstance(llm, dict) or not self.init.preset or set(llm) - set(LLM_SHAPE_FIELDS):
                 raise InputError(f"recipe: init.llm (with init.preset) takes the LM's shape fields "
-                                 f"({', '.join(LLM_SHAPE_FIELDS)}); got {bad or self.init.llm!r}")
-            wrong = {k: v for k, v in self.init.llm.items() if isinstance(v, bool) or v <= 0
-                     or not isinstance(v, (int, float) if k == "rope_theta" else int)}
+                                 f"({', '.join(LLM_SHAPE_FIELDS)}); got {llm!r}")
+            wrong = {k: v for k, v in llm.items() if isinstance(v, bool)
+                     or not isinstance(v, (int, float) if k == "rope_theta" else int) or v <= 0}
             if wrong:
                 raise InputError(f"recipe: init.llm values must be positive integers (rope_theta: a positive "
                                  f"number); got {wrong}")
