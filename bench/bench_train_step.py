@@ -4,8 +4,9 @@ Builds the recipe's model (`hyperowl.train.trainer.build`), reads its training d
 (`StepBatches` through `step_loader`), and times each phase of each step. The workers settings run in
 alternating blocks over the *same* steps' batches (block b: steps b*N .. b*N+N-1 for every setting, the
 order of settings flipped every block), so the ratios compare like with like on a noisy CPU. The first step
-of a block is not timed (DataLoader start-up). The step is the trainer's: forward, answer-token
-cross-entropy, backward, gradient clipping, AdamW.
+of a block is not timed (DataLoader start-up). The step is the trainer's with `loss_weighting: token`
+(forward, answer-token cross-entropy, backward, gradient clipping, the recipe's AdamW); one micro-batch per
+step, on CPU.
 
     python bench/bench_train_step.py                                   # recipes/embedded.yaml, workers 0,1
     python bench/bench_train_step.py --recipe my.yaml --workers 0,2 --steps 20 --blocks 4
@@ -33,9 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from hyperowl.errors import InputError  # noqa: E402
 from hyperowl.train.data import ConversationDataset, StepBatches, step_loader  # noqa: E402
-from hyperowl.train.optim import param_groups  # noqa: E402
 from hyperowl.train.recipe import Recipe, resolve_trainable  # noqa: E402
-from hyperowl.train.trainer import build, expand_labels, is_owl2, model_type, pad_id  # noqa: E402
+from hyperowl.train.trainer import build, expand_labels, is_owl2, model_type, pad_id, recipe_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -92,8 +92,8 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as the trainer does on CPU
     try:
         recipe = Recipe.from_yaml(a.recipe)
-        tmp = tempfile.mkdtemp(prefix="bench_train_step_")
-        recipe.output = tmp  # build() writes the tokenizer there; nothing else is saved
+        tmp = tempfile.TemporaryDirectory(prefix="bench_train_step_")  # removed at exit
+        recipe.output = tmp.name  # build() writes the tokenizer there; nothing else is saved
         if recipe.init.tokenizer == "train" and a.tokenizer != "train":
             if not Path(a.tokenizer).is_file():
                 sys.exit(f"--tokenizer {a.tokenizer}: no such file (the recipe trains its tokenizer; give one)")
@@ -104,12 +104,10 @@ def main() -> None:
         torch.manual_seed(recipe.seed)
         model, processor, _ = build(recipe, torch.device("cpu"))
         model.decoder.activation_checkpointing = recipe.activation_checkpointing
-        parts = resolve_trainable(recipe.trainable, model_type(model))
-        groups = param_groups(model, parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay,
-                              recipe.optim.part_lr)
-        opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas,
-                                weight_decay=recipe.optim.weight_decay)
-        trainable = [p for g in groups for p in g["params"]]
+        opt = recipe_optimizer(model, recipe, resolve_trainable(recipe.trainable, model_type(model)))
+        if opt is None:
+            sys.exit(f"{a.recipe}: nothing to train (all parts frozen)")
+        trainable = [p for g in opt.param_groups for p in g["params"]]
         rows = model.config.tokens_per_image if is_owl2(model) else 1
         data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
                                    recipe.data.cut, recipe.data.max_length, rows_per_image=rows)

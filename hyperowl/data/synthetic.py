@@ -714,7 +714,7 @@ def add_turns(ex: Example, turns: int, rng: random.Random) -> Example:
     return ex
 
 
-def _ask_turns(tasks: list[str], n: int, pick: Callable[[], tuple[Scene, str]],
+def _ask_turns(tasks: Sequence[str], n: int, pick: Callable[[], tuple[Scene, str]],
                rng: random.Random) -> list[tuple[str, str, str]]:
     """Up to n (task, question, answer) turns, one per task in a shuffled order of `tasks`; `pick()` draws the
     scene to ask about and how the question names it. Tasks the scene cannot answer are skipped."""
@@ -752,7 +752,7 @@ def add_video_turns(ex: Example, turns: int, rng: random.Random) -> Example:
         last = rng.random() < 0.5
         return frames[-1] if last else frames[0], FRAME_REFS[last]
 
-    ex.extra = _ask_turns(list(SINGLE_TASKS), turns - 1, pick, rng)  # a video has no other extra turns
+    ex.extra = _ask_turns(SINGLE_TASKS, turns - 1, pick, rng)  # a video has no other extra turns
     return ex
 
 

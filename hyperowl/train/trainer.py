@@ -376,6 +376,14 @@ def validation_loss(model: Owl3Model | Owl2Model, val: ConversationDataset, pad:
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
+def recipe_optimizer(model: torch.nn.Module, recipe: Recipe, parts: dict[str, bool]) -> torch.optim.AdamW | None:
+    """The recipe's AdamW over the trainable `parts` (sets requires_grad; see optim.param_groups), or None
+    when nothing trains. Call it again after FSDP sharding: the groups must hold the sharded parameters."""
+    o = recipe.optim
+    groups = param_groups(model, parts, o.lr, o.weight_decay, o.layer_decay, o.part_lr)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay) if groups else None
+
+
 def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False) -> Path:
     """Run the recipe. Returns the output directory (final model under output/final)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -401,9 +409,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     if use_lora:
         apply_lora(model, recipe.lora)
         model.to(device)
-    groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay,
-                          recipe.optim.part_lr)
-    if not groups:
+    opt = recipe_optimizer(model, recipe, trainable_parts)
+    if opt is None:
         raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
     net: torch.nn.Module = model
     sharded = world > 1 and fsdp
@@ -415,12 +422,10 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         for layer in model.decoder.layers:
             fully_shard(layer)
         fully_shard(model)
-        groups = param_groups(model, trainable_parts, recipe.optim.lr, recipe.optim.weight_decay, recipe.optim.layer_decay,
-                          recipe.optim.part_lr)
+        opt = recipe_optimizer(model, recipe, trainable_parts)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    opt = torch.optim.AdamW(groups, lr=recipe.optim.lr, betas=recipe.optim.betas, weight_decay=recipe.optim.weight_decay)
-    trainable = [p for g in groups for p in g["params"]]
+    trainable = [p for g in opt.param_groups for p in g["params"]]
 
     start = 0
     ckpt = latest_checkpoint(out) if resume else None
