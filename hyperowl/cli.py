@@ -186,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output:
         recipe.output = args.output
     if args.max_steps:
+        if recipe.phases:
+            raise InputError(f"recipe '{args.recipe}' has phases: set optim.max_steps in each phase, not --max-steps")
         recipe.optim.max_steps = args.max_steps
     out = train(recipe, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp)
     if int(__import__("os").environ.get("RANK", "0")) == 0:

@@ -10,8 +10,15 @@ H=.venv/bin/hyperowl
 if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth/meta.json')); t = m['splits']['train']
 d = {'single': 0.4, 'multi': 0.2, 'video': 0.2, 'distractor': 0.2}
 sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and m.get('train_progressive') == 0.5 and m.get('train_mix', d) == d and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
-  rm -rf data/synth runs/vision-synthetic
+  rm -rf data/synth data/synth-video runs/vision-synthetic
   $H data synth --out data/synth --train 48000 --val 500 --test 1000 --seed 0 --turns 3 --progressive 0.5
+fi
+# Video-only conversations for the recipe's video phases: their own seed, never a scene of val or test.
+if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth-video/meta.json'))
+sys.exit(not (m['seed'] == 1 and m['splits']['train']['examples'] == 6000 and m['tasks'] == ['video/direction', 'video/appear', 'video/disappear', 'video/order'] and m.get('exclude') == ['data/synth/val.scenes.txt', 'data/synth/test.scenes.txt']))" 2>/dev/null; then
+  rm -rf data/synth-video
+  $H data synth --out data/synth-video --seed 1 --train 6000 --val 0 --test 0 --tasks video \
+    --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt
 fi
 # Stage 0: the tower learns what is where from dense per-patch labels of fresh scenes (never a val/test image).
 [ -f runs/vision-synthetic/model.safetensors ] || \

@@ -507,3 +507,21 @@ def test_train_turns_only_in_the_train_split(tmp_path):
     assert all(len(r["messages"]) == 2 for r in test)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["train_turns"] == 3 and meta["splits"]["train"]["extra_turns"] == 24
+
+
+def test_exclude_keeps_another_datasets_scenes_out(tmp_path):
+    # Extra training data beside an existing dataset (e.g. video-only conversations for a training phase) must
+    # not show an image of that dataset's test split. Same seed and tasks: without --exclude the new split
+    # would be the old one, scene for scene.
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = ["--train", "0", "--val", "0", "--test", "6", "--frames", "4", "--tasks", "single,video/appear"]
+    assert syn.synth_main(["--out", str(a), *argv]) == 0
+    old = {line.split("\t")[0] for line in (a / "test.scenes.txt").read_text().splitlines()}
+    assert syn.synth_main(["--out", str(b), *argv]) == 0
+    assert {line.split("\t")[0] for line in (b / "test.scenes.txt").read_text().splitlines()} == old
+    assert syn.synth_main(["--out", str(b), *argv, "--exclude", str(a / "test.scenes.txt")]) == 0
+    new = {line.split("\t")[0] for line in (b / "test.scenes.txt").read_text().splitlines()}
+    assert new and old.isdisjoint(new) and len(_records(b / "test.jsonl")) == 6
+    assert json.loads((b / "meta.json").read_text())["exclude"] == [str(a / "test.scenes.txt")]
+    with pytest.raises(InputError, match="no such file"):
+        syn.synth_main(["--out", str(b), *argv, "--exclude", str(a / "val.scenes.txtx")])

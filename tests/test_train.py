@@ -1,5 +1,6 @@
 """Training: data validation, labels, stages, resume after a kill, 2-process DDP == 1 process, LoRA, upgrade."""
 
+import importlib.util
 import json
 import random
 import os
@@ -446,3 +447,51 @@ def test_preset_llm_shape_override(tmp_path, colour_data):
             build(recipe_for(colour_data, tmp_path / "b", init={"llm": bad}), torch.device("cpu"))
     with pytest.raises(InputError, match="init.llm"):
         Recipe.from_dict({"init": {"from": "x", "llm": {"num_layers": 2}}})
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_phases_are_the_runs_one_after_another_and_resume_after_kill(tmp_path, colour_data, turns_data):
+    # A phased recipe must be exactly its phases run by hand, each from the previous final model with the
+    # seed + k - 1 default; killed inside phase 2, --resume skips phase 1 and continues phase 2.
+    phases = [{"optim": {"max_steps": 4}},
+              {"data": {"train": str(turns_data / "train.jsonl")}, "optim": {"warmup_steps": 1, "max_steps": 6}}]
+    full = write_recipe(tmp_path / "full.yaml", colour_data, tmp_path / "full", save_every=2, phases=phases)
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", save_every=2, phases=phases)
+    r = run_cli("train", str(full))
+    assert r.returncode == 0, r.stderr
+    train(recipe_for(colour_data, tmp_path / "h1", save_every=2, optim={"max_steps": 4}))
+    second = recipe_for(turns_data, tmp_path / "h2", save_every=2, seed=1, optim={"warmup_steps": 1, "max_steps": 6})
+    train(Recipe.from_dict({**second.to_dict(), "init": {"from": str(tmp_path / "h1" / "final")}}))
+    a, h = _weights(tmp_path / "full"), _weights(tmp_path / "h2")
+    assert all(torch.equal(a[k], h[k]) for k in a)
+    assert not all(torch.equal(a[k], _weights(tmp_path / "h1")[k]) for k in a)  # phase 2 did train
+    log_full = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [(x["phase"], x["step"]) for x in log_full] == [(1, s) for s in range(1, 5)] + [(2, s) for s in range(5, 11)]
+    assert (tmp_path / "full" / "loss.png").is_file() or importlib.util.find_spec("matplotlib") is None
+
+    killed = run_cli("train", str(part), "--stop-after", "7")
+    assert killed.returncode != 0 and (tmp_path / "part" / "phase-2" / "checkpoint-2").exists()
+    assert not (tmp_path / "part" / "final").exists()
+    resumed = run_cli("train", str(part), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "train phase 2/2" in resumed.stderr and "phase 1/2" not in resumed.stderr  # phase 1 was done
+    b = _weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_part = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert {x["step"]: x["loss"] for x in log_part} == {x["step"]: x["loss"] for x in log_full}
+
+
+def test_bad_phases_are_clear_errors(tmp_path, colour_data):
+    for phases, match in [([{"output": "x"}], "phase 1: 'output' cannot be set"),
+                          ([{}, {"optim": {"max_step": 3}}], "phase 2: optim: unknown key 'max_step'"),
+                          ([{}, {"stage": "nope"}], "phase 2: stage must be"),
+                          ([3], "phases must be a list of partial recipes"),
+                          ({"a": 1}, "phases must be a list")]:
+        with pytest.raises(InputError, match=match):
+            recipe_for(colour_data, tmp_path / "o", phases=phases)
+    y = write_recipe(tmp_path / "p.yaml", colour_data, tmp_path / "o", phases=[{}])
+    r = run_cli("train", str(y), "--max-steps", "3")
+    assert r.returncode != 0 and "set optim.max_steps in each phase" in r.stderr and "Traceback" not in r.stderr

@@ -1126,7 +1126,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                   seed: int = 0, *, image_size: int = 64, video_frames: int = 8, distractors: int = 3, fps: int = 4,
                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
                   train_turns: int = 1, train_progressive: float = 0.0,
-                  train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1) -> dict[str, Path]:
+                  train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1,
+                  exclude: Sequence[Union[str, Path]] = ()) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
     train_turns: questions per image conversation in the train split (`add_turns`); val and test always
@@ -1134,7 +1135,9 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     multi-image conversations shown one image per turn (`add_intro`); val and test keep the one-turn layout.
     train_mix: weights of the groups in the train split's total (missing groups keep DEFAULT_MIX's); val and
     test keep DEFAULT_MIX, so scores stay comparable across training mixes. train_video_turns: questions per
-    video conversation in the train split (`add_video_turns`); val and test ask one.
+    video conversation in the train split (`add_video_turns`); val and test ask one. exclude: `<split>.scenes.txt`
+    files of another dataset whose scenes no split here may use (e.g. extra training data that must not show
+    an image of an existing test split).
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -1161,13 +1164,20 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         for g, n in counts.items():
             if n and not per_group[g]:
                 raise InputError(f"{n} {g} examples asked for in '{split}', but the task filter leaves no {g} task")
+    excluded: tuple[set[str], set[str]] = (set(), set())
+    for f in exclude:
+        if not Path(f).is_file():
+            raise InputError(f"exclude '{f}': no such file (give the <split>.scenes.txt of a generated dataset)")
+        h, lay = read_scene_hashes(Path(f))
+        excluded[0].update(h)
+        excluded[1].update(lay)
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:  # stale files of a split not generated now would mislead
         if split not in plan and (out / f"{split}.jsonl").exists():
             shutil.rmtree(out / split, ignore_errors=True)
             (out / f"{split}.jsonl").unlink()
             _hash_file(out, split).unlink(missing_ok=True)
-    seen: tuple[set[str], set[str]] = (set(), set())
+    seen = excluded
     paths: dict[str, Path] = {}
     split_meta: dict[str, dict] = {}
     for split, c in plan.items():
@@ -1194,6 +1204,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "train_progressive": train_progressive,
         "train_video_turns": train_video_turns,
         "train_mix": {g: weights[g] for g in GROUPS},
+        **({"exclude": [str(f) for f in exclude]} if exclude else {}),
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
         "splits": split_meta,
@@ -1283,6 +1294,9 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
                    help="weights of the groups in the train split, e.g. video=0.3 (others keep "
                         + ", ".join(f"{g}={w}" for g, w in DEFAULT_MIX.items()) + "); val/test keep the default")
     p.add_argument("--tasks", default=None, help="comma-separated task or group names to keep (default: all)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="SCENES",
+                   help="<split>.scenes.txt files of another dataset whose images no split here may use (e.g. extra "
+                        "training data beside an existing test split)")
     p.add_argument("--examples", action="store_true", help="only write a few example images and a video")
     args = p.parse_args(argv)
     if args.examples:
@@ -1301,6 +1315,6 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
                           fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
-                          train_mix=mix, train_video_turns=args.video_turns)
+                          train_mix=mix, train_video_turns=args.video_turns, exclude=args.exclude)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0

@@ -22,10 +22,26 @@ Example (see recipes/ in the repository):
     optim: {lr: 1e-3, warmup_steps: 50, max_steps: 2000, layer_decay: 0.9}
     batch_size: 16
     output: runs/align
+
+Phases: `phases:` lists partial recipes run one after another, each a complete training run (its own warmup
+and cosine schedule over its `optim.max_steps`, a fresh optimizer). Phase k is the recipe's other keys
+deep-merged with phase k's (mappings merge key by key, anything else replaces); phase 1 starts from the
+recipe's `init`, phase k > 1 from phase k-1's final model unless it sets `init`; its seed is the recipe's
+seed + k - 1 unless it sets one (a data file seen again is drawn in a new order); its output is
+`<output>/phase-<k>`. `<output>/final` is the last phase's model and `<output>/log.jsonl` all phases' logs
+with a running step. YAML anchors repeat a phase without copying it:
+
+    phases:
+      - {optim: {max_steps: 2600}}
+      - &video {data: {train: data/video.jsonl}, optim: {warmup_steps: 20, max_steps: 150}}
+      - &mix {optim: {warmup_steps: 20, max_steps: 150}}
+      - *video
+      - *mix
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +147,7 @@ class Recipe:
     eval_every: int = 0
     num_threads: int = 0  # 0 = torch default
     loss_weighting: str = "token"  # token | square | sample (LOSS_WEIGHTING)
+    phases: list[dict] = field(default_factory=list)  # partial recipes run in order (module note)
 
     def __post_init__(self) -> None:
         if self.stage not in (*STAGES, "custom"):
@@ -176,7 +193,40 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
-        return _build(cls, d, where)
+        recipe = _build(cls, d, where)
+        recipe._source = copy.deepcopy(d)  # the phases merge onto what was written, not onto resolved defaults
+        if recipe.phases:
+            recipe.phase_recipes(where)  # every phase must be a valid recipe before anything trains
+        return recipe
+
+    def phase_recipes(self, where: str = "recipe") -> list["Recipe"]:
+        """The phases as full recipes (module note): outputs `<output>/phase-<k>`, phase k > 1 starting from
+        phase k-1's final model unless it sets `init`, seed + k - 1 unless it sets `seed`."""
+        if not isinstance(self.phases, list) or not all(isinstance(p, dict) for p in self.phases):
+            raise InputError(f"{where}: phases must be a list of partial recipes (mappings), e.g. "
+                             f"[{{optim: {{max_steps: 1000}}}}, {{data: {{train: other.jsonl}}}}]")
+        base = copy.deepcopy(getattr(self, "_source", None) or self.to_dict())
+        base.pop("phases", None)
+        base["output"] = self.output  # a command-line --output counts
+        out = []
+        for k, phase in enumerate(self.phases, 1):
+            at = f"{where}: phase {k}"
+            for key in ("phases", "output"):
+                if key in phase:
+                    raise InputError(f"{at}: '{key}' cannot be set in a phase (outputs are <output>/phase-<k>)")
+            d = _merge(base, {key: v for key, v in phase.items() if key != "init"})
+            if "init" in phase:  # a phase's init replaces the recipe's (a preset and a checkpoint do not mix)
+                d["init"] = phase["init"]
+            elif k > 1:
+                d["init"] = {"from": str(Path(self.output) / f"phase-{k - 1}" / "final")}
+            d["seed"] = phase.get("seed", self.seed + k - 1)
+            d["output"] = str(Path(self.output) / f"phase-{k}")
+            try:
+                out.append(_build(Recipe, d, at))
+            except InputError as e:  # the checks after parsing say "recipe: ...": name the phase
+                msg = str(e)
+                raise InputError(msg if msg.startswith(at) else f"{at}: {msg.removeprefix('recipe: ')}") from None
+        return out
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
@@ -197,6 +247,14 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["init"]["from"] = d["init"].pop("from_")
         return d
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else replaces."""
+    d = copy.deepcopy(base)
+    for k, v in over.items():
+        d[k] = _merge(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else copy.deepcopy(v)
+    return d
 
 
 def _build(cls, d: dict[str, Any], where: str):

@@ -385,7 +385,58 @@ def recipe_optimizer(model: torch.nn.Module, recipe: Recipe, parts: dict[str, bo
 
 
 def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False) -> Path:
-    """Run the recipe. Returns the output directory (final model under output/final)."""
+    """Run the recipe (its phases in order, if it has any). Returns the output directory (final model under
+    output/final). stop_after: a testing aid, die like a killed job after that many steps (all phases counted)."""
+    if not recipe.phases:
+        return _train_run(recipe, resume, stop_after, fsdp)
+    phases = recipe.phase_recipes()
+    out = Path(recipe.output)
+    rank = int(os.environ.get("RANK", "0"))
+    done = 0
+    for k, phase in enumerate(phases, 1):
+        steps = phase.optim.max_steps
+        finished = (Path(phase.output) / "final" / "config.json").is_file()
+        if resume and finished:  # a phase is done once its final model is exported
+            log.info("phase %d/%d: done before, skipped (%s)", k, len(phases), phase.output)
+        else:
+            if rank == 0 and (finished or (not resume and Path(phase.output).exists())):
+                shutil.rmtree(phase.output)  # a new run: never continue a previous run's phase
+            log.info("phase %d/%d: %d steps -> %s", k, len(phases), steps, phase.output)
+            _train_run(phase, resume, None if stop_after is None else stop_after - done, fsdp,
+                       last=k == len(phases), desc=f"train phase {k}/{len(phases)}")
+        done += steps
+        if rank == 0:
+            _join_phase_logs(phases, out)
+    if rank == 0:
+        export = out / "final"
+        shutil.rmtree(export, ignore_errors=True)
+        shutil.copytree(Path(phases[-1].output) / "final", export)
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+        try:
+            from .plot import plot_log
+
+            plot_log(out / "log.jsonl", out / "loss.png")
+        except ImportError:
+            log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
+    return out
+
+
+def _join_phase_logs(phases: list[Recipe], out: Path) -> None:
+    """<out>/log.jsonl: the phases' logs in order, steps counted across phases, each record with its phase."""
+    offset, lines = 0, []
+    for k, phase in enumerate(phases, 1):
+        f = Path(phase.output) / "log.jsonl"
+        if f.is_file():
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                lines.append(json.dumps({**rec, "step": rec["step"] + offset, "phase": k}))
+        offset += phase.optim.max_steps
+    (out / "log.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool, last: bool = True,
+               desc: str = "train") -> Path:
+    """One training run (a recipe without phases, or one phase). last=False keeps the process group up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1 and not dist.is_initialized():
@@ -452,7 +503,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     model.train()
     total = recipe.optim.max_steps
     logf = (out / "log.jsonl").open("a") if rank == 0 else None
-    bar = tqdm(total=total, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc=desc, disable=rank != 0, dynamic_ncols=True)
     t_last, tok_count = time.perf_counter(), 0
     power = LOSS_WEIGHTING[recipe.loss_weighting]
     workers = recipe.data.workers if recipe.data.workers is not None else (4 if device.type == "cuda" else 0)
@@ -536,6 +587,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         except ImportError:
             log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # the next phase (or the caller) reads this run's final model
+        if last:
+            dist.destroy_process_group()
     return out
