@@ -319,6 +319,18 @@ def test_two_process_ddp_and_fsdp_match_single_process(tmp_path, colour_data, tu
     la = [json.loads(l)["loss"] for l in (tmp_path / "sq1" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "sq2" / "log.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 4 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+    # a phased recipe: the process group lives across the phases, each phase starts from the last's model
+    phases = [{"optim": {"max_steps": 2}}, {"data": {"train": str(turns_data / "train.jsonl")}, "optim": {"max_steps": 2}}]
+    ph1 = write_recipe(tmp_path / "ph1.yaml", colour_data, tmp_path / "ph1", num_threads=1, phases=phases)
+    ph2 = write_recipe(tmp_path / "ph2.yaml", colour_data, tmp_path / "ph2", num_threads=1, phases=phases)
+    assert run_cli("train", str(ph1)).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536",
+                        "-m", "hyperowl.cli", "train", str(ph2)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, torchrun_failure(r)
+    la = [json.loads(l) for l in (tmp_path / "ph1" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (tmp_path / "ph2" / "log.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in lb] == [1, 1, 2, 2] and (tmp_path / "ph2" / "final" / "model.safetensors").exists()
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) < 1e-4
 
 
 def test_lora_trains_adapters_only_and_merges(tmp_path, colour_data):
@@ -458,12 +470,14 @@ def test_phases_are_the_runs_one_after_another_and_resume_after_kill(tmp_path, c
     # seed + k - 1 default; killed inside phase 2, --resume skips phase 1 and continues phase 2.
     phases = [{"optim": {"max_steps": 4}},
               {"data": {"train": str(turns_data / "train.jsonl")}, "optim": {"warmup_steps": 1, "max_steps": 6}}]
-    full = write_recipe(tmp_path / "full.yaml", colour_data, tmp_path / "full", save_every=2, phases=phases)
-    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", save_every=2, phases=phases)
+    # one thread everywhere: in-process runs and CLI processes must sum in the same order (bit equality)
+    full = write_recipe(tmp_path / "full.yaml", colour_data, tmp_path / "full", save_every=2, phases=phases, num_threads=1)
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", save_every=2, phases=phases, num_threads=1)
     r = run_cli("train", str(full))
     assert r.returncode == 0, r.stderr
-    train(recipe_for(colour_data, tmp_path / "h1", save_every=2, optim={"max_steps": 4}))
-    second = recipe_for(turns_data, tmp_path / "h2", save_every=2, seed=1, optim={"warmup_steps": 1, "max_steps": 6})
+    train(recipe_for(colour_data, tmp_path / "h1", save_every=2, optim={"max_steps": 4}, num_threads=1))
+    second = recipe_for(turns_data, tmp_path / "h2", save_every=2, seed=1, optim={"warmup_steps": 1, "max_steps": 6},
+                        num_threads=1)
     train(Recipe.from_dict({**second.to_dict(), "init": {"from": str(tmp_path / "h1" / "final")}}))
     a, h = _weights(tmp_path / "full"), _weights(tmp_path / "h2")
     assert all(torch.equal(a[k], h[k]) for k in a)

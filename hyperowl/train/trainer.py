@@ -391,7 +391,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         return _train_run(recipe, resume, stop_after, fsdp)
     phases = recipe.phase_recipes()
     out = Path(recipe.output)
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():  # up front: the processes wait for rank 0's clean-up below
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     done = 0
     for k, phase in enumerate(phases, 1):
         steps = phase.optim.max_steps
@@ -401,9 +403,11 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         else:
             if rank == 0 and (finished or (not resume and Path(phase.output).exists())):
                 shutil.rmtree(phase.output)  # a new run: never continue a previous run's phase
+            if world > 1:
+                dist.barrier()
             log.info("phase %d/%d: %d steps -> %s", k, len(phases), steps, phase.output)
             _train_run(phase, resume, None if stop_after is None else stop_after - done, fsdp,
-                       last=k == len(phases), desc=f"train phase {k}/{len(phases)}")
+                       last=False, desc=f"train phase {k}/{len(phases)}")
         done += steps
         if rank == 0:
             _join_phase_logs(phases, out)
@@ -418,6 +422,9 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
             plot_log(out / "log.jsonl", out / "loss.png")
         except ImportError:
             log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return out
 
 
