@@ -506,6 +506,12 @@ def test_bad_phases_are_clear_errors(tmp_path, colour_data):
                           ({"a": 1}, "phases must be a list")]:
         with pytest.raises(InputError, match=match):
             recipe_for(colour_data, tmp_path / "o", phases=phases)
+    # phases merge onto the recipe as it is now, and a phase's stage is not overridden by the base's stage
+    r = recipe_for(colour_data, tmp_path / "o", trainable={"vision": False}, phases=[{}, {"stage": "align"}])
+    r.data.train = "elsewhere.jsonl"
+    p1, p2 = r.phase_recipes()
+    assert p1.data.train == p2.data.train == "elsewhere.jsonl" and p2.init.from_ == str(tmp_path / "o" / "phase-1" / "final")
+    assert p1.trainable["llm"] and not p2.trainable["llm"] and not p2.trainable["vision"] and p2.trainable["fusion"]
     y = write_recipe(tmp_path / "p.yaml", colour_data, tmp_path / "o", phases=[{}])
     r = run_cli("train", str(y), "--max-steps", "3")
     assert r.returncode != 0 and "set optim.max_steps in each phase" in r.stderr and "Traceback" not in r.stderr

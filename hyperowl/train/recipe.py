@@ -160,6 +160,7 @@ class Recipe:
         if bad:
             raise InputError(f"recipe: trainable values must be true, false or null (model default); got {bad}")
         base.update(self.trainable)
+        self._trainable_given = dict(self.trainable)  # what phases merge onto (a phase may change the stage)
         self.trainable = base
         bad_lr = {k: v for k, v in self.optim.part_lr.items()
                   if k not in base or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
@@ -194,7 +195,6 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "Recipe":
         recipe = _build(cls, d, where)
-        recipe._source = copy.deepcopy(d)  # the phases merge onto what was written, not onto resolved defaults
         if recipe.phases:
             recipe.phase_recipes(where)  # every phase must be a valid recipe before anything trains
         return recipe
@@ -205,9 +205,9 @@ class Recipe:
         if not isinstance(self.phases, list) or not all(isinstance(p, dict) for p in self.phases):
             raise InputError(f"{where}: phases must be a list of partial recipes (mappings), e.g. "
                              f"[{{optim: {{max_steps: 1000}}}}, {{data: {{train: other.jsonl}}}}]")
-        base = copy.deepcopy(getattr(self, "_source", None) or self.to_dict())
-        base.pop("phases", None)
-        base["output"] = self.output  # a command-line --output counts
+        base = self.to_dict()  # as it is now: changes made after loading (--output, code) count
+        base.pop("phases")
+        base["trainable"] = dict(getattr(self, "_trainable_given", base["trainable"]))  # not the stage's expansion
         out = []
         for k, phase in enumerate(self.phases, 1):
             at = f"{where}: phase {k}"
