@@ -67,15 +67,14 @@ def test_embedded_recipe_smoke(tmp_path):
                     exclude=scenes, progress=False)
     raw = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
     assert raw["init"]["vision"] == "runs/vision-synthetic"  # what scripts/train_embedded.sh writes
-    videos = [p for p in raw["phases"] if p.get("data", {}).get("train") == "data/synth-video/train.jsonl"]
+    videos = {k for k, p in enumerate(raw["phases"]) if p.get("data", {}).get("train") == "data/synth-video/train.jsonl"}
     assert videos, "the recipe's video phases read what scripts/train_embedded.sh writes"
     raw["init"]["vision"] = str(tmp_path / "vision")
     raw["data"].update(train=str(tmp_path / "synth" / "train.jsonl"), val=str(tmp_path / "synth" / "val.jsonl"))
     raw.update(batch_size=4, log_every=1, save_every=0, output=str(tmp_path / "run"))
     phases = [{**p, "optim": {**p.get("optim", {}), "max_steps": 1, "warmup_steps": 0}} for p in raw["phases"]]
-    for p in phases:
-        if p in videos:
-            p["data"] = {**p["data"], "train": str(tmp_path / "video" / "train.jsonl")}
+    for k in videos:  # (a checkout without data/ must not find the real files)
+        phases[k]["data"] = {**phases[k]["data"], "train": str(tmp_path / "video" / "train.jsonl")}
     raw["phases"] = phases
     out = train(Recipe.from_dict(raw))
     assert (out / "final" / "model.safetensors").exists()
