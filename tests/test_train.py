@@ -515,3 +515,27 @@ def test_bad_phases_are_clear_errors(tmp_path, colour_data):
     y = write_recipe(tmp_path / "p.yaml", colour_data, tmp_path / "o", phases=[{}])
     r = run_cli("train", str(y), "--max-steps", "3")
     assert r.returncode != 0 and "set optim.max_steps in each phase" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_phases_check_a_data_file_once(tmp_path, colour_data, turns_data, monkeypatch):
+    # Each phase builds its dataset, but a file checked in an earlier phase (unchanged) is not read again:
+    # verifying 48,000 conversations' images took ~16 s per phase. Touching the file makes it read again.
+    import hyperowl.train.data as data_mod
+
+    calls = []
+    check = data_mod._check_record
+    monkeypatch.setattr(data_mod, "_check_record", lambda *a, **k: calls.append(1) or check(*a, **k))
+    turns = str(turns_data / "train.jsonl")
+    phases = [{"optim": {"max_steps": 1}}, {"data": {"train": turns}, "optim": {"max_steps": 1}},
+              {"optim": {"max_steps": 1}}, {"data": {"train": turns}, "optim": {"max_steps": 1}}]
+    train(recipe_for(colour_data, tmp_path / "o", save_every=0, phases=phases))
+    assert len(calls) == 48 + 16
+    calls.clear()
+    checked = {}
+    for _ in range(2):
+        ds = ConversationDataset(turns, processor(), checked=checked)
+    assert len(calls) == 16 and len(ds) == 16
+    st = os.stat(turns)
+    os.utime(turns, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    ConversationDataset(turns, processor(), checked=checked)
+    assert len(calls) == 32

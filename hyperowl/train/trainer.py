@@ -395,6 +395,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     if world > 1 and not dist.is_initialized():  # up front: the processes wait for rank 0's clean-up below
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     done = 0
+    checked: dict = {}  # data files read and verified once for all phases (ConversationDataset)
     for k, phase in enumerate(phases, 1):
         steps = phase.optim.max_steps
         finished = (Path(phase.output) / "final" / "config.json").is_file()
@@ -407,7 +408,7 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
                 dist.barrier()
             log.info("phase %d/%d: %d steps -> %s", k, len(phases), steps, phase.output)
             _train_run(phase, resume, None if stop_after is None else stop_after - done, fsdp,
-                       last=False, desc=f"train phase {k}/{len(phases)}")
+                       last=False, desc=f"train phase {k}/{len(phases)}", checked=checked)
         done += steps
         if rank == 0:
             _join_phase_logs(phases, out)
@@ -442,7 +443,7 @@ def _join_phase_logs(phases: list[Recipe], out: Path) -> None:
 
 
 def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool, last: bool = True,
-               desc: str = "train") -> Path:
+               desc: str = "train", checked: dict | None = None) -> Path:
     """One training run (a recipe without phases, or one phase). last=False keeps the process group up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -495,11 +496,11 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
 
     rows = model.config.tokens_per_image if is_owl2(model) else 1  # Owl2 images become Q + 1 sequence rows
     data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
-                               recipe.data.cut, recipe.data.max_length, rows_per_image=rows)
+                               recipe.data.cut, recipe.data.max_length, rows_per_image=rows, checked=checked)
     val = None
     if recipe.data.val and recipe.eval_every and rank == 0:
         val = ConversationDataset(recipe.data.val, processor, "skip", recipe.data.max_frames, recipe.data.cut,
-                                  recipe.data.max_length, rows_per_image=rows)
+                                  recipe.data.max_length, rows_per_image=rows, checked=checked)
     pad = pad_id(model, processor)
     group = recipe.data.group_by_length
     lengths = data.lengths() if group > 0 else None
