@@ -512,6 +512,10 @@ def test_bad_phases_are_clear_errors(tmp_path, colour_data):
     p1, p2 = r.phase_recipes()
     assert p1.data.train == p2.data.train == "elsewhere.jsonl" and p2.init.from_ == str(tmp_path / "o" / "phase-1" / "final")
     assert p1.trainable["llm"] and not p2.trainable["llm"] and not p2.trainable["vision"] and p2.trainable["fusion"]
+    # a phase's missing data file is found before phase 1 trains, not after it
+    with pytest.raises(InputError, match="phase 2: training data '.*nope.jsonl': no such file"):
+        train(recipe_for(colour_data, tmp_path / "o", phases=[{}, {"data": {"train": str(tmp_path / "nope.jsonl")}}]))
+    assert not (tmp_path / "o" / "phase-1").exists()
     y = write_recipe(tmp_path / "p.yaml", colour_data, tmp_path / "o", phases=[{}])
     r = run_cli("train", str(y), "--max-steps", "3")
     assert r.returncode != 0 and "set optim.max_steps in each phase" in r.stderr and "Traceback" not in r.stderr

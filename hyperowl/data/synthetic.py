@@ -1164,20 +1164,19 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         for g, n in counts.items():
             if n and not per_group[g]:
                 raise InputError(f"{n} {g} examples asked for in '{split}', but the task filter leaves no {g} task")
-    excluded: tuple[set[str], set[str]] = (set(), set())
+    seen: tuple[set[str], set[str]] = (set(), set())  # scene and layout hashes the next split must avoid
     for f in exclude:
         if not Path(f).is_file():
             raise InputError(f"exclude '{f}': no such file (give the <split>.scenes.txt of a generated dataset)")
         h, lay = read_scene_hashes(Path(f))
-        excluded[0].update(h)
-        excluded[1].update(lay)
+        seen[0].update(h)
+        seen[1].update(lay)
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:  # stale files of a split not generated now would mislead
         if split not in plan and (out / f"{split}.jsonl").exists():
             shutil.rmtree(out / split, ignore_errors=True)
             (out / f"{split}.jsonl").unlink()
             _hash_file(out, split).unlink(missing_ok=True)
-    seen = excluded
     paths: dict[str, Path] = {}
     split_meta: dict[str, dict] = {}
     for split, c in plan.items():

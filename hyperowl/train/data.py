@@ -77,47 +77,51 @@ def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
     return {"messages": rec["messages"], **media}
 
 
+def read_records(path: str | Path, on_error: str = "fail", verify_media: bool = True,
+                 checked: dict | None = None) -> tuple[list[dict], list[tuple[int, str]]]:
+    """Read and check a training JSONL: (records, bad lines as (line number, why)). A bad line fails with
+    `file:line: why` (on_error fail) or is skipped and logged (skip). checked: a dict shared by the reads of
+    one process (a phased recipe's phases): a file read before and unchanged since (same size and mtime) is
+    not read and verified again. Records do not depend on a processor."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"training data '{path}': no such file")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
+    if checked is not None and key in checked:
+        return checked[key]
+    records: list[dict] = []
+    bad: list[tuple[int, str]] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(_check_record(json.loads(line), p.parent, verify_media))
+            except (ValueError, InputError) as e:
+                msg = f"{p}:{n}: {e}"
+                if on_error == "fail":
+                    raise InputError(f"{msg} (fix the line, or set data.on_error: skip)") from None
+                log.warning("skipping %s", msg)
+                bad.append((n, str(e)))
+    if bad:
+        log.warning("%s: skipped %d bad line(s) of %d", p, len(bad), len(bad) + len(records))
+    if not records:
+        raise InputError(f"training data '{path}': no usable examples")
+    if checked is not None:
+        checked[key] = (records, bad)
+    return records, bad
+
+
 class ConversationDataset:
     def __init__(self, path: str | Path, processor: Owl3Processor | Any, on_error: str = "fail", max_frames: int = 8,
                  cut: bool = False, max_length: int = 4096, verify_media: bool = True, rows_per_image: int = 1,
                  checked: dict | None = None) -> None:
-        """checked: a dict shared by datasets of one process (a phased recipe's phases) so that a file already
-        checked, unchanged since (same size and mtime), is not read and verified again (48,000 conversations
-        with their images: ~16 s). The records do not depend on the processor."""
+        """checked: see `read_records` (a phased recipe checks each data file once for all its phases)."""
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"training data '{path}': no such file")
         self.processor, self.max_frames, self.cut, self.max_length = processor, max_frames, cut, max_length
         self.rows_per_image = rows_per_image  # sequence rows each image takes in the LLM (Owl2: Q + 1; Owl3: 1)
-        st = self.path.stat()
-        key = (str(self.path.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
-        if checked is not None and key in checked:
-            self.records, self.bad = checked[key]
-            return
-        self._read(on_error, verify_media)
-        if checked is not None:
-            checked[key] = (self.records, self.bad)
-
-    def _read(self, on_error: str, verify_media: bool) -> None:
-        path, root = self.path, self.path.parent
-        self.records: list[dict] = []
-        self.bad: list[tuple[int, str]] = []
-        with self.path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    self.records.append(_check_record(json.loads(line), root, verify_media))
-                except (ValueError, InputError) as e:
-                    msg = f"{self.path}:{n}: {e}"
-                    if on_error == "fail":
-                        raise InputError(f"{msg} (fix the line, or set data.on_error: skip)") from None
-                    log.warning("skipping %s", msg)
-                    self.bad.append((n, str(e)))
-        if self.bad:
-            log.warning("%s: skipped %d bad line(s) of %d", self.path, len(self.bad), len(self.bad) + len(self.records))
-        if not self.records:
-            raise InputError(f"training data '{path}': no usable examples")
+        self.records, self.bad = read_records(path, on_error, verify_media, checked)
 
     def __len__(self) -> int:
         return len(self.records)

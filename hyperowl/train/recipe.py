@@ -207,7 +207,7 @@ class Recipe:
                              f"[{{optim: {{max_steps: 1000}}}}, {{data: {{train: other.jsonl}}}}]")
         base = self.to_dict()  # as it is now: changes made after loading (--output, code) count
         base.pop("phases")
-        base["trainable"] = dict(getattr(self, "_trainable_given", base["trainable"]))  # not the stage's expansion
+        base["trainable"] = dict(self._trainable_given)  # as written, not the stage's expansion
         out = []
         for k, phase in enumerate(self.phases, 1):
             at = f"{where}: phase {k}"

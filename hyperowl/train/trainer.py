@@ -47,7 +47,7 @@ from ..models.owl2 import Owl2Model, expand_rows
 from ..models.owl3 import Owl3Model
 from ..processing.owl2 import Owl2Processor
 from ..processing.processor import Owl3Processor
-from .data import ConversationDataset, StepBatches, collate_train, step_loader
+from .data import ConversationDataset, StepBatches, collate_train, read_records, step_loader
 from .lora import apply_lora, merge_lora
 from .optim import lr_at, param_groups, set_lr
 from .recipe import INIT_SCHEMES, LOSS_WEIGHTING, Recipe, resolve_trainable
@@ -392,10 +392,16 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     phases = recipe.phase_recipes()
     out = Path(recipe.output)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():  # up front: the processes wait for rank 0's clean-up below
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _init_process_group(world)  # up front: the processes wait for rank 0's clean-up below
+    # Every phase's data, checked before anything trains (a bad path in phase 9 must not cost phases 1-8),
+    # once per file (the phases' datasets reuse these reads).
+    checked: dict = {}
+    for k, phase in enumerate(phases, 1):
+        try:
+            read_records(phase.data.train, phase.data.on_error, checked=checked)
+        except InputError as e:
+            raise InputError(f"recipe: phase {k}: {e}") from None
     done = 0
-    checked: dict = {}  # data files read and verified once for all phases (ConversationDataset)
     for k, phase in enumerate(phases, 1):
         steps = phase.optim.max_steps
         finished = (Path(phase.output) / "final" / "config.json").is_file()
@@ -417,16 +423,25 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         shutil.rmtree(export, ignore_errors=True)
         shutil.copytree(Path(phases[-1].output) / "final", export)
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
-        try:
-            from .plot import plot_log
-
-            plot_log(out / "log.jsonl", out / "loss.png")
-        except ImportError:
-            log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
+        _plot_loss(out)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def _init_process_group(world: int) -> None:
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _plot_loss(out: Path) -> None:
+    try:
+        from .plot import plot_log
+
+        plot_log(out / "log.jsonl", out / "loss.png")
+    except ImportError:
+        log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
 
 
 def _join_phase_logs(phases: list[Recipe], out: Path) -> None:
@@ -447,8 +462,7 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
     """One training run (a recipe without phases, or one phase). last=False keeps the process group up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    _init_process_group(world)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -588,12 +602,7 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
             if (final / name).exists():
                 shutil.copy(final / name, export / name)
         logf.close()
-        try:
-            from .plot import plot_log
-
-            plot_log(out / "log.jsonl", out / "loss.png")
-        except ImportError:
-            log.info("matplotlib not installed: no loss.png (pip install matplotlib)")
+        _plot_loss(out)
     if world > 1:
         dist.barrier()  # the next phase (or the caller) reads this run's final model
         if last:
