@@ -51,7 +51,8 @@ class AttnContext:
     cache: KVCache | None
     lq: int
     # visual side (None when no image is in play)
-    visual_embeds: Tensor | None = None  # [B, N_max*T, H] new image features to project (prefill only)
+    visual_embeds: Tensor | None = None  # [N, T, H] new image features to project, rows' images packed (prefill)
+    visual_slots: Tensor | None = None  # [N] row * N_max + slot of each image; None = every slot, in order
     visual_cos: Tensor | None = None  # [B, N_max, D] MI-Rope tables, one position per image
     visual_sin: Tensor | None = None
     counts: Tensor | None = None  # [B, Lq] images visible to each query
@@ -184,8 +185,10 @@ def make_context(
     cache: KVCache | None,
     image_pos: Tensor | None,
     visual_embeds: Tensor | None,
+    visual_slots: Tensor | None = None,
 ) -> AttnContext:
-    """positions [B, Lq]; key_valid [B, past+Lq] bool; image_pos [B, N_max] visible-from positions."""
+    """positions [B, Lq]; key_valid [B, past+Lq] bool; image_pos [B, N_max] visible-from positions;
+    visual_embeds [N, T, H] with visual_slots [N] (see AttnContext)."""
     lq = positions.shape[1]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     padded = not bool(key_valid.all())
@@ -197,7 +200,7 @@ def make_context(
     ctx = AttnContext(cos=cos, sin=sin, text_mask=text_mask, causal=causal, cache=cache, lq=lq)
     if image_pos is None:
         return ctx
-    ctx.visual_embeds = visual_embeds
+    ctx.visual_embeds, ctx.visual_slots = visual_embeds, visual_slots
     if visual_embeds is not None:
         vpos = image_pos.clamp(max=1 << 30)  # padding images: any finite position, never attended
         ctx.visual_cos, ctx.visual_sin = rope_cos_sin(vpos, cfg.head_dim, cfg.rope_theta)

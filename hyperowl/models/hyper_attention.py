@@ -42,32 +42,41 @@ class HyperAttention(Attention):
             self.gate_proj = nn.Linear(self.head_dim, self.head_dim, bias=True)
 
     def visual_kv(self, ctx: AttnContext, norm: nn.Module) -> tuple[Tensor, Tensor]:
-        """Visual K/V [B, Hkv, N*T, D]: projected (and cached) at prefill, read from the cache later.
+        """Visual K/V [B, Hkv, N_max*T, D]: projected (and cached) at prefill, read from the cache later.
 
-        Projected in chunks of whole images written straight into the output (the cache's buffer when
-        there is one): the temporaries (normed features, fused K/V, rotated keys) stay a few MB whatever the
-        number of images, instead of several full-length copies of every visual token per hyper layer.
+        Only the images given are projected (ctx.visual_embeds is [N, T, H], the rows' images packed), in
+        chunks of whole images written straight into their slots of the output (the cache's buffer when there
+        is one): padding slots of rows with fewer images cost no LayerNorm or projection (they are zeros,
+        seen by no real query), and the temporaries stay a few MB whatever the number of images.
         """
         if ctx.visual_embeds is None:
             return ctx.cache.visual(self.layer_idx)
         feats = ctx.visual_embeds
-        b, nt, _ = feats.shape
-        n = ctx.visual_cos.shape[1]
-        t = nt // n
-        shape = (b, self.kv_heads, nt, self.head_dim)
+        n, t, _ = feats.shape
+        b, n_max = ctx.visual_cos.shape[:2]
+        shape = (b, self.kv_heads, n_max * t, self.head_dim)
         if ctx.cache is not None:
             k, v = ctx.cache.alloc_visual(self.layer_idx, shape, feats.dtype, feats.device)
         else:
             k, v = feats.new_empty(shape), feats.new_empty(shape)
+        slots = ctx.visual_slots  # [N] row * N_max + slot of each image; None: all B * N_max slots, in order
+        if slots is not None:
+            k.zero_(), v.zero_()  # padding slots: finite (a dummy query may read them), never seen by real ones
+        cos, sin = ctx.visual_cos.flatten(0, 1), ctx.visual_sin.flatten(0, 1)  # [B*N_max, D]
+        if slots is not None:
+            cos, sin = cos[slots], sin[slots]  # [N, D]
+        k5 = k.unflatten(2, (n_max, t)).transpose(1, 2)  # [B, N_max, Hkv, T, D] views of the outputs
+        v5 = v.unflatten(2, (n_max, t)).transpose(1, 2)
         step = max(1, VISUAL_CHUNK_TOKENS // t)  # images per chunk
         for s in range(0, n, step):
             e = min(n, s + step)
-            x = norm(feats[:, s * t : e * t])  # the layer's own input LayerNorm ("shared layernorm")
-            kv = self.v_kv_proj(x).view(b, e - s, t, self.kv_heads, 2, self.head_dim)
-            kc = kv[..., 0, :].permute(0, 3, 1, 2, 4)  # [B, Hkv, n, T, D]
-            cos, sin = ctx.visual_cos[:, None, s:e, None], ctx.visual_sin[:, None, s:e, None]
-            k[:, :, s * t : e * t].unflatten(2, (e - s, t)).copy_(apply_rope(kc, cos, sin))  # one position per image
-            v[:, :, s * t : e * t].unflatten(2, (e - s, t)).copy_(kv[..., 1, :].permute(0, 3, 1, 2, 4))
+            x = norm(feats[s:e])  # the layer's own input LayerNorm ("shared layernorm")
+            kv = self.v_kv_proj(x).view(e - s, t, self.kv_heads, 2, self.head_dim)
+            kc = apply_rope(kv[..., 0, :].transpose(1, 2), cos[s:e, None, None], sin[s:e, None, None])  # [n, Hkv, T, D]
+            flat = torch.arange(s, e, device=feats.device) if slots is None else slots[s:e]
+            row, col = flat // n_max, flat % n_max
+            k5[row, col] = kc  # one MI-Rope position per image
+            v5[row, col] = kv[..., 1, :].transpose(1, 2)
         return k, v
 
     def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:

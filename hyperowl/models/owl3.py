@@ -158,7 +158,7 @@ class Owl3Model(nn.Module):
 
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
-        image_pos, visual_embeds = None, None
+        image_pos, visual_embeds, visual_slots = None, None, None
         if image_embeds is not None and image_embeds.shape[0] > 0:
             if media_offset is not None:
                 image_positions = placeholders_from_media_offset(media_offset, image_embeds.shape[0], lq)
@@ -166,13 +166,14 @@ class Owl3Model(nn.Module):
                 raise ValueError("images were given without image_positions or media_offset: say where each image is")
             if cache is not None and (past or cache.has_visual):
                 raise ValueError("images can only be added at prefill (an empty cache)")
-            image_pos, visual_embeds = self._place_images(image_embeds, image_positions.to(dev), positions)
+            image_pos, visual_slots = self._place_images(image_embeds, image_positions.to(dev), positions)
+            visual_embeds = image_embeds.to(device=dev, dtype=self.dtype)
             if cache is not None:
                 cache.image_pos = image_pos
         elif cache is not None and cache.has_visual:
             image_pos = cache.image_pos
 
-        ctx = make_context(cfg, positions, key_valid, past, cache, image_pos, visual_embeds)
+        ctx = make_context(cfg, positions, key_valid, past, cache, image_pos, visual_embeds, visual_slots)
         hidden = [] if output_hidden_states else None
         h = self.decoder(self.decoder.embed_tokens(input_ids), ctx, hidden)
         if cache is not None:
@@ -189,22 +190,22 @@ class Owl3Model(nn.Module):
             past_key_values=cache,
         )
 
-    def _place_images(self, embeds: Tensor, token_idx: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def _place_images(self, embeds: Tensor, token_idx: Tensor, positions: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-row image layout. embeds [N, T, H] (rows concatenated) + token_idx [B, N_max] (-1 = none)
-        -> image_pos [B, N_max] (visible-from position; BIG_POS = padding), visual [B, N_max*T, H]."""
+        -> image_pos [B, N_max] (visible-from position; BIG_POS = padding) and the slot (row * N_max + j) of
+        each image [N], None when every slot is used. The features stay packed: the hyper layers project
+        only real images (no [B, N_max*T, H] copy with padding)."""
         b, n_max = token_idx.shape
-        n, t, hdim = embeds.shape
+        n = embeds.shape[0]
         present = token_idx >= 0
         if int(present.sum()) != n:
             raise ValueError(f"{n} images were given but image_positions places {int(present.sum())}")
         shift = 1 if self.config.variant == "240728" else 0  # 240728: visible strictly after the placeholder
         image_pos = positions.gather(1, token_idx.clamp(min=0)) + shift
         image_pos = torch.where(present, image_pos, torch.full_like(image_pos, BIG_POS))
-        if n == b * n_max:  # every slot used (one row, or equal image counts): the layout is already right
-            return image_pos, embeds.reshape(b, n_max * t, hdim)  # a view: no copy of N*T*H floats
-        visual = embeds.new_zeros(b, n_max, t, hdim)
-        visual[present] = embeds  # row-major order = concatenation order of the rows' images
-        return image_pos, visual.view(b, n_max * t, hdim)  # [B, N_max*T, H]
+        if n == b * n_max:  # every slot used (one row, or equal image counts)
+            return image_pos, None
+        return image_pos, present.flatten().nonzero().squeeze(1)  # row-major = the rows' concatenation order
 
 
 def placeholders_from_media_offset(media_offset: Tensor | list[Tensor], n_images: int, seq_len: int) -> Tensor:
