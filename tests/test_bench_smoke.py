@@ -153,3 +153,12 @@ def test_bench_train_step_smoke(tmp_path):
     assert [row["workers"] for row in rows] == [0, 1] and all(row["steps_timed"] == 4 for row in rows)
     assert rows[0]["tokens_per_step"] == rows[1]["tokens_per_step"] > 0
     assert all(row[f"{ph}_ms"] > 0 for row in rows for ph in ("forward", "backward", "optimizer"))
+
+
+def test_bench_visual_slots_smoke(tmp_path):
+    out = tmp_path / "vs.json"
+    r = subprocess.run([sys.executable, "bench/bench_visual_slots.py", "--rows", "3", "--big", "2", "--repeats", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())["results"]
+    assert [(row["mode"], row["images_projected"]) for row in res] == [("padded", 6), ("packed", 4)]

@@ -60,10 +60,10 @@ class HyperAttention(Attention):
         else:
             k, v = feats.new_empty(shape), feats.new_empty(shape)
         slots = ctx.visual_slots  # [N] row * N_max + slot of each image; None: all B * N_max slots, in order
-        if slots is not None:
-            k.zero_(), v.zero_()  # padding slots: finite (a dummy query may read them), never seen by real ones
         cos, sin = ctx.visual_cos.flatten(0, 1), ctx.visual_sin.flatten(0, 1)  # [B*N_max, D]
         if slots is not None:
+            k.zero_()  # padding slots: finite (a dummy query may read them), never seen by real ones
+            v.zero_()
             cos, sin = cos[slots], sin[slots]  # [N, D]
         k5 = k.unflatten(2, (n_max, t)).transpose(1, 2)  # [B, N_max, Hkv, T, D] views of the outputs
         v5 = v.unflatten(2, (n_max, t)).transpose(1, 2)
