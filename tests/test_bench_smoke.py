@@ -1,5 +1,6 @@
 """Smoke runs of the benchmarks (small sizes): they run and write their JSON. Numbers are not asserted here."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -40,6 +41,34 @@ def test_vs_llava_bench_smoke(tmp_path):
     ours = [row for row in res["rows"] if row["model"] == "hyperowl"]
     assert all(0 < row["floor_s"] and 0 < row["ttft_warm_s"] and row["flops"] > row["floor_flops"] > 0 for row in ours)
     assert res["summary"]["ttft_speedup_at_largest_baseline_n"]["images"] == 2
+    assert (res["device"], res["dtype"], res["memory"]) == ("cpu", "float32", "peak RSS")  # auto: float32 on CPU
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(name, f"bench/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("capacity", [1000, 3999, 50_000])
+def test_find_max_images_finds_the_boundary(capacity):
+    """The search bench_vs_llava --max-images runs: with peak = 100 + 3 N bytes (fits iff N <= (capacity - 100) / 3)
+    it returns the largest fitting N it probed, within its 5% step of the true one, and never one that does not fit."""
+    bench = _bench_module("bench_vs_llava")
+    probed = []
+
+    def probe(n):
+        probed.append(n)
+        peak = 100 + 3 * n
+        return peak if peak <= capacity else None  # over the budget: "out of memory"
+
+    known = [(n, 100 + 3 * n) for n in (1, 2, 4, 8)]
+    n, peak = bench.find_max_images(probe, known, capacity, max_probes=20)
+    true = (capacity - 100) // 3
+    assert peak == 100 + 3 * n <= capacity
+    assert true / 1.06 <= n <= true
+    assert len(probed) <= 20
 
 
 def test_long_video_bench_smoke(tmp_path):
