@@ -1,5 +1,11 @@
-"""Visual K/V of a batch whose rows hold different numbers of images: packed (only the images given are
-projected, what the model does) vs padded (every row's N_max slots, the layout before), side by side.
+"""A batch whose rows hold different numbers of images, two costs of the padding measured side by side.
+
+1. Visual K/V: packed (only the images given are projected, what the model does) vs padded (every row's
+   N_max slots, the layout before).
+2. Cross-attention: each query segment (queries seeing the same images) attends on its own rows (the range
+   of rows that have one of its queries, what the model does) vs on every row of the batch (the layout
+   before: rows without a query ran a dummy one over the segment's k*T visual keys). One hyper layer's whole
+   forward + backward; outputs checked equal.
 
 One hyper layer's `visual_kv` (shared LayerNorm, visual K/V projection, MI-Rope, written into [B, Hkv,
 N_max*T, D]) forward + backward, on a batch of --rows rows: row 0 with --big images, the others with one.
@@ -14,6 +20,7 @@ equal; timings are medians of alternating repeats in one process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from hyperowl.config import PRESETS  # noqa: E402
-from hyperowl.models.attention import make_context  # noqa: E402
+from hyperowl.models.attention import Segment, make_context  # noqa: E402
 from hyperowl.models.hyper_attention import HyperAttention  # noqa: E402
 from hyperowl.models.owl3 import Owl3Model  # noqa: E402
 
@@ -36,12 +43,14 @@ def main() -> None:
     ap.add_argument("--preset", default="owl3-synthetic", choices=sorted(k for k in PRESETS if k.startswith("owl3")))
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--big", type=int, default=16, help="images in row 0 (the other rows have one)")
+    ap.add_argument("--text", type=int, default=32, help="text tokens after the image placeholders (the question)")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench/results/visual_slots.json"))
     a = ap.parse_args()
-    if a.rows < 2 or a.big < 2 or a.repeats < 1:
-        sys.exit(f"--rows {a.rows} --big {a.big} --repeats {a.repeats}: expected rows >= 2, big >= 2, repeats >= 1")
+    if a.rows < 2 or a.big < 2 or a.repeats < 1 or a.text < 1:
+        sys.exit(f"--rows {a.rows} --big {a.big} --repeats {a.repeats} --text {a.text}: expected rows >= 2, big >= 2, "
+                 "repeats >= 1, text >= 1")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = PRESETS[a.preset]
@@ -56,8 +65,9 @@ def main() -> None:
     n = int(present.sum())
     feats = torch.randn(n, t, h)
     image_pos = torch.where(present, torch.arange(n_max)[None] + 1, torch.full((b, n_max), 1 << 40))
-    positions = torch.arange(n_max + 2)[None].expand(b, -1)
-    key_valid = torch.ones(b, n_max + 2, dtype=torch.bool)
+    lq = n_max + a.text  # row 0: its n_max placeholders, then the question; the other rows: one image, then text
+    positions = torch.arange(lq)[None].expand(b, -1)
+    key_valid = torch.ones(b, lq, dtype=torch.bool)
     padded = feats.new_zeros(b, n_max, t, h)
     padded[present] = feats
     slots = present.flatten().nonzero().squeeze(1)
@@ -78,6 +88,7 @@ def main() -> None:
     for r in range(a.repeats):
         for mode in (("packed", "padded") if r % 2 == 0 else ("padded", "packed")):
             times[mode].append(step(mode)[0])
+    seg_rows = segment_rows(attn, norm, ctx["packed"], b, lq, h, a.repeats)
     rows = []
     for mode, projected in (("padded", b * n_max), ("packed", n)):
         ms = 1000 * statistics.median(times[mode])
@@ -89,10 +100,51 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:>7} {row['images_projected']:>17} {row['visual_tokens_projected']:>14} {row['ms']:>8.2f}")
     print(f"packed is {speedup:.2f}x faster")
+    print(f"\none hyper layer, forward + backward, same batch: cross-attention segments on")
+    print(f"{'rows':>9} {'rows x segments':>21} {'ms':>8}")
+    for row in seg_rows["results"]:
+        print(f"{row['mode']:>9} {row['row_segments']:>21} {row['ms']:>8.2f}")
+    print(f"own rows is {seg_rows['speedup']:.2f}x faster")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"preset": a.preset, "rows": b, "big": n_max, "threads": torch.get_num_threads(),
-                                       "repeats": a.repeats, "results": rows, "speedup": speedup}, indent=1))
+                                       "text": a.text, "repeats": a.repeats, "results": rows, "speedup": speedup,
+                                       "segment_rows": seg_rows}, indent=1))
     print(f"wrote {a.out}")
+
+
+def every_row(seg: Segment, b: int, lq: int) -> Segment:
+    """The segment as it ran before: on all b rows, rows without one of its queries pointing at the dummy slot."""
+    if seg.rows is None:
+        return seg
+    idx = seg.idx.new_full((b, seg.idx.shape[1]), lq)
+    idx[seg.rows] = seg.idx
+    return Segment(seg.k, idx, seg.lo, None)
+
+
+def segment_rows(attn: HyperAttention, norm: torch.nn.Module, ctx, b: int, lq: int, h: int, repeats: int) -> dict:
+    """One hyper layer's forward + backward with each segment on its own rows vs on every row."""
+    ctxs = {"own": ctx, "every": dataclasses.replace(ctx, segments=[every_row(s, b, lq) for s in ctx.segments])}
+    x = torch.randn(b, lq, h)
+    w = torch.randn(b, lq, h)
+
+    def step(mode: str) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        out = attn(norm(x), ctxs[mode], norm)
+        (out * w).sum().backward()
+        return time.perf_counter() - t0, out.detach()
+
+    (_, own), (_, every) = step("own"), step("every")
+    assert torch.allclose(own, every, atol=1e-5), "segments on their own rows and on every row differ"
+    times: dict[str, list[float]] = {"own": [], "every": []}
+    for r in range(repeats):
+        for mode in (("own", "every") if r % 2 == 0 else ("every", "own")):
+            times[mode].append(step(mode)[0])
+    results = []
+    for mode in ("every", "own"):
+        segs = ctxs[mode].segments
+        results.append({"mode": mode, "row_segments": sum(s.idx.shape[0] if s.idx is not None else b for s in segs),
+                        "ms": 1000 * statistics.median(times[mode])})
+    return {"results": results, "speedup": results[0]["ms"] / results[1]["ms"]}
 
 
 if __name__ == "__main__":

@@ -189,5 +189,7 @@ def test_bench_visual_slots_smoke(tmp_path):
     r = subprocess.run([sys.executable, "bench/bench_visual_slots.py", "--rows", "3", "--big", "2", "--repeats", "1",
                         "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
-    res = json.loads(out.read_text())["results"]
-    assert [(row["mode"], row["images_projected"]) for row in res] == [("padded", 6), ("packed", 4)]
+    res = json.loads(out.read_text())
+    assert [(row["mode"], row["images_projected"]) for row in res["results"]] == [("padded", 6), ("packed", 4)]
+    every, own = res["segment_rows"]["results"]
+    assert (every["mode"], own["mode"]) == ("every", "own") and own["row_segments"] < every["row_segments"]

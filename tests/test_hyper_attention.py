@@ -233,6 +233,43 @@ def test_grouped_segments_equal_ungrouped_in_padded_batches(monkeypatch, variant
         torch.testing.assert_close(out[g][valid], out[0][valid], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_segments_run_only_their_rows(monkeypatch, variant):
+    """Rows without a query in a segment are left out of its attention call (the range of rows that have one):
+    in a batch of rows with 0, 3, 1, 0 images, the segments of queries that see 2-3 images run on row 1 alone.
+    Logits and gradients still equal the rows run alone."""
+    from hyperowl.models import attention
+
+    monkeypatch.setattr(attention, "GROUP_QUERIES", 0)  # one segment per visible count
+    model = random_owl3(variant)
+    rows = [(make_row(4, 9, []), []), (make_row(2, 12, [2, 3, 9]), [2, 3, 9]), (make_row(3, 7, [4]), [4]),
+            (make_row(5, 6, []), [])]
+    pv = pixels(4, seed=5)
+    ids, mask, pos = pad_batch(rows, pv)
+    seen = []
+    real = hyper_attention.attend
+
+    def spy(q, k, v, mask=None, causal=False):
+        seen.append((k.shape[2], q.shape[0]))
+        return real(q, k, v, mask, causal)
+
+    monkeypatch.setattr(hyper_attention, "attend", spy)
+    out = model(ids, attention_mask=mask, pixel_values=pv, image_positions=pos).logits
+    t = model.config.vision.tokens_per_image
+    lt = ids.shape[1]  # 241101 attends [visual ; text] keys in one call
+    extra = 0 if variant == "240728" else lt
+    batch_of = {n - extra: b for n, b in seen if n - extra in (t, 2 * t, 3 * t)}
+    # count 1: rows 1 and 2; counts 2 and 3: row 1 only
+    assert batch_of == {t: 2, 2 * t: 1, 3 * t: 1}
+    out.sum().backward()
+    first = 0
+    for i, (r, s) in enumerate(rows):
+        alone = model(r[None], pixel_values=pv[first : first + len(s)] if s else None,
+                      image_positions=torch.tensor([s]) if s else None).logits[0]
+        first += len(s)
+        torch.testing.assert_close(out[i, ids.shape[1] - len(r):], alone, atol=1e-4, rtol=1e-4)
+
+
 def test_fusion_parameters_are_listable():
     for variant, per_layer in (("240728", 4), ("241101", 2)):
         model = random_owl3(variant)

@@ -34,12 +34,19 @@ BIG_POS = 1 << 40  # image_pos of padding images: never visible
 
 @dataclass
 class Segment:
-    """Queries that see at most the first `k` images (at least `lo`). idx [B, n] indexes queries (Lq = dummy
-    slot); None = all queries of every row (then all see exactly k)."""
+    """Queries that see at most the first `k` images (at least `lo`). idx [R, n] indexes queries (Lq = dummy
+    slot) of the rows `rows`; idx None = all queries of every row (then all see exactly k)."""
 
     k: int
     idx: Tensor | None
     lo: int  # smallest visible count among the queries (== k unless small segments were merged)
+    # The batch rows this segment runs on: the range from the first to the last row with one of its queries
+    # (a slice, so the rows' K/V, masks and queries are views, not copies); None = every row.
+    rows: slice | None = None
+
+    def of_rows(self, x: Tensor) -> Tensor:
+        """x's entries (dim 0: batch) for this segment's rows; a view."""
+        return x if self.rows is None else x[self.rows]
 
 
 @dataclass
@@ -120,16 +127,21 @@ def build_segments(counts: Tensor, skip_zero: bool, group: int | None = None) ->
         ar = torch.arange(int(n.max()), device=counts.device)
         idx = order.gather(1, (start[:, None] + ar).clamp(max=lq - 1))  # [B, n_max]
         idx = torch.where(ar[None] < n[:, None], idx, lq)  # rows with fewer queries point at the dummy slot
-        segments.append(Segment(hi, idx, lo))
+        # Rows outside the first..last row with a query here would only run dummy queries over k*T keys (as
+        # much memory traffic as a real row): a batch with one long row would pay B times for its segments.
+        has = (n > 0).nonzero().flatten().tolist()
+        rows = None if (has[0], has[-1]) == (0, b - 1) else slice(has[0], has[-1] + 1)
+        segments.append(Segment(hi, idx if rows is None else idx[rows], lo, rows))
     return segments
 
 
 def segment_visual_mask(seg: Segment, counts: Tensor, tokens_per_image: int) -> Tensor | None:
-    """[B, 1, n, k*T] bool: which of the segment's first k*T visual keys each of its queries sees; None when
+    """[R, 1, n, k*T] bool (R: the segment's rows): which of the segment's first k*T visual keys each of its queries sees; None when
     all do (one count). The dummy slot (padded idx entries) sees everything."""
     if seg.lo == seg.k:
         return None
-    c = torch.cat([counts, counts.new_full((counts.shape[0], 1), seg.k)], 1).gather(1, seg.idx)  # [B, n]
+    counts = seg.of_rows(counts)
+    c = torch.cat([counts, counts.new_full((counts.shape[0], 1), seg.k)], 1).gather(1, seg.idx)  # [R, n]
     keys = torch.arange(seg.k * tokens_per_image, device=counts.device)
     return (keys[None, None] < (c * tokens_per_image)[:, :, None])[:, None]
 

@@ -91,7 +91,8 @@ class HyperAttention(Attention):
             c = attend(q, k, v, ctx.text_mask, ctx.causal)
             if not ctx.segments:  # no query sees an image yet
                 return self.o_proj(merge_heads(c))
-            x = by_segment(q, ctx, lambda seg, qs, idx: attend(qs, vk[:, :, : seg.k * t], vv[:, :, : seg.k * t],
+            x = by_segment(q, ctx, lambda seg, qs, idx: attend(qs, seg.of_rows(vk)[:, :, : seg.k * t],
+                                                              seg.of_rows(vv)[:, :, : seg.k * t],
                                                               segment_visual_mask(seg, ctx.counts, t)))
             g = torch.sigmoid(self.gate_proj(c))
             sees_image = (ctx.counts > 0)[:, None, :, None]
@@ -100,9 +101,10 @@ class HyperAttention(Attention):
         def fused(seg: Segment, qs: Tensor, idx: Tensor | None) -> Tensor:
             kt = seg.k * t
             if ctx.cache is not None and kt == vk.shape[2]:  # all images: the cache is already [visual ; text]
-                keys, values = ctx.cache.visual_and_text(self.layer_idx, ctx.lq)
+                keys, values = map(seg.of_rows, ctx.cache.visual_and_text(self.layer_idx, ctx.lq))
             else:
-                keys, values = torch.cat([vk[:, :, :kt], k], 2), torch.cat([vv[:, :, :kt], v], 2)
+                keys = torch.cat([seg.of_rows(vk)[:, :, :kt], seg.of_rows(k)], 2)
+                values = torch.cat([seg.of_rows(vv)[:, :, :kt], seg.of_rows(v)], 2)
             vmask = segment_visual_mask(seg, ctx.counts, t)  # None: every query sees all kt visual keys
             if ctx.text_mask is None and vmask is None:
                 return attend(qs, keys, values)
@@ -110,7 +112,7 @@ class HyperAttention(Attention):
             if ctx.text_mask is None:
                 rows = vmask.new_ones(*vmask.shape[:-1], lt)
             else:
-                rows = ctx.text_mask
+                rows = seg.of_rows(ctx.text_mask)
                 if idx is not None:  # this segment's query rows, the dummy slot seeing everything
                     rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, 1, rows.shape[-1])], 2)
                     rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
@@ -124,7 +126,8 @@ class HyperAttention(Attention):
 def by_segment(q: Tensor, ctx: AttnContext, fn: Callable[[Segment, Tensor, Tensor | None], Tensor]) -> Tensor:
     """Run fn(segment, queries_of_segment, idx) per segment and put the results back in query order.
 
-    Queries not in any segment get zeros. Padded entries of idx point at a dummy slot Lq.
+    Queries not in any segment get zeros. Padded entries of idx point at a dummy slot Lq. fn sees only the
+    segment's rows (`seg.rows`; its K/V and masks via `seg.of_rows`).
     """
     segs = ctx.segments
     if len(segs) == 1 and segs[0].idx is None:
@@ -133,6 +136,7 @@ def by_segment(q: Tensor, ctx: AttnContext, fn: Callable[[Segment, Tensor, Tenso
     q_ext = torch.cat([q, q.new_zeros(b, h, 1, d)], 2)
     out = q.new_zeros(b, h, lq + 1, d)
     for seg in segs:
-        gi = seg.idx[:, None, :, None].expand(b, h, -1, d)
-        out = out.scatter(2, gi, fn(seg, q_ext.gather(2, gi), seg.idx))
+        gi = seg.idx[:, None, :, None].expand(-1, h, -1, d)  # [R, H, n, D]
+        res = seg.of_rows(out).scatter(2, gi, fn(seg, seg.of_rows(q_ext).gather(2, gi), seg.idx))
+        out = res if seg.rows is None else out.slice_scatter(res, 0, seg.rows.start, seg.rows.stop)
     return out[:, :, :lq]
