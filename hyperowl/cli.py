@@ -248,6 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_queue", "max_images", "frames"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_padded_images < 0:
+        raise InputError("--max-padded-images must be >= 0")
     import hyperowl
     from .serve import ServeConfig, serve
 
@@ -267,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_remote_media=not args.no_remote_media, max_images=args.max_images, max_videos=args.max_videos,
         max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
+        max_padded_images=args.max_padded_images, batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
         default_max_tokens=args.default_max_tokens)
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
@@ -405,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     s.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
+    s.add_argument("--max-padded-images", type=int, default=32,
+                   help="a request joins a batch only while the batch pads at most this many image slots (rows hold "
+                        "as many visual K/V slots as the batch's largest request; default 32)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default 64)")
     s.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache size (MiB, 0 = off)")
     s.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")

@@ -382,6 +382,49 @@ def test_concurrent_mixed_requests_equal_their_solo_answers(server, client):
     assert any(int(k) >= 2 and v > before.get(k, 0) for k, v in after.items()), (before, after)
 
 
+def test_padded_images_counts_the_slots_a_batch_pads():
+    from hyperowl.serve.scheduler import padded_images
+
+    assert padded_images([4, 1, 1, 0]) == 3 + 3 + 4
+    assert padded_images([2, 2]) == 0 and padded_images([]) == 0
+
+
+@pytest.mark.parametrize("max_padded", [2, 32])
+def test_a_many_image_request_waits_rather_than_pad_single_image_ones(model, max_padded):
+    """A request with 4 images and three single-image ones arrive together: with the default padding bound they
+    are one batch of 4; with `max_padded_images` 2 (each single-image row would pad 3 slots) the 4-image request
+    is never in a batch with them (no cutting: one image, one slot). Every answer equals the request's solo answer."""
+    cfg = ServeConfig(model_name=MODEL, max_batch_size=8, batch_window_ms=1500, max_padded_images=max_padded, cut=False)
+    with ServerThread(create_app(model, model.processor, cfg)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        urls = [data_url(png_bytes((40 * i, 200 - 30 * i, 90), size=(40 + 10 * i, 40))) for i in range(4)]
+        kws = [image_msg("Compare the images.", *urls)] + [image_msg(f"What is in picture {i}?", urls[i]) for i in range(3)]
+        ask = lambda kw: client.chat.completions.create(model=MODEL, max_tokens=6, messages=kw,  # noqa: E731
+                                                         temperature=0.0).choices[0].message.content
+        solo = [ask(kw) for kw in kws]
+        before = health(srv)["scheduler"]["batch_sizes"]
+        start = threading.Barrier(len(kws))
+        together: list = [None] * len(kws)
+
+        def run(i: int) -> None:
+            start.wait(timeout=30)
+            together[i] = ask(kws[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kws))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        stats = health(srv)["scheduler"]
+    assert together == solo
+    new = {int(k): v - before.get(k, 0) for k, v in stats["batch_sizes"].items() if v > before.get(k, 0)}
+    assert sum(k * v for k, v in new.items()) == 4
+    if max_padded == 32:
+        assert new == {4: 1}
+    else:  # the singles may share a batch (no padding), never with the 4-image request
+        assert max(new) <= 3 and stats["deferred"] == 0
+
+
 def test_engine_drops_a_cancelled_row_and_keeps_the_others(model):
     import torch
 

@@ -60,6 +60,7 @@ class ServeConfig:
     fetch_timeout_s: float = 10.0
     max_queue: int = 64
     max_batch_size: int = 8
+    max_padded_images: int = 32  # a batch pads at most this many image slots (see scheduler.py)
     batch_window_ms: float = 10.0
     feature_cache_mb: float = 512.0
     default_max_tokens: int = 512
@@ -106,7 +107,8 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
         raise ValueError("serving needs a processor (a checkpoint with tokenizer.json)")
     cache = FeatureCache(int(config.feature_cache_mb * 2**20))
     scheduler = Scheduler(model, cache, max_batch_size=config.max_batch_size,
-                          batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue)
+                          batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
+                          max_padded_images=config.max_padded_images)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
                          allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media)
     cut = processor.cut if config.cut is None else config.cut

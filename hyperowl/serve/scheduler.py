@@ -8,7 +8,11 @@ call, and runs `Engine.stream` on the whole batch: one left-padded prefill, then
 for all live rows. Each produced token is handed to its job's asyncio queue with
 `loop.call_soon_threadsafe` (asyncio queues are not thread-safe). This is *dynamic* batching: jobs that
 arrive while a batch runs wait for the next batch (continuous batching would need rows to join a running
-KV cache, which cache.py does not support yet). Finished rows leave the batch inside the engine, and so do
+KV cache, which cache.py does not support yet). A batch's visual K/V cache holds every row's images padded to
+its largest row's count ([B, N_max*T] per hyper layer), so a request with many images (a long video) batched
+with single-image chats would multiply its memory by the batch size: a job joins a batch only while the
+batch pads at most `max_padded_images` image slots; the others wait, first in line, for the next batch.
+Finished rows leave the batch inside the engine, and so do
 cancelled ones: a handler whose client went away sets the job's `threading.Event`, the engine drops that
 row at its next decode step (freeing its cache rows), and a job cancelled while still queued is skipped.
 
@@ -24,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,15 +68,22 @@ class Job:
             self.push(kind, value)
 
 
+def padded_images(counts: list[int]) -> int:
+    """Image slots a batch with these per-row image counts pads: every row holds as many as the largest."""
+    return len(counts) * max(counts, default=0) - sum(counts)
+
+
 class Scheduler:
     def __init__(self, model: Any, cache: FeatureCache, *, max_batch_size: int = 8, batch_window_s: float = 0.01,
-                 max_queue: int = 64) -> None:
-        if max_batch_size < 1 or max_queue < 1:
-            raise ValueError("max_batch_size and max_queue must be >= 1")
+                 max_queue: int = 64, max_padded_images: int = 32) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_padded_images < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_padded_images >= 0")
         self.model, self.cache = model, cache
         self.engine = Engine(model)
         self.max_batch_size, self.batch_window_s = max_batch_size, batch_window_s
+        self.max_padded_images = max_padded_images
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._deferred: deque[Job] = deque()  # jobs that did not fit a batch: first in line for the next one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -91,6 +102,8 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        while self._deferred:
+            self._deferred.popleft().finish("error", "the server is shutting down")
         while True:  # whoever is still waiting gets an answer instead of hanging
             try:
                 self._queue.get_nowait().finish("error", "the server is shutting down")
@@ -111,7 +124,8 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"queued": self._queue.qsize(), "max_queue": self._queue.maxsize, "running": self.running,
+            return {"queued": self._queue.qsize() + len(self._deferred), "max_queue": self._queue.maxsize,
+                    "deferred": len(self._deferred), "max_padded_images": self.max_padded_images, "running": self.running,
                     "max_batch_size": self.max_batch_size, "batches": sum(self.batch_sizes.values()),
                     "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                     "largest_batch": max(self.batch_sizes, default=0), "completed": self.completed,
@@ -119,17 +133,34 @@ class Scheduler:
 
     # -- worker thread ------------------------------------------------------------------------------------
     def _collect(self) -> list[Job]:
-        try:
-            batch = [self._queue.get(timeout=0.1)]  # a bounded wait, so stop() is noticed
-        except queue.Empty:
-            return []
+        """The next batch: the oldest waiting job, then (deferred jobs first, then arrivals within the batch
+        window) every job that keeps the batch's image padding within `max_padded_images`."""
+        waiting, self._deferred = self._deferred, deque()
+        if not waiting:
+            try:
+                waiting.append(self._queue.get(timeout=0.1))  # a bounded wait, so stop() is noticed
+            except queue.Empty:
+                return []
+        batch = [waiting.popleft()]
+        counts = [batch[0].prompt.image_tensors]
         deadline = time.monotonic() + self.batch_window_s
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
+            if waiting:
+                job = waiting.popleft()
+            elif len(self._deferred) >= self.max_batch_size:  # jobs wait in the bounded queue, not here
                 break
+            else:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if padded_images(counts + [job.prompt.image_tensors]) <= self.max_padded_images:
+                batch.append(job)
+                counts.append(job.prompt.image_tensors)
+                continue
+            self._deferred.append(job)
+        self._deferred.extend(waiting)  # not looked at (the batch is full): they keep their place
         live = []
         for job in batch:
             if job.cancel.is_set():  # the client left while the job waited
