@@ -116,26 +116,29 @@ class Meter:
     """A clock that waits for the device, and the peak memory since reset(): RSS on CPU, allocator on CUDA."""
 
     def __init__(self, device: str) -> None:
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
 
     def now(self) -> float:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def reset(self) -> None:
         if self.cuda:  # (CPU RSS cannot be reset: there each point runs in a fresh process)
             gc.collect()
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
         if self.cuda:
-            return torch.cuda.max_memory_allocated()
+            return torch.cuda.max_memory_allocated(self.device)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def capacity(self) -> int | None:
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if self.cuda else None
+        if not self.cuda:
+            return None
+        return torch.cuda.get_device_properties(self.device.index or 0).total_memory
 
 
 def out_of_memory(e: BaseException) -> bool:
