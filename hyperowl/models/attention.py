@@ -136,8 +136,8 @@ def build_segments(counts: Tensor, skip_zero: bool, group: int | None = None) ->
 
 
 def segment_visual_mask(seg: Segment, counts: Tensor, tokens_per_image: int) -> Tensor | None:
-    """[R, 1, n, k*T] bool (R: the segment's rows): which of the segment's first k*T visual keys each of its queries sees; None when
-    all do (one count). The dummy slot (padded idx entries) sees everything."""
+    """[R, 1, n, k*T] bool (R: the segment's rows): which of the segment's first k*T visual keys each of its
+    queries sees; None when all do (one count). The dummy slot (padded idx entries) sees everything."""
     if seg.lo == seg.k:
         return None
     counts = seg.of_rows(counts)
