@@ -217,6 +217,22 @@ def ours_point(model, engine, meter: Meter, m: dict, v: dict, n: int, decode: in
     return dict(out, ttft_warm_s=ttft_warm, floor_s=vis + text, floor_vision_s=vis, floor_text_s=text)
 
 
+def until_oom(ns: list[int], point: Callable[[int], dict], meter: Meter) -> Iterator[dict]:
+    """point(n) for each N; the first N that runs out of memory ends the sweep with a row saying so."""
+    for n in ns:
+        try:
+            row = point(n)
+        except Exception as e:  # noqa: BLE001 -- only running out of memory is a result; anything else re-raises
+            if not out_of_memory(e):
+                raise
+            row = None
+        if row is None:  # outside the except block, so the failed step's tensors can be freed
+            meter.reset()
+            yield {"images": n, "oom": True}
+            return
+        yield row
+
+
 def worker_ours(m: dict, v: dict, ns: list[int], decode: int, dtype: str, device: str, compile_vision: bool = False,
                 prefill_only: bool = False) -> Iterator[dict]:
     """One row per N, in this process; stops at the first N that runs out of memory (reported as such)."""
@@ -227,19 +243,7 @@ def worker_ours(m: dict, v: dict, ns: list[int], decode: int, dtype: str, device
     if compile_vision:  # the cold TTFT then includes compiling; compare the warm column
         model.vision.compile()
     engine = Engine(model)
-    for n in ns:
-        try:
-            yield ours_point(model, engine, meter, m, v, n, decode, prefill_only)
-        except Exception as e:  # noqa: BLE001 -- only running out of memory is a result; anything else re-raises
-            if not out_of_memory(e):
-                raise
-            oom = True
-        else:
-            oom = False
-        if oom:  # outside the except block, so the failed step's tensors can be freed
-            meter.reset()
-            yield {"images": n, "oom": True}
-            return
+    yield from until_oom(ns, lambda n: ours_point(model, engine, meter, m, v, n, decode, prefill_only), meter)
 
 
 def worker_llava(m: dict, v: dict, ns: list[int], decode: int, dtype: str, device: str) -> Iterator[dict]:
@@ -259,36 +263,26 @@ def worker_llava(m: dict, v: dict, ns: list[int], decode: int, dtype: str, devic
     with torch.device(device):  # weights made where they run, in the run's dtype
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=getattr(torch, dtype)).eval()
     t = (IMAGE // PATCH) ** 2
-    for n in ns:
+
+    @torch.no_grad()
+    def point(n: int) -> dict:
         meter.reset()
         ids = torch.cat([torch.full((n * t,), image_token), torch.randint(10, m["vocab"] - 1, (QUESTION,))])[None]
         pixels = torch.randn(n, 3, IMAGE, IMAGE)
-        try:
-            with torch.no_grad():
-                t0 = meter.now()
-                out = model(input_ids=ids.to(device), pixel_values=pixels.to(device, getattr(torch, dtype)), use_cache=True,
-                            logits_to_keep=1)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                ttft = meter.now() - t0
-                past = out.past_key_values
-                t1 = meter.now()
-                for _ in range(decode):
-                    out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                tok_s = decode / (meter.now() - t1)
-        except Exception as e:  # noqa: BLE001
-            if not out_of_memory(e):
-                raise
-            oom = True
-        else:
-            oom = False
-        if oom:
-            out = past = None
-            meter.reset()
-            yield {"images": n, "oom": True}
-            return
-        yield {"images": n, "ttft_s": ttft, "decode_tok_s": tok_s, "peak_bytes": meter.peak(), "flops": llava_flops(m, v, n)}
-        out = past = None
+        t0 = meter.now()
+        out = model(input_ids=ids.to(device), pixel_values=pixels.to(device, getattr(torch, dtype)), use_cache=True,
+                    logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        ttft = meter.now() - t0
+        past = out.past_key_values
+        t1 = meter.now()
+        for _ in range(decode):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        tok_s = decode / (meter.now() - t1)
+        return {"images": n, "ttft_s": ttft, "decode_tok_s": tok_s, "peak_bytes": meter.peak(), "flops": llava_flops(m, v, n)}
+
+    yield from until_oom(ns, point, meter)
 
 
 def run_worker(kind: str, shape: str, ns: list[int], args: argparse.Namespace, dtype: str,
@@ -418,7 +412,10 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    meter = Meter(a.device)
+    try:
+        meter = Meter(a.device)
+    except RuntimeError:
+        sys.exit(f"--device {a.device}: not a device torch knows; use cpu or cuda[:index]")
     if meter.cuda and not torch.cuda.is_available():
         sys.exit(f"--device {a.device}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
     dtype, base_dtype = resolve_dtype(a.device, a.dtype), resolve_dtype(a.device, "auto")

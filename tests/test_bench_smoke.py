@@ -71,6 +71,28 @@ def test_find_max_images_finds_the_boundary(capacity):
     assert len(probed) <= 20
 
 
+def test_until_oom_ends_a_sweep_at_the_first_out_of_memory():
+    """bench_vs_llava's sweeps on a GPU: the first N that runs out of memory is a result row and ends the sweep;
+    any other error is a bug and propagates."""
+    import torch
+
+    bench = _bench_module("bench_vs_llava")
+
+    def point(n):
+        if n >= 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"images": n}
+
+    rows = list(bench.until_oom([1, 2, 4, 8], point, bench.Meter("cpu")))
+    assert rows == [{"images": 1}, {"images": 2}, {"images": 4, "oom": True}]
+
+    def broken(n):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError):
+        list(bench.until_oom([1], broken, bench.Meter("cpu")))
+
+
 def test_long_video_bench_smoke(tmp_path):
     out = tmp_path / "lv.json"
     r = subprocess.run([sys.executable, "bench/bench_long_video.py", "--hours", "0.02", "--frames", "8", "--workdir", str(tmp_path),
