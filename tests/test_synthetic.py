@@ -445,6 +445,44 @@ def test_video_turns_answered_from_the_named_frame(tmp_path):
     assert meta["splits"]["train"]["extra_turns"] == 40 and meta["splits"]["test"]["extra_turns"] == 0
 
 
+def test_which_turns_name_an_object_of_exactly_the_answered_image(tmp_path):
+    """`which_turns`: conversations of several images (multi-image, distractor; also when shown one image per
+    turn) get up to K "which image has X?" turns; X (colour and kind) is in the answered image and in no
+    other; targets are distinct images and spread over all indices; the other turns are those of the plain
+    data, in some order; single-image and video conversations are untouched; only the train split gets them."""
+    kw = dict(seed=4, turns=3, progressive=0.5)
+    plain = list(syn.iter_examples("train", 20, 60, 10, 60, **kw))
+    more = list(syn.iter_examples("train", 20, 60, 10, 60, which_turns=3, **kw))
+    answered, n_which = set(), 0
+    for a, b in zip(plain, more):
+        if len(b.scenes) < 2:
+            assert a.messages == b.messages
+            continue
+        assert b.messages[: len(b.messages) - 2 * len(b.extra)] == a.messages[: len(a.messages) - 2 * len(a.extra)]
+        which = [(q, ans) for t, q, ans in b.extra if t == "which"]
+        assert sorted(x for x in b.extra if x[0] != "which") == sorted(a.extra)
+        assert len(which) <= 3 and len({ans for _, ans in which}) == len(which)
+        for q, ans in which:
+            (colour, kind) = re.search(r"\ban? (\w+) (\w+)\?$", q).groups()
+            holders = [k + 1 for k, s in enumerate(b.scenes) if s.find(colour=colour, kind=kind)]
+            assert holders == [int(ans.split()[1])], (q, ans, holders)
+            assert len(b.scenes[holders[0] - 1].find(colour=colour, kind=kind)) == 1
+            assert syn.phrase(colour, kind) not in b.prompt  # not the first question again
+            answered.add(ans)
+        n_which += len(which)
+        if b.task.startswith("distractor/"):
+            assert len(which) >= 2  # four random scenes nearly always have unique objects
+    assert answered == {"image 1", "image 2", "image 3", "image 4"} and n_which > 150
+    assert any(b.intro and any(t == "which" for t, _, _ in b.extra) for b in more)
+    with pytest.raises(InputError, match="which_turns"):
+        syn.iter_examples("train", 0, 1, 0, 0, which_turns=-1)
+    syn.synth_main(["--out", str(tmp_path), "--train", "20", "--val", "0", "--test", "10", "--seed", "2",
+                    "--tasks", "distractor", "--which-turns", "2"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["train_which_turns"] == 2
+    assert meta["splits"]["train"]["which_turns"] >= 30 and meta["splits"]["test"]["which_turns"] == 0
+
+
 def test_progressive_shows_images_one_per_turn_with_answers_from_that_image(tmp_path):
     """`progressive`: a share of multi-image conversations shows image k in turn k with a question about
     "this image" (checked by the oracle against image k), then the conversation's own question without the

@@ -756,6 +756,37 @@ def add_video_turns(ex: Example, turns: int, rng: random.Random) -> Example:
     return ex
 
 
+def add_which_turns(ex: Example, turns: int, rng: random.Random) -> Example:
+    """Give a conversation of several images up to `turns` further "which image has X?" questions (`ex.extra`).
+
+    Why: picking an image by what it shows needs an index circuit that forms only after ~1500 focused steps
+    (docs/embedded_model_history.md, "Multi-image tasks trained alone"), and in the usual mix one multi-image
+    conversation in three asks it once. Every conversation of several images (multi-image and distractor)
+    can ask it about any object whose colour and kind occur in exactly one image; a turn is ~12 tokens
+    against the tower and prompt the images already cost. Targets are drawn over the images without
+    replacement (balanced answers); an object the prompt already names is not asked again. The turns are
+    shuffled in among the other extra turns.
+    """
+    if turns <= 0 or len(ex.scenes) < 2:
+        return ex
+    seen = Counter((o.colour, o.kind) for s in ex.scenes for o in s.objects)
+    asked = ex.prompt + "".join(q for _, q, _ in ex.extra)
+    candidates = {k: sorted({(o.colour, o.kind) for o in s.objects
+                             if seen[o.colour, o.kind] == 1 and phrase(o.colour, o.kind) not in asked})
+                  for k, s in enumerate(ex.scenes)}
+    targets = [k for k, objs in candidates.items() if objs]
+    rng.shuffle(targets)
+    turns_ = []
+    for k in targets[:turns]:
+        colour, kind = rng.choice(candidates[k])
+        q = rng.choice(MULTI_TEMPLATES["which"]).format(obj=phrase(colour, kind))
+        turns_.append(("which", q, f"image {k + 1}"))
+    extra = ex.extra + turns_
+    rng.shuffle(extra)
+    ex.extra = extra
+    return ex
+
+
 def add_intro(ex: Example, share: float, rng: random.Random) -> Example:
     """With probability `share`, show a multi-image conversation's images one per turn (set `ex.intro`).
 
@@ -830,7 +861,7 @@ def _select_tasks(tasks: Optional[Sequence[str]]) -> dict[str, list[str]]:
 
 
 def _validate(split: str, counts: Mapping[str, int], distractors: int, image_size: int, video_frames: int,
-              turns: int = 1, progressive: float = 0.0, video_turns: int = 1) -> None:
+              turns: int = 1, progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> None:
     if split not in SPLITS:
         raise InputError(f"split '{split}': must be one of {', '.join(SPLITS)}")
     for g, n in counts.items():
@@ -848,6 +879,9 @@ def _validate(split: str, counts: Mapping[str, int], distractors: int, image_siz
     if not isinstance(video_turns, int) or not 1 <= video_turns <= len(SINGLE_TASKS):
         raise InputError(f"video_turns={video_turns!r}: questions per video conversation must be from 1 to "
                          f"{len(SINGLE_TASKS)} (the video's question, then one per single-image task)")
+    if not isinstance(which_turns, int) or not 0 <= which_turns <= 8:
+        raise InputError(f"which_turns={which_turns!r}: further 'which image has X?' questions per conversation of "
+                         f"several images must be from 0 to 8 (at most one per image is asked)")
     if not isinstance(progressive, (int, float)) or not 0 <= progressive <= 1:
         raise InputError(f"progressive={progressive!r}: the share of multi-image conversations shown one image per "
                          f"turn must be from 0 to 1")
@@ -860,10 +894,11 @@ class _Stats:
 
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
-          stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
+          stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1,
+          which_turns: int = 0) -> Iterator[Example]:
     """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns)
+    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns, which_turns)
     per_group = _select_tasks(tasks)
     order: list[str] = []
     for g, n in counts.items():
@@ -872,12 +907,12 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
     return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns, progressive,
-                     video_turns)
+                     video_turns, which_turns)
 
 
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
               exclude: Optional[set[str]], stats: _Stats, turns: int = 1,
-              progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
+              progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Iterator[Example]:
     for i, task in enumerate(order):
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(_seed_for(seed, split, i, attempt))
@@ -891,24 +926,26 @@ def _generate(split: str, order: list[str], distractors: int, seed: int, image_s
         # Own RNGs: the first question (and so every turns=1 dataset) depends on neither option.
         ex = add_turns(ex, turns, random.Random(_seed_for(seed, split, i, "turns")))
         ex = add_video_turns(ex, video_turns, random.Random(_seed_for(seed, split, i, "video-turns")))
-        yield add_intro(ex, progressive, random.Random(_seed_for(seed, split, i, "intro")))
+        ex = add_intro(ex, progressive, random.Random(_seed_for(seed, split, i, "intro")))
+        yield add_which_turns(ex, which_turns, random.Random(_seed_for(seed, split, i, "which-turns")))
 
 
 def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_video: int = 0, n_distractor: int = 0,
                   distractors: int = 3, seed: int = 0, image_size: int = 64, video_frames: int = 8, *,
                   exclude_hashes: Optional[set[str]] = None,
                   tasks: Optional[Sequence[str]] = None, turns: int = 1,
-                  progressive: float = 0.0, video_turns: int = 1) -> Iterator[Example]:
+                  progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Iterator[Example]:
     """The examples of a split in memory (same content as `generate_split` writes), without files.
 
     `ex.images` / `ex.videos` render lazily to PIL images / frame lists; `ex.scenes` / `ex.video_scenes`
     hold the data. `exclude_hashes`: scene hashes to avoid (an earlier split's). `tasks`: keep only these
     task or group names. `turns`: questions per image conversation (see `add_turns`). `progressive`: share of
     multi-image conversations shown one image per turn (see `add_intro`). `video_turns`: questions per video
-    conversation (see `add_video_turns`).
+    conversation (see `add_video_turns`). `which_turns`: further "which image has X?" questions per conversation
+    of several images (see `add_which_turns`).
     """
     return _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                 exclude_hashes, tasks, _Stats(), turns, progressive, video_turns)
+                 exclude_hashes, tasks, _Stats(), turns, progressive, video_turns, which_turns)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -997,12 +1034,12 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
                  distractors: int, seed: int, image_size: int, video_frames: int, fps: int,
                  exclude: Optional[tuple[set[str], set[str]]], tasks: Optional[Sequence[str]],
                  progress: Optional[bool], turns: int = 1, progressive: float = 0.0,
-                 video_turns: int = 1) -> tuple[Path, dict]:
+                 video_turns: int = 1, which_turns: int = 0) -> tuple[Path, dict]:
     from tqdm import tqdm
 
     out = Path(out_dir)
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
-    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns)
+    _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns, which_turns)
     if not isinstance(fps, int) or fps < 1:
         raise InputError(f"fps={fps!r}: must be a positive integer")
     if exclude is None:  # the hashes of the splits before this one that are already in out_dir
@@ -1022,8 +1059,8 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     jsonl = out / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
     examples = _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                     exclude[0], tasks, stats, turns, progressive, video_turns)
-    extra_turns = intro_conversations = 0
+                     exclude[0], tasks, stats, turns, progressive, video_turns, which_turns)
+    extra_turns = intro_conversations = which_turns_n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         bar = tqdm(examples, total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
                    disable=None if progress is None else not progress)  # None: shown on a terminal
@@ -1045,6 +1082,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
                 hashes[s.hash] = s.layout_hash
             tasks_count[ex.task] += 1
             extra_turns += len(ex.extra)
+            which_turns_n += sum(t == "which" for t, _, _ in ex.extra)
             intro_conversations += bool(ex.intro)
             answers[ex.answer if not ex.task.endswith("/caption") else "<caption>"] += 1
             prompt_chars.append(len(ex.prompt))
@@ -1056,6 +1094,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
         "file": jsonl.name,
         "examples": total,
         "extra_turns": extra_turns,
+        "which_turns": which_turns_n,
         "one_image_per_turn": intro_conversations,
         "tasks": dict(sorted(tasks_count.items())),
         "answers": dict(sorted(answers.items())),
@@ -1074,18 +1113,19 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
                    n_distractor: int = 0, distractors: int = 3, seed: int = 0, image_size: int = 64,
                    video_frames: int = 8, *, fps: int = 4, exclude_hashes: Optional[set[str]] = None,
                    tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None, turns: int = 1,
-                   progressive: float = 0.0, video_turns: int = 1) -> Path:
+                   progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Path:
     """Write `<out_dir>/<split>.jsonl` with its images, videos and scene hashes; return the JSONL path.
 
     Scenes of earlier splits (train < val < test) whose `<split>.scenes.txt` is in `out_dir` are never
     reused, unless `exclude_hashes` is given (then exactly those are avoided). An existing generated split of
     the same name is replaced. `turns`: questions per image conversation (see `add_turns`); `progressive`: share
     of multi-image conversations shown one image per turn (see `add_intro`); `video_turns`: questions per video
-    conversation (see `add_video_turns`).
+    conversation (see `add_video_turns`); `which_turns`: further "which image has X?" questions per conversation of
+    several images (see `add_which_turns`).
     """
     exclude = None if exclude_hashes is None else (set(exclude_hashes), set())
     path, _ = _write_split(out_dir, split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size,
-                           video_frames, fps, exclude, tasks, progress, turns, progressive, video_turns)
+                           video_frames, fps, exclude, tasks, progress, turns, progressive, video_turns, which_turns)
     return path
 
 
@@ -1127,6 +1167,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                   tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
                   train_turns: int = 1, train_progressive: float = 0.0,
                   train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1,
+                  train_which_turns: int = 0,
                   exclude: Sequence[Union[str, Path]] = ()) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
@@ -1135,7 +1176,9 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     multi-image conversations shown one image per turn (`add_intro`); val and test keep the one-turn layout.
     train_mix: weights of the groups in the train split's total (missing groups keep DEFAULT_MIX's); val and
     test keep DEFAULT_MIX, so scores stay comparable across training mixes. train_video_turns: questions per
-    video conversation in the train split (`add_video_turns`); val and test ask one. exclude: `<split>.scenes.txt`
+    video conversation in the train split (`add_video_turns`); val and test ask one. train_which_turns: further
+    "which image has X?" questions per train conversation of several images (`add_which_turns`); val and test
+    ask none. exclude: `<split>.scenes.txt`
     files of another dataset whose scenes no split here may use (e.g. extra training data that must not show
     an image of an existing test split).
 
@@ -1160,7 +1203,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
             for s in SPLITS if s in sizes}
     for split, counts in plan.items():  # validate everything before writing anything
         _validate(split, counts, distractors, image_size, video_frames, train_turns if split == "train" else 1,
-                  train_progressive if split == "train" else 0.0, train_video_turns if split == "train" else 1)
+                  train_progressive if split == "train" else 0.0, train_video_turns if split == "train" else 1,
+                  train_which_turns if split == "train" else 0)
         for g, n in counts.items():
             if n and not per_group[g]:
                 raise InputError(f"{n} {g} examples asked for in '{split}', but the task filter leaves no {g} task")
@@ -1184,7 +1228,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                                 image_size, video_frames, fps, (set(seen[0]), set(seen[1])), tasks, progress,
                                 train_turns if split == "train" else 1,
                                 train_progressive if split == "train" else 0.0,
-                                train_video_turns if split == "train" else 1)
+                                train_video_turns if split == "train" else 1,
+                                train_which_turns if split == "train" else 0)
         h, lay = read_scene_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
@@ -1202,6 +1247,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "train_turns": train_turns,
         "train_progressive": train_progressive,
         "train_video_turns": train_video_turns,
+        "train_which_turns": train_which_turns,
         "train_mix": {g: weights[g] for g in GROUPS},
         **({"exclude": [str(f) for f in exclude]} if exclude else {}),
         "video_codec": video_codec(),
@@ -1289,6 +1335,9 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--video-turns", type=int, default=1, metavar="K",
                    help="training video conversations ask up to K questions: the video's own, then questions about "
                         "its first or last frame (val/test: 1)")
+    p.add_argument("--which-turns", type=int, default=0, metavar="K",
+                   help="training conversations of several images (multi-image, distractor) also ask up to K "
+                        "'which image has X?' questions about objects found in only one of them (val/test: 0)")
     p.add_argument("--train-mix", default=None, metavar="G=W,...",
                    help="weights of the groups in the train split, e.g. video=0.3 (others keep "
                         + ", ".join(f"{g}={w}" for g, w in DEFAULT_MIX.items()) + "); val/test keep the default")
@@ -1314,6 +1363,7 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_dataset(args.out, {"train": args.train, "val": args.val, "test": args.test}, seed=args.seed,
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
                           fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
-                          train_mix=mix, train_video_turns=args.video_turns, exclude=args.exclude)
+                          train_mix=mix, train_video_turns=args.video_turns, train_which_turns=args.which_turns,
+                          exclude=args.exclude)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0
