@@ -30,12 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from hyperowl.errors import InputError  # noqa: E402
 from hyperowl.train.data import ConversationDataset, StepBatches, step_loader  # noqa: E402
 from hyperowl.train.recipe import Recipe, resolve_trainable  # noqa: E402
-from hyperowl.train.trainer import build, expand_labels, is_owl2, model_type, pad_id, recipe_optimizer  # noqa: E402
+from hyperowl.train.trainer import answer_losses, build, expand_labels, is_owl2, model_type, pad_id, recipe_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -53,9 +52,7 @@ def run_block(model, opt, trainable, data, recipe: Recipe, pad: int, lengths, st
             raise InputError(b["error"])
         b = expand_labels(model, b)
         t1 = time.perf_counter()
-        logits = model(b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                       image_positions=b["image_positions"]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(), ignore_index=-100)
+        loss = answer_losses(model, b, "cpu").sum() / (b["labels"][:, 1:] != -100).sum().clamp(min=1)
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()

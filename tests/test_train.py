@@ -403,6 +403,40 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
 
 
+def test_answer_losses_equal_the_full_head_loss_with_gradients():
+    """The trainer's head-only-where-labelled loss == cross-entropy over the full [B, L, V] logits, per row and
+    in every gradient; and logits_at picks the rows' positions in row-major order."""
+    import torch.nn.functional as F
+    from conftest import random_owl3
+    from hyperowl.train.trainer import answer_losses
+
+    model = random_owl3("240728").train()
+    ids = torch.randint(10, 1000, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 4:7], labels[1, 9:], labels[2, 5] = ids[0, 4:7], ids[1, 9:], ids[2, 5]
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    b = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.randn(4, 3, 28, 28),
+         "image_positions": torch.tensor([[2, 5], [3, -1], [1, -1]])}
+    got = answer_losses(model, b, "cpu")
+    got.sum().backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(ids, attention_mask=mask, pixel_values=b["pixel_values"], image_positions=b["image_positions"]).logits
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="none").view(3, 11).sum(1)
+    want.sum().backward()
+    assert torch.allclose(got, want, atol=1e-5) and bool((want > 0).all())
+    assert len(fast) > 10 and all(torch.allclose(fast[n], p.grad, atol=1e-6) for n, p in model.named_parameters()
+                                  if p.grad is not None)
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[2, 4], at[0, 1], at[0, 8] = True, True, True
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask, pixel_values=b["pixel_values"], image_positions=b["image_positions"],
+                       logits_at=at).logits
+    assert torch.allclose(packed, logits.detach()[[0, 0, 2], [1, 8, 4]], atol=1e-5)
+
+
 def test_init_schemes():
     """normal: every matrix N(0, 0.02); fan_in: N(0, 1/fan_in), residual outputs scaled down by depth."""
     from conftest import random_owl3

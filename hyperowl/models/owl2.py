@@ -174,6 +174,7 @@ class Owl2Model(nn.Module):
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
         last_logits_only: bool = False,
+        logits_at: Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
         output_attentions: bool | None = None,
@@ -185,6 +186,7 @@ class Owl2Model(nn.Module):
         pixel_values / images [N, 3, S, S] or image_embeds [N, Q+1, H]: all rows' images, row 0's first.
         image_positions [B, N_max]: token index of each image's placeholder (-1 = none); if omitted, the
         official -200 placeholders in input_ids are used. logits/hidden states cover the expanded sequence.
+        logits_at: bool [B, L_expanded]: logits only at these positions, packed [K, V] in row-major order.
         """
         if output_attentions:
             raise InputError("output_attentions is not supported (attention runs in fused SDPA kernels)")
@@ -237,7 +239,12 @@ class Owl2Model(nn.Module):
         h = self.decoder(x, ctx, visual, hidden)
         if cache is not None:
             cache.commit(lx, positions[:, -1])
-        logits = self.output_head(h[:, -1:] if last_logits_only else h)
+        if logits_at is not None:  # training: the head (and its [*, V] buffers) only where there are labels
+            if labels is not None or last_logits_only:
+                raise ValueError("logits_at cannot be combined with labels or last_logits_only")
+            logits = self.output_head(h[logits_at.to(h.device)])
+        else:
+            logits = self.output_head(h[:, -1:] if last_logits_only else h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(dev), ignore_index=-100)

@@ -127,6 +127,7 @@ class Owl3Model(nn.Module):
         labels: Tensor | None = None,
         output_hidden_states: bool = False,
         last_logits_only: bool = False,
+        logits_at: Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
     ) -> Owl3Output:
@@ -136,6 +137,8 @@ class Owl3Model(nn.Module):
         pixel_values [N, 3, S, S] or image_embeds [N, T, H]: all rows' images, row 0's first.
         image_positions [B, N_max]: token index of each image's placeholder in its row, -1 = none;
         or media_offset in the official form instead. position_ids: optional override (default: from mask).
+        logits_at: bool [B, Lq]: logits only at these positions, packed [K, V] in row-major order (training
+        needs them only where labels are: the full [B, Lq, V] head and loss cost a third of a small model's step).
         """
         cfg = self.config
         cache = cache if cache is not None else past_key_values
@@ -178,7 +181,12 @@ class Owl3Model(nn.Module):
         h = self.decoder(self.decoder.embed_tokens(input_ids), ctx, hidden)
         if cache is not None:
             cache.commit(lq, positions[:, -1])
-        logits = self.output_head(h[:, -1:] if last_logits_only else h)
+        if logits_at is not None:  # training: the head (and its [*, V] buffers) only where there are labels
+            if labels is not None or last_logits_only:
+                raise ValueError("logits_at cannot be combined with labels or last_logits_only")
+            logits = self.output_head(h[logits_at.to(h.device)])
+        else:
+            logits = self.output_head(h[:, -1:] if last_logits_only else h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(dev), ignore_index=-100)

@@ -358,6 +358,21 @@ def restore(model: Owl3Model | Owl2Model, opt: torch.optim.Optimizer, ckpt: Path
     return meta["step"]
 
 
+def answer_losses(net: torch.nn.Module, b: dict, device) -> torch.Tensor:
+    """Summed next-token cross-entropy of each row's labelled tokens [B] (0 for a row without labels).
+
+    The head runs only where a label follows (`logits_at`): [K, V] logits instead of [B, L, V]."""
+    labels = b["labels"].to(device)
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+    logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                 pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
+                 image_positions=None if b["image_positions"] is None else b["image_positions"].to(device),
+                 logits_at=at).logits  # [K, V], row-major
+    tok = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="none")  # [K]
+    return tok.new_zeros(labels.shape[0]).index_add(0, at.nonzero(as_tuple=True)[0], tok)
+
+
 @torch.no_grad()
 def validation_loss(model: Owl3Model | Owl2Model, val: ConversationDataset, pad: int, device, batch_size: int, limit: int = 256) -> float:
     """Per-token loss on the first `limit` validation examples (fixed, so curves are comparable)."""
@@ -366,12 +381,8 @@ def validation_loss(model: Owl3Model | Owl2Model, val: ConversationDataset, pad:
     idx = list(range(min(limit, len(val))))
     for i in range(0, len(idx), batch_size):
         b = expand_labels(model, collate_train([val[j] for j in idx[i : i + batch_size]], pad))
-        logits = model(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                       pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
-                       image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
-        labels = b["labels"][:, 1:].to(device)
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"))
-        n_tok += int((labels != -100).sum())
+        total += float(answer_losses(model, b, device).sum())
+        n_tok += int((b["labels"][:, 1:] != -100).sum())
     return total / max(n_tok, 1)
 
 
@@ -552,12 +563,7 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
         for m, b in enumerate(micro):
             sync = m == len(micro) - 1 or not isinstance(net, torch.nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                             pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
-                             image_positions=None if b["image_positions"] is None else b["image_positions"].to(device)).logits
-                labels = b["labels"][:, 1:].to(device)
-                row = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                      reduction="none").view(labels.shape).sum(1)  # [B]: 0 off the answers
+                row = answer_losses(net, b, device)  # [B]: summed over each row's answer tokens
                 tok_loss = row.sum()
                 obj = tok_loss if power == 0 else (row * rows_n[m].clamp(min=1).to(row) ** -power).sum()
             (obj / norm.clamp(min=1).to(obj) * world).backward()  # DDP and FSDP average gradients over processes
