@@ -228,10 +228,11 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     summary = pretrain_vision(PRESETS[args.preset].vision, args.out, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, warmup=args.warmup, seed=args.seed, exclude=args.exclude,
-                              eval_every=args.eval_every)
+                              eval_every=args.eval_every, pairs=args.pair_labels)
     acc = summary["accuracy"]
     print(f"{args.out}: held-out per-object accuracy " + ", ".join(f"{h} {acc[h + '_object']:.3f}" for h in
-                                                                  ("kind", "colour", "size", "cell"))
+                                                                  ("kind", "colour", "size", "cell", "pair")
+                                                                  if h + "_object" in acc)
           + f"  ({summary['seconds']:.0f} s)")
     return 0
 
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--eval-every", type=int, default=500)
     pv.add_argument("--exclude", nargs="*", default=[], metavar="SCENES_TXT",
                     help="<split>.scenes.txt files whose images are never drawn (the val and test splits)")
+    pv.add_argument("--pair-labels", action="store_true",
+                    help="also classify each patch's colour-kind pair (one class per pair), not only colour and kind")
     pv.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     pv.set_defaults(func=cmd_pretrain_vision)
 

@@ -142,3 +142,18 @@ def test_cli_pretrain_vision(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hyperowl.cli", "pretrain-vision", "--out", str(tmp_path / "u"),
                           "--exclude", str(tmp_path / "missing.txt")], capture_output=True, text=True, env=ENV, timeout=120)
     assert bad.returncode == 2 and "missing.txt: no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pair_labels_name_each_colour_kind_pair_once(tmp_path):
+    from hyperowl.train.vision_pretrain import PAIR_CLASSES, with_pairs
+
+    kinds, colours = torch.meshgrid(torch.arange(len(syn.KINDS) + 1), torch.arange(len(syn.COLOUR_NAMES) + 1), indexing="ij")
+    lab = torch.stack([kinds.flatten(), colours.flatten(), torch.ones(kinds.numel(), dtype=torch.long),
+                       torch.ones(kinds.numel(), dtype=torch.long)], -1)
+    lab = lab[(lab[:, 0] > 0) == (lab[:, 1] > 0)]  # an object has both a kind and a colour; background neither
+    pair = with_pairs(lab)[:, 4]
+    obj = lab[:, 0] > 0
+    assert (pair[~obj] == 0).all() and pair[obj].unique().numel() == int(obj.sum()) == PAIR_CLASSES - 1
+    assert int(pair.min()) >= 0 and int(pair.max()) == PAIR_CLASSES - 1
+    summary = pretrain_vision(TINY, tmp_path / "p", steps=2, batch_size=4, eval_every=2, progress=False, pairs=True)
+    assert summary["pairs"] and "pair_object" in summary["accuracy"] and "kind_object" in summary["accuracy"]

@@ -44,6 +44,22 @@ from .optim import lr_at, set_lr
 log = logging.getLogger(__name__)
 
 HEADS = tuple(syn.PATCH_LABELS)  # kind, colour, size, cell
+# Optional fifth label: the object's colour-kind pair as one class. Why: a text token that pools a scene's
+# patches keeps which pairs are present only if each patch codes its pair linearly; separate colour and kind
+# codes sum to a bag of colours and a bag of kinds ("a red circle and a blue square" ~ "a blue circle and a
+# red square").
+PAIR_CLASSES = 1 + len(syn.KINDS) * len(syn.COLOUR_NAMES)
+
+
+def head_sizes(pairs: bool) -> dict[str, int]:
+    return {**syn.PATCH_LABELS, **({"pair": PAIR_CLASSES} if pairs else {})}
+
+
+def with_pairs(labels: torch.Tensor) -> torch.Tensor:
+    """[..., 4] labels -> [..., 5]: the pair class (kind - 1) * colours + colour, 0 on background."""
+    kind, colour = labels[..., 0], labels[..., 1]
+    pair = torch.where(kind > 0, (kind - 1) * len(syn.COLOUR_NAMES) + colour, torch.zeros_like(kind))
+    return torch.cat([labels, pair[..., None]], -1)
 EVAL_SCENES = 256
 
 
@@ -85,19 +101,21 @@ class SceneStream:
 class PatchHead(nn.Module):
     """One linear classifier per label over each patch token: [N, P, C] -> {label: [N, P, classes]}."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, pairs: bool = False) -> None:
         super().__init__()
+        self.sizes = head_sizes(pairs)
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, sum(syn.PATCH_LABELS.values()))
+        self.proj = nn.Linear(width, sum(self.sizes.values()))
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.proj(self.norm(feats)).split(list(syn.PATCH_LABELS.values()), dim=-1)
-        return dict(zip(HEADS, logits))
+        logits = self.proj(self.norm(feats)).split(list(self.sizes.values()), dim=-1)
+        return dict(zip(self.sizes, logits))
 
 
 def dense_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Sum over the heads of the mean cross-entropy over all patches (background is a class)."""
-    return sum(F.cross_entropy(logits[h].flatten(0, 1), labels[..., i].flatten()) for i, h in enumerate(HEADS))
+    """Sum over the heads of the mean cross-entropy over all patches (background is a class). labels [..., 4]
+    (or [..., 5] with the pair column, when the head has a pair classifier)."""
+    return sum(F.cross_entropy(logits[h].flatten(0, 1), labels[..., i].flatten()) for i, h in enumerate(logits))
 
 
 @torch.no_grad()
@@ -112,7 +130,7 @@ def evaluate(tower: SiglipTower, head: PatchHead, pixels: torch.Tensor, labels: 
     onehot = F.one_hot(owner, n_obj + 1)[..., 1:].float()  # [N, P, n_obj]: patch -> object
     has = onehot.sum(1) > 0  # [N, n_obj]
     fg = owner > 0
-    for i, h in enumerate(HEADS):
+    for i, h in enumerate(logits):
         y = labels[..., i]
         out[f"{h}_patch"] = float((logits[h].argmax(-1)[fg] == y[fg]).float().mean())
         lp = logits[h].log_softmax(-1)[..., 1:]  # [N, P, K-1], background dropped
@@ -135,8 +153,10 @@ def save_tower(tower: SiglipTower, out: Path) -> None:
 
 def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3,
                     warmup: int = 100, min_lr_ratio: float = 0.05, weight_decay: float = 0.05, seed: int = 0,
-                    exclude: Iterable[str | Path] = (), eval_every: int = 500, progress: bool = True) -> dict:
-    """Train a fresh tower of shape `cfg` on dense synthetic labels; write it to `out`. Returns the final eval."""
+                    exclude: Iterable[str | Path] = (), eval_every: int = 500, progress: bool = True,
+                    pairs: bool = False) -> dict:
+    """Train a fresh tower of shape `cfg` on dense synthetic labels; write it to `out`. Returns the final eval.
+    pairs: also classify each patch's colour-kind pair (see PAIR_CLASSES)."""
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise InputError("pretrain-vision: --steps, --batch-size and --eval-every must be >= 1")
     if cfg.image_size % cfg.patch_size:
@@ -144,11 +164,13 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tower, head = SiglipTower(cfg), PatchHead(cfg.hidden_size)
+    tower, head = SiglipTower(cfg), PatchHead(cfg.hidden_size, pairs)
     excluded = read_excluded(exclude)
     # Held-out scenes: their own seed stream; the training stream also skips them by hash.
     held = SceneStream(cfg, seed + 1_000_003, excluded, record=True)
     test = held.batch(EVAL_SCENES)
+    if pairs:
+        test = (test[0], with_pairs(test[1]), test[2])
     train = SceneStream(cfg, seed, excluded | held.drawn)
     params = [*tower.parameters(), *head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
@@ -161,6 +183,8 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     for step in bar:
         set_lr(opt, lr_at(step, lr, warmup, steps, min_lr_ratio))
         pixels, labels, _ = train.batch(batch_size)
+        if pairs:
+            labels = with_pairs(labels)
         loss = dense_loss(head(tower(pixels)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,11 +202,11 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
             bar.set_postfix(loss=f"{loss.item():.3f}", kind=f"{result['kind_object']:.3f}")
     logf.close()
     save_tower(tower, out)
-    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "held_out_scenes": EVAL_SCENES,
+    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pairs": pairs, "held_out_scenes": EVAL_SCENES,
                "skipped_excluded": train.skipped + held.skipped, "seconds": round(time.time() - t0, 1),
                "vision_config": cfg.to_hf_dict(), "accuracy": result}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("pretrain-vision: %d steps in %.0f s; held-out per-object accuracy %s", steps, summary["seconds"],
-             {h: result[f"{h}_object"] for h in HEADS})
+             {h: result[f"{h}_object"] for h in head.sizes})
     return summary
 
