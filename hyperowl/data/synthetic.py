@@ -759,13 +759,15 @@ def add_video_turns(ex: Example, turns: int, rng: random.Random) -> Example:
 def add_which_turns(ex: Example, turns: int, rng: random.Random) -> Example:
     """Give a conversation of several images up to `turns` further "which image has X?" questions (`ex.extra`).
 
-    Why: picking an image by what it shows needs an index circuit that forms only after ~1500 focused steps
-    (docs/embedded_model_history.md, "Multi-image tasks trained alone"), and in the usual mix one multi-image
-    conversation in three asks it once. Every conversation of several images (multi-image and distractor)
+    Why: in the usual mix one multi-image conversation in three asks it once. Measured (docs/
+    embedded_model_history.md, "'Which' questions in every multi-image conversation" and "The 'which' circuit
+    was a positional shortcut"): with K = 3 the model still answers at chance. Every conversation of several
+    images (multi-image and distractor)
     can ask it about any object whose colour and kind occur in exactly one image; a turn is ~12 tokens
     against the tower and prompt the images already cost. Targets are drawn over the images without
-    replacement (balanced answers); an object the prompt already names is not asked again. The turns are
-    shuffled in among the other extra turns.
+    replacement (balanced answers; with two images the second turn's answer therefore follows from the
+    first's); an object the prompt already names is not asked again. The turns are shuffled in among the
+    other extra turns.
     """
     if turns <= 0 or len(ex.scenes) < 2:
         return ex
@@ -796,7 +798,8 @@ def add_intro(ex: Example, share: float, rng: random.Random) -> Example:
     questions about the latest image teach cross-attention to read the image nearest to the question (the
     first half of that circuit), and the index question can first be answered from the text history. In a
     tiny-model probe (scripts/probe_index.py --aux 0.5) this lifted the index accuracy at 700 steps from 0.52
-    to 0.94 on the usual one-turn layout. Such a conversation drops its extra turns (`add_turns`): the intro
+    to 0.94 on the usual one-turn layout (one fixed layout: possibly a positional shortcut, see the history's
+    2026-12-03 section). Such a conversation drops its extra turns (`add_turns`): the intro
     already asks about every image. Single-image and video conversations are left as they are.
     """
     if share <= 0 or len(ex.scenes) < 2 or rng.random() >= share:
