@@ -215,3 +215,12 @@ def test_bench_visual_slots_smoke(tmp_path):
     assert [(row["mode"], row["images_projected"]) for row in res["results"]] == [("padded", 6), ("packed", 4)]
     every, own = res["segment_rows"]["results"]
     assert (every["mode"], own["mode"]) == ("every", "own") and own["row_segments"] < every["row_segments"]
+
+
+def test_loss_head_bench_smoke(tmp_path):
+    out = tmp_path / "head.json"
+    r = subprocess.run([sys.executable, "bench/bench_loss_head.py", "--batch", "2", "--length", "16", "--hidden", "8",
+                        "--vocab", "32", "--answers", "3", "--reps", "2", "--blocks", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert [row["head"] for row in json.loads(out.read_text())["rows"]] == ["full", "answers"]
