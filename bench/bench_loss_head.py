@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyperowl.train.trainer import label_positions, row_losses
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,11 +36,8 @@ def full(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def answers_only(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    at = torch.zeros_like(labels, dtype=torch.bool)
-    at[:, :-1] = labels[:, 1:] != -100
-    logits = F.linear(h[at], w)  # [K, V]
-    tok = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="none")
-    return tok.new_zeros(labels.shape[0]).index_add(0, at.nonzero(as_tuple=True)[0], tok)
+    at = label_positions(labels)  # the trainer's own selection and loss (trainer.answer_losses)
+    return row_losses(F.linear(h[at], w), labels, at)  # head on [K, H] -> [K, V]
 
 
 def main() -> None:

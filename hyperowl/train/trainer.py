@@ -358,19 +358,30 @@ def restore(model: Owl3Model | Owl2Model, opt: torch.optim.Optimizer, ckpt: Path
     return meta["step"]
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions whose next token has a label (position t predicts token t + 1)."""
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = labels[:, 1:] != -100
+    return at
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """[K, V] logits at the `at` positions (row-major) -> summed cross-entropy of each row [B] (0 if unlabelled)."""
+    tok = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="none")  # [K]
+    return tok.new_zeros(labels.shape[0]).index_add(0, at.nonzero(as_tuple=True)[0], tok)
+
+
 def answer_losses(net: torch.nn.Module, b: dict, device) -> torch.Tensor:
     """Summed next-token cross-entropy of each row's labelled tokens [B] (0 for a row without labels).
 
     The head runs only where a label follows (`logits_at`): [K, V] logits instead of [B, L, V]."""
     labels = b["labels"].to(device)
-    at = torch.zeros_like(labels, dtype=torch.bool)
-    at[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+    at = label_positions(labels)
     logits = net(b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                  pixel_values=None if b["pixel_values"] is None else b["pixel_values"].to(device),
                  image_positions=None if b["image_positions"] is None else b["image_positions"].to(device),
                  logits_at=at).logits  # [K, V], row-major
-    tok = F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]], reduction="none")  # [K]
-    return tok.new_zeros(labels.shape[0]).index_add(0, at.nonzero(as_tuple=True)[0], tok)
+    return row_losses(logits, labels, at)
 
 
 @torch.no_grad()

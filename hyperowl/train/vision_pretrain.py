@@ -43,7 +43,6 @@ from .optim import lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
-HEADS = tuple(syn.PATCH_LABELS)  # kind, colour, size, cell
 # Optional fifth label: the object's colour-kind pair as one class. Why: a text token that pools a scene's
 # patches keeps which pairs are present only if each patch codes its pair linearly; separate colour and kind
 # codes sum to a bag of colours and a bag of kinds ("a red circle and a blue square" ~ "a blue circle and a
@@ -60,6 +59,8 @@ def with_pairs(labels: torch.Tensor) -> torch.Tensor:
     kind, colour = labels[..., 0], labels[..., 1]
     pair = torch.where(kind > 0, (kind - 1) * len(syn.COLOUR_NAMES) + colour, torch.zeros_like(kind))
     return torch.cat([labels, pair[..., None]], -1)
+
+
 EVAL_SCENES = 256
 
 
@@ -77,12 +78,14 @@ def read_excluded(files: Iterable[str | Path]) -> set[str]:
 class SceneStream:
     """Random scenes (seeded) as tower inputs and per-patch labels, skipping excluded image hashes."""
 
-    def __init__(self, cfg: SiglipConfig, seed: int, exclude: set[str] = frozenset(), record: bool = False) -> None:
-        self.cfg, self.rng, self.exclude, self.skipped = cfg, random.Random(seed), exclude, 0
+    def __init__(self, cfg: SiglipConfig, seed: int, exclude: set[str] = frozenset(), record: bool = False,
+                 pairs: bool = False) -> None:
+        self.cfg, self.rng, self.exclude, self.skipped, self.pairs = cfg, random.Random(seed), exclude, 0, pairs
         self.drawn: set[str] | None = set() if record else None  # hashes produced (held-out stream only)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pixels [n, 3, S, S], labels [n, P, 4] (per HEADS, 0 = background), owner [n, P] (object index + 1)."""
+        """pixels [n, 3, S, S], labels [n, P, 4] (kind, colour, size, cell as syn.PATCH_LABELS; 0 = background;
+        [n, P, 5] with the pair class when the stream has `pairs`), owner [n, P] (object index + 1)."""
         px, lab, own = [], [], []
         while len(px) < n:
             scene = syn.random_scene(self.rng, self.cfg.image_size)
@@ -95,7 +98,8 @@ class SceneStream:
             px.append(image_to_tensor(scene.render(), self.cfg.image_size))
             lab.append(torch.from_numpy(y))
             own.append(torch.from_numpy(o))
-        return torch.stack(px), torch.stack(lab), torch.stack(own)
+        labels = torch.stack(lab)
+        return torch.stack(px), with_pairs(labels) if self.pairs else labels, torch.stack(own)
 
 
 class PatchHead(nn.Module):
@@ -167,11 +171,9 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     tower, head = SiglipTower(cfg), PatchHead(cfg.hidden_size, pairs)
     excluded = read_excluded(exclude)
     # Held-out scenes: their own seed stream; the training stream also skips them by hash.
-    held = SceneStream(cfg, seed + 1_000_003, excluded, record=True)
+    held = SceneStream(cfg, seed + 1_000_003, excluded, record=True, pairs=pairs)
     test = held.batch(EVAL_SCENES)
-    if pairs:
-        test = (test[0], with_pairs(test[1]), test[2])
-    train = SceneStream(cfg, seed, excluded | held.drawn)
+    train = SceneStream(cfg, seed, excluded | held.drawn, pairs=pairs)
     params = [*tower.parameters(), *head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -183,8 +185,6 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     for step in bar:
         set_lr(opt, lr_at(step, lr, warmup, steps, min_lr_ratio))
         pixels, labels, _ = train.batch(batch_size)
-        if pairs:
-            labels = with_pairs(labels)
         loss = dense_loss(head(tower(pixels)), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
