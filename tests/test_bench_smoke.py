@@ -44,8 +44,8 @@ def test_vs_llava_bench_smoke(tmp_path):
     assert (res["device"], res["dtype"], res["memory"]) == ("cpu", "float32", "peak RSS")  # auto: float32 on CPU
 
 
-def _bench_module(name):
-    spec = importlib.util.spec_from_file_location(name, f"bench/{name}.py")
+def _bench_module(name, folder="bench"):
+    spec = importlib.util.spec_from_file_location(name, f"{folder}/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -224,3 +224,39 @@ def test_loss_head_bench_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     assert [row["head"] for row in json.loads(out.read_text())["rows"]] == ["full", "answers"]
+
+
+def test_probe_relation_questions_and_name_tokens():
+    """The probe's labels are what the scene says, and its name positions point at the names' last tokens."""
+    import hyperowl
+
+    mod = _bench_module("probe_relation", "scripts")
+    items = mod.questions(60, seed=3)
+    assert len(items) == 60 and {it["answer"] for it in items} == {"yes", "no"}
+    proc = hyperowl.load().processor
+    for it in items:
+        scene, q = it["scene"], it["q"]
+        rel = next(r for r in ("left of", "right of", "above", "below") if f" {r} " in q)
+        a = next(o for o in scene.objects if o.name == it["a"])
+        b = next(o for o in scene.objects if o.name == it["b"])
+        axis = 1 if rel in ("left of", "right of") else 0
+        assert (it["a_coord"], it["b_coord"]) == (scene.cell(a)[axis], scene.cell(b)[axis])
+        before = scene.cell(a)[axis] < scene.cell(b)[axis]
+        assert it["answer"] == ("yes" if before == (rel in ("left of", "above")) else "no")
+        assert q.index(it["a"]) < q.index(it["b"])
+        prompt = proc([{"role": "user", "content": "<|image|>" + q}], images=[scene.render()]).prompt
+        ids, _ = proc._tokenize(prompt)
+        for name, after in ((it["a"], 0), (it["b"], prompt.index(it["a"]) + len(it["a"]))):
+            i = mod.last_token_of(proc, prompt, name, after)
+            last, nxt = proc.tokenizer.decode([ids[i]]).strip(), proc.tokenizer.decode([ids[i + 1]])
+            assert i >= 0 and last and name.endswith(last) and nxt[:1] in (" ", "?", ",")  # the name ends there
+
+
+def test_probe_relation_smoke(tmp_path):
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "scripts/probe_relation.py", "--n", "40", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["n"] <= 40 and res["held_out"] >= 5 and len(res["rows"]) == 5  # embeddings + 4 layers
+    assert all(0 <= v <= 1 for row in res["rows"] for k, v in row.items() if k != "layer")
