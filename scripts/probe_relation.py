@@ -1,7 +1,7 @@
 """Where does a relation question lose its answer? A linear-probe diagnostic for issue 3.
 
 Why this exists: the embedded model answers "where is the X?" on every test question (position 1.00) but
-"is the A left of the B?" at chance (relation 0.42), and 2400 more steps on relation questions alone did not
+"is the A left of the B?" at chance (relation 0.42), and 2000 more steps on relation questions alone did not
 move its loss off chance. Answering needs three hops: each object's name tokens read that object's cell from
 the image (hyper attention), the answer position gathers both cells from the text, and an MLP compares them
 along the asked axis. This script asks which hop fails: it runs the model on fresh relation questions (and,
