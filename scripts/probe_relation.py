@@ -29,6 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hyperowl  # noqa: E402
 from hyperowl.data import synthetic as syn  # noqa: E402
+from hyperowl.errors import HyperowlError  # noqa: E402
 
 
 def questions(n: int, seed: int) -> list[dict]:
@@ -50,22 +51,23 @@ def questions(n: int, seed: int) -> list[dict]:
         q = rng.choice(syn.SINGLE_TEMPLATES["relation"]).format(img=ref, a=a.name, b=b.name, rel=rel)
         pos = syn.SINGLE_TEMPLATES["position"][0].format(img=ref, obj=a.name)
         out.append({"scene": scene, "q": q, "pos_q": pos, "a": a.name, "b": b.name, "answer": "yes" if truth else "no",
-                    "a_coord": ca, "b_coord": cb, "a_cell": 3 * scene.cell(a)[0] + scene.cell(a)[1]})
+                    "a_coord": ca, "b_coord": cb, "a_cell": syn.GRID * scene.cell(a)[0] + scene.cell(a)[1]})
     return out
 
 
-def last_token_of(proc, prompt: str, name: str, after: int = 0) -> int:
-    """Index of the last token of the first `name` at or after character `after` (-1 if the split differs)."""
+def last_token_of(proc, prompt: str, ids: list[int], name: str, after: int = 0) -> int:
+    """Index in `ids` (the prompt's tokens) of the last token of the first `name` at or after character `after`
+    (-1 if tokenizing the prompt up to there splits differently)."""
     end = prompt.index(name, after) + len(name)
-    full, _ = proc._tokenize(prompt)
     head, _ = proc._tokenize(prompt[:end])
-    return len(head) - 1 if full[: len(head)] == head else -1
+    return len(head) - 1 if ids[: len(head)] == head else -1
 
 
 @torch.no_grad()
-def features(model, items: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Residual streams [N, layers+1, 3 positions (A, B, last), H] for the prompts in items[i][key], and
-    whether the model's next token prefers 'yes' over 'no' (relation prompts)."""
+def features(model, items: list[dict], key: str, names: bool) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Residual streams [N, layers+1, 3 positions (A, B, last), H] for the prompts in items[i][key] (A and B at
+    the names' last tokens when `names`, else the last token again), and whether the model's next token
+    prefers 'yes' over 'no' (relation prompts)."""
     proc = model.processor
     tok = proc.tokenizer
     yes, no = tok.encode("yes", add_special_tokens=False).ids[0], tok.encode("no", add_special_tokens=False).ids[0]
@@ -73,14 +75,16 @@ def features(model, items: list[dict], key: str) -> tuple[torch.Tensor, torch.Te
     for it in tqdm(items, desc=key, leave=False, mininterval=5):
         msgs = [{"role": "user", "content": syn.IMAGE_TOKEN + it[key]}]
         inp = proc(msgs, images=[it["scene"].render()])
-        prompt = inp.prompt
-        ia = last_token_of(proc, prompt, it["a"])
-        ib = last_token_of(proc, prompt, it["b"], prompt.index(it["a"]) + len(it["a"])) if it["b"] in prompt else ia
-        keep.append(ia >= 0 and ib >= 0)
+        ia = ib = -1
+        if names:
+            prompt, ids = inp.prompt, inp.input_ids.tolist()
+            ia = last_token_of(proc, prompt, ids, it["a"])
+            ib = last_token_of(proc, prompt, ids, it["b"], prompt.index(it["a"]) + len(it["a"]))
+            keep.append(ia >= 0 and ib >= 0)
         out = model(inp.input_ids[None], pixel_values=inp.pixel_values, image_positions=inp.image_positions[None],
                     output_hidden_states=True)
         hs = torch.stack([h[0] for h in out.hidden_states])  # [layers+1, L, H]
-        feats.append(hs[:, [max(ia, 0), max(ib, 0), -1]])  # [layers+1, 3, H]
+        feats.append(hs[:, [ia, ib, -1]])  # [layers+1, 3, H]
         says_yes.append(bool(out.logits[0, -1, yes] > out.logits[0, -1, no]))
     return torch.stack(feats).float(), torch.tensor(says_yes), keep
 
@@ -113,11 +117,14 @@ def main() -> int:
     if args.n < 40:
         ap.error(f"--n {args.n}: need at least 200 questions for a held-out quarter")
     torch.set_num_threads(2)
-    model = hyperowl.load(args.model)
+    try:
+        model = hyperowl.load(args.model)
+    except HyperowlError as e:
+        ap.error(str(e))
     model.eval()
     items = questions(args.n, args.seed)
-    rel, says_yes, keep = features(model, items, "q")
-    pos, _, _ = features(model, items, "pos_q")
+    rel, says_yes, keep = features(model, items, "q", names=True)
+    pos, _, _ = features(model, items, "pos_q", names=False)
     k = torch.tensor(keep)
     rel, pos, says_yes = rel[k], pos[k], says_yes[k]
     kept = [it for it, ok in zip(items, keep) if ok]

@@ -247,7 +247,7 @@ def test_probe_relation_questions_and_name_tokens():
         prompt = proc([{"role": "user", "content": "<|image|>" + q}], images=[scene.render()]).prompt
         ids, _ = proc._tokenize(prompt)
         for name, after in ((it["a"], 0), (it["b"], prompt.index(it["a"]) + len(it["a"]))):
-            i = mod.last_token_of(proc, prompt, name, after)
+            i = mod.last_token_of(proc, prompt, ids, name, after)
             last, nxt = proc.tokenizer.decode([ids[i]]).strip(), proc.tokenizer.decode([ids[i + 1]])
             assert i >= 0 and last and name.endswith(last) and nxt[:1] in (" ", "?", ",")  # the name ends there
 
