@@ -8,15 +8,41 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED = Path(os.environ.get("HYPEROWL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-OWL3_FIXTURE = SHARED / "fixtures" / "owl3-240728-tiny"
+# The official-implementation fixtures (tiny checkpoints, reference outputs, processor outputs) live in the
+# repository, next to this file; tests/fixtures/*/README.md says how each was made.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OWL3_FIXTURE = FIXTURES / "owl3-240728-tiny"
+OWL2_FIXTURE = FIXTURES / "owl2-tiny"
+FIXTURE_FILES = ("config.json", "model.safetensors", "reference_outputs.safetensors",
+                 "processor/processor_outputs.json", "processor/processor_outputs.safetensors",
+                 "processor/input_image_0.png", "processor/input_image_1.png")
+
+
+def fixture_missing(d: Path) -> str | None:
+    """Why the fixture directory d cannot be used (a skip reason), or None when every file the tests read is there."""
+    if not d.is_dir():
+        return f"fixture {d} not found"
+    missing = [name for name in FIXTURE_FILES if not (d / name).is_file()]
+    return f"fixture {d} is incomplete (missing {', '.join(missing)})" if missing else None
+
+
+def require_fixture(d: Path) -> Path:
+    """d, or skip the calling test (or fixture) when the fixture is missing."""
+    reason = fixture_missing(d)
+    if reason:
+        pytest.skip(reason)
+    return d
+
+
+def skip_without(d: Path) -> pytest.MarkDecorator:
+    """A mark that skips a test (or, as `pytestmark`, a module) when the fixture d is missing."""
+    reason = fixture_missing(d)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 @pytest.fixture(scope="session")
 def owl3_fixture_dir() -> Path:
-    if not (OWL3_FIXTURE / "model.safetensors").exists():
-        pytest.fail(f"fixture not found at {OWL3_FIXTURE}; set HYPEROWL_SHARED to the shared/ folder")
-    return OWL3_FIXTURE
+    return require_fixture(OWL3_FIXTURE)
 
 
 @pytest.fixture(scope="session")

@@ -18,20 +18,19 @@ from hyperowl.engine import Engine, Request, SamplingParams
 from hyperowl.errors import CheckpointError, InputError
 from hyperowl.models.owl2 import Owl2Model, positions_from_placeholders
 
-from conftest import SHARED
+from conftest import OWL2_FIXTURE as FIX, require_fixture
 
-FIX = SHARED / "fixtures" / "owl2-tiny"
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def ref():
-    return load_file(str(FIX / "reference_outputs.safetensors"))
+    return load_file(str(require_fixture(FIX) / "reference_outputs.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def owl2():
-    return load_owl2(FIX)
+    return load_owl2(require_fixture(FIX))
 
 
 def random_owl2(seed: int = 0, **overrides) -> Owl2Model:
@@ -179,7 +178,7 @@ def test_image_count_mismatch_is_an_input_error(owl2, ref):
 def _copy_fixture(tmp_path: Path, edit) -> Path:
     d = tmp_path / "ckpt"
     d.mkdir()
-    shutil.copy(FIX / "config.json", d / "config.json")
+    shutil.copy(require_fixture(FIX) / "config.json", d / "config.json")
     sd = load_file(str(FIX / "model.safetensors"))
     edit(sd)
     save_file(sd, str(d / "model.safetensors"))

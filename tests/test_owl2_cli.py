@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 import hyperowl
 
-from conftest import SHARED, make_tokenizer
+from conftest import OWL2_FIXTURE as FIX, make_tokenizer, skip_without
 
-FIX = SHARED / "fixtures" / "owl2-tiny"
+pytestmark = skip_without(FIX)
 
 
 def run(*args, stdin=None, timeout=180):

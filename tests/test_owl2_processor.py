@@ -13,9 +13,10 @@ from hyperowl.errors import InputError
 from hyperowl.processing.owl2 import (Owl2Processor, normalize_u8, preprocess, preprocess_u8, render_owl2,
                                       tokenizer_image_token)
 
-from conftest import SHARED, make_tokenizer
+from conftest import OWL2_FIXTURE, make_tokenizer, skip_without
 
-PROC = SHARED / "fixtures" / "owl2-tiny" / "processor"
+PROC = OWL2_FIXTURE / "processor"
+pytestmark = skip_without(OWL2_FIXTURE)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +25,20 @@ from hyperowl.processing.images import (
 )
 from hyperowl.processing.processor import Owl3Processor, ProcessedInputs, collate
 
+from conftest import OWL3_FIXTURE, skip_without
+
 S = 384
 STUB_IMAGE_ID = 151646
 
 
-def _fixture_dir() -> Path | None:
-    candidates = []
-    if os.environ.get("HYPEROWL_FIXTURES"):
-        candidates.append(Path(os.environ["HYPEROWL_FIXTURES"]))
-    candidates += [Path(__file__).resolve().parents[1] / "shared" / "fixtures", Path("/work/shared/fixtures")]
-    for c in candidates:
-        d = c / "owl3-240728-tiny" / "processor"
-        if (d / "processor_outputs.json").is_file():
-            return d
-    return None
-
-
-FIX = _fixture_dir()
-needs_fixture = pytest.mark.skipif(FIX is None, reason="owl3-240728-tiny fixtures not found")
+FIX = OWL3_FIXTURE / "processor"
+needs_fixture = skip_without(OWL3_FIXTURE)
 
 
 @pytest.fixture(scope="module")
 def fx() -> dict:
     from safetensors import safe_open
 
-    assert FIX is not None
     out: dict = {"json": json.loads((FIX / "processor_outputs.json").read_text())}
     with safe_open(str(FIX / "processor_outputs.safetensors"), "pt") as f:
         for k in f.keys():
