@@ -19,11 +19,12 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def default_model_dir():
-    """The embedded default model: $HYPEROWL_DEFAULT_MODEL, else models/owl3-synthetic in this checkout."""
+    """The embedded default model: $HYPEROWL_DEFAULT_MODEL, else the package data hyperowl/assets/owl3-synthetic
+    (shipped in the wheel, so an installed hyperowl has it too)."""
     from pathlib import Path
 
     env = os.environ.get("HYPEROWL_DEFAULT_MODEL")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "models" / "owl3-synthetic"
+    return Path(env) if env else Path(__file__).resolve().parent / "assets" / "owl3-synthetic"
 
 
 def load(model: str | os.PathLike | None = None, dtype=None, device=None, revision: str | None = None,
