@@ -38,7 +38,7 @@ def row_tokens(messages: list[dict], tok: Tokenizer, frames: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "data/synth/train.jsonl"))
-    ap.add_argument("--tokenizer", default=str(ROOT / "models/owl3-synthetic/tokenizer.json"))
+    ap.add_argument("--tokenizer", default=str(ROOT / "hyperowl/assets/owl3-synthetic/tokenizer.json"))
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--groups", default="0,4,16,64", help="group_by_length values (0 = off)")
     ap.add_argument("--frames", type=int, default=8, help="text tokens of a video (one per frame)")

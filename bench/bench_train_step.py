@@ -69,7 +69,7 @@ def run_block(model, opt, trainable, data, recipe: Recipe, pad: int, lengths, st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default=str(ROOT / "recipes/embedded.yaml"))
-    ap.add_argument("--tokenizer", default=str(ROOT / "models/owl3-synthetic/tokenizer.json"),
+    ap.add_argument("--tokenizer", default=str(ROOT / "hyperowl/assets/owl3-synthetic/tokenizer.json"),
                     help="used when the recipe trains its tokenizer (init.tokenizer: train); 'train': train it here")
     ap.add_argument("--workers", default="0,1", help="data.workers settings to compare, comma-separated")
     ap.add_argument("--steps", type=int, default=12, help="steps per block (the first is not timed)")

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with a model (one question, or interactive without a prompt)")
     c.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     c.add_argument("--model", default=None, help="checkpoint directory or hub id (e.g. mPLUG/mPLUG-Owl3-7B-241101); "
-                   "default: the embedded model in models/owl3-synthetic")
+                   "default: the embedded model in hyperowl/assets/owl3-synthetic")
     c.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     c.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
     c.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")

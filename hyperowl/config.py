@@ -173,7 +173,7 @@ PRESETS: dict[str, Owl3Config] = {
     ),
 }
 PRESETS["tiny-241101"] = PRESETS["tiny-240728"].replace(variant="241101")
-# The embedded default model (models/owl3-synthetic): small enough to train from scratch on 2 CPU cores.
+# The embedded default model (hyperowl/assets/owl3-synthetic): small enough to train from scratch on 2 CPU cores.
 PRESETS["owl3-synthetic"] = Owl3Config(
     vocab_size=1024, hidden_size=256, intermediate_size=640, num_layers=4, num_heads=4, num_kv_heads=2,
     rope_theta=1e4, max_position_embeddings=4096, tie_word_embeddings=True, hyper_layers=(2, 4), variant="240728",
@@ -350,7 +350,7 @@ class Owl2Config:
 
 OWL2_PRESETS: dict[str, Owl2Config] = {
     "owl2-llama2-7b": Owl2Config(),
-    # the shape of shared/fixtures/owl2-tiny (MHA, like the official code needs)
+    # the shape of tests/fixtures/owl2-tiny (MHA, like the official code needs)
     "owl2-tiny": Owl2Config(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
         max_position_embeddings=256,

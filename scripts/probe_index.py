@@ -135,7 +135,7 @@ def main() -> None:
         vision = ROOT / "runs/vision-synthetic"
         if not (vision / "model.safetensors").exists():
             sys.exit(f"{vision}: no stage-0 tower; run scripts/train_embedded.sh (or its pretrain-vision step) first")
-        init = {"preset": "owl3-synthetic", "tokenizer": str(ROOT / "models/owl3-synthetic/tokenizer.json"),
+        init = {"preset": "owl3-synthetic", "tokenizer": str(ROOT / "hyperowl/assets/owl3-synthetic/tokenizer.json"),
                 "vision": str(vision)}
         extra = {"trainable": {"vision": False}}
     recipe = {"init": init, "data": {"train": str(out / "train.jsonl")}, "stage": "instruct", **extra,

@@ -163,7 +163,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['layer']} | " + " | ".join(f"{r[c]:.2f}" for c in cols) + " |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model or "the embedded model (models/owl3-synthetic)", "n": len(kept),
+    Path(args.out).write_text(json.dumps({"model": args.model or "the embedded model (hyperowl/assets/owl3-synthetic)", "n": len(kept),
                                           "held_out": n_test, "seed": args.seed, "model_accuracy": model_acc,
                                           "chance": chance, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default model from nothing: synthetic data -> vision-tower pretraining (stage 0) ->
-# training (recipes/embedded.yaml) -> evaluation -> models/. About 60 minutes on 2 CPU cores.
+# training (recipes/embedded.yaml) -> evaluation -> hyperowl/assets/owl3-synthetic/ (package data). About 60 minutes on 2 CPU cores.
 # Usage: bash scripts/train_embedded.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ fi
 $H train recipes/embedded.yaml
 rm -rf results/embedded-test  # a new model: never resume the previous one's predictions
 $H eval --model runs/embedded/final --data data/synth/test.jsonl --out results/embedded-test --batch-size 32
-rm -rf models/owl3-synthetic && mkdir -p models/owl3-synthetic
-cp runs/embedded/final/{config.json,model.safetensors,tokenizer.json} models/owl3-synthetic/
-cp runs/embedded/loss.png results/embedded-test/summary.json models/owl3-synthetic/
-cp runs/vision-synthetic/eval.json models/owl3-synthetic/vision_pretrain_eval.json
+rm -rf hyperowl/assets/owl3-synthetic && mkdir -p hyperowl/assets/owl3-synthetic
+cp runs/embedded/final/{config.json,model.safetensors,tokenizer.json} hyperowl/assets/owl3-synthetic/
+cp runs/embedded/loss.png results/embedded-test/summary.json hyperowl/assets/owl3-synthetic/
+cp runs/vision-synthetic/eval.json hyperowl/assets/owl3-synthetic/vision_pretrain_eval.json

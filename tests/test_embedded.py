@@ -14,7 +14,7 @@ from hyperowl.train.recipe import Recipe
 from hyperowl.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "owl3-synthetic"
+MODEL = ROOT / "hyperowl" / "assets" / "owl3-synthetic"
 # Measured on the shipped model (120 fresh single-image questions, seed 4242): 0.86 with the true images,
 # 0.20 with each question given another example's image. Bounds leave margin for CPU numerics.
 TRUE_MIN, GAP_MIN = 0.70, 0.40
