@@ -101,8 +101,35 @@ def _error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
-    """The app for one loaded model (with its processor). The scheduler thread starts with the app."""
+@dataclass(frozen=True)
+class AppState:
+    """Everything the routes need for one loaded model; built once by `build_state`, kept on `app.state.serve`."""
+
+    config: ServeConfig
+    model: Any
+    processor: Any
+    scheduler: Scheduler
+    feature_cache: FeatureCache
+    limits: MediaLimits
+    visual: VisualOptions
+    tokenizer: Any
+    stops: tuple[int, ...]  # end-of-answer token ids
+    tokens_per_image: int
+    started: int  # unix time the app was built (the model's `created`)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One accepted request on its way back: the queued job and what its answer is reported with."""
+
+    job: Job
+    req: ChatRequest
+    prompt: PreparedPrompt
+    cid: str
+    created: int
+
+
+def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
     if processor is None:
         raise ValueError("serving needs a processor (a checkpoint with tokenizer.json)")
     cache = FeatureCache(int(config.feature_cache_mb * 2**20))
@@ -114,202 +141,251 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
     cut = processor.cut if config.cut is None else config.cut
     visual = VisualOptions(cut=cut, max_frames=config.max_frames, fps=config.fps)
     tokenizer = processor.tokenizer
-    stops = stop_ids(tokenizer)
-    tokens_per_image = model.config.vision.tokens_per_image
-    started = now()
+    return AppState(config=config, model=model, processor=processor, scheduler=scheduler, feature_cache=cache,
+                    limits=limits, visual=visual, tokenizer=tokenizer, stops=stop_ids(tokenizer),
+                    tokens_per_image=model.config.vision.tokens_per_image, started=now())
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        scheduler.start()
-        log.info("serving %s (batch <= %d, queue <= %d)", config.model_name, config.max_batch_size, config.max_queue)
-        try:
-            yield
-        finally:
-            scheduler.stop()
 
-    app = FastAPI(title="hyperowl", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.scheduler, app.state.feature_cache, app.state.config = scheduler, cache, config
+def state_of(request: Request) -> AppState:
+    return request.app.state.serve
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error_response(e)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 on routes
-        return _error_response(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: AppState = app.state.serve
+    config = state.config
+    state.scheduler.start()
+    log.info("serving %s (batch <= %d, queue <= %d)", config.model_name, config.max_batch_size, config.max_queue)
+    try:
+        yield
+    finally:
+        state.scheduler.stop()
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return _error_response(ApiError(500, f"internal server error ({type(e).__name__})", code="internal_error"))
 
-    def check_auth(request: Request) -> None:
-        if config.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+# --- exception handlers ---
 
-    async def read_body(request: Request) -> bytes:
-        limit = config.max_body_bytes
-        declared = request.headers.get("content-length")
-        too_big = ApiError(413, f"request body larger than {limit} bytes", code="payload_too_large")
-        if declared and declared.isdigit() and int(declared) > limit:
+async def api_error(request: Request, e: ApiError) -> JSONResponse:
+    return _error_response(e)
+
+
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 on routes
+    return _error_response(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+
+async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.exception("internal error on %s", request.url.path)
+    return _error_response(ApiError(500, f"internal server error ({type(e).__name__})", code="internal_error"))
+
+
+# --- request steps ---
+
+def check_auth(state: AppState, request: Request) -> None:
+    key = state.config.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(state: AppState, request: Request) -> bytes:
+    limit = state.config.max_body_bytes
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, f"request body larger than {limit} bytes", code="payload_too_large")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:  # chunked uploads have no Content-Length: count as we read
             raise too_big
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:  # chunked uploads have no Content-Length: count as we read
-                raise too_big
-        return bytes(buf)
+    return bytes(buf)
 
-    def too_busy() -> ApiError:
-        return ApiError(429, "the server is busy: the request queue is full; retry shortly", code="queue_full",
-                        headers={"Retry-After": str(config.retry_after_s)})
 
-    async def prepare(req: ChatRequest) -> PreparedPrompt:
-        media = req.media
-        n_img = sum(p.kind == "image" for p in media)
-        n_vid = len(media) - n_img
-        if n_img > config.max_images:
-            raise ApiError(400, f"too many images: {n_img} (at most {config.max_images} per request)", param="messages",
-                           code="too_many_images")
-        if n_vid > config.max_videos:
-            raise ApiError(400, f"too many videos: {n_vid} (at most {config.max_videos} per request)", param="messages",
-                           code="too_many_videos")
-        blobs = await asyncio.gather(*(resolve(p, limits) for p in media))
-        prompt = await asyncio.to_thread(build_prompt, req, list(blobs), processor, cache, visual, tokens_per_image,
-                                         model.dtype)
-        n = int(prompt.input_ids.numel())
-        if n > config.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {n} tokens, more than this server's {config.max_prompt_tokens}",
-                           param="messages", code="context_length_exceeded")
-        return prompt
+def too_busy(state: AppState) -> ApiError:
+    return ApiError(429, "the server is busy: the request queue is full; retry shortly", code="queue_full",
+                    headers={"Retry-After": str(state.config.retry_after_s)})
 
-    def sampling(req: ChatRequest) -> SamplingParams:
-        max_new = req.max_tokens or config.default_max_tokens
-        return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                              repetition_penalty=req.repetition_penalty, stop_token_ids=stops,
-                              min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
 
-    async def answer(job: Job, req: ChatRequest) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish_reason or None, completion tokens so far) until the answer ends."""
-        text = StopText(TextStream(tokenizer, stops), req.stop)
-        n = 0
+def check_media_count(config: ServeConfig, req: ChatRequest) -> None:
+    n_img = sum(p.kind == "image" for p in req.media)
+    n_vid = len(req.media) - n_img
+    if n_img > config.max_images:
+        raise ApiError(400, f"too many images: {n_img} (at most {config.max_images} per request)", param="messages",
+                       code="too_many_images")
+    if n_vid > config.max_videos:
+        raise ApiError(400, f"too many videos: {n_vid} (at most {config.max_videos} per request)", param="messages",
+                       code="too_many_videos")
+
+
+async def prepare(state: AppState, req: ChatRequest) -> PreparedPrompt:
+    """Request -> token ids and visual work: media fetched (async), decoded and tokenized in a worker thread."""
+    config = state.config
+    check_media_count(config, req)
+    blobs = await asyncio.gather(*(resolve(p, state.limits) for p in req.media))
+    prompt = await asyncio.to_thread(build_prompt, req, list(blobs), state.processor, state.feature_cache,
+                                     state.visual, state.tokens_per_image, state.model.dtype)
+    n = int(prompt.input_ids.numel())
+    if n > config.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {n} tokens, more than this server's {config.max_prompt_tokens}",
+                       param="messages", code="context_length_exceeded")
+    return prompt
+
+
+def sampling(state: AppState, req: ChatRequest) -> SamplingParams:
+    max_new = req.max_tokens or state.config.default_max_tokens
+    return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          repetition_penalty=req.repetition_penalty, stop_token_ids=state.stops,
+                          min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
+
+
+async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[tuple[str, str | None, int]]:
+    """(text delta, finish_reason or None, completion tokens so far) until the answer ends."""
+    text = StopText(TextStream(state.tokenizer, state.stops), req.stop)
+    n = 0
+    while True:
+        kind, value = await job.events.get()
+        if kind == "token":
+            n += 1
+            delta, stopped = text.push(value)
+            if stopped:
+                job.stop_string = True
+                job.cancel.set()  # the engine drops the row at its next step
+                yield delta, "stop", n
+                return
+            if delta:
+                yield delta, None, n
+        elif kind == "done":
+            yield text.flush(), ("length" if value == "length" else "stop"), n
+            return
+        else:
+            raise ApiError(500, str(value), code="internal_error")
+
+
+def usage(prompt: PreparedPrompt, completion_tokens: int) -> dict:
+    return usage_body(int(prompt.input_ids.numel()), completion_tokens, prompt.visual_tokens, prompt.image_tensors,
+                      prompt.cached_visual_tokens)
+
+
+async def _collect(state: AppState, reply: Reply) -> tuple[str, str, int]:
+    """The whole answer: (text, finish_reason, completion tokens)."""
+    parts, reason, n = [], "stop", 0
+    async for delta, fin, n in answer(state, reply.job, reply.req):
+        parts.append(delta)
+        reason = fin or reason
+    return "".join(parts), reason, n
+
+
+async def _complete(state: AppState, request: Request, reply: Reply) -> Response:
+    """A non-streaming answer, polling for a client disconnect (which cancels the job) while it is made."""
+    task = asyncio.ensure_future(_collect(state, reply))
+    try:
         while True:
-            kind, value = await job.events.get()
-            if kind == "token":
-                n += 1
-                delta, stopped = text.push(value)
-                if stopped:
-                    job.stop_string = True
-                    job.cancel.set()  # the engine drops the row at its next step
-                    yield delta, "stop", n
-                    return
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                log.info("%s: client disconnected, cancelling", reply.cid)
+                task.cancel()
+                return Response(status_code=499)
+        text, reason, n = task.result()
+    finally:
+        reply.job.cancel.set()  # no-op once finished; frees the row if we leave early
+    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n))
+    return JSONResponse(body)
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """The answer as server-sent events: role chunk, content deltas, finish chunk, [usage], [DONE]."""
+    cid, name, created = reply.cid, state.config.model_name, reply.created
+    try:
+        yield _event(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
+        n, reason = 0, "stop"
+        try:
+            async for delta, fin, n in answer(state, reply.job, reply.req):
                 if delta:
-                    yield delta, None, n
-            elif kind == "done":
-                yield text.flush(), ("length" if value == "length" else "stop"), n
-                return
-            else:
-                raise ApiError(500, str(value), code="internal_error")
-
-    def usage(prompt: PreparedPrompt, completion_tokens: int) -> dict:
-        return usage_body(int(prompt.input_ids.numel()), completion_tokens, prompt.visual_tokens, prompt.image_tensors,
-                          prompt.cached_visual_tokens)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        check_auth(request)
-        req = parse_chat_request(parse_json(await read_body(request)), config.model_name, config.max_tokens_limit)
-        if scheduler.full():  # cheap early answer before any media work
-            raise too_busy()
-        prompt = await prepare(req)
-        job = Job(prompt, sampling(req), asyncio.get_running_loop())
-        try:
-            scheduler.submit(job)
-        except QueueFull:
-            raise too_busy() from None
-        cid, created = new_id(), now()
-        if req.stream:
-            return StreamingResponse(_sse(job, req, prompt, cid, created), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(request, job, req, prompt, cid, created)
-
-    async def _complete(request: Request, job: Job, req: ChatRequest, prompt: PreparedPrompt, cid: str,
-                        created: int) -> Response:
-        async def collect() -> tuple[str, str, int]:
-            parts, reason, n = [], "stop", 0
-            async for delta, fin, n in answer(job, req):
-                parts.append(delta)
+                    yield _event(chunk_body(cid, name, created, {"content": delta}))
                 reason = fin or reason
-            return "".join(parts), reason, n
-
-        task = asyncio.ensure_future(collect())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    log.info("%s: client disconnected, cancelling", cid)
-                    task.cancel()
-                    return Response(status_code=499)
-            text, reason, n = task.result()
-        finally:
-            job.cancel.set()  # no-op once finished; frees the row if we leave early
-        return JSONResponse(completion_body(cid, config.model_name, created, text, reason, usage(prompt, n)))
-
-    async def _sse(job: Job, req: ChatRequest, prompt: PreparedPrompt, cid: str, created: int) -> AsyncIterator[str]:
-        def event(body: dict) -> str:
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        name = config.model_name
-        try:
-            yield event(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
-            n, reason = 0, "stop"
-            try:
-                async for delta, fin, n in answer(job, req):
-                    if delta:
-                        yield event(chunk_body(cid, name, created, {"content": delta}))
-                    reason = fin or reason
-            except ApiError as e:  # headers are sent: report in-band, then end the stream
-                yield event(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            yield event(chunk_body(cid, name, created, {}, finish_reason=reason))
-            if req.include_usage:
-                yield event(chunk_body(cid, name, created, None, usage=usage(prompt, n)))
+        except ApiError as e:  # headers are sent: report in-band, then end the stream
+            yield _event(e.body())
             yield "data: [DONE]\n\n"
-        finally:
-            # Runs when the answer is complete and when the client disconnects (the generator is cancelled
-            # or closed): either way the engine row must not go on.
-            job.cancel.set()
+            return
+        yield _event(chunk_body(cid, name, created, {}, finish_reason=reason))
+        if reply.req.include_usage:
+            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, n)))
+        yield "data: [DONE]\n\n"
+    finally:
+        # Runs when the answer is complete and when the client disconnects (the generator is cancelled
+        # or closed): either way the engine row must not go on.
+        reply.job.cancel.set()
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        check_auth(request)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": started,
-                                            "owned_by": "hyperowl"}]}
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": config.model_name, "scheduler": scheduler.stats(),
-                "feature_cache": cache.stats(), "time": time.time()}
+# --- routes ---
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+async def chat_completions(request: Request) -> Response:
+    state = state_of(request)
+    check_auth(state, request)
+    req = parse_chat_request(parse_json(await read_body(state, request)), state.config.model_name,
+                             state.config.max_tokens_limit)
+    if state.scheduler.full():  # cheap early answer before any media work
+        raise too_busy(state)
+    prompt = await prepare(state, req)
+    job = Job(prompt, sampling(state, req), asyncio.get_running_loop())
+    try:
+        state.scheduler.submit(job)
+    except QueueFull:
+        raise too_busy(state) from None
+    reply = Reply(job, req, prompt, new_id(), now())
+    if req.stream:
+        return StreamingResponse(_sse(state, reply), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(state, request, reply)
 
-    @app.get("/web/{name}", include_in_schema=False)
-    async def web_file(name: str) -> FileResponse:
-        path = (WEB_DIR / name).resolve()
-        if not path.is_relative_to(WEB_DIR.resolve()) or not path.is_file():
-            raise ApiError(404, f"no such file {name!r}", code="not_found")
-        return FileResponse(path)
 
+async def models(request: Request) -> dict:
+    state = state_of(request)
+    check_auth(state, request)
+    return {"object": "list", "data": [{"id": state.config.model_name, "object": "model", "created": state.started,
+                                        "owned_by": "hyperowl"}]}
+
+
+async def health(request: Request) -> dict:
+    state = state_of(request)
+    return {"status": "ok", "model": state.config.model_name, "scheduler": state.scheduler.stats(),
+            "feature_cache": state.feature_cache.stats(), "time": time.time()}
+
+
+async def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+
+async def web_file(name: str) -> FileResponse:
+    path = (WEB_DIR / name).resolve()
+    if not path.is_relative_to(WEB_DIR.resolve()) or not path.is_file():
+        raise ApiError(404, f"no such file {name!r}", code="not_found")
+    return FileResponse(path)
+
+
+def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app for one loaded model (with its processor). The scheduler thread starts with the app."""
+    state = build_state(model, processor, config)
+    app = FastAPI(title="hyperowl", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serve = state
+    app.state.scheduler, app.state.feature_cache, app.state.config = state.scheduler, state.feature_cache, config
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/web/{name}", web_file, methods=["GET"], include_in_schema=False)
     return app
 
 
