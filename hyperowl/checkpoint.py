@@ -1,8 +1,9 @@
-"""Checkpoints: official key maps as data, one strict safetensors loader, hub download, saving.
+"""Checkpoints: one strict safetensors loader for every family, hub download, saving.
 
-Design note: a key map is a list of (regex over the official name, replacement giving our name) plus a
-list of official names we knowingly ignore. `map_keys` applies it and fails on any key it cannot place,
-and on any parameter of ours that no key fills. Loading builds the model on the meta device and then
+Design note: the family table (families.py) says, from config.json's model_type and the tensor names,
+which config, model class and key map a checkpoint needs; the key maps themselves are data in
+keymaps.py. `map_keys` fails on any key it cannot place, and `load_weights` on any parameter of ours
+that no key fills. Loading builds the model on the meta device and then
 streams each shard tensor straight into the target dtype/device, so peak memory is about one model,
 not two. Pickle files (`.bin`, `.pt`) are never opened.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Iterable
 
@@ -21,77 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import Owl3Config
 from .errors import CheckpointError
+# Key maps are data in keymaps.py; re-exported here for callers that import them with the loader.
+from .keymaps import (OWL2_IGNORED, OWL2_INVERSE, OWL2_KEYS, OWL3_IGNORED, OWL3_INVERSE, OWL3_KEYS,  # noqa: F401
+                      QWEN2_KEYS, SIGLIP_KEYS, KeyMap, detect_variant, map_keys)
 
 log = logging.getLogger(__name__)
-
-KeyMap = list[tuple[str, str]]
-
-# Official mPLUG-Owl3 names -> ours. First match wins.
-OWL3_KEYS: KeyMap = [
-    (r"language_model\.model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
-    (r"language_model\.model\.norm\.weight", r"decoder.norm.weight"),
-    (r"language_model\.model\.layers\.(\d+)\.self_attn\.gate_proj\.0\.(weight|bias)", r"decoder.layers.\1.self_attn.gate_proj.\2"),
-    (r"language_model\.model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
-    (r"language_model\.lm_head\.weight", r"lm_head.weight"),
-    (r"vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
-    (r"vision2text_model\.0\.(weight|bias)", r"projector.fc1.\1"),
-    (r"vision2text_model\.2\.(weight|bias)", r"projector.fc2.\1"),
-    (r"vision2text_model\.(weight|bias)", r"projector.fc.\1"),
-]
-# Present in official checkpoints, unused by the Owl3 forward (it reads SigLIP hidden_states[-2]).
-OWL3_IGNORED = [r"vision_model\.post_layernorm\..+", r"vision_model\.head\..+", r"vision_model\.encoder\.layers\.{last}\..+"]
-
-# transformers' Qwen2ForCausalLM (text-only LLM) -> our decoder.
-QWEN2_KEYS: KeyMap = [
-    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
-    (r"model\.norm\.weight", r"decoder.norm.weight"),
-    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-]
-# transformers' SiglipVisionModel (with or without the `vision_model.` prefix) -> our vision tower.
-SIGLIP_KEYS: KeyMap = [
-    (r"(?:vision_model\.)?embeddings\.(.+)", r"vision.embeddings.\1"),
-    (r"(?:vision_model\.)?encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
-]
-
-
-def _ignored_patterns(cfg: Owl3Config, tied: bool) -> list[str]:
-    pats = [p.replace("{last}", str(cfg.vision.num_layers - 1)) for p in OWL3_IGNORED]
-    if tied:  # a tied checkpoint may still carry a copy of the embedding as lm_head
-        pats += [r"(language_model\.)?lm_head\.weight"]
-    return pats
-
-
-def map_keys(names: Iterable[str], key_map: KeyMap, ignored: list[str] = ()) -> dict[str, str]:
-    """official name -> our name for every non-ignored key; raises on the first unknown key."""
-    compiled = [(re.compile(p), r) for p, r in key_map]
-    skip = [re.compile(p) for p in ignored]
-    out, unknown = {}, []
-    for name in names:
-        if any(s.fullmatch(name) for s in skip):
-            continue
-        for pat, rep in compiled:
-            if pat.fullmatch(name):
-                out[name] = pat.sub(rep, name)
-                break
-        else:
-            unknown.append(name)
-    if unknown:
-        raise CheckpointError(f"unknown checkpoint keys (not the expected layout): {', '.join(sorted(unknown)[:5])}"
-                              + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    return out
-
-
-def detect_variant(names: Iterable[str]) -> str:
-    names = set(names)
-    if any(n.startswith("vision2text_model.0.") for n in names):
-        return "241101"
-    if "vision2text_model.weight" in names:
-        return "240728"
-    raise CheckpointError("cannot tell the mPLUG-Owl3 generation: no vision2text_model weights in the checkpoint")
 
 
 # -- locating files ------------------------------------------------------------------------------------------
@@ -232,151 +167,77 @@ def default_dtype(device: torch.device | str, config_dtype: str | None) -> torch
     return getattr(torch, config_dtype or "bfloat16", torch.bfloat16)
 
 
-def load_owl3(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
-              device: torch.device | str = "cpu", revision: str | None = None):
-    from .models.owl3 import Owl3Model
+def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str = "cpu", revision: str | None = None, expect: str | None = None):
+    """Any supported checkpoint -> (model, family, directory). The family table decides everything that
+    differs (config class, model class, key map); `expect` = a config.json model_type to insist on."""
+    from .families import family_for_checkpoint
 
     d = resolve(path_or_id, revision)
     raw = read_config(d)
-    if raw.get("model_type") != "mplugowl3":
-        raise CheckpointError(f"{d / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'mplugowl3'")
+    if expect is not None and raw.get("model_type") != expect:
+        raise CheckpointError(f"{d / 'config.json'}: model_type is {raw.get('model_type')!r}, expected {expect!r}")
     key_to_file = shard_keys(safetensors_files(d))
-    cfg = Owl3Config.from_hf_dict(raw, variant=detect_variant(key_to_file))
+    family = family_for_checkpoint(raw, key_to_file, where=str(d / "config.json"))
+    cfg = family.config_from_hf(raw, where=str(d / "config.json"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device, raw.get("torch_dtype"))
-    mapping = map_keys(key_to_file, OWL3_KEYS, _ignored_patterns(cfg, cfg.tie_word_embeddings))
+    mapping = map_keys(key_to_file, family.key_map, family.ignored(cfg, cfg.tie_word_embeddings))
     with torch.device("meta"):
-        model = Owl3Model(cfg)
+        model = family.model_cls(cfg)
     load_weights(model, key_to_file, mapping, dtype, device)
-    model.checkpoint_dir = d
-    log.info("loaded %s (mPLUG-Owl3 %s, %s, %s)", d, cfg.variant, dtype, device)
-    return model.eval()
+    family.after_load(model, device)
+    log.info("loaded %s (%s, %s, %s)", d, family.description, dtype, device)
+    return model.eval(), family, d
 
 
-# -- saving (official layout) -------------------------------------------------------------------------------
-def official_state_dict(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our parameters (a model, or a name -> tensor dict) under the official names (the inverse of OWL3_KEYS)."""
-    inverse = [
-        (r"decoder\.layers\.(\d+)\.self_attn\.gate_proj\.(weight|bias)", r"language_model.model.layers.\1.self_attn.gate_proj.0.\2"),
-        (r"decoder\.layers\.(\d+)\.(.+)", r"language_model.model.layers.\1.\2"),
-        (r"decoder\.embed_tokens\.weight", r"language_model.model.embed_tokens.weight"),
-        (r"decoder\.norm\.weight", r"language_model.model.norm.weight"),
-        (r"lm_head\.weight", r"language_model.lm_head.weight"),
-        (r"vision\.embeddings\.(.+)", r"vision_model.embeddings.\1"),
-        (r"vision\.layers\.(\d+)\.(.+)", r"vision_model.encoder.layers.\1.\2"),
-        (r"projector\.fc1\.(.+)", r"vision2text_model.0.\1"),
-        (r"projector\.fc2\.(.+)", r"vision2text_model.2.\1"),
-        (r"projector\.fc\.(.+)", r"vision2text_model.\1"),
-    ]
-    names = dict(model) if isinstance(model, dict) else dict(model.named_parameters())
-    mapping = map_keys(names, inverse)
-    return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
-
-
-def _refuse_quantized(model: nn.Module) -> None:
-    if getattr(model, "quantized", None):
-        raise CheckpointError("this model was quantized for inference (int8); save the unquantized model instead")
-
-
-def save_owl3(model: nn.Module, out_dir: str | os.PathLike, params: dict[str, torch.Tensor] | None = None) -> Path:
-    """config.json + model.safetensors in the official layout. `params` overrides the model's own tensors
-    (e.g. a gathered full state dict of a sharded model)."""
-    _refuse_quantized(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-    save_file(official_state_dict(params if params is not None else model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-# ==========================================================================================================
-# mPLUG-Owl2 (model_type `mplug_owl2`): same mechanism (key map as data, strict map_keys, streaming loader).
-# ==========================================================================================================
-OWL2_KEYS: KeyMap = [
-    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
-    (r"model\.norm\.weight", r"decoder.norm.weight"),
-    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),  # multiway.{0,1} names are kept as they are
-    (r"lm_head\.weight", r"lm_head.weight"),
-    (r"model\.vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
-    (r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
-    (r"model\.vision_model\.post_layernorm\.(weight|bias)", r"vision.post_layernorm.\1"),
-    (r"model\.visual_abstractor\.encoder\.layers\.(\d+)\.(.+)", r"abstractor.layers.\1.\2"),
-    (r"model\.visual_abstractor\.(query_embeds|vit_eos)", r"abstractor.\1"),
-    (r"model\.visual_abstractor\.visual_fc\.(weight|bias)", r"abstractor.visual_fc.\1"),
-]
-# Deterministic buffers some checkpoints carry: we recompute them (released checkpoints lack the sin-cos ones).
-OWL2_IGNORED = [
-    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-    r"model\.visual_abstractor\.encoder\.layers\.\d+\.crossattention\.attention\.(q|k)_pos_embed",
-]
-_OWL2_INVERSE: KeyMap = [
-    (r"decoder\.embed_tokens\.weight", r"model.embed_tokens.weight"),
-    (r"decoder\.norm\.weight", r"model.norm.weight"),
-    (r"decoder\.layers\.(\d+)\.(.+)", r"model.layers.\1.\2"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-    (r"vision\.embeddings\.(.+)", r"model.vision_model.embeddings.\1"),
-    (r"vision\.layers\.(\d+)\.(.+)", r"model.vision_model.encoder.layers.\1.\2"),
-    (r"vision\.post_layernorm\.(.+)", r"model.vision_model.post_layernorm.\1"),
-    (r"abstractor\.layers\.(\d+)\.(.+)", r"model.visual_abstractor.encoder.layers.\1.\2"),
-    (r"abstractor\.(.+)", r"model.visual_abstractor.\1"),
-]
+def load_owl3(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
+              device: torch.device | str = "cpu", revision: str | None = None):
+    """An mPLUG-Owl3 checkpoint (either generation) -> Owl3Model."""
+    return load_checkpoint(path_or_id, dtype, device, revision, expect="mplugowl3")[0]
 
 
 def load_owl2(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
               device: torch.device | str = "cpu", revision: str | None = None):
-    from .config import Owl2Config
-    from .models.abstractor import AbstractorAttention
-    from .models.owl2 import Owl2Model
-
-    d = resolve(path_or_id, revision)
-    raw = read_config(d)
-    if raw.get("model_type") != "mplug_owl2":
-        raise CheckpointError(f"{d / 'config.json'}: model_type is {raw.get('model_type')!r}, expected 'mplug_owl2'")
-    key_to_file = shard_keys(safetensors_files(d))
-    try:
-        cfg = Owl2Config.from_hf_dict(raw)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{d / 'config.json'}: not a valid mPLUG-Owl2 config ({type(e).__name__}: {e})") from None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device, raw.get("torch_dtype"))
-    ignored = OWL2_IGNORED + ([r"lm_head\.weight"] if cfg.tie_word_embeddings else [])
-    mapping = map_keys(key_to_file, OWL2_KEYS, ignored)
-    with torch.device("meta"):
-        model = Owl2Model(cfg)
-    load_weights(model, key_to_file, mapping, dtype, device)
-    for m in model.modules():  # non-persistent sin-cos tables: computed, never read from the checkpoint
-        if isinstance(m, AbstractorAttention):
-            m.init_tables(device)
-    model.checkpoint_dir = d
-    log.info("loaded %s (mPLUG-Owl2, %s, %s)", d, dtype, device)
-    return model.eval()
-
-
-def save_owl2(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """config.json + model.safetensors in the official mPLUG-Owl2 layout (loadable by load_owl2)."""
-    _refuse_quantized(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
-    names = dict(model.named_parameters())
-    mapping = map_keys(names, _OWL2_INVERSE)
-    save_file({mapping[n]: p.detach().contiguous() for n, p in names.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    return out
+    """An mPLUG-Owl2 checkpoint -> Owl2Model."""
+    return load_checkpoint(path_or_id, dtype, device, revision, expect="mplug_owl2")[0]
 
 
 def load_any(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
              device: torch.device | str = "cpu", revision: str | None = None):
-    """Dispatch on config.json's model_type: mplugowl3 -> load_owl3, mplug_owl2 -> load_owl2."""
-    d = resolve(path_or_id, revision)
-    model_type = read_config(d).get("model_type")
-    loaders = {"mplugowl3": load_owl3, "mplug_owl2": load_owl2}
-    if model_type not in loaders:
-        raise CheckpointError(f"{d / 'config.json'}: model_type {model_type!r} is not supported "
-                              f"(expected one of {', '.join(loaders)})")
-    return loaders[model_type](d, dtype=dtype, device=device)
+    """Any supported checkpoint -> its model (config.json's model_type decides)."""
+    return load_checkpoint(path_or_id, dtype, device, revision)[0]
+
+
+# -- saving (official layout) -------------------------------------------------------------------------------
+def official_state_dict(model: nn.Module | dict[str, torch.Tensor], key_map: KeyMap = OWL3_INVERSE
+                        ) -> dict[str, torch.Tensor]:
+    """Our parameters (a model, or a name -> tensor dict) under the official names (default: Owl3's)."""
+    names = dict(model) if isinstance(model, dict) else dict(model.named_parameters())
+    mapping = map_keys(names, key_map)
+    return {mapping[n]: p.detach().contiguous() for n, p in names.items()}
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, params: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + model.safetensors in the model family's official layout (loadable by load_checkpoint and
+    by the official code). `params` overrides the model's own tensors (merged LoRA weights, a gathered
+    full state dict of a sharded model)."""
+    from .families import family_of
+    from .quantize import is_quantized
+
+    if is_quantized(model):
+        raise CheckpointError("this model was quantized for inference (int8); save the unquantized model instead")
+    family = family_of(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    tensors = official_state_dict(params if params is not None else model, family.inverse_key_map)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+save_owl3 = save_owl2 = save_checkpoint  # the family is read from the model
 
 
 # -- one-shot conversion of pickle checkpoints (explicitly trusted by the user) --------------------------------

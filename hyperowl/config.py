@@ -121,6 +121,14 @@ class Owl3Config:
             cut_enable=bool(d.get("cut_enable", True)),
         )
 
+    def summary(self) -> dict[str, Any]:
+        """What `hyperowl info` shows about this architecture."""
+        v = self.vision
+        return {"variant": self.variant, "hidden_size": self.hidden_size, "layers": self.num_layers,
+                "heads": f"{self.num_heads} (kv {self.num_kv_heads})", "hyper_layers": list(self.hyper_layers),
+                "vocab_size": self.vocab_size, "tied_embeddings": self.tie_word_embeddings,
+                "vision": f"SigLIP {v.hidden_size}x{v.num_layers} layers, {v.image_size}px, {v.tokens_per_image} tokens/image"}
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The official config.json layout (so the official loaders read what we save)."""
         return {
@@ -333,6 +341,14 @@ class Owl2Config:
             pad_token_id=d.get("pad_token_id", b.pad_token_id) or 0,
             image_aspect_ratio="crop" if aspect == "square" else aspect,
         )
+
+    def summary(self) -> dict[str, Any]:
+        """What `hyperowl info` shows about this architecture."""
+        v, a = self.vision, self.abstractor
+        return {"hidden_size": self.hidden_size, "layers": self.num_layers,
+                "heads": f"{self.num_heads} (kv {self.num_kv_heads})", "vocab_size": self.vocab_size,
+                "vision": f"CLIP ViT {v.hidden_size}x{v.num_layers} layers, {v.image_size}px, {v.tokens_per_image} tokens",
+                "abstractor": f"{a.num_layers} layers, {a.num_queries} queries -> {self.tokens_per_image} LLM rows/image"}
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {

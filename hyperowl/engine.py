@@ -1,7 +1,8 @@
 """Generation engine: prefill + decode loop outside the model. Knows token ids, never a tokenizer.
 
-Design note: a batch of requests is left-padded into one prefill; each request's images are encoded once,
-their visual K/V written once into the KVCache by the hyper layers, and every decode step feeds one token
+Design note: the engine takes token ids and image *features* (made by the encoding stage, encoder.py),
+never pixels or files. A batch of requests is left-padded into one prefill; each request's visual K/V
+are written once into the KVCache by the hyper layers, and every decode step feeds one token
 per live row. Finished rows are dropped from the cache (`KVCache.reorder`), so the batch shrinks instead
 of computing padding. Sampling is a plain function of logits (greedy when temperature == 0; else
 temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt + generated ids.
@@ -20,7 +21,6 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .models.owl3 import Owl3Model
 from .processing.processor import collate
 
 
@@ -50,11 +50,10 @@ class SamplingParams:
 
 @dataclass
 class Request:
-    """One prompt: token ids [L], and its images as pixels [N,3,S,S] or features [N,T,H] with the token
-    index of each image's placeholder [N]."""
+    """One prompt: token ids [L], and its images' features [N, T, H] (from the encoder) with the token index
+    of each image's placeholder [N]."""
 
     input_ids: Tensor
-    pixel_values: Tensor | None = None
     image_embeds: Tensor | None = None
     image_positions: Tensor | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -100,23 +99,22 @@ def _cancelled(request: Request) -> bool:
 
 
 class Engine:
-    def __init__(self, model: Owl3Model) -> None:
+    def __init__(self, model) -> None:
         self.model = model
 
     def _collate(self, requests: list[Request]) -> dict:
-        """Left-padded model inputs; every request's images encoded (in one chunked call) unless given as features."""
+        """Left-padded model inputs; the rows' image features concatenated in row order."""
         dev = self.model.device
+        for i, r in enumerate(requests):
+            n = 0 if r.image_positions is None else int(r.image_positions.numel())
+            got = 0 if r.image_embeds is None else int(r.image_embeds.shape[0])
+            if n != got:
+                raise ValueError(f"request {i}: {got} image features for {n} image positions")
         batch = collate(requests, pad_id=0)
-        has_images = batch.image_counts.sum() > 0
-        embeds = None
-        if any(r.image_embeds is not None for r in requests):  # mix of precomputed features and pixels
-            feats = [r.image_embeds if r.image_embeds is not None else self.model.encode_images(r.pixel_values)
-                     for r in requests if r.image_embeds is not None or r.pixel_values is not None]
-            embeds = torch.cat([f.to(dev) for f in feats])
-        elif batch.pixel_values is not None:
-            embeds = self.model.encode_images(batch.pixel_values)
+        feats = [r.image_embeds.to(dev) for r in requests if r.image_embeds is not None and r.image_embeds.shape[0]]
+        embeds = (feats[0] if len(feats) == 1 else torch.cat(feats)) if feats else None
         return dict(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), image_embeds=embeds,
-                    image_positions=batch.image_positions.to(dev) if has_images else None)
+                    image_positions=batch.image_positions.to(dev) if embeds is not None else None)
 
     @torch.no_grad()
     def stream(self, requests: list[Request]) -> Iterator[list[tuple[int, int]]]:

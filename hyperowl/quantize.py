@@ -68,6 +68,11 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether `quantize_int8` swapped any of the model's layers (read from the modules, never a flag)."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def quantize_int8(model: nn.Module, vision: bool = False, head: bool = True) -> dict:
     """Swap the model's Linear layers for Int8Linear, in place. Returns {"layers": n, "bytes_before": ...,
     "bytes_after": ...} for the swapped weights. vision: also the vision tower and projector (off by default:
@@ -91,6 +96,5 @@ def quantize_int8(model: nn.Module, vision: bool = False, head: bool = True) -> 
         n += 1
     for p in model.parameters():
         p.requires_grad_(False)
-    model.quantized = "int8"
     log.info("int8 weight-only: %d linear layers, %.1f MiB -> %.1f MiB", n, before / 2**20, after / 2**20)
     return {"layers": n, "bytes_before": before, "bytes_after": after}

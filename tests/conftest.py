@@ -76,6 +76,14 @@ def random_owl3(variant: str = "240728", seed: int = 0, **overrides):
     return model.eval()
 
 
+def features(model, pixel_values):
+    """Image features for engine requests (the engine takes features, never pixels)."""
+    if pixel_values is None:
+        return None
+    with torch.no_grad():
+        return model.encode_images(pixel_values)
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>", "<|video|>",
                   "<|start_cut|>", "<|end_cut|>", "<|start_video_frame|>", "<|end_video_frame|>"]
 

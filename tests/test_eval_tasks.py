@@ -130,7 +130,7 @@ class Oracle:
     def __init__(self, truth, check=None):
         self.truth, self.check, self.calls = truth, check, 0
 
-    def __call__(self, model, processor, convs, **kw):
+    def __call__(self, model, convs, **kw):
         self.calls += len(convs)
         outs = []
         for c in convs:
@@ -148,7 +148,7 @@ def test_pipeline_scores_right_answers_as_right(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "chat_batch", Oracle(truth))
     s = runner.run_samples(None, mmbench_samples(DATA / "mmbench.tsv"), tmp_path / "a")
     assert s["accuracy"] == 1.0
-    monkeypatch.setattr(runner, "chat_batch", lambda m, p, convs, **k: ["A"] * len(convs))
+    monkeypatch.setattr(runner, "chat_batch", lambda m, convs, **k: ["A"] * len(convs))
     assert runner.run_samples(None, mmbench_samples(DATA / "mmbench.tsv"), tmp_path / "b")["accuracy"] == 0.0
     # video-mc and the multi-image choice question, single pass; NLVR2 yes/no
     truth = {"Which way does": "right", "What colour is the moving": "red", "What is red": "the object",
@@ -372,7 +372,7 @@ def test_data_parallel_ranks_split_then_rank0_merges(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "_barrier", barrier.wait)
     seen = {0: [], 1: []}
 
-    def fake_chat(model, processor, convs, **kw):
+    def fake_chat(model, convs, **kw):
         seen[local.rank] += [c["messages"][0]["content"] for c in convs]
         return ["B"] * len(convs)
 
@@ -442,7 +442,7 @@ def test_other_benchmark_spellings(monkeypatch, tmp_path):
     s = video_mc_samples(tmp_path / "v.jsonl")
     assert [x.id for x in s] == ["n1", "l1", "m1"] and [x.answer for x in s] == ["C", "B", "B"]
     assert "\nC. z\n" in s[0].build()[0]["messages"][0]["content"]
-    monkeypatch.setattr(runner, "chat_batch", lambda m, p, convs, **k: ["yes"] * len(convs))
+    monkeypatch.setattr(runner, "chat_batch", lambda m, convs, **k: ["yes"] * len(convs))
     summary = harness.run(None, harness.prepare("vqa", str(DATA / "vqa.jsonl"), tmp_path), tmp_path / "vqa")
     assert "groups" not in summary and summary["categories"]["yes/no"]["accuracy"] == 1.0
     assert summary["accuracy"] == pytest.approx(1 / 3)

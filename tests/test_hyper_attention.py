@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import random_owl3
+from conftest import features, random_owl3
 from hyperowl.engine import Engine, Request, SamplingParams
 from hyperowl.models import hyper_attention
 
@@ -174,7 +174,7 @@ def test_visual_projection_runs_once_per_request(variant):
              for l in model.decoder.layers if hasattr(l.self_attn, "v_kv_proj")]
     rows, pv = batch_inputs()
     r, s = rows[0]
-    req = Request(r, pixel_values=pv[:3], image_positions=torch.tensor(s), params=SamplingParams(max_new_tokens=6))
+    req = Request(r, image_embeds=features(model, pv[:3]), image_positions=torch.tensor(s), params=SamplingParams(max_new_tokens=6))
     tokens = Engine(model).generate([req])[0]
     assert len(tokens) == 6
     assert len(calls) == len(hooks) == 2

@@ -1,4 +1,4 @@
-"""Decoding overlapped with the vision tower (processing/overlap.py): same embeddings as decode-then-encode,
+"""Decoding overlapped with the vision tower (processing/overlap.py, driven by the encoder): same embeddings as decode-then-encode,
 a bounded number of chunks in flight, errors from either side raised in the caller, no thread left behind."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperowl.chat import chat
+from hyperowl.encoder import Encoder
 from hyperowl.engine import Engine, Request, SamplingParams
+from hyperowl.pipeline import Pipeline
 from hyperowl.errors import InputError
 from hyperowl.processing.overlap import chunked, encode_overlapped
 from hyperowl.processing.processor import Owl3Processor
@@ -103,7 +104,9 @@ def test_unthreaded_is_plain_chunked_encode():
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_processor_encode_matches_pixels(model_and_processor, video, overlap):
+def test_encoder_matches_pixels(model_and_processor, video, overlap):
+    """The encoder (video decoded and encoded 3 frames at a time, threaded or not) gives the features of
+    decode-everything-then-encode, for the same plan."""
     model, proc = model_and_processor
     messages = [{"role": "user", "content": "<|image|>Compare with <|video|>"}]
     img = torch.rand(3, 50, 40).mul(255).byte().permute(1, 2, 0).numpy()
@@ -111,33 +114,34 @@ def test_processor_encode_matches_pixels(model_and_processor, video, overlap):
 
     image = Image.fromarray(img)
     plain = proc(messages, images=[image], videos=[video], max_frames=11)
+    plan = proc.plan(messages, images=[image], videos=[video], max_frames=11)
     with torch.no_grad():
         ref = model.encode_images(plain.pixel_values)
-        fast = proc(messages, images=[image], videos=[video], max_frames=11, encode=model.encode_images, encode_chunk=3,
-                    overlap=overlap)
-    assert fast.pixel_values is None and plain.image_embeds is None
-    assert torch.equal(fast.input_ids, plain.input_ids) and torch.equal(fast.image_positions, plain.image_positions)
-    assert fast.image_embeds.shape == ref.shape == (12, *ref.shape[1:])
-    torch.testing.assert_close(fast.image_embeds, ref, rtol=1e-5, atol=1e-5)
+    fast = Encoder(model, proc, chunk=3, overlap=overlap).encode(plan)
+    assert torch.equal(plan.input_ids, plain.input_ids) and torch.equal(plan.image_positions, plain.image_positions)
+    assert fast.shape == ref.shape == (12, *ref.shape[1:])
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_processor_encode_bad_video_is_input_error(model_and_processor, tmp_path):
+def test_encoder_bad_video_is_input_error(model_and_processor, tmp_path):
     model, proc = model_and_processor
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video at all" * 100)
     with pytest.raises(InputError, match="bad.mp4"):
-        proc([{"role": "user", "content": "<|video|>?"}], videos=[bad], encode=model.encode_images)
-    with pytest.raises(InputError, match="encode_chunk"):
-        proc([{"role": "user", "content": "<|video|>?"}], videos=[bad], encode=model.encode_images, encode_chunk=0)
+        Encoder(model, proc).encode(proc.plan([{"role": "user", "content": "<|video|>?"}], videos=[bad]))
+    with pytest.raises(ValueError, match="chunk"):
+        Encoder(model, proc, chunk=0)
 
 
 def test_chat_on_video_equals_pixel_path(model_and_processor, video):
     model, proc = model_and_processor
     messages = [{"role": "user", "content": "<|video|>Describe this video."}]
-    answer = chat(model, proc, messages, videos=[video], max_frames=9, max_new_tokens=8)
+    answer = Pipeline(model, proc).chat(messages, videos=[video], max_frames=9, max_new_tokens=8)
     x = proc(messages, videos=[video], max_frames=9)
     params = SamplingParams(max_new_tokens=8, stop_token_ids=())
-    out = Engine(model).generate([Request(x.input_ids, pixel_values=x.pixel_values, image_positions=x.image_positions,
+    with torch.no_grad():
+        feats = model.encode_images(x.pixel_values)
+    out = Engine(model).generate([Request(x.input_ids, image_embeds=feats, image_positions=x.image_positions,
                                           params=params)])[0]
     stops = {proc.tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
     kept = []

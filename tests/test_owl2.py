@@ -18,7 +18,7 @@ from hyperowl.engine import Engine, Request, SamplingParams
 from hyperowl.errors import CheckpointError, InputError
 from hyperowl.models.owl2 import Owl2Model, positions_from_placeholders
 
-from conftest import OWL2_FIXTURE as FIX, require_fixture
+from conftest import OWL2_FIXTURE as FIX, features, require_fixture
 
 TOL = 1e-4
 
@@ -100,14 +100,14 @@ def test_text_only_logits(owl2, ref):
 def test_greedy_tokens_via_engine(owl2, ref):
     ids, pos = native(ref["input_ids"])
     want = ref["generate_output"][0, ids.shape[1]:].tolist()
-    out = Engine(owl2).generate([Request(ids[0], pixel_values=ref["images"], image_positions=pos[0],
+    out = Engine(owl2).generate([Request(ids[0], image_embeds=features(owl2, ref["images"]), image_positions=pos[0],
                                          params=SamplingParams(max_new_tokens=len(want)))])
     assert out[0] == want
 
 
 def test_load_dispatch_returns_owl2(ref):
     m = hyperowl.load(FIX, device="cpu")
-    assert isinstance(m, Owl2Model)
+    assert isinstance(m.model, Owl2Model) and m.family.name == "owl2"
     with torch.no_grad():
         assert (m(input_ids=ref["input_ids"], images=ref["images"]).logits - ref["logits"]).abs().max() <= TOL
 
@@ -131,13 +131,15 @@ def test_padded_batch_rows_equal_single_rows(ref, kv_heads, owl2):
     rows = _prompts(ref)
     params = SamplingParams(max_new_tokens=6)
     engine = Engine(model)
-    singles = [engine.generate([Request(i, pixel_values=p, image_positions=q, params=params)])[0] for i, p, q in rows]
-    batch = engine.generate([Request(i, pixel_values=p, image_positions=q, params=params) for i, p, q in rows])
+    singles = [engine.generate([Request(i, image_embeds=features(model, p), image_positions=q, params=params)])[0]
+               for i, p, q in rows]
+    batch = engine.generate([Request(i, image_embeds=features(model, p), image_positions=q, params=params)
+                             for i, p, q in rows])
     assert batch == singles
     # and the logits of the last prompt token, row by row, through one padded forward
-    from hyperowl.processing.processor import collate
+    from hyperowl.processing.processor import ProcessedInputs, collate
 
-    b = collate([Request(i, pixel_values=p, image_positions=q) for i, p, q in rows], pad_id=0)
+    b = collate([ProcessedInputs(i, p, q, "") for i, p, q in rows], pad_id=0)
     with torch.no_grad():
         padded = model(b.input_ids, b.attention_mask, b.pixel_values, b.image_positions).logits[:, -1]
         for r, (i, p, q) in enumerate(rows):

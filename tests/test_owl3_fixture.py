@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import features
 from hyperowl.engine import Engine, Request, SamplingParams
 from hyperowl.models.owl3 import placeholders_from_media_offset
 
@@ -52,8 +53,9 @@ def test_cached_decode_step(owl3_tiny, owl3_ref):
 def test_greedy_tokens_single_and_batch_row0(owl3_tiny, owl3_ref):
     params = SamplingParams(max_new_tokens=8, min_new_tokens=8, stop_token_ids=(2, 3))
     pos = placeholders_from_media_offset(owl3_ref["b1_media_offset"], 3, 15)[0]
-    a = Request(owl3_ref["b1_input_ids"][0], pixel_values=owl3_ref["b1_pixel_values"], image_positions=pos, params=params)
-    b = Request(owl3_ref["b2_input_ids"][1, 8:], pixel_values=owl3_ref["b2_pixel_values"][3:],
+    a = Request(owl3_ref["b1_input_ids"][0], image_embeds=features(owl3_tiny, owl3_ref["b1_pixel_values"]),
+                image_positions=pos, params=params)
+    b = Request(owl3_ref["b2_input_ids"][1, 8:], image_embeds=features(owl3_tiny, owl3_ref["b2_pixel_values"][3:]),
                 image_positions=torch.tensor([2]), params=params)
     expected = owl3_ref["b1_generated_new_tokens"][0].tolist()
     engine = Engine(owl3_tiny)

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 from hyperowl.serve.app import StopText  # noqa: E402
-from hyperowl.serve.feature_cache import CachedMedia, FeatureCache  # noqa: E402
+from hyperowl.feature_cache import CachedMedia, FeatureCache  # noqa: E402
 
 MODEL = "tiny-owl"
 
@@ -114,39 +114,52 @@ def test_stop_text_holds_back_a_possible_stop_prefix():
     assert st.push(0) == ("a ", False) and st.push(1) == ("Ex", False)  # "E" was not a stop after all
 
 
-def test_prompt_keeps_pixels_per_item_and_never_materializes_a_cached_video(model, monkeypatch):
-    """A request with a cached video (frame count only) and an image: same ids and positions as the processor
-    given real frames, the image's pixels exactly the processor's, and no tensor as large as the video's
-    frames is ever built (torch.cat is watched: the old path concatenated the stand-in frames)."""
+def test_prompt_keeps_pixels_per_item_and_never_decodes_a_cached_video(model, monkeypatch, tmp_path):
+    """A request with a video and an image: the same ids, positions and pixels as the processor's own path.
+    Asked again, the video's features come from the cache: it is probed for its frame count, but no frame
+    is decoded and no tensor as large as its frames is ever built."""
     import hashlib
 
     import torch
 
+    import hyperowl.processing.video as video_mod
+    from hyperowl.serve.app import build_state
     from hyperowl.serve.media import MediaBlob
-    from hyperowl.serve.prompt import VisualOptions, build_prompt, cache_key
+    from hyperowl.serve.prompt import VisualOptions, build_prompt
     from hyperowl.serve.protocol import parse_chat_request
+    from tests.test_video import make_video
 
-    proc, frames, opts = model.processor, 500, VisualOptions(cut=True, max_frames=16)
+    state = build_state(model, None, ServeConfig(model_name=MODEL))
+    pipe, proc, opts, frames = state.pipeline, model.processor, VisualOptions(cut=True, max_frames=16), 12
     s, png = proc.image_size, png_bytes(size=(90, 40))
-    video = MediaBlob("video", b"not decoded on a hit", hashlib.sha256(b"v").hexdigest(), "messages[0].content[0]")
+    vbytes = make_video(tmp_path / "v.mp4", frames).read_bytes()
+    video = MediaBlob("video", vbytes, hashlib.sha256(vbytes).hexdigest(), "messages[0].content[0]")
     image = MediaBlob("image", png, hashlib.sha256(png).hexdigest(), "messages[0].content[1]")
-    cache = FeatureCache(max_bytes=1 << 30)
-    cache.put(cache_key(video, proc, opts, torch.float32), CachedMedia(torch.zeros(frames, 2, 4), frames=frames))
     req = parse_chat_request({"model": MODEL, "messages": image_msg("What?", "v", "i")}, MODEL, 100)
     req.messages[0].parts[0] = type(req.messages[0].parts[0])("video", "v", video.param)
+    first = build_prompt(req, [video, image], pipe, opts)
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    (tmp_path / "same.mp4").write_bytes(vbytes)
+    ref = proc([{"role": "user", "content": "<|video|><|image|>What?"}], images=[img],
+               videos=[str(tmp_path / "same.mp4")], max_frames=16, cut=True)
+    assert torch.equal(first.input_ids, ref.input_ids) and torch.equal(first.image_positions, ref.image_positions)
+    assert torch.equal(torch.cat([p.pixels for p in first.items]), ref.pixel_values)
+    assert [p.hit for p in first.items] == [False, False] and first.image_tensors == ref.pixel_values.shape[0]
+    pipe.encoder.finish([first.items])  # what the scheduler does: the features go into the cache
+
+    def no_decode(*a, **k):
+        raise AssertionError("a cached video was decoded")
+
+    monkeypatch.setattr(video_mod, "iter_video", no_decode)
     largest = []
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda ts, *a, **k: largest.append(real_cat(ts, *a, **k).numel()) or real_cat(ts, *a, **k))
-    p = build_prompt(req, [video, image], proc, cache, opts, 7, torch.float32)
+    again = build_prompt(req, [video, image], pipe, opts)
     monkeypatch.undo()
     assert max(largest, default=0) < frames * 3 * s * s  # the frames were never concatenated
-    assert p.items[0].hit and p.items[0].pixels is None and p.items[0].tensors == frames
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    ref = proc([{"role": "user", "content": "<|video|><|image|>What?"}], images=[img],
-               videos=[torch.zeros(frames, 3, s, s)], max_frames=16, cut=True)
-    assert torch.equal(p.input_ids, ref.input_ids) and torch.equal(p.image_positions, ref.image_positions)
-    assert torch.equal(p.items[1].pixels, ref.pixel_values[frames:]) and not p.items[1].hit
-    assert p.image_tensors == ref.pixel_values.shape[0]
+    assert again.items[0].hit and again.items[0].pixels is None and again.items[0].item.count == frames
+    assert again.items[1].hit and again.cached_visual_tokens == again.visual_tokens
+    assert torch.equal(again.input_ids, first.input_ids)
 
 
 # -- API --------------------------------------------------------------------------------------------------

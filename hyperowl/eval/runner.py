@@ -180,8 +180,9 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
         raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
     rank, world = dist_info()
     meta = dict(meta or {})
-    if isinstance(model, torch.nn.Module):  # rows on disk are resumed only for the same weights
-        meta["model"] = model_fingerprint(model)
+    module = getattr(model, "model", model)  # a Pipeline's nn.Module
+    if isinstance(module, torch.nn.Module):  # rows on disk are resumed only for the same weights
+        meta["model"] = model_fingerprint(module)
     _check_same_run(out, meta, rank)
     main_file = out / "predictions.jsonl"
     own_file = main_file if world == 1 else out / f"predictions.rank{rank}.jsonl"
@@ -197,7 +198,7 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
             convs = [c for _, cs in chunk for c in cs]
             outs: list[str] = []
             for i in range(0, len(convs), batch_size):
-                outs += chat_batch(model, getattr(model, "processor", None), convs[i : i + batch_size], max_new_tokens=max_new_tokens)
+                outs += chat_batch(model, convs[i : i + batch_size], max_new_tokens=max_new_tokens)
             k = 0
             for s, cs in chunk:
                 preds = outs[k : k + len(cs)]

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..cache import KVCache
 from ..config import Owl2Config
 from ..errors import InputError
-from .abstractor import VisualAbstractor
+from .abstractor import AbstractorAttention, VisualAbstractor
+from .base import OwlModel
 from .llama import LlamaDecoder, make_owl2_context
 from .vit import ClipVit
 
@@ -110,9 +111,7 @@ def expand_rows(tok_embeds: Tensor, valid: Tensor, image_positions: Tensor, imag
     return rows[:, :w], visual[:, :w], new_valid[:, :w], new_labels
 
 
-class Owl2Model(nn.Module):
-    processor = None  # an Owl2Processor attached by hyperowl.load() when the checkpoint has a tokenizer
-
+class Owl2Model(OwlModel):
     def __init__(self, cfg: Owl2Config) -> None:
         super().__init__()
         self.config = cfg
@@ -132,32 +131,16 @@ class Owl2Model(nn.Module):
                     out[f"decoder.layers.{i}.{n}"] = p
         return out
 
-    def chat(self, messages, images=None, videos=None, **options):
-        """Answer a conversation; see hyperowl.chat.chat for the options (stream=True yields text pieces)."""
-        from ..chat import chat
-
-        return chat(self, self.processor, messages, images, videos, **options)
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config.num_layers, capacity)
+    def init_tables(self, device: torch.device | str) -> None:
+        """The abstractor's sin-cos position tables (non-persistent: computed, never read from a checkpoint)."""
+        for m in self.modules():
+            if isinstance(m, AbstractorAttention):
+                m.init_tables(device)
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[N, 3, S, S] -> visual rows [N, Q + 1, H] (ViT in bounded chunks, then the abstractor)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         return self.abstractor(self.vision(pixel_values, chunk=self.config.vision_batch_size))
-
-    def output_head(self, h: Tensor) -> Tensor:
-        if self.lm_head is None:  # tied embeddings
-            return F.linear(h, self.decoder.embed_tokens.weight)
-        return self.lm_head(h)  # nn.Linear, or an Int8Linear after quantize_int8
 
     def forward(
         self,
@@ -239,15 +222,7 @@ class Owl2Model(nn.Module):
         h = self.decoder(x, ctx, visual, hidden)
         if cache is not None:
             cache.commit(lx, positions[:, -1])
-        if logits_at is not None:  # training: the head (and its [*, V] buffers) only where there are labels
-            if labels is not None or last_logits_only:
-                raise ValueError("logits_at cannot be combined with labels or last_logits_only")
-            logits = self.output_head(h[logits_at.to(h.device)])
-        else:
-            logits = self.output_head(h[:, -1:] if last_logits_only else h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(dev), ignore_index=-100)
+        logits, loss = self.head_and_loss(h, labels, last_logits_only, logits_at)
         ind = visual.long() if visual is not None else torch.zeros(b, lx, dtype=torch.long, device=dev)
         return Owl2Output(logits=logits, loss=loss, hidden_states=tuple(hidden) if hidden is not None else None,
                           image_embeds=image_embeds, past_key_values=cache, modality_indicators=ind,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..cache import KVCache
 from ..config import Owl3Config
 from .attention import BIG_POS, make_context
+from .base import OwlModel
 from .hyper_attention import HyperAttention
 from .qwen2 import Qwen2Decoder
 from .siglip import SiglipTower
@@ -52,9 +53,7 @@ class Projector(nn.Module):
         return self.fc2(F.gelu(self.fc1(x))) if self.fused else self.fc(x)
 
 
-class Owl3Model(nn.Module):
-    processor = None  # an Owl3Processor attached by hyperowl.load() when the checkpoint has a tokenizer
-
+class Owl3Model(OwlModel):
     def __init__(self, cfg: Owl3Config) -> None:
         super().__init__()
         self.config = cfg
@@ -62,12 +61,6 @@ class Owl3Model(nn.Module):
         self.projector = Projector(cfg)
         self.decoder = Qwen2Decoder(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def chat(self, messages, images=None, videos=None, **options):
-        """Answer a conversation; see hyperowl.chat.chat for the options (stream=True yields text pieces)."""
-        from ..chat import chat
-
-        return chat(self, self.processor, messages, images, videos, **options)
 
     # -- parameter groups (training selects by these) -------------------------------------------------------
     def fusion_parameters(self) -> dict[str, nn.Parameter]:
@@ -79,17 +72,6 @@ class Owl3Model(nn.Module):
                     if n.startswith(("v_kv_proj", "gate_proj")):
                         out[f"decoder.layers.{i}.self_attn.{n}"] = p
         return out
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
-
-    def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.config.num_layers, capacity)
 
     # -- vision ------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -105,11 +87,6 @@ class Owl3Model(nn.Module):
                 out = e.new_empty(n, *e.shape[1:])
             out[s : s + chunk] = e
         return out
-
-    def output_head(self, h: Tensor) -> Tensor:
-        if self.lm_head is None:  # tied embeddings
-            return F.linear(h, self.decoder.embed_tokens.weight)
-        return self.lm_head(h)  # nn.Linear, or an Int8Linear after quantize_int8
 
     # -- the forward -------------------------------------------------------------------------------------
     def forward(
@@ -181,15 +158,7 @@ class Owl3Model(nn.Module):
         h = self.decoder(self.decoder.embed_tokens(input_ids), ctx, hidden)
         if cache is not None:
             cache.commit(lq, positions[:, -1])
-        if logits_at is not None:  # training: the head (and its [*, V] buffers) only where there are labels
-            if labels is not None or last_logits_only:
-                raise ValueError("logits_at cannot be combined with labels or last_logits_only")
-            logits = self.output_head(h[logits_at.to(h.device)])
-        else:
-            logits = self.output_head(h[:, -1:] if last_logits_only else h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(dev), ignore_index=-100)
+        logits, loss = self.head_and_loss(h, labels, last_logits_only, logits_at)
         return Owl3Output(
             logits=logits,
             loss=loss,

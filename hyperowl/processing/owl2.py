@@ -18,8 +18,8 @@ Tokenisation follows the official `tokenizer_image_token`: each chunk between pl
 separately with the tokenizer's special tokens; if the first chunk starts with BOS, the first token of
 *every* chunk is dropped (the BOS is kept once). Each placeholder becomes one token whose id is the
 tokenizer's `<|image|>` id if it has one, else the unk/pad id; the model ignores that id and reads only
-`image_positions`. The output is the same `ProcessedInputs` as the Owl3 processor, so `collate`, the
-engine and `hyperowl.chat` work unchanged.
+`image_positions`. The output is the same `Plan` as the Owl3 processor's (plan.py), so the encoder, the
+engine and the pipeline work unchanged.
 
 Training (`training_example`): the whole conversation is rendered without a generation prompt and
 tokenised exactly as above; labels keep the tokens whose characters fall in an answer span
@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ from tokenizers import Tokenizer
 
 from hyperowl.errors import InputError
 from hyperowl.processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, normalize_messages
-from hyperowl.processing.images import load_image
-from hyperowl.processing.processor import ProcessedInputs, _as_list
+from hyperowl.processing.plan import MediaItem, PlannerBase
+from hyperowl.processing.processor import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,10 @@ def tokenizer_image_token_offsets(prompt: str, tokenizer: Tokenizer, bos_id: Opt
     return ids, positions, offsets
 
 
-class Owl2Processor:
-    """Messages + images (+ videos as frames) -> `ProcessedInputs` for mPLUG-Owl2."""
+class Owl2Processor(PlannerBase):
+    """Messages + images (+ videos as frames) -> a `Plan` for mPLUG-Owl2 (same interface as Owl3Processor)."""
 
-    cut = False  # Owl2 never cuts images into crops (kept for interface parity with Owl3Processor)
+    cut = False  # Owl2 never cuts images into crops
 
     def __init__(self, tokenizer: Tokenizer, image_size: int = 448, image_aspect_ratio: str = "resize",
                  eos_token_id: Optional[int] = None) -> None:
@@ -201,54 +201,39 @@ class Owl2Processor:
     @classmethod
     def from_dir(cls, path: "str | os.PathLike[str]", image_size: int = 448, image_aspect_ratio: str = "resize",
                  eos_token_id: Optional[int] = None) -> "Owl2Processor":
-        tok_path = Path(path) / "tokenizer.json"
-        if not tok_path.is_file():
-            raise InputError(f"checkpoint '{path}': tokenizer.json not found; pass a checkpoint directory that contains it")
-        try:
-            tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
-            raise InputError(f"tokenizer '{tok_path}': cannot be loaded ({exc})") from None
-        return cls(tokenizer, image_size=image_size, image_aspect_ratio=image_aspect_ratio, eos_token_id=eos_token_id)
+        return cls(load_tokenizer(path), image_size=image_size, image_aspect_ratio=image_aspect_ratio,
+                   eos_token_id=eos_token_id)
+
+    @property
+    def recipe(self) -> str:
+        return f"owl2/{self.image_size}/{self.aspect}"
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
-    def __call__(
-        self,
-        messages: Sequence[Any],
-        images: Any = None,
-        videos: Any = None,
-        max_frames: int = 16,
-        fps: Optional[float] = None,
-        system: Optional[str] = None,
-        cut: Optional[bool] = None,
-        add_generation_prompt: bool = True,
-        progress: Optional[bool] = None,
-    ) -> ProcessedInputs:
-        """Same signature as `Owl3Processor.__call__`; `cut` and `system` have no effect for Owl2."""
-        new_messages, pixels = self._expand(messages, images, videos, max_frames, fps, progress)
-        prompt = render_owl2(new_messages, add_generation_prompt=add_generation_prompt)
+    def _image_item(self, item: MediaItem, cut: bool) -> str:
+        return IMAGE_TOKEN  # one placeholder, one image tensor (`cut` has no effect for Owl2)
+
+    def _video_text(self, n_frames: int) -> str:
+        return IMAGE_TOKEN * n_frames
+
+    def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
+                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+        prompt = render_owl2(messages, add_generation_prompt=add_generation_prompt)  # `system` is not emitted
         ids, positions = tokenizer_image_token(prompt, self._encode, self.bos_token_id, self.image_token_id)
-        from hyperowl.processing.processor import Owl3Processor
+        return ids, positions, prompt
 
-        return Owl3Processor._package(ids, positions, pixels, prompt)
-
-    def training_example(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,
-                         max_frames: int = 16, fps: Optional[float] = None, system: Optional[str] = None,
-                         cut: Optional[bool] = None) -> tuple[ProcessedInputs, torch.Tensor]:
-        """A whole conversation for training: inputs plus `labels` [L] (the token ids of each assistant answer
-        and its `</s>`, -100 elsewhere: user turns, `ASSISTANT:` headers, BOS, image placeholders).
+    def _training_ids(self, messages: list[dict[str, str]], system: Optional[str]
+                      ) -> tuple[list[int], list[int], list[int], str]:
+        """Labels: the token ids of each assistant answer and its `</s>`, -100 elsewhere (user turns,
+        `ASSISTANT:` headers, BOS, image placeholders).
 
         The ids are exactly `tokenizer_image_token` of the full conversation text (`render_owl2` without a
         generation prompt), i.e. the inference tokenisation; which tokens are answers is read from the
         tokenizer's character offsets against the answer spans (`owl2_segments`), not from re-tokenising
         pieces, so a SentencePiece tokenizer's prefix-space handling cannot shift the mask.
-        `system` and `cut` have no effect for Owl2 (interface parity with `Owl3Processor.training_example`).
         """
-        from hyperowl.processing.processor import Owl3Processor
-
-        new_messages, pixels = self._expand(messages, images, videos, max_frames, fps, False)
-        segments = owl2_segments(new_messages)
+        segments = owl2_segments(messages)
         text = "".join(t for t, _ in segments)
         spans, at = [], 0
         for seg, trainable in segments:
@@ -265,34 +250,16 @@ class Owl2Processor:
             labels[p] = -100
         if labels:
             labels[0] = -100  # nothing predicts the first token
-        return Owl3Processor._package(ids, positions, pixels, text), torch.tensor(labels, dtype=torch.long)
+        return ids, positions, labels, text
 
-    def _expand(self, messages: Sequence[Any], images: Any, videos: Any, max_frames: int, fps: Optional[float],
-                progress: Optional[bool]) -> tuple[list[dict[str, str]], list[torch.Tensor]]:
-        """Check placeholder counts, load + preprocess the media, and turn each video into frame placeholders."""
-        from hyperowl.processing.processor import Owl3Processor
+    def image_pixels(self, item: MediaItem) -> torch.Tensor:
+        return preprocess(item.image, self.image_size, self.aspect)[None]
 
-        pairs = normalize_messages(messages)
-        image_list, video_list = _as_list(images, "images"), _as_list(videos, "videos")
-        Owl3Processor._check_counts(pairs, image_list, video_list)
-        pixels: list[torch.Tensor] = []
-        img_i = vid_i = 0
-        new_messages = []
-        for role, content in pairs:
-            out = []
-            for piece in content.replace(VIDEO_TOKEN, f"\0{VIDEO_TOKEN}\0").replace(IMAGE_TOKEN, f"\0{IMAGE_TOKEN}\0").split("\0"):
-                if piece == IMAGE_TOKEN:
-                    src = image_list[img_i]
-                    name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else f"images[{img_i}]"
-                    pixels.append(preprocess(load_image(src, name=name), self.image_size, self.aspect)[None])
-                    img_i += 1
-                    out.append(IMAGE_TOKEN)
-                elif piece == VIDEO_TOKEN:
-                    frames = Owl3Processor._video_frames(video_list[vid_i], vid_i, max_frames, fps, progress)
-                    vid_i += 1
-                    pixels.append(torch.stack([preprocess(f, self.image_size, self.aspect) for f in frames]))
-                    out.append(IMAGE_TOKEN * len(frames))
-                else:
-                    out.append(piece)
-            new_messages.append({"role": role, "content": "".join(out)})
-        return new_messages, pixels
+    def frame_pixels(self, frames: Iterable[Image.Image], count: int) -> torch.Tensor:
+        out = torch.empty(count, 3, self.image_size, self.image_size)
+        n = 0
+        for n, f in enumerate(frames, 1):  # written as they decode: no list of frames, no stack copy
+            out[n - 1] = preprocess(f, self.image_size, self.aspect)
+        if n != count:
+            raise ValueError(f"frame_pixels: {n} frames, not count={count}")
+        return out

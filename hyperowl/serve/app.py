@@ -29,9 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat import TextStream, stop_ids
+from ..chat import TextStream
 from ..engine import SamplingParams
-from .feature_cache import FeatureCache
+from ..pipeline import Pipeline
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
@@ -106,15 +106,12 @@ class AppState:
     """Everything the routes need for one loaded model; built once by `build_state`, kept on `app.state.serve`."""
 
     config: ServeConfig
-    model: Any
-    processor: Any
+    pipeline: Pipeline  # model + processor + this server's encoder (its feature cache) + the family row
     scheduler: Scheduler
-    feature_cache: FeatureCache
     limits: MediaLimits
     visual: VisualOptions
     tokenizer: Any
-    stops: tuple[int, ...]  # end-of-answer token ids
-    tokens_per_image: int
+    stops: tuple[int, ...]  # end-of-answer token ids (the family's)
     started: int  # unix time the app was built (the model's `created`)
 
 
@@ -130,20 +127,23 @@ class Reply:
 
 
 def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
+    """`model`: a `Pipeline` (from hyperowl.load) or a bare model; `processor`: None = the pipeline's."""
+    base = model if isinstance(model, Pipeline) else Pipeline(model, processor)
+    processor = processor if processor is not None else base.processor
     if processor is None:
         raise ValueError("serving needs a processor (a checkpoint with tokenizer.json)")
-    cache = FeatureCache(int(config.feature_cache_mb * 2**20))
-    scheduler = Scheduler(model, cache, max_batch_size=config.max_batch_size,
+    # The server's own encoder: its feature cache is sized by --feature-cache-mb and shared by all requests.
+    pipe = Pipeline(base.model, processor, family=base.family, checkpoint_dir=base.checkpoint_dir,
+                    feature_cache_mb=config.feature_cache_mb)
+    scheduler = Scheduler(pipe.model, pipe.encoder, max_batch_size=config.max_batch_size,
                           batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
                           max_padded_images=config.max_padded_images)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
                          allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media)
     cut = processor.cut if config.cut is None else config.cut
     visual = VisualOptions(cut=cut, max_frames=config.max_frames, fps=config.fps)
-    tokenizer = processor.tokenizer
-    return AppState(config=config, model=model, processor=processor, scheduler=scheduler, feature_cache=cache,
-                    limits=limits, visual=visual, tokenizer=tokenizer, stops=stop_ids(tokenizer),
-                    tokens_per_image=model.config.vision.tokens_per_image, started=now())
+    return AppState(config=config, pipeline=pipe, scheduler=scheduler, limits=limits, visual=visual,
+                    tokenizer=processor.tokenizer, stops=pipe.stop_ids, started=now())
 
 
 def state_of(request: Request) -> AppState:
@@ -225,8 +225,7 @@ async def prepare(state: AppState, req: ChatRequest) -> PreparedPrompt:
     config = state.config
     check_media_count(config, req)
     blobs = await asyncio.gather(*(resolve(p, state.limits) for p in req.media))
-    prompt = await asyncio.to_thread(build_prompt, req, list(blobs), state.processor, state.feature_cache,
-                                     state.visual, state.tokens_per_image, state.model.dtype)
+    prompt = await asyncio.to_thread(build_prompt, req, list(blobs), state.pipeline, state.visual)
     n = int(prompt.input_ids.numel())
     if n > config.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {n} tokens, more than this server's {config.max_prompt_tokens}",
@@ -358,7 +357,7 @@ async def models(request: Request) -> dict:
 async def health(request: Request) -> dict:
     state = state_of(request)
     return {"status": "ok", "model": state.config.model_name, "scheduler": state.scheduler.stats(),
-            "feature_cache": state.feature_cache.stats(), "time": time.time()}
+            "feature_cache": state.pipeline.encoder.cache.stats(), "time": time.time()}
 
 
 async def index() -> FileResponse:
@@ -377,7 +376,8 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
     state = build_state(model, processor, config)
     app = FastAPI(title="hyperowl", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
-    app.state.scheduler, app.state.feature_cache, app.state.config = state.scheduler, state.feature_cache, config
+    app.state.scheduler, app.state.feature_cache, app.state.config = (state.scheduler, state.pipeline.encoder.cache,
+                                                                      config)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -9,8 +9,8 @@ Design note: three URL kinds are accepted.
     with a byte cap so a huge file is never held (413); redirects are followed at most a few times.
     `--no-remote-media` turns this off (fetching arbitrary URLs from a server is an SSRF surface).
 Images larger than MAX_IMAGE_PIXELS are refused from their header, before decoding (413).
-Each item gets the SHA-256 of its bytes: the visual feature cache key. Decoding (PIL for images, PyAV for
-videos through a temporary file, since the sampler seeks in a file) is synchronous and runs in a worker
+Each item gets the SHA-256 of its bytes (it names the item in logs and errors). Images are decoded here (PIL,
+with a pixel limit read from the header); videos are planned and decoded by the processor (prompt.py). Both run in a worker
 thread of the request handler; its InputErrors become 400 answers naming the content part.
 """
 
@@ -22,18 +22,14 @@ import binascii
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
-from torch import Tensor
 
 from ..errors import InputError
 from ..processing.images import load_image
-from ..processing.processor import Owl3Processor
 from .protocol import ApiError, MediaPart
 
 log = logging.getLogger(__name__)
@@ -185,22 +181,3 @@ def decode_image(blob: MediaBlob, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
         log.warning("%s: unexpected image decode failure", blob.param, exc_info=True)
         raise ApiError(400, f"{blob.param}: cannot decode the image ({type(e).__name__})", param=blob.param,
                        code="invalid_image") from None
-
-
-def decode_video(blob: MediaBlob, processor: Owl3Processor, max_frames: int, fps: float | None) -> Tensor:
-    """The video's sampled frames as pixel values [F, 3, S, S], resized as they decode: its full-size frames
-    are never all held, whatever its resolution or max_frames."""
-    # The sampler seeks in a file; a temporary file keeps the bytes API simple and memory bounded.
-    fd, name = tempfile.mkstemp(prefix="hyperowl-video-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob.data)
-        return processor.video_pixels(name, max_frames=max_frames, fps=fps, progress=False)
-    except InputError as e:
-        raise ApiError(400, str(e).replace(name, blob.param), param=blob.param, code="invalid_video") from None
-    except Exception as e:  # as for images: a broken file must not become a 500
-        log.warning("%s: unexpected video decode failure", blob.param, exc_info=True)
-        raise ApiError(400, f"{blob.param}: cannot decode the video ({type(e).__name__})", param=blob.param,
-                       code="invalid_video") from None
-    finally:
-        os.unlink(name)

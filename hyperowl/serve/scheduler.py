@@ -3,8 +3,8 @@
 Design note: the HTTP handlers never touch the model. They put a `Job` (token ids, media items, sampling
 parameters, a cancel flag, an asyncio queue) on a bounded queue; when it is full `submit` raises
 `QueueFull` and the server answers 429. The worker waits for the first job, then collects whatever else
-arrives within `batch_window_s` (up to `max_batch_size`), encodes the batch's uncached images in one vision
-call, and runs `Engine.stream` on the whole batch: one left-padded prefill, then one decode step per token
+arrives within `batch_window_s` (up to `max_batch_size`), has the encoder run the vision tower once on the
+batch's uncached media (`Encoder.finish`: the handlers already decoded them), and runs `Engine.stream` on the whole batch: one left-padded prefill, then one decode step per token
 for all live rows. Each produced token is handed to its job's asyncio queue with
 `loop.call_soon_threadsafe` (asyncio queues are not thread-safe). This is *dynamic* batching: jobs that
 arrive while a batch runs wait for the next batch (continuous batching would need rows to join a running
@@ -34,9 +34,9 @@ from typing import Any
 
 from torch import Tensor
 
+from ..encoder import Encoder
 from ..engine import Engine, Request, SamplingParams
-from .feature_cache import FeatureCache
-from .prompt import PreparedPrompt, encode_items
+from .prompt import PreparedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,11 @@ def padded_images(counts: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, model: Any, cache: FeatureCache, *, max_batch_size: int = 8, batch_window_s: float = 0.01,
+    def __init__(self, model: Any, encoder: Encoder, *, max_batch_size: int = 8, batch_window_s: float = 0.01,
                  max_queue: int = 64, max_padded_images: int = 32) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_padded_images < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_padded_images >= 0")
-        self.model, self.cache = model, cache
+        self.model, self.encoder = model, encoder
         self.engine = Engine(model)
         self.max_batch_size, self.batch_window_s = max_batch_size, batch_window_s
         self.max_padded_images = max_padded_images
@@ -193,7 +193,7 @@ class Scheduler:
                     self.running = 0
 
     def _run(self, batch: list[Job]) -> None:
-        embeds: list[Tensor | None] = encode_items(self.model, self.cache, [j.prompt for j in batch])
+        embeds: list[Tensor | None] = self.encoder.finish([j.prompt.items for j in batch])
         requests = [Request(j.prompt.input_ids, image_embeds=e, image_positions=j.prompt.image_positions,
                             params=j.params, cancel=j.cancel) for j, e in zip(batch, embeds)]
         counts = [0] * len(batch)
