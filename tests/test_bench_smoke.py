@@ -95,13 +95,19 @@ def test_until_oom_ends_a_sweep_at_the_first_out_of_memory():
 
 def test_long_video_bench_smoke(tmp_path):
     out = tmp_path / "lv.json"
-    r = subprocess.run([sys.executable, "bench/bench_long_video.py", "--hours", "0.02", "--frames", "8", "--workdir", str(tmp_path),
-                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    # sparse video: 25 fps, a keyframe every 100 frames (4 s); 8 targets 9 s apart -> auto takes keyframes
+    r = subprocess.run([sys.executable, "bench/bench_long_video.py", "--hours", "0.02", "--frames", "8", "--sparse-gop", "100",
+                        "--repeats", "1", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
-    rows = {(row["mode"], row["video_hours"] > 0.01): row for row in json.loads(out.read_text())["rows"]}
-    assert rows[("full", True)]["frames_decoded"] == int(0.02 * 3600 * 4)
-    assert rows[("keyframes", True)]["decoded_per_kept"] <= rows[("exact", True)]["decoded_per_kept"]
-    assert rows[("exact", True)]["kept"] == 8
+    rows = {(row["mode"], row["video"]): row for row in json.loads(out.read_text())["rows"]}
+    assert rows[("full", "dense")]["frames_decoded"] == int(0.02 * 3600 * 4)
+    assert rows[("keyframes", "dense")]["decoded_per_kept"] <= rows[("exact", "dense")]["decoded_per_kept"]
+    assert rows[("exact", "dense")]["kept"] == 8
+    auto, exact = rows[("auto", "sparse")], rows[("exact", "sparse")]
+    assert auto["used"] == "keyframe" and auto["keyframe_interval_s"] == 4.0 and auto["file_max_gop_packets"] == 100
+    assert auto["decoded_per_kept"] <= 2 < 10 < exact["decoded_per_kept"]
+    assert exact["max_error_s"] == 0 and 0 < auto["max_error_s"] <= 2.0  # half a keyframe interval at most
 
 
 def test_video_encode_bench_smoke(tmp_path):

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models
 
 from hyperowl.errors import InputError
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.video import sample_frames, sample_frames_with_times, sample_video, video_targets
+from hyperowl.processing.video import (VideoSample, iter_video, sample_frames, sample_frames_with_times, sample_video,
+                                      video_targets)
 
 W, H = 64, 48
 
@@ -48,7 +49,9 @@ def frame_index(img: Image.Image) -> int:
     return k
 
 
-def make_video(path: Path, n_frames: int, fps: int = 10, gop: int = 10, fmt: str | None = None) -> Path:
+def make_video(path: Path, n_frames: int, fps: int = 10, gop: int = 10, fmt: str | None = None,
+               force_keyframes: frozenset[int] = frozenset()) -> Path:
+    """Frame k shows k; a keyframe every `gop` frames (no scene-cut keyframes), plus at `force_keyframes`."""
     codec = _codec()
     container = av.open(str(path), "w", format=fmt)
     stream = container.add_stream(codec, rate=fps)
@@ -57,7 +60,10 @@ def make_video(path: Path, n_frames: int, fps: int = 10, gop: int = 10, fmt: str
     if codec == "libx264":
         stream.options = {"crf": "12", "preset": "ultrafast", "keyint_min": str(gop), "sc_threshold": "0"}
     for k in range(n_frames):
-        for packet in stream.encode(av.VideoFrame.from_ndarray(_frame_for(k), format="rgb24")):
+        frame = av.VideoFrame.from_ndarray(_frame_for(k), format="rgb24")
+        if k in force_keyframes:
+            frame.pict_type = av.video.frame.PictureType.I
+        for packet in stream.encode(frame):
             container.mux(packet)
     for packet in stream.encode():
         container.mux(packet)
@@ -114,28 +120,108 @@ def test_video_targets() -> None:
 
 
 def test_seeking_decodes_fewer_frames(long_video: Path) -> None:
-    seek = sample_video(long_video, max_frames=4)
-    full = sample_video(long_video, max_frames=4, seek_threshold=math.inf)
+    seek = sample_video(long_video, max_frames=4, seek="exact")
+    full = sample_video(long_video, max_frames=4, seek_threshold=math.inf)  # never seeks: auto is exact
     expected = [75, 225, 375, 525]
     assert [frame_index(f) for f in seek.frames] == expected
     assert [frame_index(f) for f in full.frames] == expected
     assert seek.seeks > 0 and full.seeks == 0
+    assert seek.seek_mode == full.seek_mode == "exact"
     assert full.frames_decoded > 500
     assert seek.frames_decoded < full.frames_decoded / 5
     # Denser targets still come out right when mixing seeks and forward decoding.
-    dense = sample_video(long_video, max_frames=24)
+    dense = sample_video(long_video, max_frames=24, keyframes=False)  # the old spelling of seek="exact"
+    assert dense.seek_mode == "exact"
     assert [frame_index(f) for f in dense.frames] == [int((i + 0.5) * 600 / 24) for i in range(24)]
     assert dense.frames_decoded < 600
 
 
-def test_keyframe_mode_keeps_the_keyframe_it_lands_on(long_video: Path) -> None:
+@pytest.mark.parametrize("how", [{"keyframes": True}, {"seek": "keyframe"}])
+def test_keyframe_mode_keeps_the_keyframe_it_lands_on(long_video: Path, how: dict) -> None:
     # keyframes every 10 frames (1 s): targets 75, 225, 375, 525 snap to the keyframes 70, 220, 370, 520
-    snap = sample_video(long_video, max_frames=4, keyframes=True)
+    snap = sample_video(long_video, max_frames=4, **how)
     assert [frame_index(f) for f in snap.frames] == [70, 220, 370, 520]
-    assert snap.frames_decoded == 4 and snap.seeks == 4
+    assert snap.frames_decoded == 4 and snap.seeks == 4 and snap.seek_mode == "keyframe"
     # targets closer than the seek threshold are still decoded forward to the exact frame
-    dense = sample_video(long_video, max_frames=600, keyframes=True)
+    dense = sample_video(long_video, max_frames=600, **how)
     assert [frame_index(f) for f in dense.frames] == list(range(600))
+
+
+SPARSE_FPS, SPARSE_GOP = 25, 50  # a keyframe every 2 s
+
+
+@pytest.fixture(scope="module")
+def sparse_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 16 s at 25 fps with a keyframe every 50 frames: exact seeking decodes ~25 frames per kept frame.
+    return make_video(tmp_path_factory.mktemp("v") / "sparse.mp4", 400, fps=SPARSE_FPS, gop=SPARSE_GOP)
+
+
+def _pixels(s) -> list[bytes]:
+    return [np.asarray(f).tobytes() for f in s.frames]
+
+
+def test_auto_takes_the_nearest_keyframe_when_targets_are_far_apart(sparse_video: Path, tmp_path: Path) -> None:
+    # 5 targets 3.2 s apart (>= 1.5 keyframe intervals of 2 s): frames 40, 120, 200, 280, 360.
+    auto = sample_video(sparse_video, max_frames=5)
+    exact = sample_video(sparse_video, max_frames=5, seek="exact")
+    assert auto.seek_requested == "auto" and auto.seek_mode == "keyframe" and exact.seek_mode == "exact"
+    assert auto.keyframe_interval == pytest.approx(SPARSE_GOP / SPARSE_FPS)
+    assert auto.probe_packets == 0  # MP4: measured from the container's index, nothing demuxed
+    targets = [round(t * SPARSE_FPS) for t in auto.targets]
+    assert [frame_index(f) for f in exact.frames] == targets == [40, 120, 200, 280, 360]
+    picked = [frame_index(f) for f in auto.frames]
+    assert picked == [50, 100, 200, 300, 350]  # the keyframe nearest each target
+    assert all(k % SPARSE_GOP == 0 and abs(k - t) <= SPARSE_GOP // 2 for k, t in zip(picked, targets))
+    assert auto.times == pytest.approx([k / SPARSE_FPS for k in picked])
+    assert auto.frames_decoded <= 2 * len(auto.frames) and auto.packets_decoded <= 2 * len(auto.frames)
+    assert auto.decoded_per_kept <= 2 < 10 < exact.decoded_per_kept
+    assert auto.keyframe_fallbacks == 0
+    # Matroska has no per-sample index at open: the interval comes from demuxing six keyframes' worth of packets.
+    mkv = make_video(tmp_path / "sparse.mkv", 400, fps=SPARSE_FPS, gop=SPARSE_GOP, fmt="matroska")
+    auto_mkv = sample_video(mkv, max_frames=5)
+    assert auto_mkv.seek_mode == "keyframe" and auto_mkv.keyframe_interval == pytest.approx(SPARSE_GOP / SPARSE_FPS)
+    assert 5 * SPARSE_GOP < auto_mkv.probe_packets <= 5 * SPARSE_GOP + 1
+    assert [frame_index(f) for f in auto_mkv.frames] == picked and auto_mkv.frames_decoded <= 2 * len(picked)
+    # The same through the processor's streaming entry point, with fps targets (every 4 s from 0).
+    st = VideoSample(frames=[], times=[])
+    got = [(round(t * SPARSE_FPS), frame_index(im)) for t, im in iter_video(sparse_video, fps=0.25, stats=st)]
+    assert got == [(0, 0), (100, 100), (200, 200), (300, 300)] and st.seek_mode == "keyframe"
+    assert st.frames_decoded <= 2 * len(got)
+
+
+def test_auto_is_exact_for_short_gaps_and_dense_keyframes(sparse_video: Path, tmp_path: Path) -> None:
+    cases = [
+        (sparse_video, 6, True),  # 2.7 s apart: under 1.5 keyframe intervals, measured -> exact
+        (sparse_video, 16, False),  # 1 s apart: under the seek threshold, nothing to measure
+        (make_video(tmp_path / "intra.mp4", 200, gop=1), 4, True),  # every frame a keyframe: exact costs 1
+    ]
+    for path, n, probed in cases:
+        auto = sample_video(path, max_frames=n)
+        exact = sample_video(path, max_frames=n, seek="exact")
+        assert auto.seek_mode == "exact", (path, n)
+        assert (auto.keyframe_interval is not None) == probed, (path, n)
+        assert auto.times == exact.times and _pixels(auto) == _pixels(exact)  # bit for bit
+        assert auto.frames_decoded == exact.frames_decoded
+
+
+def test_auto_decodes_exactly_where_a_keyframe_is_too_far(tmp_path: Path) -> None:
+    # Keyframes every 2 s for the first 12 s (what the probe sees), then none until the end (16 s).
+    path = make_video(tmp_path / "irregular.mp4", 400, fps=25, gop=1000, force_keyframes=frozenset(range(0, 300, 50)))
+    auto = sample_video(path, max_frames=5)
+    exact = sample_video(path, max_frames=5, seek="exact")
+    assert auto.seek_mode == "keyframe" and auto.keyframe_interval == pytest.approx(2.0)
+    gap = auto.targets[1] - auto.targets[0]
+    assert all(abs(t - target) <= gap / 2 + 1e-6 for t, target in zip(auto.times, auto.targets))
+    # target 360 would land on keyframe 250 (4.4 s away): decoded forward to the exact frame instead
+    assert [frame_index(f) for f in auto.frames][-1] == 360 and auto.keyframe_fallbacks == 1
+    assert _pixels(auto)[-1] == _pixels(exact)[-1]
+
+
+def test_seek_argument() -> None:
+    with pytest.raises(InputError, match="seek='fast'"):
+        sample_video("whatever.mp4", seek="fast")
+    with pytest.raises(InputError, match="disagree"):
+        sample_video("whatever.mp4", seek="exact", keyframes=True)
 
 
 def test_stream_without_duration(tmp_path: Path) -> None:

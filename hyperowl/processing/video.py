@@ -12,9 +12,34 @@ every frame exactly once, and fps targets land exactly on frame timestamps.
 
 Decoding is sequential, but when the next target is more than `seek_threshold` seconds ahead of the last
 decoded frame we `seek` (backward, to the keyframe before the target, on the video stream) and decode
-forward from there. Long videos therefore cost roughly (frames per GOP) x (number of targets) decodes
-instead of a full decode; with `keyframes=True` a seek keeps the keyframe it lands on, so a long video
-costs about one decoded frame per kept frame. Only the chosen frames are converted to RGB images.
+forward from there. Only the chosen frames are converted to RGB images. What a seek keeps is the `seek`
+mode (`iter_video(..., seek=...)`; the mode used is recorded on `VideoSample.seek_mode`):
+  * "exact": decode forward from the keyframe to the frame displayed at the target (the rule above). A
+    long video costs about (frames per GOP) / 2 decodes per kept frame: ~125 with a keyframe every 250
+    frames (10 s at 25 fps, common for real files).
+  * "keyframe" (old `keyframes=True`): keep the keyframe the seek lands on, at or before the target, however
+    far it is: one decoded frame per kept frame, frames up to one keyframe interval early.
+  * "auto" (default): measure the keyframe interval K, then use keyframes when the targets are at least
+    `AUTO_GAP_FACTOR` (1.5) intervals apart, far enough apart that the sampler seeks at all
+    (> seek_threshold) and the keyframes more than `AUTO_MIN_GOP` (2) frames apart (else exact costs as
+    little, e.g. all-intra files), exact otherwise. Where it uses keyframes it takes the *nearest* one: it
+    seeks to target + K/2, i.e. to the last keyframe at or before that, which on a regular GOP is the
+    keyframe nearest the target, so the time error is at most K/2, a third of the sampling gap or less
+    (it then also seeks wherever a target is more than K/2 ahead, not only past seek_threshold). A landed
+    keyframe further than half the gap from its target (irregular GOPs) is not used: that target is
+    decoded forward exactly (counted in `VideoSample.keyframe_fallbacks`), so every kept frame stays
+    inside its own sampling segment and no frame is picked twice. Short gaps (dense sampling, short
+    clips, dense keyframes) therefore get the exact frames, bit for bit the same as "exact"; long
+    videos sampled sparsely cost about one decoded frame per kept frame.
+K is measured, not assumed: the largest spacing between the first `KEYFRAME_PROBE` (6) keyframes (and, if
+the file ends first, the stretch after the last one), read from the container's index where it lists
+every sample at open (MP4/MOV/AVI: nothing is read), else by a second demuxer reading packets from the
+start of the file (no decoding; `VideoSample.probe_packets` counts them). It stops early, with a lower
+bound, once the spacing seen rules keyframes out (a spacing past gap / AUTO_GAP_FACTOR); fewer than two
+keyframes give no interval. It is skipped when no seek can happen (gap <= seek_threshold, no pts) or the
+mode is forced. `VideoSample.keyframe_interval` holds it.
+`VideoSample.frames_decoded` counts frames the decoder returned, `packets_decoded` the packets sent to it
+(with frame threading a decoder takes a few packets before it returns the first frame after a seek).
 
 Duration comes from the stream, else the container; if neither is known we scan the packets once
 (demuxing only, no decoding) for timestamps or, for raw elementary streams without pts, packet durations
@@ -33,7 +58,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import av
 from PIL import Image
@@ -49,6 +74,13 @@ DEFAULT_SEEK_THRESHOLD = 2.0
 MAX_BAD_PACKETS = 50
 # Timestamps closer than this are the same instant (float noise in pts * time_base).
 _TIME_EPS = 1e-4
+# seek="auto" keeps the nearest keyframe when the targets are at least this many keyframe intervals apart.
+AUTO_GAP_FACTOR = 1.5
+# ... and the keyframes are more than this many frames apart (else exact costs as little).
+AUTO_MIN_GOP = 2
+# seek="auto" measures the keyframe interval from this many keyframes at the start of the file.
+KEYFRAME_PROBE = 6
+SEEK_MODES = ("auto", "exact", "keyframe")
 
 
 @dataclass
@@ -59,8 +91,19 @@ class VideoSample:
     times: list[float]  # seconds from the stream start, one per frame
     targets: list[float] = field(default_factory=list)  # requested timestamps
     duration: float = 0.0
-    frames_decoded: int = 0
+    frames_decoded: int = 0  # frames the decoder returned
     seeks: int = 0
+    seek_mode: str = ""  # the mode used: "exact" or "keyframe" (see the module note; "auto" resolves to one)
+    seek_requested: str = ""  # the mode asked for: "auto", "exact" or "keyframe"
+    keyframe_interval: Optional[float] = None  # seconds, measured by seek="auto" (a lower bound if > gap / 1.5)
+    keyframe_fallbacks: int = 0  # auto keyframe mode: targets decoded exactly because the keyframe was too far
+    packets_decoded: int = 0  # packets sent to the decoder
+    probe_packets: int = 0  # packets demuxed (not decoded) to measure the keyframe interval
+
+    @property
+    def decoded_per_kept(self) -> float:
+        """Frames decoded per frame kept (sampled)."""
+        return self.frames_decoded / max(1, len(self.times))
 
 
 def _av_errors() -> tuple[type[BaseException], ...]:
@@ -155,6 +198,96 @@ def _stream_info(container: "av.container.InputContainer", path: str) -> _Stream
     return _StreamInfo(start=start, duration=duration, count=count, has_pts=has_pts)
 
 
+def _spacing(events: Iterable[tuple[float, float, bool]], limit: float) -> tuple[float, bool]:
+    """(K, decided) from (start s, end s, is keyframe) per sample in file order: K is the largest spacing
+    between the first `KEYFRAME_PROBE` keyframes, or a lower bound past `limit` as soon as one shows (a
+    spacing, the stretch after the last keyframe, or before the first). If the samples run out first,
+    decided is False and K counts the stretch after the last keyframe (inf with fewer than two)."""
+    keys: list[float] = []
+    span, end = 0.0, -math.inf
+    first: Optional[float] = None
+    for t, t_end, key in events:
+        first = t if first is None else first
+        end = max(end, t_end)
+        if key:
+            if keys:
+                span = max(span, t - keys[-1])
+            keys.append(t)
+            if len(keys) >= KEYFRAME_PROBE or span > limit:
+                return span, True
+        elif keys and end - keys[-1] > limit:
+            return end - keys[-1], True
+        elif not keys and end - first > limit:
+            return math.inf, True
+    if len(keys) < 2:
+        return math.inf, False
+    return max(span, end - keys[-1]), False  # the last keyframe is shown until the end
+
+
+def _keyframe_interval(container: "av.container.InputContainer", path: str, limit: float) -> tuple[float, int]:
+    """(K seconds, packets demuxed): the keyframe interval of the video stream as `_spacing` measures it.
+    From the container's index when it has one (MP4/MOV/AVI list every sample at open: nothing read),
+    else by demuxing the file from the start in a second container, without decoding."""
+    stream = container.streams.video[0]
+    tb = stream.time_base
+    if not tb:
+        return math.inf, 0
+    try:
+        entries = stream.index_entries
+        n = len(entries) if entries is not None else 0
+    except (AttributeError, *_AV_ERRORS):  # PyAV before index_entries
+        n = 0
+    if n >= 2:
+
+        def samples() -> Iterator[tuple[float, float, bool]]:
+            for i in range(n):
+                e = entries[i]
+                if not e.is_discard:
+                    t = float(e.timestamp * tb)
+                    yield t, t, e.is_keyframe
+
+        k, decided = _spacing(samples(), limit)
+        if decided:  # else the index ran out (it may hold only the keyframes seen so far): demux instead
+            return k, 0
+    probe = _open(path)
+    count = 0
+
+    def packets() -> Iterator[tuple[float, float, bool]]:
+        nonlocal count
+        for packet in probe.demux(probe.streams.video[0]):
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if packet.size == 0 or ts is None:
+                continue  # flush packet / no timestamp
+            count += 1
+            t = float(ts * tb)
+            yield t, t + float(max(packet.duration or 0, 0) * tb), packet.is_keyframe
+
+    try:
+        return _spacing(packets(), limit)[0], count
+    except _AV_ERRORS as exc:
+        raise _fail(path, str(exc) or type(exc).__name__) from None
+    finally:
+        probe.close()
+
+
+def _seek_mode(seek: str, keyframes: Optional[bool]) -> str:
+    """The requested mode from `seek` and the older `keyframes` flag (True: "keyframe", False: "exact")."""
+    if seek not in SEEK_MODES:
+        raise InputError(f"seek={seek!r}: must be one of {', '.join(map(repr, SEEK_MODES))}")
+    if keyframes is None:
+        return seek
+    forced = "keyframe" if keyframes else "exact"
+    if seek not in ("auto", forced):
+        raise InputError(f"seek={seek!r} and keyframes={keyframes!r} disagree; pass only seek=")
+    return forced
+
+
+def _target_gap(targets: list[float], duration: float) -> float:
+    """Smallest spacing between consecutive targets (the duration for a single target)."""
+    gaps = [b - a for a, b in zip(targets, targets[1:])]
+    return min(gaps) if gaps else duration
+
+
 def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optional[float]) -> list[float]:
     """Target timestamps (seconds from start), ascending."""
     if duration <= 0:
@@ -183,6 +316,7 @@ class _Decoder:
         # Without pts, frame k is assumed to start at k * (duration / count).
         self._frame_dt = info.duration / info.count if info.count > 0 else 0.04
         self.frames_decoded = 0
+        self.packets_decoded = 0
         self.seeks = 0
         self.missing_pts = False  # a frame without pts was seen: positions are estimates, do not seek
         self._index = 0  # frames since the start, for streams without pts (never seeked)
@@ -202,6 +336,8 @@ class _Decoder:
     def _frames(self) -> Iterator["av.VideoFrame"]:
         # Decode packet by packet so that a few corrupt packets are skipped instead of ending the video.
         for packet in self.container.demux(self.stream):
+            if packet.size:
+                self.packets_decoded += 1
             try:
                 frames = packet.decode()
             except _AV_ERRORS as exc:
@@ -238,29 +374,57 @@ def iter_video(
     fps: Optional[float] = None,
     progress: Optional[bool] = None,
     seek_threshold: float = DEFAULT_SEEK_THRESHOLD,
-    keyframes: bool = False,
+    keyframes: Optional[bool] = None,
     stats: Optional[VideoSample] = None,
+    *,
+    seek: str = "auto",
 ) -> Iterator[tuple[float, Image.Image]]:
     """Yield (timestamp, RGB frame) for each sampled frame as soon as it is decoded (see the module note for
     the rule), so a consumer can work on early frames while later ones decode. `stats`, if given, is
-    filled in as decoding goes: targets and duration before the first frame, then times, frames_decoded and
-    seeks (its `frames` list stays empty: the frames are yielded, not kept). Arguments are checked and the
-    file opened on the first `next()`."""
+    filled in as decoding goes: targets, duration, seek_mode (and the keyframe interval, if measured) before
+    the first frame, then times, frames_decoded, packets_decoded and seeks (its `frames` list stays empty:
+    the frames are yielded, not kept). Arguments are checked and the file opened on the first `next()`.
+
+    seek: "auto" (default), "exact" or "keyframe", what a seek keeps (module note). keyframes: the older
+    spelling, True for "keyframe", False for "exact" (None: use `seek`)."""
     if max_frames < 1:
         raise InputError(f"max_frames={max_frames}: must be at least 1")
     if fps is not None and not fps > 0:
         raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    requested = _seek_mode(seek, keyframes)
     st = stats if stats is not None else VideoSample(frames=[], times=[])
     p = os.fspath(path)
     container = _open(p)
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame/slice threads: decoding is the cost here
         info = _stream_info(container, p)
         st.duration = info.duration
         st.targets = video_targets(info.duration, info.count, max_frames, fps)
         # Seeking needs timestamps; raw elementary streams without pts are decoded straight through.
         threshold = seek_threshold if info.has_pts else math.inf
+        gap = _target_gap(st.targets, info.duration)
+        mode, interval = requested, 0.0
+        if requested == "auto":
+            mode = "exact"
+            if gap > threshold:  # the sampler will seek: is the nearest keyframe close enough?
+                interval, st.probe_packets = _keyframe_interval(container, p, gap / AUTO_GAP_FACTOR)
+                st.keyframe_interval = interval if math.isfinite(interval) else None
+                rate = info.count / info.duration if info.count > 0 and info.duration > 0 else 25.0
+                if interval * AUTO_GAP_FACTOR <= gap and interval * rate > AUTO_MIN_GOP + 0.5:
+                    mode = "keyframe"
+        st.seek_requested, st.seek_mode = requested, mode
+        if mode == "keyframe" and gap > threshold:
+            # Nearly every target seeks and keeps the first frame: frame threads would decode several packets
+            # ahead for each one (up to one per thread) only to drop them at the next seek.
+            stream.thread_type = "SLICE"
+        else:
+            stream.thread_type = "AUTO"  # frame/slice threads: decoding forward is the cost here
+        nearest = requested == "auto" and mode == "keyframe"
+        if nearest:
+            # Seek to target + K/2 (the nearest keyframe on a regular GOP); keep it when it is within half the
+            # gap of the target; always seek where decoding forward would cost more than half a GOP.
+            tolerance = gap / 2 + _TIME_EPS
+            threshold = min(threshold, interval / 2)
         show = progress if progress is not None else (max_frames > 32 and sys.stderr.isatty())
         dec = _Decoder(container, p, info)
         prev: Optional[tuple[float, "av.VideoFrame"]] = None  # last frame with time <= current target
@@ -272,10 +436,22 @@ def iter_video(
                 position = latest[0] if latest is not None else 0.0
                 pick = None
                 if target - position > threshold and not dec.missing_pts:
-                    dec.seek(target)
                     prev = ahead = None
-                    if keyframes:
-                        pick = prev = dec.next()
+                    if nearest:
+                        dec.seek(target + interval / 2)
+                        item = dec.next()
+                        if item is not None and abs(item[0] - target) <= tolerance:
+                            pick = prev = item
+                        else:  # irregular GOP: this keyframe is too far, decode the exact frame
+                            st.keyframe_fallbacks += 1
+                            if item is not None and item[0] <= target + _TIME_EPS:
+                                prev = item
+                            else:
+                                dec.seek(target)
+                    else:
+                        dec.seek(target)
+                        if mode == "keyframe":
+                            pick = prev = dec.next()
                 if pick is None:
                     while True:
                         if ahead is not None:
@@ -297,11 +473,12 @@ def iter_video(
                     except _AV_ERRORS as exc:
                         raise _fail(p, f"frame conversion failed: {exc}") from None
                 st.times.append(pick[0])
-                st.frames_decoded, st.seeks = dec.frames_decoded, dec.seeks
+                st.frames_decoded, st.packets_decoded, st.seeks = dec.frames_decoded, dec.packets_decoded, dec.seeks
                 bar.update(1)
                 yield pick[0], last[1]
-        logger.debug("video %s: %.2fs, %d targets, decoded %d frames with %d seeks", p, st.duration, len(st.targets),
-                     st.frames_decoded, st.seeks)
+        logger.debug("video %s: %.2fs, %d targets, seek=%s -> %s (keyframe interval %s), decoded %d frames "
+                     "(%d packets) with %d seeks", p, st.duration, len(st.targets), requested, mode,
+                     st.keyframe_interval, st.frames_decoded, st.packets_decoded, st.seeks)
     finally:
         container.close()
 
@@ -312,15 +489,20 @@ def sample_video(
     fps: Optional[float] = None,
     progress: Optional[bool] = None,
     seek_threshold: float = DEFAULT_SEEK_THRESHOLD,
-    keyframes: bool = False,
+    keyframes: Optional[bool] = None,
+    *,
+    seek: str = "auto",
 ) -> VideoSample:
     """Sample up to `max_frames` frames of the video at `path` (see the module note for the rule).
 
-    keyframes=True: where the sampler seeks, it keeps the keyframe it lands on (at or before the target)
-    instead of decoding forward to the exact frame: one decoded frame per kept frame on long videos, at
-    the price of frames up to one keyframe interval early."""
+    seek="auto" (default): the nearest keyframe where the targets are far apart compared with the keyframe
+    interval (one decoded frame per kept frame on long videos), the exact frame otherwise; "exact": always
+    the frame displayed at each target; "keyframe" (or keyframes=True): where the sampler seeks, keep the
+    keyframe it lands on (at or before the target), frames up to one keyframe interval early. The mode used
+    is `.seek_mode`."""
     st = VideoSample(frames=[], times=[])
-    frames = [im for _, im in iter_video(path, max_frames, fps, progress, seek_threshold, keyframes, stats=st)]
+    it = iter_video(path, max_frames, fps, progress, seek_threshold, keyframes, stats=st, seek=seek)
+    frames = [im for _, im in it]
     st.frames = frames
     return st
 
