@@ -21,6 +21,8 @@ from pathlib import Path
 torch.set_num_threads(1)
 d, mode = Path(sys.argv[1]), sys.argv[2]
 import hyperowl.checkpoint as ck
+from hyperowl.config import Owl3Config
+from hyperowl.keymaps import owl3_ignored
 from hyperowl.models.owl3 import Owl3Model
 from safetensors.torch import load_file
 def status(field):  # kB -> bytes; VmHWM is this process's own peak (ru_maxrss would include the parent's)
@@ -29,10 +31,10 @@ base = status("VmRSS")
 if mode == "hyperowl":
     m = ck.load_owl3(d)
 else:  # naive: build with random init, read the whole file, copy in
-    cfg = ck.Owl3Config.from_hf_dict(__import__("json").loads((d / "config.json").read_text()), "240728")
+    cfg = Owl3Config.from_hf_dict(__import__("json").loads((d / "config.json").read_text()), "240728")
     m = Owl3Model(cfg)
     sd = load_file(str(d / "model.safetensors"))
-    mapping = ck.map_keys(sd, ck.OWL3_KEYS, ck._ignored_patterns(cfg, cfg.tie_word_embeddings))
+    mapping = ck.map_keys(sd, ck.OWL3_KEYS, owl3_ignored(cfg, cfg.tie_word_embeddings))
     m.load_state_dict({mapping[k]: v for k, v in sd.items() if k in mapping})
 with torch.no_grad():  # touch every weight so lazily mapped pages are counted
     sum(float(p.sum()) for p in m.parameters())

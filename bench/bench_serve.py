@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hyperowl.config import Owl3Config, SiglipConfig  # noqa: E402
 from hyperowl.models.owl3 import Owl3Model  # noqa: E402
 from hyperowl.processing.chat import STOP_TOKENS  # noqa: E402
+from hyperowl.pipeline import Pipeline  # noqa: E402
 from hyperowl.processing.processor import Owl3Processor  # noqa: E402
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
@@ -73,8 +74,8 @@ def random_model(a: argparse.Namespace):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.processor = Owl3Processor(make_tokenizer(cfg.vocab_size), variant=cfg.variant, image_size=cfg.vision.image_size)
-    return model
+    return Pipeline(model, Owl3Processor(make_tokenizer(cfg.vocab_size), variant=cfg.variant,
+                                         image_size=cfg.vision.image_size))
 
 
 def png_url(seed: int, size=(480, 360)) -> str:

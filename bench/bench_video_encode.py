@@ -5,8 +5,8 @@ Samples --frames frames of the 2-hour test video of bench_long_video.py (made on
 and turns them into image embeddings with a tower of issue 7's shape (a) (378 px, 729 tokens per image;
 hidden 256, 3 layers) and its projection, each mode in a fresh process (peak RSS is that run's own):
 - sequential: `processor(...)` decodes and resizes every frame, then `model.encode_images(pixel_values)`;
-- overlapped: `processor(..., encode=model.encode_images)`: chunks of --chunk frames decode in a thread
-  while the tower encodes the previous chunk; only a few chunks of pixels exist at once;
+- overlapped: `Encoder(model, processor, chunk=..., overlap=True).encode(plan)`: chunks of --chunk frames
+  decode in a thread while the tower encodes the previous chunk; only a few chunks of pixels exist at once;
 - chunked: the same chunks decoded and encoded in turn in one thread (`overlap=False`, chat's CPU default).
 Also times decoding alone and encoding alone (the two parts the overlap can hide behind each other).
 Checks that both modes give the same embeddings. Prints a table, writes JSON and a PNG.
@@ -56,6 +56,8 @@ def build():
 def worker(mode: str, path: str, frames: int, chunk: int) -> dict:
     import torch
 
+    from hyperowl.encoder import Encoder
+
     model, proc = build()
     messages = [{"role": "user", "content": "<|video|>What happens?"}]
     t = time.perf_counter()
@@ -64,8 +66,8 @@ def worker(mode: str, path: str, frames: int, chunk: int) -> dict:
             x = proc(messages, videos=[path], max_frames=frames, progress=False)
             embeds = model.encode_images(x.pixel_values)
         elif mode in ("overlapped", "chunked"):
-            embeds = proc(messages, videos=[path], max_frames=frames, progress=False, encode=model.encode_images,
-                          encode_chunk=chunk, overlap=mode == "overlapped").image_embeds
+            plan = proc.plan(messages, videos=[path], max_frames=frames)
+            embeds = Encoder(model, proc, chunk=chunk, overlap=mode == "overlapped").encode(plan, progress=False)
         elif mode == "decode only":  # the processor's pixel path: frames resized into one tensor as they decode
             embeds = proc.video_pixels(path, max_frames=frames, progress=False)
         else:  # encode only: the tower on frames already in memory

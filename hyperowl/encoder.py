@@ -61,8 +61,7 @@ class Encoder:
         return f"{item.key}:{self.model.dtype}"
 
     def _tower(self, pixels: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.model.encode_images(pixels)
+        return encode_pixels(self.model, pixels)
 
     # -- split style (server): lookup in any thread, finish on the model's thread ---------------------------
     def lookup(self, plan: Plan, decode: bool = True) -> list[Pending]:
@@ -117,6 +116,12 @@ class Encoder:
         frames = self.processor.decode_frames(item, progress)
         chunks = (self.processor.frame_pixels(group, len(group)) for group in chunked(frames, self.chunk))
         return encode_overlapped(chunks, self._tower, threaded=overlap, total=item.count)
+
+
+def encode_pixels(model: Any, pixels: Tensor) -> Tensor:
+    """Pixels [N, 3, S, S] -> features [N, T, H] through the model's tower (chunked inside), without autograd."""
+    with torch.no_grad():
+        return model.encode_images(pixels)
 
 
 def _join(parts: list[Tensor]) -> Optional[Tensor]:

@@ -14,13 +14,16 @@ client went away) the row is dropped at the next decode step like a finished one
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
+from .encoder import encode_pixels
 from .processing.processor import collate
 
 
@@ -58,6 +61,7 @@ class Request:
     image_positions: Tensor | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = None  # set from any thread: the row leaves the batch at the next step
+    pixel_values: Tensor | None = None  # deprecated: pass image_embeds (hyperowl.encoder makes them)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -102,6 +106,14 @@ class Engine:
     def __init__(self, model) -> None:
         self.model = model
 
+    def _with_features(self, r: Request) -> Request:
+        """Earlier versions took pixels: those are handed to the encoding stage once (with a warning)."""
+        if r.pixel_values is None or r.image_embeds is not None:
+            return r
+        warnings.warn("Request(pixel_values=...) is deprecated: pass image_embeds (features from "
+                      "hyperowl.encoder, e.g. pipeline.encoder.encode(plan))", DeprecationWarning, stacklevel=3)
+        return dataclasses.replace(r, image_embeds=encode_pixels(self.model, r.pixel_values), pixel_values=None)
+
     def _collate(self, requests: list[Request]) -> dict:
         """Left-padded model inputs; the rows' image features concatenated in row order."""
         dev = self.model.device
@@ -121,6 +133,7 @@ class Engine:
         """Yield, per decode step, the (request index, token id) pairs produced by live rows."""
         if not requests:
             return
+        requests = [self._with_features(r) for r in requests]
         params = [r.params for r in requests]
         batch = self._collate(requests)
         b, length = batch["input_ids"].shape

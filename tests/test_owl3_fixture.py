@@ -63,6 +63,11 @@ def test_greedy_tokens_single_and_batch_row0(owl3_tiny, owl3_ref):
     batch = engine.generate([a, b])
     assert batch[0] == owl3_ref["b2_generated_new_tokens"][0].tolist() == expected
     assert batch[1] == engine.generate([b])[0]  # padded row == same row alone
+    # code written for earlier versions passes pixels: still the same tokens, with a deprecation warning
+    old = Request(owl3_ref["b1_input_ids"][0], pixel_values=owl3_ref["b1_pixel_values"], image_positions=pos,
+                  params=params)
+    with pytest.warns(DeprecationWarning, match="image_embeds"):
+        assert engine.generate([old]) == [expected]
 
 
 @torch.no_grad()

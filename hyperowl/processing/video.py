@@ -526,3 +526,19 @@ def sample_frames(
 ) -> list[Image.Image]:
     """Sample up to `max_frames` RGB frames from the video at `path` (uniform, or every 1/fps seconds)."""
     return sample_video(path, max_frames=max_frames, fps=fps, progress=progress).frames
+
+
+def probe_video(path: "str | os.PathLike[str]", max_frames: int = 16, fps: Optional[float] = None) -> list[float]:
+    """The times (seconds) `iter_video` will sample, read from the container's headers without decoding a
+    frame (a prompt needs only the frame count). Same checks and errors as `iter_video`."""
+    if max_frames < 1:
+        raise InputError(f"max_frames={max_frames}: must be at least 1")
+    if fps is not None and not fps > 0:
+        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    p = os.fspath(path)
+    container = _open(p)
+    try:
+        info = _stream_info(container, p)
+    finally:
+        container.close()
+    return video_targets(info.duration, info.count, max_frames, fps)
