@@ -176,12 +176,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every hyperowl module this file imports, at the top or inside functions."""
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """Every hyperowl module this file imports, at the top or (unless top_level_only) inside functions."""
     mod = _module_name(path)
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("hyperowl")}
         elif isinstance(node, ast.ImportFrom):
@@ -197,9 +199,9 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(top_level_only: bool = False) -> dict[str, set[str]]:
     files = {_module_name(p): p for p in PKG.rglob("*.py")}
-    return {m: {i for i in _imports(p) if i in files and i != m} for m, p in files.items()}
+    return {m: {i for i in _imports(p, top_level_only) if i in files and i != m} for m, p in files.items()}
 
 
 def _top(mod: str) -> str:
@@ -218,7 +220,10 @@ def test_import_layers_and_no_cycles():
     models_up = [(m, i) for m, deps in graph.items() if _top(m) == "models" for i in deps
                  if _top(i) in ("engine", "chat", "serve", "train", "eval", "pipeline", "encoder", "cli", "families")]
     assert not models_up
-    # no cycle among modules (package __init__ files re-export their children: leave them out)
+    # No cycle among the imports Python runs at load time (package __init__ files, which re-export their
+    # children, left out). A function-level import may point back within its own layer (the layer rule
+    # above already refuses every upward one, lazy or not).
+    graph = _graph(top_level_only=True)
     nodes = {m for m in graph if not (PKG.parent / m.replace(".", "/") / "__init__.py").exists()}
     state: dict[str, int] = {}
 
@@ -242,10 +247,23 @@ def test_the_import_check_catches_an_upward_import(monkeypatch):
     """The check above can fail: a models/ module importing the engine is reported."""
     real = _imports
 
-    def planted(path: Path) -> set[str]:
-        got = real(path)
+    def planted(path: Path, top_level_only: bool = False) -> set[str]:
+        got = real(path, top_level_only)
         return got | {"hyperowl.engine"} if path.name == "owl3.py" and path.parent.name == "models" else got
 
     monkeypatch.setitem(globals(), "_imports", planted)
     with pytest.raises(AssertionError, match="higher layer"):
+        test_import_layers_and_no_cycles()
+
+
+def test_the_import_check_catches_a_cycle(monkeypatch):
+    """...and a load-time cycle within one layer: engine <-> encoder."""
+    real = _imports
+
+    def planted(path: Path, top_level_only: bool = False) -> set[str]:
+        got = real(path, top_level_only)
+        return got | {"hyperowl.engine"} if path.name == "encoder.py" else got
+
+    monkeypatch.setitem(globals(), "_imports", planted)
+    with pytest.raises(AssertionError, match="import cycle"):
         test_import_layers_and_no_cycles()

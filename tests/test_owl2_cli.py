@@ -70,4 +70,4 @@ def test_convert_requires_trust_pickle(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "config.json").exists()
     m = hyperowl.load(tmp_path / "out", device="cpu")
-    assert type(m).__name__ == "Owl2Model"
+    assert type(m.model).__name__ == "Owl2Model"
