@@ -56,14 +56,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _check_files(args.video, "video")
     import hyperowl
 
-    model = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    if model.processor is None:
-        raise InputError(f"model '{args.model or model.checkpoint_dir}': no tokenizer.json in the checkpoint; chat needs one")
+    owl = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    if owl.processor is None:
+        raise InputError(f"model '{args.model or owl.checkpoint_dir}': no tokenizer.json in the checkpoint; chat needs one")
     if args.prompt:
         text = _with_placeholders(" ".join(args.prompt), len(args.image), len(args.video))
-        _answer(model, [{"role": "user", "content": text}], list(args.image), list(args.video), args)
+        _answer(owl, [{"role": "user", "content": text}], list(args.image), list(args.video), args)
         return 0
-    return _interactive(model, args)
+    return _interactive(owl, args)
 
 
 def _interactive(model, args: argparse.Namespace) -> int:
@@ -113,8 +113,8 @@ def _interactive(model, args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from .checkpoint import detect_variant, read_config, resolve, safetensors_files, shard_keys
-    from .config import Owl3Config
+    from .checkpoint import read_config, resolve, safetensors_files, shard_keys
+    from .families import family_for_checkpoint
 
     d = resolve(args.path)
     raw = read_config(d)
@@ -130,31 +130,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                     n *= dim
                 n_params += n
                 dtypes.add(s.get_dtype())
-    info = {"path": str(d), "model_type": raw.get("model_type")}
-    if raw.get("model_type") == "mplugowl3":
-        cfg = Owl3Config.from_hf_dict(raw, detect_variant(keys))
-        info.update({
-            "variant": cfg.variant, "hidden_size": cfg.hidden_size, "layers": cfg.num_layers,
-            "heads": f"{cfg.num_heads} (kv {cfg.num_kv_heads})", "hyper_layers": list(cfg.hyper_layers),
-            "vocab_size": cfg.vocab_size, "tied_embeddings": cfg.tie_word_embeddings,
-            "vision": f"SigLIP {cfg.vision.hidden_size}x{cfg.vision.num_layers} layers, {cfg.vision.image_size}px, "
-                      f"{cfg.vision.tokens_per_image} tokens/image",
-        })
-    elif raw.get("model_type") == "mplug_owl2":
-        from .config import Owl2Config
-
-        try:
-            c2 = Owl2Config.from_hf_dict(raw)
-        except (KeyError, ValueError) as e:
-            raise InputError(f"{d / 'config.json'}: not a valid mPLUG-Owl2 config ({type(e).__name__}: {e})") from None
-        info.update({
-            "model": "mPLUG-Owl2 (LLaMA + modality-adaptive module)", "hidden_size": c2.hidden_size, "layers": c2.num_layers,
-            "heads": f"{c2.num_heads} (kv {c2.num_kv_heads})", "vocab_size": c2.vocab_size,
-            "vision": f"CLIP ViT {c2.vision.hidden_size}x{c2.vision.num_layers} layers, {c2.vision.image_size}px, "
-                      f"{c2.vision.tokens_per_image} tokens",
-            "abstractor": f"{c2.abstractor.num_layers} layers, {c2.abstractor.num_queries} queries -> "
-                          f"{c2.tokens_per_image} LLM rows/image",
-        })
+    family = family_for_checkpoint(raw, keys, where=str(d / "config.json"))
+    info = {"path": str(d), "model_type": raw.get("model_type"), "family": family.name, "model": family.description,
+            **family.config_from_hf(raw, where=str(d / "config.json")).summary()}
     info.update({"parameters": n_params, "parameters_human": f"{n_params / 1e9:.3f}B" if n_params > 1e8 else f"{n_params / 1e6:.2f}M",
                  "stored_dtype": ", ".join(sorted(dtypes)), "shards": len(files),
                  "tokenizer": (d / "tokenizer.json").exists()})
@@ -204,16 +182,17 @@ def cmd_plot_log(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from .checkpoint import save_owl3
-    from .train.upgrade import upgrade, with_media_tokens
+    from .checkpoint import save_checkpoint
+    from .train.tokenizer import with_media_tokens
+    from .train.upgrade import upgrade
 
     try:
         layers = [int(x) for x in args.hyper_layers.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--hyper-layers '{args.hyper_layers}': expected 1-based layer numbers like 1,9,17,25") from None
-    model = upgrade(args.text_llm, args.vision, layers, variant=args.variant)
-    out = save_owl3(model, args.out)
-    with_media_tokens(model.source_dirs[0], out / "tokenizer.json")
+    up = upgrade(args.text_llm, args.vision, layers, variant=args.variant)
+    out = save_checkpoint(up.model, args.out)
+    with_media_tokens(up.text_dir, out / "tokenizer.json")
     print(out)
     return 0
 
@@ -325,58 +304,72 @@ def cmd_data(args: argparse.Namespace) -> int:
     return synth_main(args.rest[1:])
 
 
-def build_parser() -> argparse.ArgumentParser:
+_DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _debug_option(p: argparse.ArgumentParser) -> None:
+    """`--debug` after the subcommand too; SUPPRESS: its absence must not override `hyperowl --debug CMD`."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
+def _subcommand(sub, name: str, func, help: str, **kw) -> argparse.ArgumentParser:
+    """A subparser that runs `func`, with `--debug` accepted after the subcommand name too."""
+    sp = sub.add_parser(name, help=help, **kw)
+    sp.set_defaults(func=func)
+    _debug_option(sp)
+    return sp
+
+
+def _model_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Which checkpoint and how it is loaded (chat, serve, eval); returns the group."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="checkpoint directory or hub id, Owl3 or Owl2 (e.g. "
+                   "mPLUG/mPLUG-Owl3-7B-241101); default: the embedded model in hyperowl/assets/owl3-synthetic")
+    g.add_argument("--dtype", default=None, choices=_DTYPES,
+                   help="default: float32 on CPU, the checkpoint's dtype (else bfloat16) on GPU")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; "
+                   "4x less LLM weight memory; see bench/bench_quantize.py for speed)")
+    return g
+
+
+def _media_options(p: argparse.ArgumentParser, files: bool) -> None:
+    """How images and videos become visual tokens (chat, serve); files: also --image/--video (chat)."""
+    g = p.add_argument_group("images and videos")
+    if files:
+        g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
+        g.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
+    g.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
+    g.add_argument("--fps", type=float, default=None, help="sample video frames at this rate (capped by --frames)")
+    g.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    """Decoding of chat answers (the defaults are greedy)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit in tokens (default 1024)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0 = no limit)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (default 1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 makes tokens already seen less likely "
+                   "(HF rule; default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampling generator (default: unseeded)")
+
+
+def _chat_parser(sub) -> None:
+    c = _subcommand(sub, "chat", cmd_chat, "chat with a model (one question, or interactive without a prompt)")
+    c.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
+    c.add_argument("--system", default=None, help="system prompt")
+    _model_options(c)
+    _media_options(c, files=True)
+    _sampling_options(c)
+
+
+def _pretrain_vision_parser(sub) -> None:
     from .config import PRESETS  # Owl3 presets (light: dataclasses only)
 
-    p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("chat", help="chat with a model (one question, or interactive without a prompt)")
-    c.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
-    c.add_argument("--model", default=None, help="checkpoint directory or hub id (e.g. mPLUG/mPLUG-Owl3-7B-241101); "
-                   "default: the embedded model in hyperowl/assets/owl3-synthetic")
-    c.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    c.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
-    c.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
-    c.add_argument("--fps", type=float, default=None, help="sample frames at this rate (capped by --frames)")
-    c.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=1024)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
-    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    c.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
-    c.set_defaults(func=cmd_chat)
-
-    t = sub.add_parser("train", help="train or fine-tune from a YAML recipe (also under torchrun)")
-    t.add_argument("recipe", help="recipe YAML (see recipes/)")
-    t.add_argument("--output", default=None, help="override the recipe's output directory")
-    t.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
-    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (multi-process runs)")
-    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-run like a kill
-    t.set_defaults(func=cmd_train)
-
-    pl = sub.add_parser("plot-log", help="draw the loss curve of a training log as a PNG")
-    pl.add_argument("log", help="log.jsonl written by hyperowl train")
-    pl.add_argument("--out", default=None, help="PNG path (default: next to the log)")
-    pl.set_defaults(func=cmd_plot_log)
-
-    u = sub.add_parser("upgrade", help="build an Owl3-style model from a text Qwen2 + a SigLIP checkpoint")
-    u.add_argument("--text-llm", required=True, help="Qwen2 checkpoint dir or hub id")
-    u.add_argument("--vision", required=True, help="SigLIP checkpoint dir or hub id")
-    u.add_argument("--hyper-layers", required=True, help="1-based decoder layers to make hyper layers, e.g. 1,9,17,25")
-    u.add_argument("--variant", default="240728", choices=["240728", "241101"])
-    u.add_argument("--out", required=True, help="output directory (official layout)")
-    u.set_defaults(func=cmd_upgrade)
-
-    pv = sub.add_parser("pretrain-vision", help="stage 0 from scratch: pretrain a preset's vision tower on dense "
-                        "synthetic labels (writes a SigLIP checkpoint for a recipe's init.vision)")
+    pv = _subcommand(sub, "pretrain-vision", cmd_pretrain_vision, "stage 0 from scratch: pretrain a preset's vision "
+                     "tower on dense synthetic labels (writes a SigLIP checkpoint for a recipe's init.vision)")
     pv.add_argument("--preset", default="owl3-synthetic", choices=sorted(PRESETS),
                     help="the Owl3 preset whose tower shape to train")
     pv.add_argument("--out", required=True, help="output directory")
@@ -391,83 +384,112 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--pair-labels", action="store_true",
                     help="also classify each patch's colour-kind pair (one class per pair), not only colour and kind")
     pv.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    pv.set_defaults(func=cmd_pretrain_vision)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/chat/completions) and a web chat page")
-    s.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="allow file:// media URLs below DIR")
-    s.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
-    s.add_argument("--max-images", type=int, default=16, help="image parts per request (default 16)")
-    s.add_argument("--max-videos", type=int, default=2, help="video parts per request (default 2)")
-    s.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
-    s.add_argument("--fps", type=float, default=None, help="sample video frames at this rate (capped by --frames)")
-    s.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
-    s.add_argument("--max-media-mb", type=float, default=50.0, help="size limit of one image or video (MiB)")
-    s.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
-    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    s.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
-    s.add_argument("--max-padded-images", type=int, default=32,
+
+def _serve_parser(sub) -> None:
+    s = _subcommand(sub, "serve", cmd_serve, "OpenAI-compatible HTTP API (/v1/chat/completions) and a web chat page")
+    _model_options(s).add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
+    _media_options(s, files=False)
+    g = s.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g = s.add_argument_group("request limits")
+    g.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="allow file:// media URLs below DIR")
+    g.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
+    g.add_argument("--max-images", type=int, default=16, help="image parts per request (default 16)")
+    g.add_argument("--max-videos", type=int, default=2, help="video parts per request (default 2)")
+    g.add_argument("--max-media-mb", type=float, default=50.0, help="size limit of one image or video (MiB)")
+    g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
+    g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    g = s.add_argument_group("batching and caching")
+    g.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
+    g.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
+    g.add_argument("--max-padded-images", type=int, default=32,
                    help="a request joins a batch only while the batch pads at most this many image slots (rows hold "
                         "as many visual K/V slots as the batch's largest request; default 32)")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default 64)")
-    s.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache size (MiB, 0 = off)")
-    s.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
-    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: cores - 1, one is left to the HTTP event loop)")
-    s.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
-    s.set_defaults(func=cmd_serve)
+    g.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429 (default 64)")
+    g.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache size (MiB, 0 = off)")
 
-    e = sub.add_parser("eval", help="evaluate on a benchmark file or a built-in synthetic set (predictions + summary)",
-                       description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV, "
-                       "circular), vqa (JSON/JSONL, soft accuracy), multi-image (NLVR2 yes/no or multiple choice), "
-                       "video-mc, distractor (multiple choice among N irrelevant images, needs --pool), and "
-                       "synthetic-single|multi|video|distractor (generated offline, no --data). Resumes from --out; "
-                       "runs data-parallel under torchrun.")
-    e.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the embedded model)")
+
+def _eval_parser(sub) -> None:
+    e = _subcommand(sub, "eval", cmd_eval, "evaluate on a benchmark file or a built-in synthetic set "
+                    "(predictions + summary)",
+                    description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV, "
+                    "circular), vqa (JSON/JSONL, soft accuracy), multi-image (NLVR2 yes/no or multiple choice), "
+                    "video-mc, distractor (multiple choice among N irrelevant images, needs --pool), and "
+                    "synthetic-single|multi|video|distractor (generated offline, no --data). Resumes from --out; "
+                    "runs data-parallel under torchrun.")
     e.add_argument("--task", default="exact", help="exact (default), mmbench, vqa, multi-image, video-mc, distractor, "
                    "synthetic-single, synthetic-multi, synthetic-video, synthetic-distractor")
     e.add_argument("--data", default=None, help="the benchmark file (not for synthetic-* tasks)")
     e.add_argument("--out", default="results/eval", help="output directory (resumes if it has predictions)")
     e.add_argument("--limit", type=int, default=None, help="first N samples (synthetic-*: set size, default 100)")
     e.add_argument("--batch-size", type=int, default=8, help="conversations per padded batch")
-    e.add_argument("--max-new-tokens", type=int, default=16)
-    e.add_argument("--annotations", default=None, help="vqa: the VQAv2 annotations file when --data is the official "
-                   "questions file (v2_OpenEnded_mscoco_*_questions.json)")
-    e.add_argument("--image-dir", default=None, help="vqa: folder of the images (default: the data file's folder)")
-    e.add_argument("--frames", type=int, default=16, help="video-mc: frames sampled per video (default 16)")
-    e.add_argument("--no-circular", action="store_true", help="mmbench: ask each question once (no option rotations)")
-    e.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")
-    e.add_argument("--pool", default=None, help="distractor: folder of images, or JSONL of {\"image\": path}")
-    e.add_argument("--variants", type=int, default=4, help="distractor: versions per question, all must be right")
-    e.add_argument("--prompt-style", default="mc", choices=["mc", "open"], help="distractor: 'mc' lists lettered "
-                   "options (default); 'open' asks without them and matches the answer to an option's text")
+    e.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default 16)")
     e.add_argument("--seed", type=int, default=0, help="distractor sampling and synthetic sets")
-    e.add_argument("--cache-dir", default=None, help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--device", default=None)
-    e.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only LLM linears (inference; 4x less LLM weight memory; see bench/bench_quantize.py for speed)")
-    e.set_defaults(func=cmd_eval)
+    _model_options(e)
+    g = e.add_argument_group("task-specific")
+    g.add_argument("--annotations", default=None, help="vqa: the VQAv2 annotations file when --data is the official "
+                   "questions file (v2_OpenEnded_mscoco_*_questions.json)")
+    g.add_argument("--image-dir", default=None, help="vqa: folder of the images (default: the data file's folder)")
+    g.add_argument("--frames", type=int, default=16, help="video-mc: frames sampled per video (default 16)")
+    g.add_argument("--no-circular", action="store_true", help="mmbench: ask each question once (no option rotations)")
+    g.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")
+    g.add_argument("--pool", default=None, help="distractor: folder of images, or JSONL of {\"image\": path}")
+    g.add_argument("--variants", type=int, default=4, help="distractor: versions per question, all must be right")
+    g.add_argument("--prompt-style", default="mc", choices=["mc", "open"], help="distractor: 'mc' lists lettered "
+                   "options (default); 'open' asks without them and matches the answer to an option's text")
+    g.add_argument("--cache-dir", default=None,
+                   help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
 
-    dt = sub.add_parser("data", help="datasets: `hyperowl data synth --out DIR` writes the synthetic visual world",
-                        add_help=False)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `hyperowl` parser. Shared option groups (_model_options, _media_options, _sampling_options) keep the
+    options that several subcommands take identical; dests and defaults are what the cmd_* functions read."""
+    p = argparse.ArgumentParser(prog="hyperowl", description="Run mPLUG-Owl models: chat with images, many images and videos.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)  # subcommands in `hyperowl --help` order:
+    _chat_parser(sub)
+
+    t = _subcommand(sub, "train", cmd_train, "train or fine-tune from a YAML recipe (also under torchrun)")
+    t.add_argument("recipe", help="recipe YAML (see recipes/)")
+    t.add_argument("--output", default=None, help="override the recipe's output directory")
+    t.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (multi-process runs)")
+    t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-run like a kill
+
+    pl = _subcommand(sub, "plot-log", cmd_plot_log, "draw the loss curve of a training log as a PNG")
+    pl.add_argument("log", help="log.jsonl written by hyperowl train")
+    pl.add_argument("--out", default=None, help="PNG path (default: next to the log)")
+
+    u = _subcommand(sub, "upgrade", cmd_upgrade, "build an Owl3-style model from a text Qwen2 + a SigLIP checkpoint")
+    u.add_argument("--text-llm", required=True, help="Qwen2 checkpoint dir or hub id")
+    u.add_argument("--vision", required=True, help="SigLIP checkpoint dir or hub id")
+    u.add_argument("--hyper-layers", required=True, help="1-based decoder layers to make hyper layers, e.g. 1,9,17,25")
+    u.add_argument("--variant", default="240728", choices=["240728", "241101"])
+    u.add_argument("--out", required=True, help="output directory (official layout)")
+
+    _pretrain_vision_parser(sub)
+    _serve_parser(sub)
+    _eval_parser(sub)
+
+    dt = _subcommand(sub, "data", cmd_data, "datasets: `hyperowl data synth --out DIR` writes the synthetic visual "
+                     "world", add_help=False)
     dt.add_argument("rest", nargs=argparse.REMAINDER)
-    dt.set_defaults(func=cmd_data)
 
-    cv = sub.add_parser("convert", help="one-shot: rewrite a pickle-only checkpoint (*.bin) as safetensors (needs --trust-pickle)")
+    cv = _subcommand(sub, "convert", cmd_convert, "one-shot: rewrite a pickle-only checkpoint (*.bin) as "
+                     "safetensors (needs --trust-pickle)")
     cv.add_argument("src", help="checkpoint directory with pytorch_model*.bin")
     cv.add_argument("out", help="output directory (config and tokenizer files are copied)")
     cv.add_argument("--trust-pickle", action="store_true", help="I trust these pickle files (unpickling can run code)")
-    cv.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
+    i = _subcommand(sub, "info", cmd_info, "summarise a checkpoint without loading its weights")
     i.add_argument("path", help="checkpoint directory or hub id")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.set_defaults(func=cmd_info)
     return p
 
 

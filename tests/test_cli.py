@@ -128,8 +128,6 @@ def test_video_chat_python_and_cli(chat_checkpoint, tmp_path):
 
 
 def test_chat_batch_equals_single_chats(chat_checkpoint, image_files):
-    from hyperowl.chat import chat_batch
-
     model = hyperowl.load(chat_checkpoint)
     a, b, _ = image_files
     convs = [
@@ -137,6 +135,62 @@ def test_chat_batch_equals_single_chats(chat_checkpoint, image_files):
         {"messages": [{"role": "user", "content": "Describe this."}]},
         {"messages": [{"role": "user", "content": "<|image|><|image|>Compare the two pictures."}], "images": [str(b), str(a)]},
     ]
-    batch = chat_batch(model, model.processor, convs, max_new_tokens=5)
+    batch = model.chat_batch(convs, max_new_tokens=5)
     single = [model.chat(c["messages"], images=c.get("images"), max_new_tokens=5) for c in convs]
     assert batch == single
+
+
+def _subparsers():
+    import argparse
+
+    from hyperowl.cli import build_parser
+
+    p = build_parser()
+    return p, next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_debug_after_the_subcommand():
+    p, subs = _subparsers()
+    assert p.parse_args(["chat", "hi"]).debug is False
+    assert p.parse_args(["chat", "--debug", "hi"]).debug is True
+    assert p.parse_args(["--debug", "chat", "hi"]).debug is True  # the subcommand's absent --debug keeps it
+    assert p.parse_args(["--debug", "chat", "--debug", "hi"]).debug is True
+    needs = {"train": ["r.yaml"], "plot-log": ["log.jsonl"], "convert": ["a", "b"], "info": ["x"],
+             "upgrade": ["--text-llm", "t", "--vision", "v", "--hyper-layers", "1", "--out", "o"],
+             "pretrain-vision": ["--out", "o"]}
+    for name in subs:
+        assert p.parse_args([name, *needs.get(name, [])]).debug is False, name
+        assert p.parse_args([name, "--debug", *needs.get(name, [])]).debug is True, name
+        assert p.parse_args(["--debug", name, *needs.get(name, [])]).debug is True, name
+
+
+def test_shared_options_are_the_same_everywhere():
+    """chat, serve and eval take --model/--dtype/--device/--quantize from one group, chat and serve the video
+    options; dests and defaults are what users' scripts rely on."""
+    _, subs = _subparsers()
+
+    def spec(name, opt):
+        a = next(a for a in subs[name]._actions if opt in a.option_strings)
+        return a.dest, a.default, a.choices, a.type, a.nargs, type(a).__name__, a.help
+
+    for opt, want in [("--model", ("model", None, None, None, None)), ("--device", ("device", None, None, None, None)),
+                      ("--dtype", ("dtype", None, ["float32", "bfloat16", "float16"], None, None)),
+                      ("--quantize", ("quantize", None, ["int8"], None, None))]:
+        assert spec("chat", opt) == spec("serve", opt) == spec("eval", opt), opt
+        assert spec("chat", opt)[:5] == want, opt
+    for opt, want in [("--frames", ("frames", 16, None, int, None)), ("--fps", ("fps", None, None, float, None)),
+                      ("--no-cut", ("no_cut", False, None, None, 0))]:
+        assert spec("chat", opt) == spec("serve", opt), opt
+        assert spec("chat", opt)[:5] == want, opt
+    assert spec("eval", "--frames")[:2] == ("frames", 16)
+    a = subs["chat"].parse_args(["hi"])
+    sampling = (a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.seed)
+    assert sampling == (1024, 0.0, 0, 1.0, 1.0, None)
+    assert (a.image, a.video, a.system) == ([], [], None)
+    a = subs["eval"].parse_args([])
+    assert (a.max_new_tokens, a.seed, a.frames, a.task, a.out) == (16, 0, 16, "exact", "results/eval")
+
+
+def test_cli_debug_after_subcommand_shows_the_traceback(tmp_path):
+    r = run("chat", "--debug", "--model", str(tmp_path / "nope"), "hi")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "nope" in r.stderr
