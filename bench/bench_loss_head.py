@@ -3,7 +3,7 @@
 Times forward + backward of the output head and the summed answer-token cross-entropy for one batch of
 decoder outputs, the two ways side by side (alternating blocks, same tensors): the full [B, L, V] head
 with `ignore_index` (what training did before) and the head at the labelled positions only (what
-`trainer.answer_losses` does now). The rest of the step is identical in both and not timed. Defaults: the
+`train.losses.answer_losses` does now). The rest of the step is identical in both and not timed. Defaults: the
 embedded recipe's shapes (batch 16, ~190 tokens, width 256, vocabulary 1024, ~14 answer tokens per row).
 
     python bench/bench_loss_head.py
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hyperowl.train.trainer import label_positions, row_losses
+from hyperowl.train.losses import label_positions, row_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def full(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def answers_only(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    at = label_positions(labels)  # the trainer's own selection and loss (trainer.answer_losses)
+    at = label_positions(labels)  # the trainer's own selection and loss (losses.answer_losses)
     return row_losses(F.linear(h[at], w), labels, at)  # head on [K, H] -> [K, V]
 
 

@@ -1,6 +1,6 @@
 """Where a training step's time goes (data, forward, backward, optimizer), with data.workers settings side by side.
 
-Builds the recipe's model (`hyperowl.train.trainer.build`), reads its training data the way the trainer does
+Builds the recipe's model (`hyperowl.train.build.build`), reads its training data the way the trainer does
 (`StepBatches` through `step_loader`), and times each phase of each step. The workers settings run in
 alternating blocks over the *same* steps' batches (block b: steps b*N .. b*N+N-1 for every setting, the
 order of settings flipped every block), so the ratios compare like with like on a noisy CPU. The first step
@@ -34,7 +34,10 @@ import torch  # noqa: E402
 from hyperowl.errors import InputError  # noqa: E402
 from hyperowl.train.data import ConversationDataset, StepBatches, step_loader  # noqa: E402
 from hyperowl.train.recipe import Recipe, resolve_trainable  # noqa: E402
-from hyperowl.train.trainer import answer_losses, build, expand_labels, is_owl2, model_type, pad_id, recipe_optimizer  # noqa: E402
+from hyperowl.families import family_of  # noqa: E402
+from hyperowl.train.build import build  # noqa: E402
+from hyperowl.train.losses import answer_losses, expand_labels  # noqa: E402
+from hyperowl.train.optim import recipe_optimizer  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -101,15 +104,16 @@ def main() -> None:
         torch.manual_seed(recipe.seed)
         model, processor, _ = build(recipe, torch.device("cpu"))
         model.decoder.activation_checkpointing = recipe.activation_checkpointing
-        opt = recipe_optimizer(model, recipe, resolve_trainable(recipe.trainable, model_type(model)))
+        family = family_of(model)
+        opt = recipe_optimizer(model, recipe, resolve_trainable(recipe.trainable, family.model_type))
         if opt is None:
             sys.exit(f"{a.recipe}: nothing to train (all parts frozen)")
         trainable = [p for g in opt.param_groups for p in g["params"]]
-        rows = model.config.tokens_per_image if is_owl2(model) else 1
+        rows = family.llm_rows_per_image(model.config)
         data = ConversationDataset(recipe.data.train, processor, recipe.data.on_error, recipe.data.max_frames,
                                    recipe.data.cut, recipe.data.max_length, rows_per_image=rows)
         lengths = data.lengths() if recipe.data.group_by_length > 0 else None
-        pad = pad_id(model, processor)
+        pad = family.pad_id(processor.tokenizer, model.config)
         model.train()
         times: dict[int, list[dict[str, float]]] = {w: [] for w in settings}
         for blk in range(a.blocks):

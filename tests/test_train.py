@@ -177,7 +177,8 @@ def test_loss_weighting_weighs_conversations_as_configured(tmp_path, turns_data)
     model and batch; bad values are refused."""
     import torch.nn.functional as F
     from hyperowl.train.data import StepBatches
-    from hyperowl.train.trainer import build, expand_labels
+    from hyperowl.train.build import build
+    from hyperowl.train.losses import expand_labels
 
     over = {"optim": {"max_steps": 1}, "batch_size": 8, "save_every": 0, "num_threads": 1}
     for mode, power in (("token", 0.0), ("square", 0.5), ("sample", 1.0)):
@@ -208,7 +209,7 @@ def test_align_stage_freezes_llm_and_vision(tmp_path, colour_data):
     r = recipe_for(colour_data, tmp_path / "a", stage="align", optim={"max_steps": 3})
     out = train(r)
     final = load_file(str(out / "final" / "model.safetensors"))
-    from hyperowl.train.trainer import build
+    from hyperowl.train.build import build
 
     init_model, _, _ = build(r, torch.device("cpu"))
     from hyperowl.checkpoint import official_state_dict
@@ -337,7 +338,7 @@ def test_lora_trains_adapters_only_and_merges(tmp_path, colour_data):
     r = recipe_for(colour_data, tmp_path / "lora", stage="custom", trainable={"projector": True},
                    lora={"r": 4, "alpha": 8}, optim={"max_steps": 4})
     out = train(r)
-    from hyperowl.train.trainer import build
+    from hyperowl.train.build import build
 
     init_model, _, _ = build(recipe_for(colour_data, tmp_path / "lora"), torch.device("cpu"))
     from hyperowl.checkpoint import official_state_dict
@@ -408,7 +409,7 @@ def test_answer_losses_equal_the_full_head_loss_with_gradients():
     in every gradient; and logits_at picks the rows' positions in row-major order."""
     import torch.nn.functional as F
     from conftest import random_owl3
-    from hyperowl.train.trainer import answer_losses
+    from hyperowl.train.losses import answer_losses
 
     model = random_owl3("240728").train()
     ids = torch.randint(10, 1000, (3, 12))
@@ -440,7 +441,7 @@ def test_answer_losses_equal_the_full_head_loss_with_gradients():
 def test_init_schemes():
     """normal: every matrix N(0, 0.02); fan_in: N(0, 1/fan_in), residual outputs scaled down by depth."""
     from conftest import random_owl3
-    from hyperowl.train.trainer import init_weights
+    from hyperowl.train.build import init_weights
 
     model = random_owl3("240728")
     named = dict(model.named_parameters())
@@ -462,7 +463,7 @@ def test_init_schemes():
 
 def test_preset_hyper_layers_override(tmp_path, colour_data):
     """init.hyper_layers with a preset replaces the preset's hyper layers (bad ones: a clear recipe error)."""
-    from hyperowl.train.trainer import build
+    from hyperowl.train.build import build
 
     model, _, _ = build(recipe_for(colour_data, tmp_path / "h", init={"hyper_layers": [2, 4]}), torch.device("cpu"))
     assert model.config.hyper_layers == (2, 4)
@@ -477,7 +478,7 @@ def test_preset_llm_shape_override(tmp_path, colour_data):
     """init.llm changes the preset's LM shape (the tower keeps the preset's); unknown fields, bad values and
     init.llm without a preset are clear recipe errors."""
     from hyperowl.config import PRESETS
-    from hyperowl.train.trainer import build
+    from hyperowl.train.build import build
 
     over = {"num_layers": 6, "hidden_size": 96, "num_heads": 3, "num_kv_heads": 1}
     model, _, _ = build(recipe_for(colour_data, tmp_path / "l", init={"llm": over, "hyper_layers": [3, 6]}),

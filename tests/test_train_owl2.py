@@ -18,7 +18,10 @@ from hyperowl.models.owl2 import Owl2Model
 from hyperowl.processing.owl2 import Owl2Processor, render_owl2, tokenizer_image_token
 from hyperowl.train.data import ConversationDataset, collate_train
 from hyperowl.train.recipe import Recipe, resolve_trainable
-from hyperowl.train.trainer import build, expand_labels, train, train_tokenizer
+from hyperowl.train.build import build
+from hyperowl.train.losses import expand_labels
+from hyperowl.train.tokenizer import train_tokenizer
+from hyperowl.train.trainer import train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
@@ -146,15 +149,15 @@ def test_owl2_train_learns_saves_official_layout_and_loads(tmp_path, colour_data
     sd = load_file(str(out / "final" / "model.safetensors"))
     assert "model.layers.0.self_attn.k_proj.multiway.1.weight" in sd and "model.visual_abstractor.query_embeds" in sd
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "mplug_owl2"
-    model = hyperowl.load(out / "final", device="cpu")
-    assert isinstance(model, Owl2Model) and isinstance(model.processor, Owl2Processor)
+    owl = hyperowl.load(out / "final", device="cpu")
+    assert isinstance(owl.model, Owl2Model) and isinstance(owl.processor, Owl2Processor)
     # read back with identical weights: saving the loaded model again gives the same tensors, bit for bit
     from hyperowl.checkpoint import save_owl2
 
-    again = load_file(str(save_owl2(model, tmp_path / "again") / "model.safetensors"))
+    again = load_file(str(save_owl2(owl.model, tmp_path / "again") / "model.safetensors"))
     assert set(again) == set(sd) and all(torch.equal(again[k], sd[k]) for k in sd)
     with torch.no_grad():
-        answer = model.chat([{"role": "user", "content": "<|image|>What colour is it?"}],
+        answer = owl.chat([{"role": "user", "content": "<|image|>What colour is it?"}],
                             images=[str(colour_data / "img/0.png")], max_new_tokens=3)
     assert isinstance(answer, str)
     # fine-tuning goes on from the saved Owl2 checkpoint (init.from dispatches on its model_type)
@@ -267,7 +270,7 @@ def test_upgrade_owl2_from_text_llama(tmp_path, colour_data):
     llama = transformers.LlamaForCausalLM(lcfg).eval()
     llama.save_pretrained(tmp_path / "llama", safe_serialization=True)
     train_tokenizer(colour_data / "train.jsonl", 300, owl2=True).save(str(tmp_path / "llama" / "tokenizer.json"))
-    model = upgrade_owl2(tmp_path / "llama", OWL2_PRESETS["owl2-tiny"]).eval()
+    model = upgrade_owl2(tmp_path / "llama", OWL2_PRESETS["owl2-tiny"]).model.eval()
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         assert (model(ids).logits - llama(ids).logits).abs().max() < 1e-4
@@ -302,7 +305,7 @@ def test_owl2_lora_adapts_text_and_visual_kv_and_merges(tmp_path, colour_data):
     assert "model.embed_tokens.weight" not in changed and "model.vision_model.embeddings.patch_embed.weight" not in changed
     adapters = load_file(str(out / "checkpoint-4" / "trainer_state" / "adapters.safetensors"))
     assert adapters and all("lora_" in k for k in adapters)
-    assert isinstance(hyperowl.load(out / "final", device="cpu"), Owl2Model)
+    assert isinstance(hyperowl.load(out / "final", device="cpu").model, Owl2Model)
 
 
 def test_max_length_counts_the_image_rows(processor, colour_data):

@@ -16,7 +16,7 @@ from hyperowl.config import PRESETS
 from hyperowl.data import synthetic as syn
 from hyperowl.errors import CheckpointError, InputError
 from hyperowl.train.recipe import Recipe
-from hyperowl.train.trainer import build
+from hyperowl.train.build import build
 from hyperowl.train.vision_pretrain import SceneStream, pretrain_vision, read_excluded
 from test_train import ENV, colour_data  # noqa: F401  (fixture)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..models.owl3 import Owl3Model
+from .recipe import Recipe
 
 PROJECTOR_PREFIXES = ("projector.", "abstractor.")  # Owl3's projection, Owl2's visual abstractor
 
@@ -84,3 +85,11 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def recipe_optimizer(model: nn.Module, recipe: Recipe, parts: dict[str, bool]) -> torch.optim.AdamW | None:
+    """The recipe's AdamW over the trainable `parts` (sets requires_grad; see param_groups), or None when
+    nothing trains. Call it again after FSDP sharding: the groups must hold the sharded parameters."""
+    o = recipe.optim
+    groups = param_groups(model, parts, o.lr, o.weight_decay, o.layer_decay, o.part_lr)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay) if groups else None

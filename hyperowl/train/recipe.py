@@ -49,7 +49,7 @@ from typing import Any
 
 from ..errors import InputError
 
-INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see trainer.init_weights)
+INIT_SCHEMES = ("normal", "fan_in")  # random init of a preset (see build.init_weights)
 # init.llm: the LM shape fields a recipe may change in a preset (the tower's come from init.vision / the preset)
 LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "rope_theta")
 # How the answer tokens of a batch are weighted in the loss: every token alike (token), every conversation
@@ -87,7 +87,7 @@ class InitSpec:
     #                            (e.g. `hyperowl pretrain-vision`) under the preset's freshly initialised LM
     hyper_layers: list[int] | None = None  # ... and the hyper layers to add (1-based; Owl3 only; with an Owl3
     #                                        `preset`: replaces the preset's hyper layers)
-    scheme: str = "normal"  # random init of a preset: normal (all N(0, 0.02)) | fan_in (see trainer.init_weights)
+    scheme: str = "normal"  # random init of a preset: normal (all N(0, 0.02)) | fan_in (see build.init_weights)
     llm: dict | None = None  # with `preset`: replace the preset's LM shape, e.g. {hidden_size: 384, num_layers: 6}
 
 

@@ -11,6 +11,10 @@ mPLUG-Owl2 follows the same rule (its paper initialises the modality-adaptive mo
 the visual ones (`multiway.1`), so at the start visual rows are normalised and projected exactly like text.
 The trainer applies it to every Owl2 model it builds from a preset (`init.preset: owl2-...`);
 `upgrade_owl2` builds an Owl2 model whose LLM is a text-only LLaMA checkpoint and applies it too.
+
+Both return `Upgraded(model, text_dir, vision_dir)`, the source directories with hub ids resolved: the
+caller ships the text LLM's tokenizer.json plus the media tokens (`tokenizer.with_media_tokens` /
+`with_image_token`) next to the weights.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,8 +39,17 @@ log = logging.getLogger(__name__)
 GATE_BIAS_INIT = -4.0
 
 
+class Upgraded(NamedTuple):
+    """An upgraded model and the checkpoint directories it was made from (hub ids resolved): the text LLM's
+    (whose tokenizer.json the model keeps, plus the media tokens) and the vision tower's (None for Owl2)."""
+
+    model: nn.Module
+    text_dir: Path
+    vision_dir: Path | None = None
+
+
 def upgrade(text_llm: str | os.PathLike, vision: str | os.PathLike, hyper_layers: list[int], variant: str = "240728",
-            dtype: torch.dtype = torch.float32, seed: int = 0) -> Owl3Model:
+            dtype: torch.dtype = torch.float32, seed: int = 0) -> Upgraded:
     tdir, vdir = resolve(text_llm), resolve(vision)
     tcfg, vraw = read_config(tdir), read_config(vdir)
     if tcfg.get("model_type") not in ("qwen2",):
@@ -76,8 +90,7 @@ def upgrade(text_llm: str | os.PathLike, vision: str | os.PathLike, hyper_layers
                 b = torch.stack([a.k_proj.bias.view(kvh, d), a.v_proj.bias.view(kvh, d)], 1)
                 a.v_kv_proj.weight.copy_(w.reshape(2 * kvh * d, -1))
                 a.v_kv_proj.bias.copy_(b.reshape(-1))
-    model.source_dirs = (tdir, vdir)
-    return model
+    return Upgraded(model, tdir, vdir)
 
 
 def siglip_key_map(keys, num_layers: int) -> dict[str, str]:
@@ -142,7 +155,8 @@ LLAMA_TO_OWL2_KEYS = [
 ]
 
 
-def upgrade_owl2(text_llm: str | os.PathLike, visual: Owl2Config, dtype: torch.dtype = torch.float32, seed: int = 0):
+def upgrade_owl2(text_llm: str | os.PathLike, visual: Owl2Config, dtype: torch.dtype = torch.float32, seed: int = 0
+                 ) -> Upgraded:
     """An mPLUG-Owl2 model whose LLM is a text-only LLaMA checkpoint (transformers layout, safetensors).
 
     The ViT and abstractor take their shapes from `visual` (e.g. an `OWL2_PRESETS` entry) and start random
@@ -191,8 +205,7 @@ def upgrade_owl2(text_llm: str | os.PathLike, visual: Owl2Config, dtype: torch.d
         if isinstance(m, AbstractorAttention):
             m.init_tables("cpu")
     init_visual_from_text(model)
-    model.source_dirs = (tdir,)
-    return model
+    return Upgraded(model, tdir)
 
 
 def load_weights_partial(model: nn.Module, key_to_file, mapping, dtype) -> None:
@@ -202,21 +215,3 @@ def load_weights_partial(model: nn.Module, key_to_file, mapping, dtype) -> None:
     except CheckpointError as e:
         if "missing" not in str(e):
             raise
-
-
-def with_media_tokens(src_dir: Path, dst: Path) -> Path:
-    """The text LLM's tokenizer.json plus the Owl3 media tokens (<|image|>, ...) as special tokens."""
-    from tokenizers import AddedToken, Tokenizer
-
-    src = Path(src_dir) / "tokenizer.json"
-    if not src.exists():
-        raise CheckpointError(f"{src_dir}: no tokenizer.json; the upgraded model needs the text LLM's tokenizer")
-    tok = Tokenizer.from_file(str(src))
-    from ..processing.chat import END_CUT, END_VIDEO_FRAME, IMAGE_TOKEN, START_CUT, START_VIDEO_FRAME, VIDEO_TOKEN
-
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                            (IMAGE_TOKEN, VIDEO_TOKEN, START_CUT, END_CUT, START_VIDEO_FRAME, END_VIDEO_FRAME)
-                            if tok.token_to_id(t) is None])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst))
-    return dst
