@@ -65,7 +65,7 @@ class Pipeline:
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the pipeline lacks: the module's (config, device, encode_images, ...).
-        if name == "model":  # not yet set (during construction or unpickling): no recursion
+        if name == "model" or name.startswith("__"):  # not yet set (copying, unpickling), or a protocol hook
             raise AttributeError(name)
         return getattr(self.model, name)
 
