@@ -75,7 +75,7 @@ def quality(model_dir: str | None, questions: int) -> dict:
     from hyperowl.quantize import quantize_int8
 
     fp = hyperowl.load(model_dir, device="cpu")
-    q = Pipeline(copy.deepcopy(fp.model), fp.processor)  # the pipeline holds a cache lock: copy the model
+    q = hyperowl.Pipeline(copy.deepcopy(fp.model), fp.processor)  # the pipeline holds a cache lock: copy the model
     quantize_int8(q)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
