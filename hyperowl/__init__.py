@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from .config import PRESETS, Owl3Config, SiglipConfig
 from .errors import CheckpointError, HyperowlError, InputError
 
 __version__ = "0.1.0"
 __all__ = ["load", "Pipeline", "Owl3Config", "SiglipConfig", "PRESETS", "HyperowlError", "InputError", "CheckpointError"]
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import CheckpointError
 # Key maps are data in keymaps.py; re-exported here for callers that import them with the loader.
-from .keymaps import (OWL2_IGNORED, OWL2_INVERSE, OWL2_KEYS, OWL3_IGNORED, OWL3_INVERSE, OWL3_KEYS,  # noqa: F401
+from .keymaps import (LLAMA_TO_OWL2_KEYS, OWL2_IGNORED, OWL2_INVERSE, OWL2_KEYS, OWL3_IGNORED, OWL3_INVERSE, OWL3_KEYS,  # noqa: F401
                       QWEN2_KEYS, SIGLIP_KEYS, KeyMap, detect_variant, map_keys)
 
 log = logging.getLogger(__name__)

@@ -39,12 +39,14 @@ class Family:
     description: str
     model_type: str  # config.json's model_type
     config_cls: type
+    config_from_raw: Callable[[dict], Any]  # config.json -> our config
     model_cls: type
     key_map: keymaps.KeyMap  # official names -> ours
     inverse_key_map: keymaps.KeyMap  # ours -> official names (saving)
     ignored: Callable[[Any, bool], list[str]]  # (config, tied) -> official names we knowingly skip
     template: str  # "chatml" | "owl2" (rendered by the family's processor)
-    stop_tokens: tuple[str, ...]  # token strings that end an answer (plus the config's eos id)
+    stop_tokens: tuple[str, ...]  # token strings that end an answer
+    stops_at_config_eos: bool  # the config's eos_token_id ends an answer too (Owl2's checkpoints name it)
     pad_token: str | None  # token used to pad batches (None: the config's pad_token_id)
     make_processor: Callable[[Tokenizer, Any, bool | None], Any]  # (tokenizer, config, cut) -> processor
     llm_rows_per_image: Callable[[Any], int]  # rows one image tensor takes in the LLM sequence
@@ -54,9 +56,7 @@ class Family:
     # -- questions the rest of the code asks ----------------------------------------------------------------
     def config_from_hf(self, raw: dict, where: str = "config.json") -> Any:
         try:
-            if self.config_cls is Owl3Config:
-                return Owl3Config.from_hf_dict(raw, variant=self.variant)
-            return self.config_cls.from_hf_dict(raw)
+            return self.config_from_raw(raw)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{where}: not a valid {self.description} config ({type(e).__name__}: {e})") from None
 
@@ -65,7 +65,7 @@ class Family:
 
     def stop_ids(self, tokenizer: Tokenizer, config: Any = None) -> tuple[int, ...]:
         ids = [tokenizer.token_to_id(t) for t in self.stop_tokens]
-        if config is not None and self.template == "owl2":
+        if config is not None and self.stops_at_config_eos:
             ids.append(config.eos_token_id)
         return tuple(dict.fromkeys(i for i in ids if i is not None))
 
@@ -88,15 +88,15 @@ def _owl3_processor(tokenizer: Tokenizer, cfg: Owl3Config, cut: bool | None) -> 
 
 
 def _owl2_processor(tokenizer: Tokenizer, cfg: Owl2Config, cut: bool | None) -> Owl2Processor:
-    return Owl2Processor(tokenizer, image_size=cfg.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio,
-                         eos_token_id=cfg.eos_token_id)
+    return Owl2Processor(tokenizer, image_size=cfg.vision.image_size, image_aspect_ratio=cfg.image_aspect_ratio)
 
 
 def _owl3(variant: str, description: str) -> Family:
     return Family(
         name=f"owl3-{variant}", description=description, model_type="mplugowl3", config_cls=Owl3Config,
-        model_cls=Owl3Model, key_map=keymaps.OWL3_KEYS, inverse_key_map=keymaps.OWL3_INVERSE,
-        ignored=keymaps.owl3_ignored, template="chatml", stop_tokens=STOP_TOKENS, pad_token="<|endoftext|>",
+        config_from_raw=lambda raw: Owl3Config.from_hf_dict(raw, variant=variant), model_cls=Owl3Model,
+        key_map=keymaps.OWL3_KEYS, inverse_key_map=keymaps.OWL3_INVERSE, ignored=keymaps.owl3_ignored,
+        template="chatml", stop_tokens=STOP_TOKENS, stops_at_config_eos=False, pad_token="<|endoftext|>",
         make_processor=_owl3_processor, llm_rows_per_image=lambda cfg: 1,
         feature_tokens=lambda cfg: cfg.vision.tokens_per_image, variant=variant)
 
@@ -106,10 +106,11 @@ FAMILIES: dict[str, Family] = {
         _owl3("240728", "mPLUG-Owl3 (240728: gated hyper attention)"),
         _owl3("241101", "mPLUG-Owl3 (241101: fused hyper attention)"),
         Family(name="owl2", description="mPLUG-Owl2 (LLaMA + modality-adaptive module)", model_type="mplug_owl2",
-               config_cls=Owl2Config, model_cls=Owl2Model, key_map=keymaps.OWL2_KEYS,
-               inverse_key_map=keymaps.OWL2_INVERSE, ignored=keymaps.owl2_ignored, template="owl2",
-               stop_tokens=(EOS_TOKEN,), pad_token=None, make_processor=_owl2_processor,
-               llm_rows_per_image=lambda cfg: cfg.tokens_per_image, feature_tokens=lambda cfg: cfg.tokens_per_image),
+               config_cls=Owl2Config, config_from_raw=Owl2Config.from_hf_dict, model_cls=Owl2Model,
+               key_map=keymaps.OWL2_KEYS, inverse_key_map=keymaps.OWL2_INVERSE, ignored=keymaps.owl2_ignored,
+               template="owl2", stop_tokens=(EOS_TOKEN,), stops_at_config_eos=True, pad_token=None,
+               make_processor=_owl2_processor, llm_rows_per_image=lambda cfg: cfg.tokens_per_image,
+               feature_tokens=lambda cfg: cfg.tokens_per_image),
     )
 }
 
@@ -134,12 +135,3 @@ def family_for_checkpoint(raw: dict, tensor_names: Iterable[str], where: str = "
         return rows[0]
     variant = keymaps.detect_variant(tensor_names)
     return next(f for f in rows if f.variant == variant)
-
-
-def family_for_preset(name: str) -> Family:
-    """The family of a named preset (config.PRESETS)."""
-    from .config import PRESETS
-
-    if name not in PRESETS:
-        raise KeyError(name)
-    return family_of(PRESETS[name])

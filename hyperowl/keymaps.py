@@ -32,13 +32,20 @@ OWL3_KEYS: KeyMap = [
 # Present in official checkpoints, unused by the Owl3 forward (it reads SigLIP hidden_states[-2]).
 OWL3_IGNORED = [r"vision_model\.post_layernorm\..+", r"vision_model\.head\..+", r"vision_model\.encoder\.layers\.{last}\..+"]
 
-# transformers' Qwen2ForCausalLM (text-only LLM) -> our decoder.
-QWEN2_KEYS: KeyMap = [
+# transformers' *ForCausalLM (a text-only LLM: Qwen2, LLaMA) -> our decoder. Owl2 checkpoints name their LLM
+# the same way (its modality-adaptive `multiway.{0,1}` names are kept as they are).
+CAUSAL_LM_KEYS: KeyMap = [
     (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
     (r"model\.norm\.weight", r"decoder.norm.weight"),
     (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
     (r"lm_head\.weight", r"lm_head.weight"),
 ]
+QWEN2_KEYS: KeyMap = CAUSAL_LM_KEYS
+# transformers' LlamaForCausalLM -> the Owl2 decoder (upgrade): the LLM's norms and K/V become the *text* side.
+LLAMA_TO_OWL2_KEYS: KeyMap = CAUSAL_LM_KEYS[:2] + [
+    (r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)\.(weight|bias)", r"decoder.layers.\1.self_attn.\2.multiway.0.\3"),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"decoder.layers.\1.\2.multiway.0.weight"),
+] + CAUSAL_LM_KEYS[2:]
 # transformers' SiglipVisionModel (with or without the `vision_model.` prefix) -> our vision tower.
 SIGLIP_KEYS: KeyMap = [
     (r"(?:vision_model\.)?embeddings\.(.+)", r"vision.embeddings.\1"),
@@ -59,11 +66,7 @@ OWL3_INVERSE: KeyMap = [
     (r"projector\.fc\.(.+)", r"vision2text_model.\1"),
 ]
 
-OWL2_KEYS: KeyMap = [
-    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
-    (r"model\.norm\.weight", r"decoder.norm.weight"),
-    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),  # multiway.{0,1} names are kept as they are
-    (r"lm_head\.weight", r"lm_head.weight"),
+OWL2_KEYS: KeyMap = CAUSAL_LM_KEYS + [
     (r"model\.vision_model\.embeddings\.(.+)", r"vision.embeddings.\1"),
     (r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)", r"vision.layers.\1.\2"),
     (r"model\.vision_model\.post_layernorm\.(weight|bias)", r"vision.post_layernorm.\1"),

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import ast
 import base64
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import hyperowl

@@ -20,13 +20,12 @@ W, H = 64, 48
 
 
 def _codec() -> str:
-    for name in ("libx264", "mpeg4"):
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:
-            continue
-    pytest.skip("no H.264 or MPEG-4 encoder in this PyAV build")
+    from hyperowl.data.synthetic import video_codec  # the encoder choice the synthetic videos use too
+
+    try:
+        return video_codec()
+    except RuntimeError:
+        pytest.skip("no H.264 or MPEG-4 encoder in this PyAV build")
 
 
 def _frame_for(k: int) -> np.ndarray:

@@ -24,7 +24,7 @@ import io
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -127,11 +127,14 @@ def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     return _pil_to_normalized(resized)
 
 
-def images_to_tensor(images: Iterable[Image.Image], size: int, count: Union[int, Callable[[], int]]) -> torch.Tensor:
-    """`torch.stack([image_to_tensor(im, size) for im in images])` without the list: each image is resized
+def images_to_tensor(images: Iterable[Image.Image], size: int, count: Union[int, Callable[[], int]],
+                     convert: Optional[Callable[[Image.Image, int], torch.Tensor]] = None) -> torch.Tensor:
+    """`torch.stack([convert(im, size) for im in images])` without the list: each image is converted
     into one preallocated [count, 3, size, size] tensor as it arrives, so a long video's pixels exist once
     and no decoded frame is kept. `count` may be a function, asked after the first image (a video sampler
-    knows its frame count only once the file is open)."""
+    knows its frame count only once the file is open). `convert` (default `image_to_tensor`, Owl3's pixels)
+    is the family's image -> [3, size, size] recipe."""
+    convert = convert or image_to_tensor
     out = None
     i = 0
     for i, im in enumerate(images):
@@ -140,7 +143,7 @@ def images_to_tensor(images: Iterable[Image.Image], size: int, count: Union[int,
             out = torch.empty(n, 3, size, size)
         if i >= out.shape[0]:
             raise ValueError(f"images_to_tensor: more than count={out.shape[0]} images")
-        out[i] = image_to_tensor(im, size)
+        out[i] = convert(im, size)
     if out is None:
         raise ValueError("images_to_tensor: no images")
     if i + 1 != out.shape[0]:

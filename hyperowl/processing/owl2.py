@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -40,7 +39,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from hyperowl.errors import InputError
-from hyperowl.processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, normalize_messages
+from hyperowl.processing.chat import IMAGE_TOKEN, normalize_messages
+from hyperowl.processing.images import images_to_tensor
 from hyperowl.processing.plan import MediaItem, PlannerBase
 from hyperowl.processing.processor import load_tokenizer
 
@@ -182,8 +182,7 @@ class Owl2Processor(PlannerBase):
 
     cut = False  # Owl2 never cuts images into crops
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int = 448, image_aspect_ratio: str = "resize",
-                 eos_token_id: Optional[int] = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, image_size: int = 448, image_aspect_ratio: str = "resize") -> None:
         if image_aspect_ratio not in ASPECT_MODES:
             raise InputError(f"image_aspect_ratio {image_aspect_ratio!r}: must be one of {', '.join(ASPECT_MODES)}")
         self.tokenizer = tokenizer
@@ -193,16 +192,12 @@ class Owl2Processor(PlannerBase):
         image_id = tokenizer.token_to_id(IMAGE_TOKEN)
         if image_id is None:
             image_id = tokenizer.token_to_id("<unk>") or 0
-        self.image_token_id: int = image_id
-        eos = tokenizer.token_to_id(EOS_TOKEN)
-        stops = [i for i in (eos, eos_token_id) if i is not None]
-        self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
+        self.image_token_id: int = image_id  # stop ids are the family table's (families.py), not the processor's
 
     @classmethod
-    def from_dir(cls, path: "str | os.PathLike[str]", image_size: int = 448, image_aspect_ratio: str = "resize",
-                 eos_token_id: Optional[int] = None) -> "Owl2Processor":
-        return cls(load_tokenizer(path), image_size=image_size, image_aspect_ratio=image_aspect_ratio,
-                   eos_token_id=eos_token_id)
+    def from_dir(cls, path: "str | os.PathLike[str]", image_size: int = 448,
+                 image_aspect_ratio: str = "resize") -> "Owl2Processor":
+        return cls(load_tokenizer(path), image_size=image_size, image_aspect_ratio=image_aspect_ratio)
 
     @property
     def recipe(self) -> str:
@@ -256,10 +251,4 @@ class Owl2Processor(PlannerBase):
         return preprocess(item.image, self.image_size, self.aspect)[None]
 
     def frame_pixels(self, frames: Iterable[Image.Image], count: int) -> torch.Tensor:
-        out = torch.empty(count, 3, self.image_size, self.image_size)
-        n = 0
-        for n, f in enumerate(frames, 1):  # written as they decode: no list of frames, no stack copy
-            out[n - 1] = preprocess(f, self.image_size, self.aspect)
-        if n != count:
-            raise ValueError(f"frame_pixels: {n} frames, not count={count}")
-        return out
+        return images_to_tensor(frames, self.image_size, count, lambda im, size: preprocess(im, size, self.aspect))

@@ -97,8 +97,9 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: 
             if not temp:
                 raise
             log.warning("unexpected video decode failure", exc_info=True)
-            blob = next(iter(temp.values()))
-            raise ApiError(400, f"{blob.param}: cannot decode the video ({type(e).__name__})", param=blob.param,
+            params = [b.param for b in temp.values()]
+            param = params[0] if len(params) == 1 else "messages"  # which of several videos: not known here
+            raise ApiError(400, f"{' or '.join(params)}: cannot decode the video ({type(e).__name__})", param=param,
                            code="invalid_video") from None
     finally:
         for name in temp:

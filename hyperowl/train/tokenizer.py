@@ -48,34 +48,30 @@ def train_tokenizer(jsonl: Path, vocab_size: int, owl2: bool = False):
 
 def with_image_token(src_dir: Path, dst: Path) -> Path:
     """A LLaMA tokenizer.json plus `<|image|>` as a special token (the Owl2 placeholder; its id is never embedded)."""
-    from tokenizers import AddedToken, Tokenizer
-
-    src = Path(src_dir) / "tokenizer.json"
-    if not src.exists():
-        raise InputError(f"init.text_llm '{src_dir}': no tokenizer.json; the Owl2 model needs the LLaMA's tokenizer")
-    tok = Tokenizer.from_file(str(src))
     from ..processing.chat import IMAGE_TOKEN
 
-    if tok.token_to_id(IMAGE_TOKEN) is None:
-        tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst))
-    return dst
+    return _with_special_tokens(src_dir, dst, (IMAGE_TOKEN,), InputError(
+        f"init.text_llm '{src_dir}': no tokenizer.json; the Owl2 model needs the LLaMA's tokenizer"))
 
 
 def with_media_tokens(src_dir: Path, dst: Path) -> Path:
     """The text LLM's tokenizer.json plus the Owl3 media tokens (<|image|>, ...) as special tokens."""
+    from ..processing.chat import END_CUT, END_VIDEO_FRAME, IMAGE_TOKEN, START_CUT, START_VIDEO_FRAME, VIDEO_TOKEN
+
+    return _with_special_tokens(src_dir, dst, (IMAGE_TOKEN, VIDEO_TOKEN, START_CUT, END_CUT, START_VIDEO_FRAME,
+                                               END_VIDEO_FRAME), CheckpointError(
+        f"{src_dir}: no tokenizer.json; the upgraded model needs the text LLM's tokenizer"))
+
+
+def _with_special_tokens(src_dir: Path, dst: Path, tokens: tuple[str, ...], missing: Exception) -> Path:
+    """src_dir's tokenizer.json with `tokens` added as special tokens where it lacks them, saved to dst."""
     from tokenizers import AddedToken, Tokenizer
 
     src = Path(src_dir) / "tokenizer.json"
     if not src.exists():
-        raise CheckpointError(f"{src_dir}: no tokenizer.json; the upgraded model needs the text LLM's tokenizer")
+        raise missing
     tok = Tokenizer.from_file(str(src))
-    from ..processing.chat import END_CUT, END_VIDEO_FRAME, IMAGE_TOKEN, START_CUT, START_VIDEO_FRAME, VIDEO_TOKEN
-
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
-                            (IMAGE_TOKEN, VIDEO_TOKEN, START_CUT, END_CUT, START_VIDEO_FRAME, END_VIDEO_FRAME)
-                            if tok.token_to_id(t) is None])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens if tok.token_to_id(t) is None])
     dst.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(dst))
     return dst

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..checkpoint import (QWEN2_KEYS, SIGLIP_KEYS, load_weights, map_keys, read_config, resolve, safetensors_files,
-                          shard_keys)
+from ..checkpoint import load_weights, read_config, resolve, safetensors_files, shard_keys
+from ..keymaps import LLAMA_TO_OWL2_KEYS, QWEN2_KEYS, SIGLIP_KEYS, map_keys
 from ..config import Owl2Config, Owl3Config, SiglipConfig
 from ..errors import CheckpointError, InputError
 from ..models.hyper_attention import HyperAttention
@@ -142,17 +142,6 @@ def init_visual_from_text(model: nn.Module) -> int:
                     p.copy_(text.get_parameter(name))
                     copied += 1
     return copied
-
-
-# transformers' LlamaForCausalLM -> the Owl2 decoder: the LLM's norms and K/V become the *text* side.
-LLAMA_TO_OWL2_KEYS = [
-    (r"model\.embed_tokens\.weight", r"decoder.embed_tokens.weight"),
-    (r"model\.norm\.weight", r"decoder.norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)\.(weight|bias)", r"decoder.layers.\1.self_attn.\2.multiway.0.\3"),
-    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"decoder.layers.\1.\2.multiway.0.weight"),
-    (r"model\.layers\.(\d+)\.(.+)", r"decoder.layers.\1.\2"),
-    (r"lm_head\.weight", r"lm_head.weight"),
-]
 
 
 def upgrade_owl2(text_llm: str | os.PathLike, visual: Owl2Config, dtype: torch.dtype = torch.float32, seed: int = 0
