@@ -128,13 +128,14 @@ class Reply:
 
 def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
     """`model`: a `Pipeline` (from hyperowl.load) or a bare model; `processor`: None = the pipeline's."""
-    base = model if isinstance(model, Pipeline) else Pipeline(model, processor)
-    processor = processor if processor is not None else base.processor
+    given = model if isinstance(model, Pipeline) else None
+    processor = processor if processor is not None or given is None else given.processor
     if processor is None:
         raise ValueError("serving needs a processor (a checkpoint with tokenizer.json)")
     # The server's own encoder: its feature cache is sized by --feature-cache-mb and shared by all requests.
-    pipe = Pipeline(base.model, processor, family=base.family, checkpoint_dir=base.checkpoint_dir,
-                    feature_cache_mb=config.feature_cache_mb)
+    pipe = Pipeline(given.model, processor, family=given.family, checkpoint_dir=given.checkpoint_dir,
+                    feature_cache_mb=config.feature_cache_mb) if given else \
+        Pipeline(model, processor, feature_cache_mb=config.feature_cache_mb)
     scheduler = Scheduler(pipe.model, pipe.encoder, max_batch_size=config.max_batch_size,
                           batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
                           max_padded_images=config.max_padded_images)
