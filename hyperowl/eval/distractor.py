@@ -31,9 +31,10 @@ import resource
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..data.tables import read_rows
 from ..errors import InputError
 from .runner import Sample, dist_info, run_samples
-from .tasks import IMAGE_TOKEN, LETTERS, MCItem, mc_prompt, mc_score, media_path, read_json_records, rotate
+from .tasks import IMAGE_TOKEN, LETTERS, MCItem, mc_prompt, mc_score, media_path, rotate
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def load_pool(pool: str | Path) -> list[str]:
         files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
     elif p.is_file():
         files = []
-        for where, rec in read_json_records(p):
+        for where, rec in read_rows(p, "eval data"):
             ims = rec.get("images") if rec.get("image") is None else [rec["image"]]
             if not isinstance(ims, list) or not ims:
                 raise InputError(f"{where}: a pool record needs an 'image' path (or an 'images' list)")

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
+from ..data.tables import json_rows, read_rows
 from ..errors import InputError
 from .runner import Sample
 
@@ -185,48 +186,6 @@ def mc_score(options_per_query: Sequence[Sequence[str]], answers: Sequence[int])
 
 
 # -- file reading -----------------------------------------------------------------------------------------
-
-
-def read_json_records(path: Path) -> list[tuple[str, dict]]:
-    """(where, record) pairs from a .jsonl (one object a line) or .json (a list, or an object holding one
-    list: {"data": [...]}) file; `where` is "file:line" or "file[i]" for error messages."""
-    if not path.is_file():
-        raise InputError(f"eval data '{path}': no such file")
-    text = path.read_text(encoding="utf-8")
-    out: list[tuple[str, Any]] = []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((f"{path}:{n}", json.loads(line)))
-                except ValueError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e}); one JSON object per line") from None
-    else:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise InputError(f"{path}: not valid JSON ({e}); give a JSON list of records or a .jsonl file") from None
-        return json_records(path, data)
-    return _check_records(out)
-
-
-def json_records(path: Path, data: Any) -> list[tuple[str, dict]]:
-    """(where, record) pairs from an already parsed .json document: a list, or an object holding one list."""
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise InputError(f"{path}: a JSON object must hold exactly one list of records (e.g. {{\"data\": [...]}})")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of records")
-    return _check_records([(f"{path}[{i}]", r) for i, r in enumerate(data)])
-
-
-def _check_records(out: list[tuple[str, Any]]) -> list[tuple[str, dict]]:
-    for where, r in out:
-        if not isinstance(r, dict):
-            raise InputError(f"{where}: a record must be a JSON object, got {type(r).__name__}")
-    return out
 
 
 def need(rec: dict, names: str | Sequence[str], where: str, what: str = "") -> Any:
@@ -382,7 +341,7 @@ def load_mc_json_items(path: Path) -> list[MCItem]:
     """Single-image multiple choice as JSON/JSONL {image, question, options, answer, hint?, category?}."""
     root = path.parent
     items = []
-    for n, (where, rec) in enumerate(read_json_records(path), 1):
+    for n, (where, rec) in enumerate(read_rows(path, "eval data"), 1):
         options = _options(rec, where)
         items.append(MCItem(record_id(rec, where, n), _category(rec, "default"),
                             str(need(rec, "question", where)), options,
@@ -496,9 +455,9 @@ def vqa_samples(path: str | Path, annotations: str | Path | None = None, image_d
         doc = _load_json_object(path, "--data")
         if isinstance(doc, dict) and isinstance(doc.get("questions"), list):
             return vqav2_samples(path, annotations, image_dir)
-        records = json_records(path, doc)
+        records = json_rows(path, doc)
     else:
-        records = read_json_records(path)
+        records = read_rows(path, "eval data")
     if annotations is not None:
         raise InputError(f"--annotations is for the official VQAv2 two-file format; '{path}' holds the answers itself")
     root = Path(image_dir) if image_dir else path.parent
@@ -538,7 +497,7 @@ def _bool_label(v: Any, where: str) -> bool:
 def multi_image_samples(path: str | Path) -> list[Sample]:
     path = Path(path)
     out = []
-    for n, (where, rec) in enumerate(read_json_records(path), 1):
+    for n, (where, rec) in enumerate(read_rows(path, "eval data"), 1):
         ims = need(rec, "images", where, "a list of image paths")
         if not isinstance(ims, list) or not ims:
             raise InputError(f"{where}: 'images' must be a non-empty list of paths")
@@ -575,7 +534,7 @@ def video_mc_samples(path: str | Path, max_frames: int = 16) -> list[Sample]:
 
     path = Path(path)
     out = []
-    for n, (where, rec) in enumerate(read_json_records(path), 1):
+    for n, (where, rec) in enumerate(read_rows(path, "eval data"), 1):
         options = _options(rec, where)
         frames_field = rec.get("frames")
         if isinstance(frames_field, list):

@@ -1,0 +1,112 @@
+"""Record files, read one way for training, evaluation and batch inference.
+
+A record file is a table of JSON-like rows: `.jsonl` (one object a line), `.json` (a list, or an object
+holding exactly one list, e.g. {"data": [...]}), or `.parquet` (pyarrow, the `data` extra). Readers stream
+rows as `(where, row)` pairs, where `where` names the row for error messages ("file:line", "file[i]",
+"file#row i"), so the format-specific code above this (training conversations, benchmark layouts, batch
+jobs) never parses a file itself and every error points at the row a user can find.
+
+Why not pandas: rows stay plain dicts (nested lists/structs included), and a Parquet file of millions of
+rows streams in record batches instead of being loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import InputError
+
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("reading Parquet needs pyarrow: pip install 'hyperowl[data]' (or pip install pyarrow)") from None
+    return pq
+
+
+def iter_rows(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]]:
+    """Stream `(where, row)` pairs from a .jsonl / .json / .parquet file. `what` names the file's role in
+    errors ("eval data", "training data", "batch input"). A row that is not an object is an InputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} '{path}': no such file")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(p, what)
+    elif suffix == ".jsonl":
+        with p.open(encoding="utf-8", errors="strict") as f:
+            try:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        raise InputError(f"{p}:{n}: not valid JSON ({e}); one JSON object per line") from None
+                    yield _check_row(f"{p}:{n}", row)
+            except UnicodeDecodeError:
+                raise InputError(f"{p}: not UTF-8 text; give a .jsonl file of JSON objects, or a .parquet file") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{p}: not UTF-8 text; give a JSON list of records, or a .parquet file") from None
+        except ValueError as e:
+            raise InputError(f"{p}: not valid JSON ({e}); give a JSON list of records or a .jsonl file") from None
+        yield from json_rows(p, data)
+    else:
+        raise InputError(f"{what} '{path}': unknown file type '{p.suffix}'; give one of {', '.join(TABLE_SUFFIXES)}")
+
+
+def read_rows(path: str | Path, what: str = "data") -> list[tuple[str, dict]]:
+    """All `(where, row)` pairs of a record file (see `iter_rows`)."""
+    return list(iter_rows(path, what))
+
+
+def json_rows(path: Path, data: Any) -> list[tuple[str, dict]]:
+    """`(where, row)` pairs from an already parsed .json document: a list, or an object holding one list."""
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise InputError(f"{path}: a JSON object must hold exactly one list of records (e.g. {{\"data\": [...]}})")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of records")
+    return [_check_row(f"{path}[{i}]", r) for i, r in enumerate(data)]
+
+
+def count_rows(path: str | Path, what: str = "data") -> int:
+    """Number of rows, cheaply where the format allows (Parquet metadata); for progress bars."""
+    p = Path(path)
+    if p.suffix.lower() == ".parquet" and p.is_file():
+        try:
+            return _pyarrow_parquet().ParquetFile(p).metadata.num_rows
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{what} '{p}': not a readable Parquet file ({e})") from None
+    return sum(1 for _ in iter_rows(p, what))
+
+
+def _parquet_rows(p: Path, what: str) -> Iterator[tuple[str, dict]]:
+    pq = _pyarrow_parquet()
+    try:
+        f = pq.ParquetFile(p)
+    except Exception as e:
+        raise InputError(f"{what} '{p}': not a readable Parquet file ({e})") from None
+    i = 0
+    for batch in f.iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield f"{p}#row {i}", row
+            i += 1
+
+
+def _check_row(where: str, row: Any) -> tuple[str, dict]:
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: a record must be a JSON object, got {type(row).__name__}")
+    return where, row
