@@ -5,9 +5,13 @@ Design note: three URL kinds are accepted.
     be image/* for an image part and video/* (or application/octet-stream) for a video part (415);
   * `file://` URLs (and bare absolute paths): only when the server has an `--allowed-media-dir`, and only
     for files whose *resolved* path (symlinks followed, `..` collapsed) lies inside it (403 otherwise);
-  * `http(s)://`: fetched with a connect/read timeout and a wall-clock limit on the whole download, streamed
-    with a byte cap so a huge file is never held (413); redirects are followed at most a few times.
-    `--no-remote-media` turns this off (fetching arbitrary URLs from a server is an SSRF surface).
+  * `http(s)://`: only where the URL policy (url_policy.py: public addresses by default, the operator's
+    allowlist and private networks) allows the host; the connection goes to the addresses it checked
+    (`_PinnedBackend`), redirects are followed here, at most MAX_REDIRECTS, each hop checked again (403).
+    Fetched with a connect/read timeout and a wall-clock limit on the whole download (DNS included), streamed
+    with a byte cap so a huge file is never held (413); an answer whose Content-Type cannot be media is refused
+    unread (415); no content coding is asked for, so the cap counts the bytes decoded.
+    `--no-remote-media` turns http(s) off entirely.
 Images larger than MAX_IMAGE_PIXELS are refused from their header, before decoding (413).
 Each item gets the SHA-256 of its bytes (it names the item in logs and errors). Images are decoded here (PIL,
 with a pixel limit read from the header); videos are planned and decoded by the processor (prompt.py). Both run in a worker
@@ -19,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import logging
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +156,15 @@ class _PinnedBackend:
         await self.inner.sleep(seconds)
 
 
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cert_file: str | None, cert_dir: str | None):
+    """The verifying TLS context (certifi, or SSL_CERT_FILE / SSL_CERT_DIR as httpx reads them), made once per
+    trust setting: making one costs tens of milliseconds, more than a small download on a LAN."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 def media_type_ok(kind: str, mime: str) -> bool:
     """Whether a declared media type can hold an `kind` ("image"/"video"): its own family or generic bytes."""
     mime = mime.split(";")[0].strip().lower()
@@ -191,7 +206,8 @@ async def _from_http(part: MediaPart, limits: MediaLimits) -> MediaBlob:
         url, hop = part.url, None
         for _ in range(MAX_REDIRECTS + 1):  # redirects by hand: every hop goes through the URL policy
             target = await _get_checked(part, limits, url, hop)
-            ssl_context = httpx.create_ssl_context() if target.scheme == "https" else None
+            ssl_context = _ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")) \
+                if target.scheme == "https" else None
             async with httpcore.AsyncConnectionPool(ssl_context=ssl_context, network_backend=_PinnedBackend(target),
                                                     max_connections=1, retries=0) as pool:
                 req_url = httpcore.URL(scheme=target.scheme.encode(), host=target.host.encode(), port=target.port,

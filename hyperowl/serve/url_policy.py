@@ -235,16 +235,6 @@ class UrlPolicy:
                     raise InputError("--allow-private-media-urls: give 'all' or networks such as 10.1.0.0/16")
         return cls(allowed_domains=domains, private_networks=nets)
 
-    def describe(self) -> str:
-        hosts = ", ".join(self.allowed_domains) if self.allowed_domains else "any host"
-        if self.private_networks == ALL_NETWORKS:
-            nets = "internal addresses allowed"
-        elif self.private_networks:
-            nets = "internal addresses only in " + ", ".join(map(str, self.private_networks))
-        else:
-            nets = "public addresses only"
-        return f"{hosts}; {nets}"
-
     def host_allowed(self, host: str) -> bool:
         if not self.allowed_domains:
             return True
