@@ -232,6 +232,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError("--max-padded-images must be >= 0")
     import hyperowl
     from .serve import ServeConfig, serve
+    from .serve.url_policy import UrlPolicy
+
+    url_policy = UrlPolicy.from_options(args.allowed_media_domains, args.allow_private_media_urls)  # before loading
 
     import torch
 
@@ -246,6 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or Path(str(args.model or hyperowl.default_model_dir()).rstrip("/")).name,
         api_key=args.api_key,
         allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
+        media_url_policy=url_policy,
         allow_remote_media=not args.no_remote_media, max_images=args.max_images, max_videos=args.max_videos,
         max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
@@ -399,6 +403,11 @@ def _serve_parser(sub) -> None:
     g = s.add_argument_group("request limits")
     g.add_argument("--allowed-media-dir", default=None, metavar="DIR", help="allow file:// media URLs below DIR")
     g.add_argument("--no-remote-media", action="store_true", help="refuse http(s) media URLs")
+    g.add_argument("--allowed-media-domains", default=None, metavar="HOSTS",
+                   help="fetch http(s) media only from these comma-separated hosts (each with its subdomains)")
+    g.add_argument("--allow-private-media-urls", nargs="?", const="all", default=None, metavar="NETS",
+                   help="also fetch http(s) media from internal addresses (loopback, private, link-local ...): all, "
+                        "or only those in the comma-separated networks NETS (e.g. 10.1.0.0/16); default: refused")
     g.add_argument("--max-images", type=int, default=16, help="image parts per request (default 16)")
     g.add_argument("--max-videos", type=int, default=2, help="video parts per request (default 2)")
     g.add_argument("--max-media-mb", type=float, default=50.0, help="size limit of one image or video (MiB)")

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
+from hyperowl.serve import ServeConfig, ServerThread, UrlPolicy, create_app  # noqa: E402
 
 MODEL = "tiny-owl"
 MAX_MEDIA = 64 * 1024
@@ -104,7 +104,8 @@ def server(chat_checkpoint, media_dir):
 
     model = hyperowl.load(chat_checkpoint, device="cpu")
     cfg = ServeConfig(model_name=MODEL, allowed_media_dir=media_dir, max_images=2, max_videos=1,
-                      max_media_bytes=MAX_MEDIA, max_body_bytes=MAX_BODY, fetch_timeout_s=1.0)
+                      max_media_bytes=MAX_MEDIA, max_body_bytes=MAX_BODY, fetch_timeout_s=1.0,
+                      media_url_policy=UrlPolicy.from_options(allow_private="all"))  # the media server is on loopback
     with ServerThread(create_app(model, model.processor, cfg)) as srv:
         yield srv
 

@@ -6,9 +6,10 @@
 `hyperowl serve --model M` runs it with uvicorn. Needs the `serve` extra (fastapi, uvicorn, httpx).
 Modules: protocol (wire format, errors), media (URLs -> bytes -> images/frames), prompt (request -> token
 ids + per-item visual work), feature_cache (LRU of image embeddings), scheduler (queue + dynamic batching
-worker), app (routes), web/ (the chat page).
+worker), app (routes), web/ (the chat page), url_policy (which http(s) media URLs may be fetched).
 """
 
 from .app import ServeConfig, ServerThread, create_app, serve
+from .url_policy import UrlPolicy
 
-__all__ = ["ServeConfig", "ServerThread", "create_app", "serve"]
+__all__ = ["ServeConfig", "ServerThread", "UrlPolicy", "create_app", "serve"]

@@ -37,6 +37,7 @@ from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
                        parse_json, usage_body)
 from .scheduler import Job, QueueFull, Scheduler
+from .url_policy import UrlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class ServeConfig:
     api_key: str | None = None
     allowed_media_dir: Path | None = None
     allow_remote_media: bool = True
+    media_url_policy: UrlPolicy = UrlPolicy()  # http(s) media: public addresses only by default (url_policy.py)
     max_images: int = 16  # image parts per request
     max_videos: int = 2  # video parts per request
     max_frames: int = 16
@@ -140,7 +142,8 @@ def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
                           batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
                           max_padded_images=config.max_padded_images)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
-                         allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media)
+                         allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media,
+                         url_policy=config.media_url_policy)
     cut = processor.cut if config.cut is None else config.cut
     visual = VisualOptions(cut=cut, max_frames=config.max_frames, fps=config.fps)
     return AppState(config=config, pipeline=pipe, scheduler=scheduler, limits=limits, visual=visual,
