@@ -29,18 +29,18 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
+from ..limits import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES  # one definition for the library, CLI and server
 from ..processing.images import load_image
 from .protocol import ApiError, MediaPart
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
-MAX_IMAGE_PIXELS = 64 * 2**20  # decoded RGB would be ~200 MB; the model resizes to a few crops anyway
 
 
 @dataclass(frozen=True)
 class MediaLimits:
-    max_bytes: int = 50 * 2**20  # one image or video, decoded
+    max_bytes: int = MAX_MEDIA_BYTES  # one image or video, decoded
     fetch_timeout_s: float = 10.0  # whole http(s) download
     allowed_dir: Path | None = None  # file:// URLs only below this directory (None = refused)
     allow_remote: bool = True  # http(s) URLs
@@ -73,7 +73,8 @@ def _from_data_url(part: MediaPart, limits: MediaLimits) -> MediaBlob:
     mime = mime.strip().lower()
     ok = mime.startswith(f"{part.kind}/") or mime in ("", "application/octet-stream")
     if not ok:
-        raise ApiError(415, f"{part.param}: media type {mime!r} is not an {part.kind} type", param=part.param,
+        what = "an image" if part.kind == "image" else "a video"
+        raise ApiError(415, f"{part.param}: media type {mime!r} is not {what} type", param=part.param,
                        code="unsupported_media_type")
     if len(payload) * 3 // 4 > limits.max_bytes + 2:  # checked before decoding anything
         raise _too_big(part, limits.max_bytes)
@@ -174,7 +175,7 @@ def decode_image(blob: MediaBlob, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
         raise ApiError(413, f"{blob.param}: the image is {w}x{h} pixels, more than the {max_pixels} pixel limit",
                        param=blob.param, code="image_too_large")
     try:
-        return load_image(blob.data, name=blob.param)
+        return load_image(blob.data, name=blob.param, max_pixels=max_pixels)
     except InputError as e:
         raise ApiError(400, str(e), param=blob.param, code="invalid_image") from None
     except Exception as e:  # a decoder failure load_image does not know: still the input's fault, not a 500
