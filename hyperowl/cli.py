@@ -556,6 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 1 <= getattr(args, "frames", 1) <= MAX_FRAMES:
         print(f"hyperowl: error: --frames {args.frames}: must be between 1 and {MAX_FRAMES}", file=sys.stderr)
         return 2
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generators take
+        print(f"hyperowl: error: --seed {seed}: must fit in 64 bits (0 .. {2**64 - 1})", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except HyperowlError as e:

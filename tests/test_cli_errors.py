@@ -151,11 +151,12 @@ def test_library_device_and_dtype_errors():
             hyperowl.load(dtype=dtype, device="cpu")
 
 
-def test_frames_limit(media):
+def test_frames_and_seed_limits(media):
     from hyperowl.limits import MAX_FRAMES
     from hyperowl.processing.video import probe_video
 
     one_line_error(run("chat", "--frames", str(MAX_FRAMES + 1), "hi"), f"--frames {MAX_FRAMES + 1}", str(MAX_FRAMES))
+    one_line_error(run("chat", "--seed", str(2**64), "--temperature", "1", "hi"), f"--seed {2**64}", "64 bits")
     with pytest.raises(InputError, match=f"max_frames={MAX_FRAMES + 1}"):
         probe_video(media / "anim.gif", max_frames=MAX_FRAMES + 1)
 
