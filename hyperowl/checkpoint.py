@@ -80,9 +80,12 @@ def read_config(d: Path) -> dict:
     if not f.exists():
         raise CheckpointError(f"{d}: no config.json; pass a checkpoint directory (config.json + *.safetensors)")
     try:
-        return json.loads(f.read_text())
+        raw = json.loads(f.read_text())
     except ValueError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object {{...}} of settings, got a {type(raw).__name__}")
+    return raw
 
 
 def shard_keys(files: list[Path]) -> dict[str, Path]:

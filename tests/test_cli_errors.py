@@ -297,3 +297,5 @@ def test_good_configs_pass_and_cli_names_the_file(tmp_path):
     d = _checkpoint(OWL3_FIXTURE, tmp_path / "neg", _set("hidden_size", -64))
     for args in (["info", str(d)], ["chat", "--model", str(d), "hi"]):
         one_line_error(run(*args), f"{d / 'config.json'}: hidden_size = -64: expected an integer > 0")
+    (d / "config.json").write_text("[1, 2]")
+    one_line_error(run("info", str(d)), f"{d / 'config.json'}: expected a JSON object")
