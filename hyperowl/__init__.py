@@ -59,7 +59,7 @@ def load(model: str | os.PathLike | None = None, dtype=None, device=None, revisi
         if not (model / "config.json").exists():
             raise CheckpointError(f"the embedded default model is not at {model}; pass a model directory or hub id")
     if quantize not in (None, "int8"):
-        raise ValueError(f"quantize={quantize!r}: the supported option is 'int8' (or None)")
+        raise InputError(f"quantize={quantize!r}: the supported option is 'int8' (or None)")
     m, family, d = load_checkpoint(model, dtype=dtype, device=device, revision=revision)
     if quantize == "int8":
         from .quantize import quantize_int8

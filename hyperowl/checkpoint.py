@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 # Key maps are data in keymaps.py; re-exported here for callers that import them with the loader.
 from .keymaps import (LLAMA_TO_OWL2_KEYS, OWL2_IGNORED, OWL2_INVERSE, OWL2_KEYS, OWL3_IGNORED, OWL3_INVERSE, OWL3_KEYS,  # noqa: F401
                       QWEN2_KEYS, SIGLIP_KEYS, KeyMap, detect_variant, map_keys)
@@ -80,9 +80,12 @@ def read_config(d: Path) -> dict:
     if not f.exists():
         raise CheckpointError(f"{d}: no config.json; pass a checkpoint directory (config.json + *.safetensors)")
     try:
-        return json.loads(f.read_text())
+        raw = json.loads(f.read_text())
     except ValueError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: expected a JSON object {{...}} of settings, got a {type(raw).__name__}")
+    return raw
 
 
 def shard_keys(files: list[Path]) -> dict[str, Path]:
@@ -167,12 +170,63 @@ def default_dtype(device: torch.device | str, config_dtype: str | None) -> torch
     return getattr(torch, config_dtype or "bfloat16", torch.bfloat16)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE_HINT = "use cpu, cuda, cuda:N or mps"
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, or InputError (one line) when it is not one this process can use: a typo,
+    CUDA on a CPU-only build of torch or without a visible GPU, a GPU index past the last one."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device '{device}': not a device; {_DEVICE_HINT}") from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise InputError(f"device '{device}': this PyTorch is a CPU-only build (no CUDA support); use cpu, or "
+                             "install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise InputError(f"device '{device}': no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES); "
+                             "use cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise InputError(f"device '{device}': only {n} CUDA device(s) are visible (cuda:0 .. cuda:{n - 1})")
+    elif dev.type in ("mps", "xpu"):
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise InputError(f"device '{device}': {dev.type} is not available in this PyTorch or on this machine; use cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"device '{device}': {dev.type} devices are not supported; {_DEVICE_HINT}")
+    return dev
+
+
+def check_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """`dtype` (a name or a torch dtype; None = the default) as a torch dtype, or InputError (one line) when it
+    is not a supported weight dtype or the device cannot compute in it (bfloat16 on a GPU without it)."""
+    if dtype is None:
+        return None
+    dt = DTYPES.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if dt not in DTYPES.values():
+        raise InputError(f"dtype '{dtype}': not supported; use {', '.join(DTYPES)}")
+    if dt == torch.bfloat16 and device.type == "cuda":
+        try:
+            ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch without the argument
+            ok = torch.cuda.is_bf16_supported()
+        if not ok:
+            raise InputError(f"dtype '{dtype}': {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                             "use float16 or float32")
+    return dt
+
+
 def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu", revision: str | None = None, expect: str | None = None):
     """Any supported checkpoint -> (model, family, directory). The family table decides everything that
     differs (config class, model class, key map); `expect` = a config.json model_type to insist on."""
     from .families import family_for_checkpoint
 
+    device = check_device(device)  # before any download: a typo fails fast, in one line
+    dtype = check_dtype(dtype, device)
     d = resolve(path_or_id, revision)
     raw = read_config(d)
     if expect is not None and raw.get("model_type") != expect:
@@ -180,12 +234,13 @@ def load_checkpoint(path_or_id: str | os.PathLike, dtype: torch.dtype | str | No
     key_to_file = shard_keys(safetensors_files(d))
     family = family_for_checkpoint(raw, key_to_file, where=str(d / "config.json"))
     cfg = family.config_from_hf(raw, where=str(d / "config.json"))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     dtype = dtype or default_dtype(device, raw.get("torch_dtype"))
     mapping = map_keys(key_to_file, family.key_map, family.ignored(cfg, cfg.tie_word_embeddings))
-    with torch.device("meta"):
-        model = family.model_cls(cfg)
+    try:
+        with torch.device("meta"):
+            model = family.model_cls(cfg)
+    except (ValueError, KeyError) as e:  # a config value the schema lets through but the model refuses
+        raise CheckpointError(f"{d / 'config.json'}: not a valid {family.description} config ({e})") from None
     load_weights(model, key_to_file, mapping, dtype, device)
     family.after_load(model, device)
     log.info("loaded %s (%s, %s, %s)", d, family.description, dtype, device)

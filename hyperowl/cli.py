@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import HyperowlError, InputError
+from .limits import DEFAULT_FRAMES, MAX_FRAMES, MAX_MEDIA_BYTES
 
 log = logging.getLogger("hyperowl")
 
@@ -40,6 +41,40 @@ def _check_files(paths: Sequence[str], what: str) -> None:
             raise InputError(f"{what} '{p}': no such file")
 
 
+def _check_media(kind: str, path: str, args: argparse.Namespace) -> None:
+    """Read an attachment now, the way the answer will (an image decoded within the pixel limit, a video's
+    container probed for frames), so a bad file is an error naming it before the model runs on it."""
+    _check_files([path], kind)
+    if kind == "image":
+        from .processing.images import load_image
+
+        load_image(path).close()
+    else:
+        from .processing.video import probe_video
+
+        probe_video(path, max_frames=args.frames, fps=args.fps)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """`serve --host/--port`: a port number, a host that resolves, an address free to listen on; checked by
+    binding once before the model loads (uvicorn's own failures come after it, as tracebacks)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port {port}: must be between 0 and 65535")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise InputError(f"--host '{host}': not an address of this machine ({getattr(e, 'strerror', None) or e})") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: only a live listener blocks
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise InputError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                             "pick another port or host") from None
+
+
 def _answer(model, messages, images, videos, args) -> str:
     out = []
     for piece in model.chat(messages, images=images, videos=videos, stream=True, max_frames=args.frames,
@@ -52,8 +87,9 @@ def _answer(model, messages, images, videos, args) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    _check_files(args.image, "image")
-    _check_files(args.video, "video")
+    for kind, paths in (("image", args.image), ("video", args.video)):
+        for path in paths:
+            _check_media(kind, path, args)
     import hyperowl
 
     owl = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
@@ -64,6 +100,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         _answer(owl, [{"role": "user", "content": text}], list(args.image), list(args.video), args)
         return 0
     return _interactive(owl, args)
+
+
+def _drop_named(media: list[str], pending: int, error: str) -> list[str]:
+    """Remove from `media`'s last `pending` entries (attached, not yet in a message) those that `error` names;
+    returns them."""
+    named = [p for p in media[len(media) - pending:] if f"'{p}'" in error]
+    for p in named:
+        del media[len(media) - 1 - media[::-1].index(p)]  # the last (pending) copy of it
+    return named
 
 
 def _interactive(model, args: argparse.Namespace) -> int:
@@ -88,7 +133,7 @@ def _interactive(model, args: argparse.Namespace) -> int:
         if cmd in ("/image", "/video"):
             kind = cmd[1:]
             try:
-                _check_files([rest.strip()], kind)
+                _check_media(kind, rest.strip(), args)
             except InputError as e:
                 print(f"hyperowl: error: {e}", file=sys.stderr)
                 continue
@@ -104,7 +149,13 @@ def _interactive(model, args: argparse.Namespace) -> int:
         try:
             reply = _answer(model, messages + [turn], images, videos, args)
         except InputError as e:  # a bad file or message loses nothing: the conversation goes on
-            print(f"\nhyperowl: error: {e}", file=sys.stderr)
+            # An attachment the error names (it failed while the answer read it) is dropped, or every later
+            # message would fail on it again; the conversation and the other attachments are kept.
+            bad_img, bad_vid = _drop_named(images, pending_img, str(e)), _drop_named(videos, pending_vid, str(e))
+            pending_img, pending_vid = pending_img - len(bad_img), pending_vid - len(bad_vid)
+            dropped = bad_img + bad_vid
+            note = f" (dropped {', '.join(dropped)}; the conversation goes on)" if dropped else ""
+            print(f"\nhyperowl: error: {e}{note}", file=sys.stderr)
             continue
         messages += [turn, {"role": "assistant", "content": reply}]
         pending_img = pending_vid = 0
@@ -230,6 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_padded_images < 0:
         raise InputError("--max-padded-images must be >= 0")
+    _check_listen(args.host, args.port)
     import hyperowl
     from .serve import ServeConfig, serve
     from .serve.url_policy import UrlPolicy
@@ -343,7 +395,8 @@ def _media_options(p: argparse.ArgumentParser, files: bool) -> None:
     if files:
         g.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
         g.add_argument("--video", action="append", default=[], metavar="PATH", help="a video (repeatable)")
-    g.add_argument("--frames", type=int, default=16, help="max frames sampled per video (default 16)")
+    g.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                   help=f"max frames sampled per video (default %(default)s, at most {MAX_FRAMES})")
     g.add_argument("--fps", type=float, default=None, help="sample video frames at this rate (capped by --frames)")
     g.add_argument("--no-cut", action="store_true", help="do not cut images into crops + global view")
 
@@ -410,7 +463,8 @@ def _serve_parser(sub) -> None:
                         "or only those in the comma-separated networks NETS (e.g. 10.1.0.0/16); default: refused")
     g.add_argument("--max-images", type=int, default=16, help="image parts per request (default 16)")
     g.add_argument("--max-videos", type=int, default=2, help="video parts per request (default 2)")
-    g.add_argument("--max-media-mb", type=float, default=50.0, help="size limit of one image or video (MiB)")
+    g.add_argument("--max-media-mb", type=float, default=MAX_MEDIA_BYTES / 2**20,
+                   help="size limit of one image or video (MiB, default %(default)g)")
     g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     g = s.add_argument_group("batching and caching")
@@ -504,9 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "data" and "--debug" in args.rest:  # `data synth ... --debug`: the rest goes to synth
+        args.rest = [a for a in args.rest if a != "--debug"]
+        args.debug = True
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "frames", 1) < 1:
-        print("hyperowl: error: --frames must be >= 1", file=sys.stderr)
+    if not 1 <= getattr(args, "frames", 1) <= MAX_FRAMES:
+        print(f"hyperowl: error: --frames {args.frames}: must be between 1 and {MAX_FRAMES}", file=sys.stderr)
+        return 2
+    seed = getattr(args, "seed", None)
+    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generators take
+        print(f"hyperowl: error: --seed {seed}: must fit in 64 bits (0 .. {2**64 - 1})", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -55,6 +55,9 @@ class Family:
 
     # -- questions the rest of the code asks ----------------------------------------------------------------
     def config_from_hf(self, raw: dict, where: str = "config.json") -> Any:
+        from .config_schema import check_config  # pydantic: imported when a checkpoint is read
+
+        check_config(self.model_type, raw, where)  # one line naming the key, its value and what is expected
         try:
             return self.config_from_raw(raw)
         except (KeyError, ValueError, TypeError) as e:

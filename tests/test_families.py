@@ -154,7 +154,7 @@ def test_training_runs_and_saves_the_family_layout(family_dir, image_file, tmp_p
 # -- the import graph -------------------------------------------------------------------------------------------
 # Bottom to top. A module may import from its own layer or below, never above; and the graph has no cycle.
 LAYERS = [
-    ["errors", "config", "keymaps"],
+    ["errors", "config", "keymaps", "limits", "config_schema"],
     ["cache", "models", "quantize"],
     ["processing"],
     ["families", "feature_cache"],

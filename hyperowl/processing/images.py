@@ -14,8 +14,10 @@ size x size) is appended. The official code does the anchor arithmetic in torch 
 the aspect-stretched height is computed in float32 and truncated to an integer, and the IoUs are float32.
 `select_grid` reproduces those numerics so that borderline aspect ratios pick the same grid.
 
-User mistakes (missing file, not an image, truncated file) raise `InputError` with one line naming the
-input; PIL exceptions never escape for them.
+User mistakes (missing file, not an image, truncated file, more pixels than `hyperowl.limits.MAX_IMAGE_PIXELS`)
+raise `InputError` with one line naming the input; PIL exceptions never escape for them. The pixel limit is
+checked from the header, before decoding, with PIL's own "decompression bomb" warning silenced (ours is
+stricter, and it is an error with the input's name instead of a warning on stderr).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from hyperowl import limits
 from hyperowl.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -55,8 +60,23 @@ def _describe(src: ImageSource, name: str | None) -> str:
     return "<PIL image>"
 
 
-def _open_decoded(fp: Union[str, io.BytesIO]) -> Image.Image:
-    img = Image.open(fp)
+# warnings.catch_warnings swaps process-wide state: opens that silence PIL's bomb warning take turns (an open
+# reads the header only, so the lock is held for microseconds).
+_OPEN_LOCK = threading.Lock()
+
+
+def _too_many_pixels(label: str, w: int, h: int, limit: int) -> InputError:
+    return InputError(f"image '{label}': {w}x{h} is {w * h / 1e6:.1f} megapixels, more than the "
+                      f"{limit / 1e6:.1f} megapixel limit (hyperowl.limits.MAX_IMAGE_PIXELS); pass a smaller image")
+
+
+def _open_decoded(fp: Union[str, io.BytesIO], label: str, max_pixels: int) -> Image.Image:
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(fp)
+    if img.width * img.height > max_pixels:  # from the header: nothing is decoded yet
+        img.close()
+        raise _too_many_pixels(label, img.width, img.height, max_pixels)
     try:
         # Force the full decode now: PIL is lazy, and a truncated file only fails on load().
         img.load()
@@ -66,14 +86,18 @@ def _open_decoded(fp: Union[str, io.BytesIO]) -> Image.Image:
     return img
 
 
-def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
+def load_image(src: ImageSource, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Load `src` (path, encoded bytes or PIL image) as a fully decoded RGB PIL image.
 
-    `name` is how the input is called in error messages (defaults to the path).
+    `name` is how the input is called in error messages (defaults to the path). `max_pixels`: width x height
+    limit (default `hyperowl.limits.MAX_IMAGE_PIXELS`, read at call time).
     """
     label = _describe(src, name)
+    max_pixels = limits.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(src, Image.Image):
         img = src
+        if img.width * img.height > max_pixels:
+            raise _too_many_pixels(label, img.width, img.height, max_pixels)
         try:
             img.load()  # a lazily opened PIL image may still fail to decode
         except (OSError, SyntaxError, ValueError) as exc:
@@ -92,11 +116,14 @@ def load_image(src: ImageSource, name: str | None = None) -> Image.Image:
                 f"image '{label}': unsupported type {type(src).__name__}; pass a file path, bytes or a PIL image"
             )
         try:
-            img = _open_decoded(fp)
+            img = _open_decoded(fp, label, max_pixels)
+        except InputError:
+            raise
         except UnidentifiedImageError:
             raise InputError(f"image '{label}': cannot be read (not a recognised image format); {_FORMAT_HINT}") from None
         except Image.DecompressionBombError as exc:
-            raise InputError(f"image '{label}': cannot be read (too many pixels: {exc}); pass a smaller image") from None
+            raise InputError(f"image '{label}': more than the {max_pixels / 1e6:.1f} megapixel limit ({exc}); "
+                             "pass a smaller image") from None
         except (OSError, SyntaxError, ValueError) as exc:
             # OSError covers "image file is truncated" and decoder errors; SyntaxError is what some PIL
             # plugins raise for malformed headers.

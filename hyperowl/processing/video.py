@@ -45,8 +45,9 @@ Duration comes from the stream, else the container; if neither is known we scan 
 (demuxing only, no decoding) for timestamps or, for raw elementary streams without pts, packet durations
 or the packet count; such streams are decoded straight through (seeking needs timestamps).
 
-Missing/unreadable files and files without a video stream raise `InputError` naming the path; PyAV
-exceptions never escape for those. A few corrupt packets inside an otherwise readable file are skipped
+Missing/unreadable files, files without a video stream and still images (FFmpeg opens a PNG or JPEG as a
+one-frame "video"; animated GIF/APNG are accepted) raise `InputError` naming the path; PyAV exceptions never
+escape for those. More than `hyperowl.limits.MAX_FRAMES` frames per video is an error too. A few corrupt packets inside an otherwise readable file are skipped
 (with a warning); more than `MAX_BAD_PACKETS` make the file an error.
 """
 
@@ -64,6 +65,7 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
+from hyperowl import limits
 from hyperowl.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +136,20 @@ def _open(path: str) -> "av.container.InputContainer":
     if not container.streams.video:
         container.close()
         raise InputError(f"video '{path}': has no video stream; pass a file that contains video")
+    fmt = container.format.name or ""
+    if fmt == "image2" or fmt.endswith("_pipe") or (fmt == "gif" and container.streams.video[0].frames == 1):
+        container.close()  # image demuxers: one still picture, not a clip to sample frames from
+        raise InputError(f"video '{path}': is a still image ({fmt.removesuffix('_pipe')}), not a video; "
+                         "pass it as an image, or pass a video file")
     return container
+
+
+def _check_sampling(max_frames: int, fps: Optional[float]) -> None:
+    if not 1 <= max_frames <= limits.MAX_FRAMES:
+        raise InputError(f"max_frames={max_frames}: must be between 1 and {limits.MAX_FRAMES} "
+                         "(hyperowl.limits.MAX_FRAMES)")
+    if fps is not None and not fps > 0:
+        raise InputError(f"fps={fps}: must be a positive number of frames per second")
 
 
 def _scan_packets(path: str, rate: float) -> tuple[float, int, bool]:
@@ -387,10 +402,7 @@ def iter_video(
 
     seek: "auto" (default), "exact" or "keyframe", what a seek keeps (module note). keyframes: the older
     spelling, True for "keyframe", False for "exact" (None: use `seek`)."""
-    if max_frames < 1:
-        raise InputError(f"max_frames={max_frames}: must be at least 1")
-    if fps is not None and not fps > 0:
-        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    _check_sampling(max_frames, fps)
     requested = _seek_mode(seek, keyframes)
     st = stats if stats is not None else VideoSample(frames=[], times=[])
     p = os.fspath(path)
@@ -531,10 +543,7 @@ def sample_frames(
 def probe_video(path: "str | os.PathLike[str]", max_frames: int = 16, fps: Optional[float] = None) -> list[float]:
     """The times (seconds) `iter_video` will sample, read from the container's headers without decoding a
     frame (a prompt needs only the frame count). Same checks and errors as `iter_video`."""
-    if max_frames < 1:
-        raise InputError(f"max_frames={max_frames}: must be at least 1")
-    if fps is not None and not fps > 0:
-        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    _check_sampling(max_frames, fps)
     p = os.fspath(path)
     container = _open(p)
     try:

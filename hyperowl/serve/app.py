@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import TextStream
 from ..engine import SamplingParams
+from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES
 from ..pipeline import Pipeline
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
@@ -54,10 +55,10 @@ class ServeConfig:
     media_url_policy: UrlPolicy = UrlPolicy()  # http(s) media: public addresses only by default (url_policy.py)
     max_images: int = 16  # image parts per request
     max_videos: int = 2  # video parts per request
-    max_frames: int = 16
+    max_frames: int = DEFAULT_FRAMES
     fps: float | None = None
     cut: bool | None = None  # None: the processor's (checkpoint's) default
-    max_media_bytes: int = 50 * 2**20
+    max_media_bytes: int = MAX_MEDIA_BYTES  # hyperowl/limits.py: one definition for CLI and server
     max_body_bytes: int = 100 * 2**20
     fetch_timeout_s: float = 10.0
     max_queue: int = 64

@@ -35,6 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
+from ..limits import MAX_IMAGE_PIXELS, MAX_MEDIA_BYTES  # one definition for the library, CLI and server
 from ..processing.images import load_image
 from .protocol import ApiError, MediaPart
 from .url_policy import Target, UrlInvalid, UrlPolicy, UrlRefused
@@ -45,12 +46,11 @@ MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)
 GENERIC_TYPES = ("", "application/octet-stream", "binary/octet-stream")  # bytes of unstated type: PIL/PyAV decide
 VIDEO_CONTAINERS = ("application/mp4", "application/ogg", "application/x-matroska")
-MAX_IMAGE_PIXELS = 64 * 2**20  # decoded RGB would be ~200 MB; the model resizes to a few crops anyway
 
 
 @dataclass(frozen=True)
 class MediaLimits:
-    max_bytes: int = 50 * 2**20  # one image or video, decoded
+    max_bytes: int = MAX_MEDIA_BYTES  # one image or video, decoded
     fetch_timeout_s: float = 10.0  # whole http(s) download
     allowed_dir: Path | None = None  # file:// URLs only below this directory (None = refused)
     allow_remote: bool = True  # http(s) URLs
@@ -83,7 +83,8 @@ def _from_data_url(part: MediaPart, limits: MediaLimits) -> MediaBlob:
     mime, *params = header.split(";")
     mime = mime.strip().lower()
     if not media_type_ok(part.kind, mime):
-        raise ApiError(415, f"{part.param}: media type {mime!r} is not an {part.kind} type", param=part.param,
+        what = "an image" if part.kind == "image" else "a video"
+        raise ApiError(415, f"{part.param}: media type {mime!r} is not {what} type", param=part.param,
                        code="unsupported_media_type")
     if len(payload) * 3 // 4 > limits.max_bytes + 2:  # checked before decoding anything
         raise _too_big(part, limits.max_bytes)
@@ -227,7 +228,8 @@ async def _from_http(part: MediaPart, limits: MediaLimits) -> MediaBlob:
                     mime = head.get("content-type", "")
                     if not media_type_ok(part.kind, mime):
                         raise ApiError(415, f"{part.param}: the {part.kind} URL answered with media type "
-                                            f"{mime.split(';')[0]!r}, not an {part.kind} type", param=part.param,
+                                            f"{mime.split(';')[0]!r}, not {'an image' if part.kind == 'image' else 'a video'} type",
+                                       param=part.param,
                                        code="unsupported_media_type")
                     declared = head.get("content-length")
                     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
@@ -276,7 +278,7 @@ def decode_image(blob: MediaBlob, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.I
         raise ApiError(413, f"{blob.param}: the image is {w}x{h} pixels, more than the {max_pixels} pixel limit",
                        param=blob.param, code="image_too_large")
     try:
-        return load_image(blob.data, name=blob.param)
+        return load_image(blob.data, name=blob.param, max_pixels=max_pixels)
     except InputError as e:
         raise ApiError(400, str(e), param=blob.param, code="invalid_image") from None
     except Exception as e:  # a decoder failure load_image does not know: still the input's fault, not a 500
