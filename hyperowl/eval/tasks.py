@@ -728,8 +728,8 @@ def video_mc_samples(path: str | Path, max_frames: int = 16, video_dir: str | Pa
 
     path = Path(path)
     root = data_root(path)
-    roots = [Path(video_dir)] if video_dir else []
-    roots += [root, root / "data", root / "video", root / "videos"] if not video_dir else []
+    # the data file's folder, its video folders, and those next to it (Video-MME: videomme/*.parquet + data/)
+    roots = [Path(video_dir)] if video_dir else [r / sub for r in (root, root.parent) for sub in ("", "data", "video", "videos")]
     if video_dir and not Path(video_dir).is_dir():
         raise InputError(f"--video-dir '{video_dir}': no such folder")
     task_name = path.stem if path.is_file() else path.name
@@ -740,7 +740,10 @@ def video_mc_samples(path: str | Path, max_frames: int = 16, video_dir: str | Pa
         options = strip_option_letters(raw)
         frames_field = rec.get("frames")
         segment = _segment(rec, where)
-        if isinstance(frames_field, list):
+        answered = rec.get("response") is not None  # Video-MME's results form: scored, no video needed
+        if answered:
+            video, frame_paths, k = None, [], 0
+        elif isinstance(frames_field, list):
             frame_paths = [media_path(root, p, where, "frame") for p in frames_field]
             if not frame_paths:
                 raise InputError(f"{where}: 'frames' is an empty list")
@@ -771,7 +774,7 @@ def video_mc_samples(path: str | Path, max_frames: int = 16, video_dir: str | Pa
         prompt = lambda opts, item=item: VIDEO_TOKEN + mc_prompt(item.question, opts)
         s = circular_sample(item, prompt, lambda: [], rotations=1)
         s.extra.update(extra)
-        if rec.get("response") is not None:  # Video-MME results file: the model's answers are given
+        if answered:
             s.predictions = [str(rec["response"])]
 
         def build(s_build=s.build, frames=frames):
