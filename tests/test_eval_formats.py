@@ -116,7 +116,9 @@ def test_mmbench_prediction_file_is_scored_without_a_model(tmp_path, capsys):
 def test_distractor_protocol_takes_the_base_rows_of_a_circular_file():
     from hyperowl.eval.tasks import load_mc_items
 
-    assert [it.id for it in load_mc_items(MMB)] == ["1", "2", "3"]
+    for src in (MMB, FORMATS / "mmbench_dev_en.parquet", FORMATS / "mmbench_save_to_disk"):
+        items = load_mc_items(src)
+        assert [it.id for it in items] == ["1", "2", "3"] and isinstance(items[0].image, bytes)
 
 
 # -- Parquet and datasets input for every task --------------------------------------------------------------

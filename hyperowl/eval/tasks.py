@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from ..data.tables import exists, json_rows, read_rows
+from ..data.tables import exists, iter_rows, json_rows, read_rows
 from ..errors import InputError
 from .runner import Sample
 
@@ -426,7 +426,9 @@ def load_mc_items(path: str | Path) -> list[MCItem]:
     rows: the protocol makes its own option orders) or JSON/JSONL records."""
     path = Path(path)
     if path.suffix.lower() != ".tsv":
-        return load_mc_json_items(path)
+        first = next(iter(iter_rows(path, "eval data")), (None, {}))[1]
+        if not {"index", "A", "B"} <= set(first):  # MMBench's columns (lmms-lab's Parquet): read as MMBench
+            return load_mc_json_items(path)
     return [it for it in load_mmbench_items(path) if not (it.id.isdigit() and int(it.id) >= CIRCULAR_STRIDE)]
 
 
