@@ -281,6 +281,15 @@ def test_mvbench_layout_video_dir_and_segments(monkeypatch, tmp_path):
     ans = Answerer({"What is shown in this part": "A blue square.", "Which way does the circle": "Right."})
     monkeypatch.setattr(runner, "chat_batch", ans)
     assert harness.run(None, plan, tmp_path / "o")["accuracy"] == 1.0
+    # a task whose "video" is a folder of frames
+    import shutil
+
+    (tmp_path / "frames" / "clip1").mkdir(parents=True)
+    for i, name in enumerate(("red_circle", "red_square", "blue_circle")):
+        shutil.copy(EVAL / "images" / f"{name}.png", tmp_path / "frames" / "clip1" / f"{i:05d}.png")
+    (tmp_path / "fp.json").write_text(json.dumps([dict(rec, video="clip1")]))
+    fr = video_mc_samples(tmp_path / "fp.json", max_frames=2, video_dir=tmp_path / "frames")[0].build()[0]["videos"][0]
+    assert len(fr) == 2 and _colour(fr[0])[0] > 150 and _colour(fr[1])[2] > 150  # first and last frame
     bad = dict(rec, start=3, end=1)
     (tmp_path / "bad.json").write_text(json.dumps([bad]))
     with pytest.raises(InputError, match=r"bad.json\[0\]: segment start 3.0 / end 1.0"):

@@ -651,6 +651,7 @@ def multi_image_samples(path: str | Path) -> list[Sample]:
 # -- video multiple choice --------------------------------------------------------------------------------
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _LETTERED = re.compile(r"^\(?([A-Z])[.):]\s*")
 
 
@@ -696,7 +697,7 @@ def _find_video(rec: dict, roots: Sequence[Path], where: str) -> str:
         raise InputError(f"{where}: missing field 'video' or 'video_path' (or Video-MME's 'videoID', or 'frames')")
     if isinstance(value, str) and not Path(value).is_absolute():
         for root in roots:
-            if (root / value).is_file():
+            if (root / value).is_file() or (root / value).is_dir():  # a folder of frames (some MVBench tasks)
                 return str(root / value)
         raise InputError(f"{where}: video '{value}' not found (looked in {', '.join(map(str, roots))}); pass the "
                          f"videos' folder with --video-dir")
@@ -754,6 +755,13 @@ def video_mc_samples(path: str | Path, max_frames: int = 16, video_dir: str | Pa
             if frames_field is not None and (not isinstance(frames_field, int) or frames_field < 1):
                 raise InputError(f"{where}: 'frames' must be a positive number of frames or a list of frame images")
             video, frame_paths, k = _find_video(rec, roots, where), [], frames_field or max_frames
+            if Path(video).is_dir():  # a video given as a folder of frame images, in name order
+                frame_paths = sorted(str(f) for f in Path(video).iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+                if not frame_paths:
+                    raise InputError(f"{where}: video folder '{video}' holds no frame images")
+                if segment is not None:
+                    log.warning("%s: a folder of frames has no timestamps: start/end not applied", where)
+                video = None
         if rec.get("domain"):  # Video-MME: domain/sub_category (the summary also breaks down by duration, task)
             category = str(rec["domain"]) + (f"/{rec['sub_category']}" if rec.get("sub_category") else "")
         else:
