@@ -70,3 +70,25 @@ def test_mapping_rules_and_errors(tmp_path):
         read_records(tmp_path / "d.json")
     recs, bad = read_records(tmp_path / "d.json", on_error="skip")
     assert len(recs) == 1 and [n for n, _ in bad] == [2]
+
+
+def test_datasets_folder_and_hub_id(monkeypatch, tmp_path):
+    """A LLaVA set kept as a datasets folder (save_to_disk) or named as a hub id reads like its JSON (image
+    paths then relative to the folder, or absolute)."""
+    datasets = pytest.importorskip("datasets")
+    src = FORMATS / "llava" / "llava_v1_5_mix_sample.json"
+    recs = json.loads(src.read_text())
+    for r in recs:  # absolute paths: the folder lives elsewhere
+        if "image" in r:
+            r["image"] = [str(src.parent / p) for p in ([r["image"]] if isinstance(r["image"], str) else r["image"])]
+        else:
+            r["image"] = []
+    ds = datasets.Dataset.from_list(recs)
+    ds.save_to_disk(str(tmp_path / "llava_ds"))
+    ref, _ = read_records(src)
+    got, _ = read_records(tmp_path / "llava_ds")
+    assert [r["messages"] for r in got] == [r["messages"] for r in ref]
+    assert [r["images"] for r in got] == [r["images"] for r in ref]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None: ds)
+    hub, _ = read_records("hf:someone/llava-mix:train")
+    assert [r["messages"] for r in hub] == [r["messages"] for r in ref]

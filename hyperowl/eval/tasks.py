@@ -680,6 +680,12 @@ def _video_records(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def _places(roots: Sequence[Path]) -> str:
+    if len(roots) == 1:
+        return f"'{roots[0]}'"
+    return f"'{roots[0]}' and data/, video/, videos/ there and next to it"
+
+
 def _find_video(rec: dict, roots: Sequence[Path], where: str) -> str:
     """The record's video: its `video` / `video_path` (relative to the roots), or Video-MME's `videoID`
     looked up as <videoID>.mp4 (or another video suffix) in the roots."""
@@ -691,16 +697,16 @@ def _find_video(rec: dict, roots: Sequence[Path], where: str) -> str:
             for n in names:
                 if (root / n).is_file():
                     return str(root / n)
-        raise InputError(f"{where}: video '{vid}' not found (looked for {vid}.mp4 etc. in {', '.join(map(str, roots))}); "
-                         f"pass the videos' folder with --video-dir")
+        raise InputError(f"{where}: video '{vid}' not found (looked for {vid}.mp4 etc. in {_places(roots)}); pass the "
+                         f"videos' folder with --video-dir")
     if value is None:
         raise InputError(f"{where}: missing field 'video' or 'video_path' (or Video-MME's 'videoID', or 'frames')")
     if isinstance(value, str) and not Path(value).is_absolute():
         for root in roots:
             if (root / value).is_file() or (root / value).is_dir():  # a folder of frames (some MVBench tasks)
                 return str(root / value)
-        raise InputError(f"{where}: video '{value}' not found (looked in {', '.join(map(str, roots))}); pass the "
-                         f"videos' folder with --video-dir")
+        raise InputError(f"{where}: video '{value}' not found (looked in {_places(roots)}); pass the videos' folder "
+                         f"with --video-dir")
     return str(media_path(roots[0], value, where, "video"))
 
 

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from ..data.tables import iter_rows
+from ..data.tables import exists, is_hub_id, iter_rows
 from ..errors import InputError
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, normalize_messages
 from ..processing.processor import Owl3Processor, collate
@@ -155,10 +155,13 @@ def read_records(path: str | Path, on_error: str = "fail", verify_media: bool = 
     one process (a phased recipe's phases): a file read before and unchanged since (same size and mtime) is
     not read and verified again. Records do not depend on a processor."""
     p = Path(path)
-    if not p.exists():
+    if not exists(p):
         raise InputError(f"training data '{path}': no such file")
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
+    if is_hub_id(p):  # a hub dataset (hf:NAME[:SPLIT]): read through the datasets library, its own cache
+        key = (str(path), 0, 0, on_error, verify_media)
+    else:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
     if checked is not None and key in checked:
         return checked[key]
     records: list[dict] = []
