@@ -427,8 +427,9 @@ def _eval_parser(sub) -> None:
     e = _subcommand(sub, "eval", cmd_eval, "evaluate on a benchmark file or a built-in synthetic set "
                     "(predictions + summary)",
                     description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV or "
-                    "Parquet, CircularEval; a prediction file is scored without a model), vqa (JSON/JSONL, soft accuracy), multi-image (NLVR2 yes/no or multiple choice), "
-                    "video-mc, distractor (multiple choice among N irrelevant images, needs --pool), and "
+                    "Parquet, CircularEval; a prediction file is scored without a model), vqa (JSON/JSONL, soft "
+                    "accuracy), multi-image (NLVR2 yes/no or multiple choice), video-mc (also Video-MME, MVBench), "
+                    "distractor (multiple choice among N irrelevant images, needs --pool), and "
                     "synthetic-single|multi|video|distractor (generated offline, no --data). Resumes from --out; "
                     "runs data-parallel under torchrun.")
     e.add_argument("--task", default="exact", help="exact (default), mmbench, vqa, multi-image, video-mc, distractor, "

@@ -4,12 +4,12 @@ Design note: a task turns its data into `Sample`s. A sample has an id, a categor
 written to the predictions), a `build()` that returns the conversations to ask (one for a plain question,
 k for a circularly evaluated multiple-choice question; media are loaded only then, so a large benchmark is
 never held in memory) and a `score(outputs)` that turns the model's answers into `{"score", "correct",
-...}`. `run_samples` asks the questions greedily in padded batches of about `batch_size` conversations and
-appends one row per sample to `out/predictions.jsonl` as they come (a sample that carries its answers, from a
-prediction file, is only scored), so an interrupted run resumes where it
-stopped (samples whose id is already there are skipped; a row on disk is trusted). `out/summary.json`
-holds the mean score overall, per category, per group (the category up to its first "/") and, where rows
-have them, per `BREAKDOWN_FIELDS` value (`breakdown`).
+...}`. `run_samples` asks the questions greedily in padded batches of about `batch_size` conversations (a
+sample that carries its answers, from a prediction file, is only scored) and appends one row per sample to
+`out/predictions.jsonl` as they come, so an interrupted run resumes where it stopped (samples whose id is
+already there are skipped; a row on disk is trusted). `out/summary.json` holds the mean score overall, per
+category, per group (the category up to its first "/") and, where rows have them, per `BREAKDOWN_FIELDS`
+value (`breakdown`).
 
 Data parallel: under torchrun (WORLD_SIZE > 1) rank r evaluates samples r::world into
 `predictions.rank<r>.jsonl`; after a barrier (gloo, so it works on CPU) rank 0 merges them into
