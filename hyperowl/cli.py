@@ -320,7 +320,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # Read and check the data (or generate a synthetic set) before loading the model: bad input fails fast.
     plan = harness.prepare(args.task, args.data, args.out, limit=args.limit, frames=args.frames,
                            distractors=args.distractors, pool=args.pool, seed=args.seed, cache_dir=args.cache_dir,
-                           circular=not args.no_circular, annotations=args.annotations, image_dir=args.image_dir)
+                           circular=not args.no_circular, annotations=args.annotations, image_dir=args.image_dir,
+                           video_dir=args.video_dir)
     import hyperowl
 
     device = args.device
@@ -329,9 +330,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():  # torchrun: one GPU per rank
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model = hyperowl.load(args.model, dtype=args.dtype, device=device, quantize=args.quantize)
-    if model.processor is None:
-        raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
+    if plan.offline:  # a prediction file: scored from its answers, no model loaded
+        model = None
+    else:
+        model = hyperowl.load(args.model, dtype=args.dtype, device=device, quantize=args.quantize)
+        if model.processor is None:
+            raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
     s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     seed=args.seed, variants=args.variants, style=args.prompt_style)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -349,6 +353,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k, v in rows.items():
         print(f"{k:<{width}}  {v['n']:>5}  {v['accuracy']:.3f}")
     print(f"{'all':<{width}}  {s['n']:>5}  {s['accuracy']:.3f}")
+    for field, table in s.get("breakdown", {}).items():  # e.g. Video-MME's durations
+        w = max([len(k) for k in table] + [len(field)])
+        print(f"\n{field:<{w}}  {'n':>5}  accuracy")
+        for k, v in table.items():
+            print(f"{k:<{w}}  {v['n']:>5}  {v['accuracy']:.3f}")
     return 0
 
 
@@ -480,9 +489,10 @@ def _serve_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     e = _subcommand(sub, "eval", cmd_eval, "evaluate on a benchmark file or a built-in synthetic set "
                     "(predictions + summary)",
-                    description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV, "
-                    "circular), vqa (JSON/JSONL, soft accuracy), multi-image (NLVR2 yes/no or multiple choice), "
-                    "video-mc, distractor (multiple choice among N irrelevant images, needs --pool), and "
+                    description="Tasks: exact (conversation JSONL, exact match; the default), mmbench (TSV or "
+                    "Parquet, CircularEval; a prediction file is scored without a model), vqa (JSON/JSONL, soft "
+                    "accuracy), multi-image (NLVR2 yes/no or multiple choice), video-mc (also Video-MME, MVBench), "
+                    "distractor (multiple choice among N irrelevant images, needs --pool), and "
                     "synthetic-single|multi|video|distractor (generated offline, no --data). Resumes from --out; "
                     "runs data-parallel under torchrun.")
     e.add_argument("--task", default="exact", help="exact (default), mmbench, vqa, multi-image, video-mc, distractor, "
@@ -499,7 +509,10 @@ def _eval_parser(sub) -> None:
                    "questions file (v2_OpenEnded_mscoco_*_questions.json)")
     g.add_argument("--image-dir", default=None, help="vqa: folder of the images (default: the data file's folder)")
     g.add_argument("--frames", type=int, default=16, help="video-mc: frames sampled per video (default 16)")
-    g.add_argument("--no-circular", action="store_true", help="mmbench: ask each question once (no option rotations)")
+    g.add_argument("--video-dir", default=None, help="video-mc: folder of the videos (default: the data file's "
+                   "folder and its data/, video/, videos/; Video-MME's videoID.mp4 is looked up there)")
+    g.add_argument("--no-circular", action="store_true", help="mmbench: score each question's base row once (no "
+                   "circular copies or option rotations)")
     g.add_argument("--distractors", default="0,5,10", help="distractor: numbers of irrelevant images (default 0,5,10)")
     g.add_argument("--pool", default=None, help="distractor: folder of images, or JSONL of {\"image\": path}")
     g.add_argument("--variants", type=int, default=4, help="distractor: versions per question, all must be right")

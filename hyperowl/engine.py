@@ -71,18 +71,12 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
-    """Next token per row from logits [B, V] (float32), all rows at once.
-
-    Greedy rows take the argmax. Sampling rows: temperature, then top-k and top-p filtering on the sorted
-    logits, then an exponential race (argmax of p / E, E ~ Exp(1)), which is an exact draw from p and lets
-    each row use its own seeded generator.
-    """
+def sampling_probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """The distribution each row draws from, [B, V] in vocabulary order: softmax of logits / temperature
+    (greedy rows: temperature 1) over the top-k tokens, then top-p on that: the smallest prefix of the
+    sorted tokens whose mass reaches top_p, so the token that crosses the threshold is kept."""
     dev = logits.device
     temp = torch.tensor([p.temperature for p in params], device=dev)
-    greedy = logits.argmax(-1)
-    if bool((temp == 0).all()):
-        return greedy
     top_k = torch.tensor([p.top_k or logits.shape[-1] for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     scaled = logits / torch.where(temp > 0, temp, 1.0)[:, None]
@@ -90,11 +84,30 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     rank = torch.arange(logits.shape[-1], device=dev)[None]
     sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
     probs = sorted_logits.softmax(-1)
-    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
+    # A token goes when the mass before it already reaches top_p. top_p = 1 is off: float32 sums over a large
+    # vocabulary pass 1 before its end, which dropped the tail (23878 of 150000 random-logit tokens).
+    drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
     probs = probs.masked_fill(drop, 0.0)
+    probs = probs / probs.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(1, order, probs)
+
+
+def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> Tensor:
+    """Next token per row from logits [B, V] (float32), all rows at once.
+
+    Greedy rows take the argmax. Sampling rows draw from `sampling_probs` (temperature, top-k, top-p) by an
+    exponential race (argmax of p / E, E ~ Exp(1), one E per vocabulary token), which is an exact draw from
+    p and lets each row use its own seeded generator.
+    """
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=dev)
+    greedy = logits.argmax(-1)
+    if bool((temp == 0).all()):
+        return greedy
+    probs = sampling_probs(logits, params)
     noise = torch.stack([torch.empty(logits.shape[-1], device=dev).exponential_(generator=g) for g in generators
                          ]) if len(generators) else probs
-    choice = order.gather(1, (probs / noise).argmax(-1, keepdim=True))[:, 0]
+    choice = (probs / noise).argmax(-1)
     return torch.where(temp == 0, greedy, choice)
 
 

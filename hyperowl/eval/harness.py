@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.tables import exists, is_hub_id
 from ..errors import InputError
 from . import distractor as dis
 from . import tasks as tk
@@ -30,11 +31,17 @@ class Plan:
     pool: list = field(default_factory=list)
     counts: list = field(default_factory=list)
 
+    @property
+    def offline(self) -> bool:
+        """Every sample carries its answers (a prediction file): scoring needs no model."""
+        return bool(self.samples) and all(s.predictions is not None for s in self.samples)
+
 
 def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[int] = None, frames: int = 16,
             distractors: str = "0,5,10", pool: Optional[str] = None, seed: int = 0,
             cache_dir: Optional[str] = None, circular: bool = True,
-            annotations: Optional[str] = None, image_dir: Optional[str] = None) -> Plan:
+            annotations: Optional[str] = None, image_dir: Optional[str] = None,
+            video_dir: Optional[str] = None) -> Plan:
     if task not in TASKS:
         raise InputError(f"--task '{task}': choose one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
@@ -53,10 +60,12 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
     if not data:
         raise InputError(f"--task {task} needs --data FILE (or use a built-in set: {', '.join(SYNTHETIC_TASKS)})")
     path = Path(data)
-    if not path.is_file():
+    if not exists(data):
         raise InputError(f"--data '{data}': no such file")
     if (annotations or image_dir) and task != "vqa":
         raise InputError("--annotations and --image-dir are for --task vqa")
+    if video_dir and task != "video-mc":
+        raise InputError("--video-dir is for --task video-mc")
     if task == "distractor":
         if not pool:
             raise InputError("--task distractor needs --pool (a folder of images or a JSONL of {\"image\": path})")
@@ -73,7 +82,7 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
     else:
         if frames < 1:
             raise InputError(f"--frames {frames}: must be at least 1")
-        samples = tk.video_mc_samples(path, max_frames=frames)
+        samples = tk.video_mc_samples(data if is_hub_id(data) else path, max_frames=frames, video_dir=video_dir)
     return Plan(task, path, samples=samples[:limit])
 
 

@@ -4,10 +4,12 @@ Design note: a task turns its data into `Sample`s. A sample has an id, a categor
 written to the predictions), a `build()` that returns the conversations to ask (one for a plain question,
 k for a circularly evaluated multiple-choice question; media are loaded only then, so a large benchmark is
 never held in memory) and a `score(outputs)` that turns the model's answers into `{"score", "correct",
-...}`. `run_samples` asks the questions greedily in padded batches of about `batch_size` conversations and
-appends one row per sample to `out/predictions.jsonl` as they come, so an interrupted run resumes where it
-stopped (samples whose id is already there are skipped; a row on disk is trusted). `out/summary.json`
-holds the mean score overall, per category and per group (the category up to its first "/").
+...}`. `run_samples` asks the questions greedily in padded batches of about `batch_size` conversations (a
+sample that carries its answers, from a prediction file, is only scored) and appends one row per sample to
+`out/predictions.jsonl` as they come, so an interrupted run resumes where it stopped (samples whose id is
+already there are skipped; a row on disk is trusted). `out/summary.json` holds the mean score overall, per
+category, per group (the category up to its first "/") and, where rows have them, per `BREAKDOWN_FIELDS`
+value (`breakdown`).
 
 Data parallel: under torchrun (WORLD_SIZE > 1) rank r evaluates samples r::world into
 `predictions.rank<r>.jsonl`; after a barrier (gloo, so it works on CPU) rank 0 merges them into
@@ -35,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from ..chat import chat_batch
+from ..data.tables import exists, iter_rows
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class Sample:
     build: Callable[[], list[dict]]
     score: Callable[[list[str]], dict]
     extra: dict = field(default_factory=dict)  # copied into the predictions row
+    predictions: list[str] | None = None  # answers given with the data (a prediction file): no model call
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -85,6 +89,11 @@ def _category(row: dict) -> str:
     return str(row.get("category", row.get("task", "default")))
 
 
+# Row fields that benchmarks report accuracy by, besides the category (Video-MME: durations and task types;
+# MMBench: its l2-category), when the rows have them.
+BREAKDOWN_FIELDS = ("duration", "task_type", "l2-category")
+
+
 def summarize(rows: Sequence[dict], groups: bool = True, **meta: Any) -> dict[str, Any]:
     by_cat, by_group = defaultdict(list), defaultdict(list)
     for r in rows:
@@ -96,6 +105,16 @@ def summarize(rows: Sequence[dict], groups: bool = True, **meta: Any) -> dict[st
            "categories": {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(by_cat.items())}}
     if not groups:  # categories with a "/" that is no hierarchy (VQA's "yes/no")
         del out["groups"]
+    by = {}
+    for f in BREAKDOWN_FIELDS:
+        vals = defaultdict(list)
+        for r in rows:
+            if r.get(f) not in (None, ""):
+                vals[str(r[f])].append(_row_score(r))
+        if vals:
+            by[f] = {k: {"n": len(v), "accuracy": acc(v)} for k, v in sorted(vals.items())}
+    if by:
+        out["breakdown"] = by
     return out
 
 
@@ -157,7 +176,7 @@ def _chunks(samples: Sequence[Sample], batch_size: int):
     chunk: list[tuple[Sample, list[dict]]] = []
     size = 0
     for s in samples:
-        convs = s.build()
+        convs = [] if s.predictions is not None else s.build()
         chunk.append((s, convs))
         size += len(convs)
         if size >= batch_size:
@@ -201,7 +220,7 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
                 outs += chat_batch(model, convs[i : i + batch_size], max_new_tokens=max_new_tokens)
             k = 0
             for s, cs in chunk:
-                preds = outs[k : k + len(cs)]
+                preds = list(s.predictions) if s.predictions is not None else outs[k : k + len(cs)]
                 k += len(cs)
                 row = {"id": s.id, "category": s.category, **s.extra,
                        "prediction": preds[0] if len(preds) == 1 else preds, "answer": s.answer, **s.score(preds)}
@@ -238,26 +257,24 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    """Conversation records ({messages, images?, videos?, answer?, id?, task?}) of any record file
+    (`data.tables`: JSONL, JSON, Parquet, a datasets folder)."""
+    if not exists(path):
         raise InputError(f"eval data '{path}': no such file")
+    root = path if path.is_dir() else path.parent
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            msgs = rec["messages"]
-        except (ValueError, KeyError, TypeError):
-            raise InputError(f"{path}:{n}: not a JSON object with 'messages'") from None
+    for n, (where, rec) in enumerate(iter_rows(path, "eval data"), 1):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list):
+            raise InputError(f"{where}: not a JSON object with 'messages'")
         answer = rec.get("answer")
-        if msgs and msgs[-1].get("role") == "assistant":
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
             answer = answer if answer is not None else msgs[-1]["content"]
             msgs = msgs[:-1]
         if answer is None:
-            raise InputError(f"{path}:{n}: no reference answer (an 'answer' field or a final assistant message)")
-        root = path.parent
+            raise InputError(f"{where}: no reference answer (an 'answer' field or a final assistant message)")
         media = {k: [p if Path(p).is_absolute() else str(root / p) for p in rec.get(k) or []] for k in ("images", "videos")}
-        out.append({"id": str(rec.get("id", n)), "task": rec.get("task", "default"), "messages": msgs,
+        out.append({"id": str(rec.get("id", n)), "task": rec.get("task") or "default", "messages": msgs,
                     "answer": str(answer), **media})
     return out
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from PIL import Image
 
-from ..data.tables import json_rows, read_rows
+from ..data.tables import exists, iter_rows, json_rows, read_rows
 from ..errors import InputError
 from .runner import Sample
 
@@ -197,7 +197,27 @@ def need(rec: dict, names: str | Sequence[str], where: str, what: str = "") -> A
     raise InputError(f"{where}: missing field {alt}" + (f"; {what}" if what else ""))
 
 
-def media_path(root: Path, value: Any, where: str, what: str = "image") -> str:
+def data_root(path: Path) -> Path:
+    """Where relative media paths of a data file point: its folder (a `datasets` folder: that folder)."""
+    return path if path.is_dir() else path.parent
+
+
+def struct_image_bytes(value: dict, where: str) -> bytes:
+    """The encoded image of a Parquet / `datasets` Image cell, {"bytes": ..., "path": ...}."""
+    raw = value.get("bytes")
+    if not isinstance(raw, (bytes, bytearray)) or not raw:
+        raise InputError(f"{where}: the image cell has no bytes (path {value.get('path')!r}); give the images "
+                         f"embedded, or paths as strings")
+    return _checked_image_bytes(bytes(raw), where)
+
+
+def media_path(root: Path, value: Any, where: str, what: str = "image") -> str | bytes:
+    """A media file named by a record: a path (relative to `root`), or for images a Parquet / `datasets`
+    Image cell ({"bytes", "path"}; its bytes, or its path when it holds none)."""
+    if isinstance(value, dict) and what in ("image", "frame"):
+        if value.get("bytes"):
+            return struct_image_bytes(value, where)
+        value = value.get("path")
     if not isinstance(value, str) or not value:
         raise InputError(f"{where}: {what} must be a file path string, got {value!r}")
     p = Path(value)
@@ -257,6 +277,10 @@ def _options(rec: dict, where: str) -> list[str]:
 
 # -- MMBench ----------------------------------------------------------------------------------------------
 
+# The published MMBench files hold the circular copies themselves: copy k of question i is the row with index
+# i + k * CIRCULAR_STRIDE, its options rotated by k and its image cell holding i (a reference to the base row).
+CIRCULAR_STRIDE = 1_000_000
+
 
 @dataclass
 class MCItem:
@@ -267,13 +291,23 @@ class MCItem:
     question: str
     options: list[str]
     answer: int
-    image: Any  # a path or encoded bytes
+    image: Any  # a path or encoded bytes (None in a prediction file)
     hint: str = ""
     extra: dict = field(default_factory=dict)
+    prediction: Optional[str] = None  # the `prediction` column of a prediction file (VLMEvalKit's)
 
 
 def _cell(row: dict, key: str) -> str:
-    v = (row.get(key) or "").strip()
+    """A cell as text: TSV cells are strings; Parquet / JSON cells may be numbers, None or NaN."""
+    v = row.get(key)
+    if v is None or isinstance(v, dict):
+        return ""
+    if isinstance(v, float):
+        if v != v:  # NaN: what pandas writes for an empty cell
+            return ""
+        if v.is_integer():
+            v = int(v)
+    v = str(v).strip()
     return "" if v.lower() == "nan" else v
 
 
@@ -283,33 +317,53 @@ def _decode_image(b64: str, where: str) -> bytes:
     except (binascii.Error, ValueError) as e:
         raise InputError(f"{where}: column 'image' is not valid base64 ({e}); the TSV may be damaged, download "
                          f"it again") from None
+    return _checked_image_bytes(raw, where)
+
+
+def _checked_image_bytes(raw: bytes, where: str) -> bytes:
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im.verify()
     except Exception as e:  # PIL raises many types for garbage
-        raise InputError(f"{where}: column 'image' decodes to no readable image ({type(e).__name__}); the TSV may be "
+        raise InputError(f"{where}: column 'image' decodes to no readable image ({type(e).__name__}); the file may be "
                          f"damaged, download it again") from None
     return raw
 
 
+def _mmbench_table(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(columns, [(where, row)]) of an MMBench file: the TSV as published (VLMEvalKit's, prediction files
+    included), or the same columns as Parquet / JSON / a `datasets` folder (e.g. lmms-lab's MMBench)."""
+    if path.is_file() and path.suffix.lower() == ".tsv":
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long cells
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t")
+                return list(reader.fieldnames or []), [(f"{path}:{n}", r) for n, r in enumerate(reader, 2)]
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text; an MMBench TSV is tab-separated text (or give the Parquet "
+                             f"file with --data x.parquet)") from None
+    rows = read_rows(path, "eval data")
+    return list(dict.fromkeys(k for _, r in rows[:1] for k in r)), rows
+
+
 def load_mmbench_items(path: Path) -> list[MCItem]:
-    if not path.is_file():
+    """One MCItem per row (circular copies included; see `mmbench_samples`). With a `prediction` column the
+    rows are a prediction file: the image is not needed (VLMEvalKit drops it there) and not read."""
+    path = Path(path)
+    if not exists(path):
         raise InputError(f"eval data '{path}': no such file")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images are long cells
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        header = reader.fieldnames or []
-        for col in ("index", "question", "A", "B", "answer", "image"):
-            if col not in header:
-                hint = " (MMBench test splits have no answers: evaluate the dev split)" if col == "answer" else ""
-                raise InputError(f"{path}: column '{col}' missing{hint}; an MMBench TSV needs index, question, A, B, "
-                                 f"[C, D ...], answer, image (base64); this header has: {', '.join(header)}")
-        rows = list(reader)
+    header, rows = _mmbench_table(path)
+    scored = "prediction" in header
+    for col in ("index", "question", "A", "B", "answer") + (() if scored else ("image",)):
+        if col not in header:
+            hint = " (MMBench test splits have no answers: evaluate the dev split)" if col == "answer" else ""
+            raise InputError(f"{path}: column '{col}' missing{hint}; an MMBench TSV needs index, question, A, B, "
+                             f"[C, D ...], answer, image (base64) or prediction; this header has: {', '.join(header)}")
     letters = [c for c in LETTERS if c in header]
-    by_index = {_cell(r, "index"): r for r in rows}
+    by_index = {_cell(r, "index"): r for _, r in rows}
     items = []
-    for n, row in enumerate(rows, 2):
-        where = f"{path}:{n} (index {_cell(row, 'index')})"
+    for where, row in rows:
+        where = f"{where} (index {_cell(row, 'index')})"
         if None in row:
             raise InputError(f"{where}: more cells than header columns; is the file tab-separated?")
         options = [_cell(row, c) for c in letters]
@@ -320,31 +374,46 @@ def load_mmbench_items(path: Path) -> list[MCItem]:
         ans = _cell(row, "answer")
         if ans not in LETTERS[:k]:
             raise InputError(f"{where}: answer {ans!r} is not one of the option letters {', '.join(LETTERS[:k])}")
-        img = _cell(row, "image")
-        if img.isdigit() and len(img) < 16 and img in by_index:  # a reference to another row's image
-            img = _cell(by_index[img], "image")
-        if not img:
-            raise InputError(f"{where}: column 'image' is empty")
         q = _cell(row, "question")
         if not q:
             raise InputError(f"{where}: column 'question' is empty")
+        image = None if scored else _row_image(row, by_index, where)
         items.append(MCItem(_cell(row, "index"), _cell(row, "category") or "default", q, options,
-                            LETTERS.index(ans), _decode_image(img, where), _cell(row, "hint"),
-                            {k: _cell(row, k) for k in ("l2-category", "split") if _cell(row, k)}))
+                            LETTERS.index(ans), image, _cell(row, "hint"),
+                            {k: _cell(row, k) for k in ("l2-category", "split") if _cell(row, k)},
+                            prediction=_cell(row, "prediction") if scored else None))
     if not items:
         raise InputError(f"{path}: no rows")
-    log.info("%s: %d questions, %d categories", path, len(items), len({i.category for i in items}))
+    log.info("%s: %d rows, %d categories", path, len(items), len({i.category for i in items}))
     return items
+
+
+def _row_image(row: dict, by_index: dict, where: str) -> bytes:
+    """A row's image: base64 text, a Parquet {"bytes", "path"} struct, or (a short number) the index of the
+    row that holds it, as the circular copies of the published TSVs do."""
+    value = row.get("image")
+    if isinstance(value, dict):
+        return struct_image_bytes(value, where)
+    img = _cell(row, "image")
+    if img.isdigit() and len(img) < 16 and img in by_index:  # a reference to another row's image
+        ref = by_index[img]
+        value = ref.get("image")
+        if isinstance(value, dict):
+            return struct_image_bytes(value, where)
+        img = _cell(ref, "image")
+    if not img:
+        raise InputError(f"{where}: column 'image' is empty")
+    return _decode_image(img, where)
 
 
 def load_mc_json_items(path: Path) -> list[MCItem]:
     """Single-image multiple choice as JSON/JSONL {image, question, options, answer, hint?, category?}."""
-    root = path.parent
+    root = data_root(path)
     items = []
     for n, (where, rec) in enumerate(read_rows(path, "eval data"), 1):
         options = _options(rec, where)
         items.append(MCItem(record_id(rec, where, n), _category(rec, "default"),
-                            str(need(rec, "question", where)), options,
+                            str(need(rec, "question", where)), strip_option_letters(options),
                             answer_index(need(rec, "answer", where), options, where),
                             media_path(root, need(rec, "image", where), where), str(rec.get("hint") or "")))
     if not items:
@@ -353,8 +422,14 @@ def load_mc_json_items(path: Path) -> list[MCItem]:
 
 
 def load_mc_items(path: str | Path) -> list[MCItem]:
+    """Single-image multiple-choice questions (the distractor protocol's input): an MMBench file (its base
+    rows: the protocol makes its own option orders) or JSON/JSONL records."""
     path = Path(path)
-    return load_mmbench_items(path) if path.suffix.lower() == ".tsv" else load_mc_json_items(path)
+    if path.suffix.lower() != ".tsv":
+        first = next(iter(iter_rows(path, "eval data")), (None, {}))[1]
+        if not {"index", "A", "B"} <= set(first):  # MMBench's columns (lmms-lab's Parquet): read as MMBench
+            return load_mc_json_items(path)
+    return [it for it in load_mmbench_items(path) if not (it.id.isdigit() and int(it.id) >= CIRCULAR_STRIDE)]
 
 
 def circular_sample(item: MCItem, prompt_of: Callable[[list[str]], str], images: Callable[[], list],
@@ -371,11 +446,58 @@ def circular_sample(item: MCItem, prompt_of: Callable[[list[str]], str], images:
                   extra=dict(item.extra))
 
 
+def circular_groups(items: Sequence[MCItem]) -> Optional[dict[int, list[MCItem]]]:
+    """The rows of each question, by `index % CIRCULAR_STRIDE` (base row first, then its copies by index),
+    in the order questions first appear; None when the file holds no circular copies."""
+    if not all(it.id.isdigit() for it in items) or not any(int(it.id) >= CIRCULAR_STRIDE for it in items):
+        return None
+    groups: dict[int, list[MCItem]] = {}
+    for it in items:
+        groups.setdefault(int(it.id) % CIRCULAR_STRIDE, []).append(it)
+    for g, members in groups.items():
+        members.sort(key=lambda it: int(it.id))
+        if len({int(m.id) for m in members}) != len(members):
+            raise InputError(f"MMBench index {members[0].id} appears twice; indices must be unique")
+    return groups
+
+
+def _mmbench_prompt(it: MCItem, options: Sequence[str]) -> str:
+    return IMAGE_TOKEN + mc_prompt(it.question, options, it.hint)
+
+
+def _group_sample(gid: int, rows: list[MCItem]) -> Sample:
+    """One question asked once per row (its own option order): right only if every row is answered right."""
+    base = rows[0]
+
+    def build() -> list[dict]:
+        return [{"messages": [{"role": "user", "content": _mmbench_prompt(r, r.options)}], "images": [r.image]}
+                for r in rows]
+
+    extra = dict(base.extra, rows=[r.id for r in rows]) if len(rows) > 1 else dict(base.extra)
+    preds = [r.prediction or "" for r in rows] if base.prediction is not None else None
+    return Sample(str(gid), base.category, LETTERS[base.answer], build,
+                  mc_score([r.options for r in rows], [r.answer for r in rows]), extra=extra, predictions=preds)
+
+
 def mmbench_samples(path: str | Path, circular: bool = True) -> list[Sample]:
+    """MMBench questions as samples. A file with circular copies (the published ones): CircularEval as
+    published, one model call per row, a question right only if all its rows are; `circular=False`: each
+    question's base row once. A file without copies: the k rotations of each question are made here
+    (circular) or the row is asked once. A prediction file is scored from its `prediction` column."""
+    items = load_mmbench_items(Path(path))
+    groups = circular_groups(items)
+    if groups is not None:
+        log.info("%s: %d questions in %d rows (circular copies in the file)", path, len(groups), len(items))
+        return [_group_sample(g, rows if circular else rows[:1]) for g, rows in groups.items()]
     out = []
-    for it in load_mmbench_items(Path(path)):
-        prompt = lambda opts, it=it: IMAGE_TOKEN + mc_prompt(it.question, opts, it.hint)
-        out.append(circular_sample(it, prompt, lambda it=it: [it.image], None if circular else 1))
+    for it in items:
+        if it.prediction is not None:  # one answer per row: nothing to rotate
+            out.append(_group_sample(it.id, [it]))
+            continue
+        out.append(circular_sample(it, lambda opts, it=it: _mmbench_prompt(it, opts), lambda it=it: [it.image],
+                                   None if circular else 1))
+    if circular and items[0].prediction is not None:
+        log.warning("%s: a prediction file without circular copies: each question is scored on its one answer", path)
     return out
 
 
@@ -460,7 +582,7 @@ def vqa_samples(path: str | Path, annotations: str | Path | None = None, image_d
         records = read_rows(path, "eval data")
     if annotations is not None:
         raise InputError(f"--annotations is for the official VQAv2 two-file format; '{path}' holds the answers itself")
-    root = Path(image_dir) if image_dir else path.parent
+    root = Path(image_dir) if image_dir else data_root(path)
     out = []
     for n, (where, rec) in enumerate(records, 1):
         q = str(need(rec, "question", where))
@@ -501,11 +623,11 @@ def multi_image_samples(path: str | Path) -> list[Sample]:
         ims = need(rec, "images", where, "a list of image paths")
         if not isinstance(ims, list) or not ims:
             raise InputError(f"{where}: 'images' must be a non-empty list of paths")
-        ims = [media_path(path.parent, p, where) for p in ims]
+        ims = [media_path(data_root(path), p, where) for p in ims]
         rid = record_id(rec, where, n)
         if rec.get("options") is not None or rec.get("choices") is not None:
             options = _options(rec, where)
-            item = MCItem(rid, _category(rec, "mc"), str(need(rec, "question", where)), options,
+            item = MCItem(rid, _category(rec, "mc"), str(need(rec, "question", where)), strip_option_letters(options),
                           answer_index(need(rec, "answer", where), options, where), None)
             prompt = lambda opts, item=item, k=len(ims): _images_prompt(mc_prompt(item.question, opts), k)
             out.append(circular_sample(item, prompt, lambda ims=ims: ims, rotations=1))
@@ -528,31 +650,137 @@ def multi_image_samples(path: str | Path) -> list[Sample]:
 
 # -- video multiple choice --------------------------------------------------------------------------------
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_LETTERED = re.compile(r"^\(?([A-Z])[.):]\s*")
 
-def video_mc_samples(path: str | Path, max_frames: int = 16) -> list[Sample]:
+
+def strip_option_letters(options: Sequence[str]) -> list[str]:
+    """Options published with their letters ("A. down", "(B) up") lose them, so the prompt, which letters
+    the options itself, shows "A. down" and not "A. A. down". Only when every option carries its own letter."""
+    ms = [_LETTERED.match(o) for o in options]
+    if all(m and m.group(1) == LETTERS[i] for i, m in enumerate(ms)) and all(o[m.end():].strip() for o, m in zip(options, ms)):
+        return [o[m.end():].strip() for o, m in zip(options, ms)]
+    return list(options)
+
+
+def _video_records(path: Path) -> list[tuple[str, dict]]:
+    """Flat records; Video-MME's per-video JSON ({video_id, duration, domain, ..., questions: [...]}, its
+    results form with a `response` per question included) is flattened to one record per question."""
+    out = []
+    for where, rec in read_rows(path, "eval data"):
+        qs = rec.get("questions")
+        if isinstance(qs, list) and rec.get("question") is None:
+            for j, q in enumerate(qs):
+                if not isinstance(q, dict):
+                    raise InputError(f"{where}[questions][{j}]: a question must be a JSON object")
+                out.append((f"{where}[questions][{j}]", {**{k: v for k, v in rec.items() if k != "questions"}, **q}))
+        else:
+            out.append((where, rec))
+    return out
+
+
+def _places(roots: Sequence[Path]) -> str:
+    if len(roots) == 1:
+        return f"'{roots[0]}'"
+    return f"'{roots[0]}' and data/, video/, videos/ there and next to it"
+
+
+def _find_video(rec: dict, roots: Sequence[Path], where: str) -> str:
+    """The record's video: its `video` / `video_path` (relative to the roots), or Video-MME's `videoID`
+    looked up as <videoID>.mp4 (or another video suffix) in the roots."""
+    value = rec.get("video") if rec.get("video") is not None else rec.get("video_path")
+    if value is None and rec.get("videoID") is not None:
+        vid = str(rec["videoID"])
+        names = [vid + s for s in VIDEO_SUFFIXES]
+        for root in roots:
+            for n in names:
+                if (root / n).is_file():
+                    return str(root / n)
+        raise InputError(f"{where}: video '{vid}' not found (looked for {vid}.mp4 etc. in {_places(roots)}); pass the "
+                         f"videos' folder with --video-dir")
+    if value is None:
+        raise InputError(f"{where}: missing field 'video' or 'video_path' (or Video-MME's 'videoID', or 'frames')")
+    if isinstance(value, str) and not Path(value).is_absolute():
+        for root in roots:
+            if (root / value).is_file() or (root / value).is_dir():  # a folder of frames (some MVBench tasks)
+                return str(root / value)
+        raise InputError(f"{where}: video '{value}' not found (looked in {_places(roots)}); pass the videos' folder "
+                         f"with --video-dir")
+    return str(media_path(roots[0], value, where, "video"))
+
+
+def _segment(rec: dict, where: str) -> Optional[tuple[float, float]]:
+    """MVBench's `start` / `end` (seconds): the clip the question is about."""
+    s, e = rec.get("start"), rec.get("end")
+    if s is None and e is None:
+        return None
+    try:
+        s, e = float(0 if s is None else s), float(e)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: 'start' and 'end' must be numbers of seconds, got {rec.get('start')!r}, "
+                         f"{rec.get('end')!r}") from None
+    if not 0 <= s < e:
+        raise InputError(f"{where}: segment start {s} / end {e}: need 0 <= start < end (seconds)")
+    return s, e
+
+
+VIDEO_MME_FIELDS = ("duration", "domain", "sub_category", "task_type", "video_id", "question_id")
+
+
+def video_mc_samples(path: str | Path, max_frames: int = 16, video_dir: str | Path | None = None) -> list[Sample]:
+    """Video multiple choice: {video | frames, question, options, answer} records, and the published layouts
+    of Video-MME (Parquet or JSON: videoID, options lettered "A. ...", answer letter, duration, domain,
+    sub_category, task_type; `response` scored as a prediction) and MVBench (one task's JSON: video,
+    candidates, answer text, start/end segment; the task is the file's name)."""
     from ..processing.video import sample_frames
 
     path = Path(path)
+    root = data_root(path)
+    # the data file's folder, its video folders, and those next to it (Video-MME: videomme/*.parquet + data/)
+    roots = [Path(video_dir)] if video_dir else [r / sub for r in (root, root.parent) for sub in ("", "data", "video", "videos")]
+    if video_dir and not Path(video_dir).is_dir():
+        raise InputError(f"--video-dir '{video_dir}': no such folder")
+    task_name = path.stem if path.is_file() else path.name
     out = []
-    for n, (where, rec) in enumerate(read_rows(path, "eval data"), 1):
-        options = _options(rec, where)
+    for n, (where, rec) in enumerate(_video_records(path), 1):
+        raw = _options(rec, where)
+        answer = answer_index(need(rec, ("answer", "correct_choice"), where), raw, where)
+        options = strip_option_letters(raw)
         frames_field = rec.get("frames")
-        if isinstance(frames_field, list):
-            frame_paths = [media_path(path.parent, p, where, "frame") for p in frames_field]
+        segment = _segment(rec, where)
+        answered = rec.get("response") is not None  # Video-MME's results form: scored, no video needed
+        if answered:
+            video, frame_paths, k = None, [], 0
+        elif isinstance(frames_field, list):
+            frame_paths = [media_path(root, p, where, "frame") for p in frames_field]
             if not frame_paths:
                 raise InputError(f"{where}: 'frames' is an empty list")
             video, k = None, max_frames
         else:
             if frames_field is not None and (not isinstance(frames_field, int) or frames_field < 1):
                 raise InputError(f"{where}: 'frames' must be a positive number of frames or a list of frame images")
-            video = media_path(path.parent, need(rec, ("video", "video_path"), where), where, "video")
-            frame_paths, k = [], frames_field or max_frames
-        item = MCItem(record_id(rec, where, n), _category(rec, "default"), str(need(rec, "question", where)), options,
-                      answer_index(need(rec, ("answer", "correct_choice"), where), options, where), None)
+            video, frame_paths, k = _find_video(rec, roots, where), [], frames_field or max_frames
+            if Path(video).is_dir():  # a video given as a folder of frame images, in name order
+                frame_paths = sorted(str(f) for f in Path(video).iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+                if not frame_paths:
+                    raise InputError(f"{where}: video folder '{video}' holds no frame images")
+                if segment is not None:
+                    log.warning("%s: a folder of frames has no timestamps: start/end not applied", where)
+                video = None
+        if rec.get("domain"):  # Video-MME: domain/sub_category (the summary also breaks down by duration, task)
+            category = str(rec["domain"]) + (f"/{rec['sub_category']}" if rec.get("sub_category") else "")
+        else:
+            category = _category(rec, task_name if rec.get("candidates") is not None else "default")
+        rid = str(rec["question_id"]) if rec.get("question_id") is not None else record_id(rec, where, n)
+        item = MCItem(rid, category, str(need(rec, "question", where)), options, answer, None)
+        extra = {f: str(rec[f]) for f in VIDEO_MME_FIELDS[:4] if rec.get(f) not in (None, "")}
+        if segment is not None:
+            extra["segment"] = list(segment)
 
-        def frames(video=video, frame_paths=frame_paths, k=k):
+        def frames(video=video, frame_paths=frame_paths, k=k, segment=segment):
             if video is not None:
-                return [sample_frames(video, max_frames=k)]
+                return [sample_frames(video, max_frames=k, segment=segment)]
             from ..processing.images import load_image
 
             m = min(k, len(frame_paths))  # m frames spread evenly over the list, first and last included
@@ -561,6 +789,9 @@ def video_mc_samples(path: str | Path, max_frames: int = 16) -> list[Sample]:
 
         prompt = lambda opts, item=item: VIDEO_TOKEN + mc_prompt(item.question, opts)
         s = circular_sample(item, prompt, lambda: [], rotations=1)
+        s.extra.update(extra)
+        if answered:
+            s.predictions = [str(rec["response"])]
 
         def build(s_build=s.build, frames=frames):
             convs = s_build()

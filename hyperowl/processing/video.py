@@ -303,8 +303,18 @@ def _target_gap(targets: list[float], duration: float) -> float:
     return min(gaps) if gaps else duration
 
 
-def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optional[float]) -> list[float]:
-    """Target timestamps (seconds from start), ascending."""
+def video_targets(duration: float, frame_count: int, max_frames: int, fps: Optional[float],
+                  segment: Optional[tuple[float, float]] = None) -> list[float]:
+    """Target timestamps (seconds from start), ascending. `segment` (start, end) in seconds: the same rule
+    applied to that part of the video only (benchmarks such as MVBench ask about a clip of a longer video)."""
+    if segment is not None:
+        start, end = float(segment[0]), float(segment[1])
+        end = min(end, duration) if duration > 0 else end
+        if duration > 0 and start >= duration:
+            start = max(0.0, end - 1e-3)  # a segment past the end: its last moment (caller warned)
+        length = max(end - start, 0.0)
+        frames = max(1, round(frame_count * length / duration)) if frame_count > 0 and duration > 0 else 0
+        return [start + t for t in video_targets(length, frames, max_frames, fps)]
     if duration <= 0:
         return [0.0]
     if fps is None:
@@ -393,16 +403,20 @@ def iter_video(
     stats: Optional[VideoSample] = None,
     *,
     seek: str = "auto",
+    segment: Optional[tuple[float, float]] = None,
 ) -> Iterator[tuple[float, Image.Image]]:
     """Yield (timestamp, RGB frame) for each sampled frame as soon as it is decoded (see the module note for
     the rule), so a consumer can work on early frames while later ones decode. `stats`, if given, is
     filled in as decoding goes: targets, duration, seek_mode (and the keyframe interval, if measured) before
     the first frame, then times, frames_decoded, packets_decoded and seeks (its `frames` list stays empty:
     the frames are yielded, not kept). Arguments are checked and the file opened on the first `next()`.
+    segment: (start, end) seconds, sample only that part (`video_targets`).
 
     seek: "auto" (default), "exact" or "keyframe", what a seek keeps (module note). keyframes: the older
     spelling, True for "keyframe", False for "exact" (None: use `seek`)."""
     _check_sampling(max_frames, fps)
+    if segment is not None and not (0 <= float(segment[0]) < float(segment[1])):
+        raise InputError(f"segment={tuple(segment)}: give (start, end) seconds with 0 <= start < end")
     requested = _seek_mode(seek, keyframes)
     st = stats if stats is not None else VideoSample(frames=[], times=[])
     p = os.fspath(path)
@@ -411,7 +425,10 @@ def iter_video(
         stream = container.streams.video[0]
         info = _stream_info(container, p)
         st.duration = info.duration
-        st.targets = video_targets(info.duration, info.count, max_frames, fps)
+        if segment is not None and info.duration > 0 and float(segment[0]) >= info.duration:
+            logger.warning("video %s: segment %s starts after its end (%.2fs); its last moment is used", p,
+                           tuple(segment), info.duration)
+        st.targets = video_targets(info.duration, info.count, max_frames, fps, segment)
         # Seeking needs timestamps; raw elementary streams without pts are decoded straight through.
         threshold = seek_threshold if info.has_pts else math.inf
         gap = _target_gap(st.targets, info.duration)
@@ -504,6 +521,7 @@ def sample_video(
     keyframes: Optional[bool] = None,
     *,
     seek: str = "auto",
+    segment: Optional[tuple[float, float]] = None,
 ) -> VideoSample:
     """Sample up to `max_frames` frames of the video at `path` (see the module note for the rule).
 
@@ -513,7 +531,7 @@ def sample_video(
     keyframe it lands on (at or before the target), frames up to one keyframe interval early. The mode used
     is `.seek_mode`."""
     st = VideoSample(frames=[], times=[])
-    it = iter_video(path, max_frames, fps, progress, seek_threshold, keyframes, stats=st, seek=seek)
+    it = iter_video(path, max_frames, fps, progress, seek_threshold, keyframes, stats=st, seek=seek, segment=segment)
     frames = [im for _, im in it]
     st.frames = frames
     return st
@@ -535,9 +553,11 @@ def sample_frames(
     max_frames: int = 16,
     fps: Optional[float] = None,
     progress: Optional[bool] = None,
+    segment: Optional[tuple[float, float]] = None,
 ) -> list[Image.Image]:
-    """Sample up to `max_frames` RGB frames from the video at `path` (uniform, or every 1/fps seconds)."""
-    return sample_video(path, max_frames=max_frames, fps=fps, progress=progress).frames
+    """Sample up to `max_frames` RGB frames from the video at `path` (uniform, or every 1/fps seconds), of
+    the whole video or of `segment` (start, end) seconds."""
+    return sample_video(path, max_frames=max_frames, fps=fps, progress=progress, segment=segment).frames
 
 
 def probe_video(path: "str | os.PathLike[str]", max_frames: int = 16, fps: Optional[float] = None) -> list[float]:

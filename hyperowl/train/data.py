@@ -7,7 +7,17 @@ Format (one JSON object per line; the ms-swift / LLaVA style):
      "images": ["images/0001.png"], "videos": []}
 
 Paths are relative to the JSONL file's folder (or absolute). Each `<|image|>` / `<|video|>` placeholder
-consumes the next image / video. Loss is taken only on assistant answers (and their `<|im_end|>`; for
+consumes the next image / video.
+
+The layouts other tools write are read as they are (`to_record` maps them onto the form above):
+  * LLaVA / ShareGPT: {"id", "image": path | [paths], "video"?, "conversations": [{"from": "human"|"gpt"|
+    "system", "value": "<image>\n..."}]} (llava_v1_5_mix665k.json is a JSON list of these);
+  * ms-swift: {"messages": [...], "images": [paths | {"path"}], "videos"?} and its older
+    {"system"?, "query", "response", "history"?: [[query, response], ...], "images"?}.
+`<image>` / `<video>` tags become our placeholders; a LLaVA or query/response conversation with images but no
+tag gets them in front of its first user message (what their loaders do; in the messages form a count that
+does not match stays an error). Any record file `data.tables`
+reads works: JSONL, a JSON list, Parquet, a `datasets` folder. Loss is taken only on assistant answers (and their `<|im_end|>`; for
 mPLUG-Owl2 their `</s>`): the processor's `training_example` (Owl3Processor or Owl2Processor) decides.
 
 Design note: every line is validated when the dataset is opened (JSON, message structure, placeholder
@@ -29,6 +39,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from ..data.tables import exists, is_hub_id, iter_rows
 from ..errors import InputError
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN, normalize_messages
 from ..processing.processor import Owl3Processor, collate
@@ -44,14 +55,74 @@ class TrainExample:
     image_positions: torch.Tensor
 
 
-def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_TAGS = (("<image>", IMAGE_TOKEN, "images"), ("<video>", VIDEO_TOKEN, "videos"))
+
+
+def _media_list(value: Any, kind: str) -> list:
+    """A path, a list of paths, or ms-swift's {"path": ...} entries, as a list of paths."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, dict)) else value
+    if not isinstance(items, list):
+        raise ValueError(f"'{kind}' must be a list of paths")
+    out = []
+    for x in items:
+        if isinstance(x, dict) and isinstance(x.get("path"), str):
+            x = x["path"]
+        if not isinstance(x, str):
+            raise ValueError(f"'{kind}' must be a list of paths (embedded bytes are not read for training)")
+        out.append(x)
+    return out
+
+
+def to_record(rec: Any) -> dict:
+    """Our record form ({messages, images, videos}) from ours, LLaVA's or ms-swift's (module note)."""
     if not isinstance(rec, dict):
         raise ValueError("expected a JSON object")
-    unknown = set(rec) - {"messages", "images", "videos", "id", "task", "answer", "meta"}
-    if "messages" not in rec:
-        raise ValueError("missing 'messages'")
-    if unknown:
-        log.debug("ignoring fields %s", sorted(unknown))
+    prepend = True  # media without tags go in front of the first user message (LLaVA, swift query form)
+    if "messages" in rec:  # ours and ms-swift's: a placeholder count that does not match is an error
+        messages, images, videos, prepend = rec["messages"], rec.get("images"), rec.get("videos"), False
+    elif "conversations" in rec:  # LLaVA / ShareGPT
+        turns = rec["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+            raise ValueError("'conversations' must be a list of {\"from\", \"value\"} objects")
+        messages = []
+        for i, t in enumerate(turns):
+            role = _ROLES.get(str(t.get("from", "")).lower())
+            if role is None:
+                raise ValueError(f"conversations[{i}]: 'from' {t.get('from')!r} is not human, gpt or system")
+            messages.append({"role": role, "content": t["value"]})
+        images = rec.get("image", rec.get("images"))
+        videos = rec.get("video", rec.get("videos"))
+    elif "query" in rec and "response" in rec:  # ms-swift's query / response / history
+        messages = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+        history = rec.get("history") or []
+        if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+            raise ValueError("'history' must be a list of [query, response] pairs")
+        for q, a in [*history, (rec["query"], rec["response"])]:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        images, videos = rec.get("images"), rec.get("videos")
+    else:
+        raise ValueError("missing 'messages' (or LLaVA's 'conversations', or ms-swift's 'query' and 'response')")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list of {\"role\", \"content\"} objects")
+    media = {"images": _media_list(images, "images"), "videos": _media_list(videos, "videos")}
+    messages = [dict(m) if isinstance(m, dict) else m for m in messages]
+    for tag, token, kind in _TAGS:
+        n = 0
+        for m in messages:
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                m["content"] = m["content"].replace(tag, token)
+                n += m["content"].count(token)
+        first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+        if prepend and n == 0 and media[kind] and first_user is not None and isinstance(first_user.get("content"), str):
+            first_user["content"] = token * len(media[kind]) + first_user["content"]
+    return {"messages": messages, **media}
+
+
+def _check_record(rec: Any, root: Path, verify_media: bool) -> dict:
+    rec = to_record(rec)
     pairs = normalize_messages(rec["messages"])
     if not any(role == "assistant" for role, _ in pairs):
         raise ValueError("no assistant message: nothing to learn from")
@@ -84,26 +155,47 @@ def read_records(path: str | Path, on_error: str = "fail", verify_media: bool = 
     one process (a phased recipe's phases): a file read before and unchanged since (same size and mtime) is
     not read and verified again. Records do not depend on a processor."""
     p = Path(path)
-    if not p.is_file():
+    if not exists(p):
         raise InputError(f"training data '{path}': no such file")
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
+    if is_hub_id(p):  # a hub dataset (hf:NAME[:SPLIT]): read through the datasets library, its own cache
+        key = (str(path), 0, 0, on_error, verify_media)
+    else:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns, on_error, verify_media)
     if checked is not None and key in checked:
         return checked[key]
     records: list[dict] = []
     bad: list[tuple[int, str]] = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(_check_record(json.loads(line), p.parent, verify_media))
-            except (ValueError, InputError) as e:
-                msg = f"{p}:{n}: {e}"
-                if on_error == "fail":
-                    raise InputError(f"{msg} (fix the line, or set data.on_error: skip)") from None
-                log.warning("skipping %s", msg)
-                bad.append((n, str(e)))
+
+    def check(n: int, where: str, rec: Any) -> None:
+        try:
+            records.append(_check_record(rec, root, verify_media))
+        except (ValueError, InputError) as e:
+            msg = f"{where}: {e}"
+            if on_error == "fail":
+                raise InputError(f"{msg} (fix the record, or set data.on_error: skip)") from None
+            log.warning("skipping %s", msg)
+            bad.append((n, str(e)))
+
+    root = p if p.is_dir() else p.parent
+    if p.is_file() and p.suffix.lower() == ".jsonl":  # line by line: a line that is not JSON can be skipped
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    msg = f"{p}:{n}: not valid JSON ({e})"
+                    if on_error == "fail":
+                        raise InputError(f"{msg} (fix the line, or set data.on_error: skip)") from None
+                    log.warning("skipping %s", msg)
+                    bad.append((n, str(e)))
+                    continue
+                check(n, f"{p}:{n}", rec)
+    else:  # JSON list (LLaVA's), Parquet, a datasets folder: record n is row n (1-based)
+        for n, (where, rec) in enumerate(iter_rows(p, "training data"), 1):
+            check(n, where, rec)
     if bad:
         log.warning("%s: skipped %d bad line(s) of %d", p, len(bad), len(bad) + len(records))
     if not records:
