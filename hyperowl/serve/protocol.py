@@ -8,6 +8,11 @@ we do not handle. Unknown top-level fields are ignored, as OpenAI clients send m
 Content parts are kept in order; the prompt builder turns each media part into a placeholder.
 
 Extensions beyond OpenAI (also understood by vLLM): `top_k`, `repetition_penalty`, `min_tokens`.
+
+`seed` must lie in [-2**63, 2**64 - 1] (what a 64-bit generator takes; a negative seed s is the same
+generator as 2**64 - 1 + s, torch's rule); anything outside is refused (422), never reduced, so that one
+seed always means one answer. Fields that depend on the model (prompt + max_tokens within its context) are
+checked in app.py once the prompt is tokenized, still before the request joins a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..engine import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
 
@@ -83,6 +90,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    except RecursionError:  # the C parser recurses per nesting level: ~1000 levels exhaust the stack
+        raise ApiError(400, "request body nests JSON arrays/objects too deeply; a chat request needs a few levels",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body
@@ -109,8 +119,9 @@ _MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
 
 
 def _parse_part(part: Any, param: str, role: str) -> TextPart | MediaPart:
-    if isinstance(part, str):
-        return TextPart(part)
+    if isinstance(part, str):  # OpenAI refuses it too: a list holds part objects, a bare string is `content` itself
+        raise ApiError(400, f"{param} is a bare string; inside a content list write {{\"type\": \"text\", \"text\": "
+                            "...}", param=param, code="invalid_type")
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise ApiError(400, f"{param} must be an object with a 'type'", param=param, code="invalid_type")
     kind = part["type"]
@@ -182,6 +193,8 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
         _range(1 <= max_tokens <= max_tokens_limit, "max_tokens", f"must be between 1 and {max_tokens_limit}")
     min_tokens = _typed(body, "min_tokens", int, 0, "an integer")
     _range(min_tokens >= 0, "min_tokens", "must be >= 0")
+    if max_tokens is not None:
+        _range(min_tokens <= max_tokens, "min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
     temperature = float(_typed(body, "temperature", (int, float), 0.0, "a number"))
     _range(0.0 <= temperature <= 2.0, "temperature", "must be between 0 and 2")
     top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
@@ -192,6 +205,9 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
     rep = float(_typed(body, "repetition_penalty", (int, float), 1.0, "a number"))
     _range(rep > 0, "repetition_penalty", "must be > 0")
     seed = _typed(body, "seed", int, None, "an integer")
+    if seed is not None:
+        _range(SEED_RANGE[0] <= seed <= SEED_RANGE[1], "seed",
+               f"must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {seed}")
     stop_raw = _typed(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop_raw] if isinstance(stop_raw, str) else stop_raw
     if not all(isinstance(s, str) and s for s in stop):
