@@ -105,6 +105,9 @@ def _typed(body: dict, name: str, types: type | tuple[type, ...], default: Any, 
     # bool is an int subclass: `"max_tokens": true` is a type error, not 1.
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise ApiError(400, f"'{name}' must be {what}, got a boolean", param=name, code="invalid_type")
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, float) and int in wanted and float not in wanted and value.is_integer():
+        return int(value)  # JSON has numbers, not integers: 3.0 is the integer 3 (as JSON Schema says)
     if not isinstance(value, types):
         raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name, code="invalid_type")
     return value
