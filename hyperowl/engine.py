@@ -130,11 +130,9 @@ class Engine:
         ids = r.input_ids
         if ids.ndim != 1 or ids.numel() == 0:
             raise ValueError(f"request {index}: input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
-        vocab = getattr(self.model.config, "vocab_size", None)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise ValueError(f"request {index}: token id {low if low < 0 else high} is outside the vocabulary "
-                             f"(0..{vocab - 1 if vocab else '?'})")
+        vocab = getattr(self.model.config, "vocab_size", None)  # (negative ids: Owl2 takes the official -200)
+        if vocab is not None and int(ids.max()) >= vocab:
+            raise ValueError(f"request {index}: token id {int(ids.max())} is outside the vocabulary (0..{vocab - 1})")
         n = 0 if r.image_positions is None else int(r.image_positions.numel())
         got = 0 if r.image_embeds is None else int(r.image_embeds.shape[0])
         if n != got:

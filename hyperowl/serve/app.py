@@ -7,6 +7,10 @@ scheduler's model thread. Answers stream back as token ids, detokenized here (`T
 strings applied on the text: text that could be the beginning of a stop string is held back until it is
 known not to be one, so a stop string never leaks to the client, and the engine row is cancelled at once.
 
+A request is validated completely before it is queued (fields in protocol.py; media; the prompt plus
+max_tokens within the model's context, `token_budget`), so a bad request never reaches a batch; what can
+still fail inside a batch is isolated per row by the scheduler (scheduler.py).
+
 Errors are OpenAI-shaped ({"error": {message, type, param, code}}). Every user mistake is an `ApiError`
 with a 4xx status; anything else is a 500 `server_error` with the traceback in the log, and the process
 keeps serving. A client that disconnects cancels its job (the stream generator's `finally`, or a

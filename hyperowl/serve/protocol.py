@@ -1,7 +1,8 @@
 """OpenAI chat-completions wire format: request validation, response and chunk bodies, API errors.
 
 Design note: the request body is validated by hand rather than with a pydantic model so that every
-mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status:
+mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status (the
+pydantic models in schema.py only publish the wire format in /openapi.json; a fuzz test keeps the two agreed):
 400 when the request cannot be understood (malformed JSON, wrong types, missing fields), 422 when it is
 understood but a value is out of range, 404 for an unknown model, 415 for a content part type or media type
 we do not handle. Unknown top-level fields are ignored, as OpenAI clients send many optional ones.
