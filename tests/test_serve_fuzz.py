@@ -95,6 +95,8 @@ def fill_valid(body: dict, images: list[str], video: str, rnd: random.Random) ->
     """A schema-valid body made to reach the model: the served model, real media, a short answer, messages in
     an order the server answers (a system message only first, the last one not the assistant's)."""
     body["model"] = rnd.choice([MODEL, None])
+    if body.get("stream") is None:  # the generator seldom picks True for an optional field: stream a third
+        body["stream"] = rnd.random() < 0.35
     body["max_tokens"] = min(body.get("max_tokens") or MAX_TOKENS, MAX_TOKENS)
     body.pop("max_completion_tokens", None)
     if body.get("min_tokens") is not None:
@@ -121,13 +123,20 @@ def fill_invalid(body, rnd: random.Random):
     return body
 
 
-def _no_error_event(response, case) -> None:
-    """A stream's status is 200 before the answer exists: an internal error would come as an event."""
-    if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
-        for line in response.text.splitlines():
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                assert event.get("error", {}).get("type") != "server_error", event
+def check_stream(response) -> bool:
+    """A stream's status is 200 before the answer exists, so schemathesis sees only that: each event must be a
+    ChatCompletionChunk of the published models (an internal error would come as an error event), one of them
+    with a finish_reason, and the stream ends with [DONE]."""
+    from hyperowl.serve.schema import ChatCompletionChunk
+
+    content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type", [""])[0]
+    if not content_type.startswith("text/event-stream"):
+        return False
+    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", data[-3:]
+    chunks = [ChatCompletionChunk.model_validate(json.loads(d)) for d in data[:-1]]  # an error event fails here
+    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == 1, data
+    return True
 
 
 def test_fuzz_chat_completions(server, media):
@@ -136,7 +145,7 @@ def test_fuzz_chat_completions(server, media):
     op = schema["/v1/chat/completions"]["POST"]
     valid = st.tuples(st.just(True), op.as_strategy(GenerationMode.POSITIVE))
     invalid = st.tuples(st.just(False), op.as_strategy(GenerationMode.NEGATIVE))
-    seen: dict = {"valid": 0, "invalid": 0, "200": 0, "status": {}}
+    seen: dict = {"valid": 0, "invalid": 0, "streams": 0, "status": {}}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
@@ -150,7 +159,7 @@ def test_fuzz_chat_completions(server, media):
         response = case.call(base_url=server.url, timeout=60)  # a hang fails the test
         seen.setdefault("call", []).append(time.monotonic() - t1)
         case.validate_response(response, checks=checks)
-        _no_error_event(response, case)
+        seen["streams"] += check_stream(response)
         seen["valid" if ok else "invalid"] += 1
         seen["status"][response.status_code] = seen["status"].get(response.status_code, 0) + 1
         if ok and response.status_code != 200:
@@ -160,8 +169,9 @@ def test_fuzz_chat_completions(server, media):
     t0 = time.monotonic()
     run()
     print(f"fuzz: {sum(seen['status'].values())} requests in {time.monotonic() - t0:.1f} s, "
-          f"statuses {dict(sorted(seen['status'].items()))}, {seen['valid']} schema-valid, calls {sum(seen['call']):.1f} s")
+          f"statuses {dict(sorted(seen['status'].items()))}, {seen['valid']} schema-valid, {seen['streams']} streamed answers, calls {sum(seen['call']):.1f} s")
     assert seen["status"].get(200, 0) >= EXAMPLES // 10, seen  # many reached the model and were answered
+    assert seen["streams"] >= EXAMPLES // 20, seen  # streamed ones among them
     h = httpx.get(server.url + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["scheduler"]["failed"] == 0 and h["scheduler"]["running"] == 0
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
