@@ -10,6 +10,12 @@ temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt
 
 Cancellation: a request may carry a `threading.Event`; once it is set (by any thread, e.g. a server whose
 client went away) the row is dropped at the next decode step like a finished one, freeing its cache rows.
+
+Fault isolation: everything that belongs to one row is checked or built per row *before* the shared
+prefill: `SamplingParams` refuses a seed outside 64 bits, `Engine.check` a request whose token ids or
+image features cannot go through the model, and `Engine.generator` makes the row's seeded generator (a
+caller may pass it in `Request.generator`, so that a row re-run apart after a failed batch continues the
+same random stream; the server's scheduler does, see serve/scheduler.py).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from torch import Tensor
 
 from .encoder import encode_pixels
 from .processing.processor import collate
+
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (a negative s acts as 2**64 - 1 + s)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -61,6 +71,7 @@ class Request:
     image_positions: Tensor | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = None  # set from any thread: the row leaves the batch at the next step
+    generator: torch.Generator | None = None  # the row's random stream (sampling rows); None: made from params.seed
     pixel_values: Tensor | None = None  # deprecated: pass image_embeds (hyperowl.encoder makes them)
 
 
@@ -127,14 +138,32 @@ class Engine:
                       "hyperowl.encoder, e.g. pipeline.encoder.encode(plan))", DeprecationWarning, stacklevel=3)
         return dataclasses.replace(r, image_embeds=encode_pixels(self.model, r.pixel_values), pixel_values=None)
 
+    def check(self, r: Request, index: int = 0) -> None:
+        """ValueError naming request `index` if it cannot go through the model (before it joins a batch)."""
+        ids = r.input_ids
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise ValueError(f"request {index}: input_ids must be a non-empty 1-D tensor, got shape {tuple(ids.shape)}")
+        vocab = getattr(self.model.config, "vocab_size", None)  # (negative ids: Owl2 takes the official -200)
+        if vocab is not None and int(ids.max()) >= vocab:
+            raise ValueError(f"request {index}: token id {int(ids.max())} is outside the vocabulary (0..{vocab - 1})")
+        n = 0 if r.image_positions is None else int(r.image_positions.numel())
+        got = 0 if r.image_embeds is None else int(r.image_embeds.shape[0])
+        if n != got:
+            raise ValueError(f"request {index}: {got} image features for {n} image positions")
+
+    def generator(self, params: SamplingParams) -> torch.Generator | None:
+        """The row's seeded generator (None for greedy rows); a row without a seed gets a random one."""
+        if params.temperature <= 0:
+            return None
+        g = torch.Generator(device=self.model.device)
+        g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**31, (1,))))
+        return g
+
     def _collate(self, requests: list[Request]) -> dict:
         """Left-padded model inputs; the rows' image features concatenated in row order."""
         dev = self.model.device
         for i, r in enumerate(requests):
-            n = 0 if r.image_positions is None else int(r.image_positions.numel())
-            got = 0 if r.image_embeds is None else int(r.image_embeds.shape[0])
-            if n != got:
-                raise ValueError(f"request {i}: {got} image features for {n} image positions")
+            self.check(r, i)
         batch = collate(requests, pad_id=0)
         feats = [r.image_embeds.to(dev) for r in requests if r.image_embeds is not None and r.image_embeds.shape[0]]
         embeds = (feats[0] if len(feats) == 1 else torch.cat(feats)) if feats else None
@@ -159,13 +188,8 @@ class Engine:
         if use_penalty:
             seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
         penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
-        gens = []
-        for p in params:
-            g = None
-            if p.temperature > 0:
-                g = torch.Generator(device=dev)
-                g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**31, (1,))))
-            gens.append(g)
+        gens = [r.generator if r.generator is not None or r.params.temperature <= 0 else self.generator(r.params)
+                for r in requests]
 
         live = list(range(b))  # request index of each cache row
         counts = [0] * b

@@ -315,8 +315,8 @@ def _wait_for(pred, timeout=20.0):
 
 def test_disconnected_stream_is_cancelled(server):
     before = health(server)["scheduler"]["cancelled"]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever"}], "max_tokens": 4000,
-            "min_tokens": 4000, "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever"}], "max_tokens": 480,
+            "min_tokens": 480, "stream": True}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -328,7 +328,7 @@ def test_disconnected_stream_is_cancelled(server):
 
 def test_full_queue_answers_429_with_retry_after(model):
     cfg = ServeConfig(model_name=MODEL, max_batch_size=1, max_queue=1, batch_window_ms=0)
-    long = {"model": MODEL, "messages": [{"role": "user", "content": "Long"}], "max_tokens": 4000, "min_tokens": 4000,
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Long"}], "max_tokens": 480, "min_tokens": 480,
             "stream": True}
     with ServerThread(create_app(model, model.processor, cfg)) as srv, httpx.Client(timeout=60) as c:
         with c.stream("POST", srv.url + "/v1/chat/completions", json=long) as a:

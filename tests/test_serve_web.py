@@ -103,7 +103,9 @@ def test_chat_page_round_trip(server, browser, tmp_path):
     page.fill("#prompt", "And this?")
     page.click("#send")
     sync_api.expect(page.locator(".msg.error")).to_have_count(1, timeout=30000)
-    assert "cannot be read" in page.locator(".msg.error").inner_text()
+    error = page.locator(".msg.error").inner_text()
+    assert "cannot be read" in error
+    assert '"broken.png"' in error and "messages[" not in error, error  # the file as the user picked it
     sync_api.expect(page.locator("#attachments .att")).to_have_count(1)
     sync_api.expect(page.locator(".msg.user")).to_have_count(2)  # the failed turn is not in the conversation
     assert page.input_value("#prompt") == "And this?"
@@ -131,9 +133,9 @@ def test_stop_button_cancels_the_answer(server, browser):
     page = browser.new_page()
     page.goto(server.url + "/")
     sync_api.expect(page.locator("#model-name")).to_have_text(MODEL, timeout=15000)
-    page.fill("#max-tokens", "4000")
+    page.fill("#max-tokens", "480")  # within the tiny model's 512-token context
     page.evaluate("""() => { const f = window.fetch; window.fetch = (u, o) => {   // force a long answer
-        if (o && o.body) { const b = JSON.parse(o.body); b.min_tokens = 4000; o = {...o, body: JSON.stringify(b)}; }
+        if (o && o.body) { const b = JSON.parse(o.body); b.min_tokens = 480; o = {...o, body: JSON.stringify(b)}; }
         return f(u, o); }; }""")
     page.fill("#prompt", "Talk for a long time.")
     page.click("#send")

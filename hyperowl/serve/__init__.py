@@ -4,9 +4,10 @@
     app = create_app(model, model.processor, ServeConfig(model_name="owl3"))   # a FastAPI app
 
 `hyperowl serve --model M` runs it with uvicorn. Needs the `serve` extra (fastapi, uvicorn, httpx).
-Modules: protocol (wire format, errors), media (URLs -> bytes -> images/frames), prompt (request -> token
-ids + per-item visual work), feature_cache (LRU of image embeddings), scheduler (queue + dynamic batching
-worker), app (routes), web/ (the chat page), url_policy (which http(s) media URLs may be fetched).
+Modules: protocol (wire format, errors), schema (the published request/response models, /openapi.json),
+media (URLs -> bytes -> images/frames), prompt (request -> token ids + per-item visual work), feature_cache
+(LRU of image embeddings), scheduler (queue + dynamic batching worker), app (routes), web/ (the chat page),
+url_policy (which http(s) media URLs may be fetched).
 """
 
 from .app import ServeConfig, ServerThread, create_app, serve

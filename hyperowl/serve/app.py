@@ -7,6 +7,10 @@ scheduler's model thread. Answers stream back as token ids, detokenized here (`T
 strings applied on the text: text that could be the beginning of a stop string is held back until it is
 known not to be one, so a stop string never leaks to the client, and the engine row is cancelled at once.
 
+A request is validated completely before it is queued (fields in protocol.py; media; the prompt plus
+max_tokens within the model's context, `token_budget`), so a bad request never reaches a batch; what can
+still fail inside a batch is isolated per row by the scheduler (scheduler.py).
+
 Errors are OpenAI-shaped ({"error": {message, type, param, code}}). Every user mistake is an `ApiError`
 with a 4xx status; anything else is a 500 `server_error` with the traceback in the log, and the process
 keeps serving. A client that disconnects cancels its job (the stream generator's `finally`, or a
@@ -28,6 +32,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..chat import TextStream
 from ..engine import SamplingParams
@@ -38,6 +43,7 @@ from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
                        parse_json, usage_body)
 from .scheduler import Job, QueueFull, Scheduler
+from .schema import CHAT_RESPONSES, ModelList, errors, openapi
 from .url_policy import UrlPolicy
 
 log = logging.getLogger(__name__)
@@ -116,6 +122,7 @@ class AppState:
     tokenizer: Any
     stops: tuple[int, ...]  # end-of-answer token ids (the family's)
     started: int  # unix time the app was built (the model's `created`)
+    context: int | None = None  # the model's context in LLM rows (max_position_embeddings); None = unknown
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
     cut = processor.cut if config.cut is None else config.cut
     visual = VisualOptions(cut=cut, max_frames=config.max_frames, fps=config.fps)
     return AppState(config=config, pipeline=pipe, scheduler=scheduler, limits=limits, visual=visual,
-                    tokenizer=processor.tokenizer, stops=pipe.stop_ids, started=now())
+                    tokenizer=processor.tokenizer, stops=pipe.stop_ids, started=now(),
+                    context=getattr(pipe.model.config, "max_position_embeddings", None))
 
 
 def state_of(request: Request) -> AppState:
@@ -175,6 +183,12 @@ async def api_error(request: Request, e: ApiError) -> JSONResponse:
 
 async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 on routes
     return _error_response(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+
+async def client_gone(request: Request, e: ClientDisconnect) -> Response:
+    # The client hung up while sending its body: nobody to answer, and not the server's fault.
+    log.info("client disconnected while sending the request body to %s", request.url.path)
+    return Response(status_code=499)
 
 
 async def internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -238,8 +252,34 @@ async def prepare(state: AppState, req: ChatRequest) -> PreparedPrompt:
     return prompt
 
 
-def sampling(state: AppState, req: ChatRequest) -> SamplingParams:
-    max_new = req.max_tokens or state.config.default_max_tokens
+def sequence_length(state: AppState, prompt: PreparedPrompt) -> int:
+    """LLM rows the prompt takes: its token ids, each image placeholder widened to the family's rows per image."""
+    rows = state.pipeline.family.llm_rows_per_image(state.pipeline.model.config)
+    return int(prompt.input_ids.numel()) + prompt.image_tensors * (rows - 1)
+
+
+def token_budget(state: AppState, req: ChatRequest, prompt: PreparedPrompt) -> int:
+    """max_new_tokens for this request: prompt + answer must fit the model's context, checked before the
+    request joins a batch (400 naming both numbers). Without max_tokens the answer may use what is left."""
+    n, limit = sequence_length(state, prompt), state.context
+    asked = req.max_tokens
+    if limit is None:
+        return asked or max(state.config.default_max_tokens, req.min_tokens)
+    if asked is not None and n + asked > limit:
+        raise ApiError(400, f"this model's context is {limit} tokens, but the prompt has {n} tokens and max_tokens "
+                            f"asks for {asked} more ({n + asked}); shorten the messages or lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    if asked is not None:
+        return asked
+    room = limit - n
+    if room < max(1, req.min_tokens):
+        raise ApiError(400, f"this model's context is {limit} tokens, but the prompt has {n} tokens, leaving "
+                            f"{max(room, 0)} for the answer (min_tokens {req.min_tokens}); shorten the messages",
+                       param="messages", code="context_length_exceeded")
+    return min(max(state.config.default_max_tokens, req.min_tokens), room)
+
+
+def sampling(state: AppState, req: ChatRequest, max_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           repetition_penalty=req.repetition_penalty, stop_token_ids=state.stops,
                           min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
@@ -340,7 +380,7 @@ async def chat_completions(request: Request) -> Response:
     if state.scheduler.full():  # cheap early answer before any media work
         raise too_busy(state)
     prompt = await prepare(state, req)
-    job = Job(prompt, sampling(state, req), asyncio.get_running_loop())
+    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop())
     try:
         state.scheduler.submit(job)
     except QueueFull:
@@ -369,6 +409,10 @@ async def index() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html")
 
 
+async def favicon() -> FileResponse:  # browsers ask for it on their own: answer, so the page logs no 404
+    return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
+
+
 async def web_file(name: str) -> FileResponse:
     path = (WEB_DIR / name).resolve()
     if not path.is_relative_to(WEB_DIR.resolve()) or not path.is_file():
@@ -385,12 +429,18 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
                                                                       config)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, internal_error)
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", models, methods=["GET"])
+    # The routes read raw bodies (protocol.py's parser, its error messages); schema.py publishes the models.
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=CHAT_RESPONSES,
+                      summary="Create a chat completion")
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList, responses=errors(401),
+                      summary="List the served model")
+    app.openapi = lambda: openapi(app, config.max_tokens_limit)  # type: ignore[method-assign]
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/web/{name}", web_file, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
     return app
 
 

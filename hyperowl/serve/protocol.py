@@ -1,13 +1,19 @@
 """OpenAI chat-completions wire format: request validation, response and chunk bodies, API errors.
 
 Design note: the request body is validated by hand rather than with a pydantic model so that every
-mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status:
+mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status (the
+pydantic models in schema.py only publish the wire format in /openapi.json; a fuzz test keeps the two agreed):
 400 when the request cannot be understood (malformed JSON, wrong types, missing fields), 422 when it is
 understood but a value is out of range, 404 for an unknown model, 415 for a content part type or media type
 we do not handle. Unknown top-level fields are ignored, as OpenAI clients send many optional ones.
 Content parts are kept in order; the prompt builder turns each media part into a placeholder.
 
 Extensions beyond OpenAI (also understood by vLLM): `top_k`, `repetition_penalty`, `min_tokens`.
+
+`seed` must lie in [-2**63, 2**64 - 1] (what a 64-bit generator takes; a negative seed s is the same
+generator as 2**64 - 1 + s, torch's rule); anything outside is refused (422), never reduced, so that one
+seed always means one answer. Fields that depend on the model (prompt + max_tokens within its context) are
+checked in app.py once the prompt is tokenized, still before the request joins a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..engine import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
 
@@ -83,6 +91,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    except RecursionError:  # the C parser recurses per nesting level: ~1000 levels exhaust the stack
+        raise ApiError(400, "request body nests JSON arrays/objects too deeply; a chat request needs a few levels",
+                       code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return body
@@ -95,6 +106,9 @@ def _typed(body: dict, name: str, types: type | tuple[type, ...], default: Any, 
     # bool is an int subclass: `"max_tokens": true` is a type error, not 1.
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise ApiError(400, f"'{name}' must be {what}, got a boolean", param=name, code="invalid_type")
+    wanted = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, float) and int in wanted and float not in wanted and value.is_integer():
+        return int(value)  # JSON has numbers, not integers: 3.0 is the integer 3 (as JSON Schema says)
     if not isinstance(value, types):
         raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name, code="invalid_type")
     return value
@@ -109,8 +123,9 @@ _MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
 
 
 def _parse_part(part: Any, param: str, role: str) -> TextPart | MediaPart:
-    if isinstance(part, str):
-        return TextPart(part)
+    if isinstance(part, str):  # OpenAI refuses it too: a list holds part objects, a bare string is `content` itself
+        raise ApiError(400, f"{param} is a bare string; inside a content list write {{\"type\": \"text\", \"text\": "
+                            "...}", param=param, code="invalid_type")
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
         raise ApiError(400, f"{param} must be an object with a 'type'", param=param, code="invalid_type")
     kind = part["type"]
@@ -182,6 +197,8 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
         _range(1 <= max_tokens <= max_tokens_limit, "max_tokens", f"must be between 1 and {max_tokens_limit}")
     min_tokens = _typed(body, "min_tokens", int, 0, "an integer")
     _range(min_tokens >= 0, "min_tokens", "must be >= 0")
+    if max_tokens is not None:
+        _range(min_tokens <= max_tokens, "min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
     temperature = float(_typed(body, "temperature", (int, float), 0.0, "a number"))
     _range(0.0 <= temperature <= 2.0, "temperature", "must be between 0 and 2")
     top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
@@ -192,6 +209,9 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
     rep = float(_typed(body, "repetition_penalty", (int, float), 1.0, "a number"))
     _range(rep > 0, "repetition_penalty", "must be > 0")
     seed = _typed(body, "seed", int, None, "an integer")
+    if seed is not None:
+        _range(SEED_RANGE[0] <= seed <= SEED_RANGE[1], "seed",
+               f"must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {seed}")
     stop_raw = _typed(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop_raw] if isinstance(stop_raw, str) else stop_raw
     if not all(isinstance(s, str) and s for s in stop):

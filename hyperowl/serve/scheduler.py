@@ -16,6 +16,13 @@ Finished rows leave the batch inside the engine, and so do
 cancelled ones: a handler whose client went away sets the job's `threading.Event`, the engine drops that
 row at its next decode step (freeing its cache rows), and a job cancelled while still queued is skipped.
 
+Fault isolation: one request's failure must not fail the rows batched with it. Before a batch runs, each job
+is checked alone (`Engine.check`) and gets its own seeded generator (`Engine.generator`), and the vision
+tower runs on the batch's media at once but, if that fails, once per job. If the batched generation still
+fails (a fault no check foresaw, or out of memory), every unfinished row is run again *alone*, continuing
+from the tokens it already sent (prompt + those tokens as the new prompt, its own generator, the rest of its
+budget), so its client sees one unbroken answer; a row that fails alone is the culprit and gets the error.
+
 Events on a job's queue: ("token", id), then exactly one terminal ("done", finish_reason) or
 ("error", message). finish_reason: "stop" (a stop token), "length" (max_tokens), "cancelled" (the
 client left, or the handler found a stop string and set `stop_string` first: counted as completed).
@@ -32,6 +39,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import dataclasses
+
+import torch
 from torch import Tensor
 
 from ..encoder import Encoder
@@ -54,6 +64,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     finished: bool = False  # a terminal event was pushed (worker thread only)
+    tokens: list[int] = field(default_factory=list)  # sent so far (worker thread only): a re-run continues after them
+    generator: torch.Generator | None = None  # the row's random stream, made by the worker before the batch runs
     stop_string: bool = False  # the handler ended the answer at a stop string (then set `cancel`)
 
     def push(self, kind: str, value: Any) -> None:
@@ -181,40 +193,109 @@ class Scheduler:
                 self.batch_sizes[len(batch)] += 1
             try:
                 self._run(batch)
-            except Exception as e:  # a bug or out-of-memory: fail this batch, keep serving
+            except Exception as e:  # a bug outside the per-row isolation below: fail this batch, keep serving
                 log.exception("batch of %d failed", len(batch))
                 for job in batch:
-                    if not job.finished:
-                        with self._lock:
-                            self.failed += 1
-                    job.finish("error", f"internal error while generating ({type(e).__name__})")
+                    self._fail(job, e)
             finally:
                 with self._lock:
                     self.running = 0
 
     def _run(self, batch: list[Job]) -> None:
-        embeds: list[Tensor | None] = self.encoder.finish([j.prompt.items for j in batch])
-        requests = [Request(j.prompt.input_ids, image_embeds=e, image_positions=j.prompt.image_positions,
-                            params=j.params, cancel=j.cancel) for j, e in zip(batch, embeds)]
-        counts = [0] * len(batch)
+        embeds = self._encode(batch)
+        ready = []
+        for job, e in zip(batch, embeds):  # per-row checks and generators: outside the shared step
+            if job.finished:  # its media failed to encode
+                continue
+            try:
+                request = self._request(job, e)
+                self.engine.check(request)
+                if job.generator is None:
+                    job.generator = self.engine.generator(job.params)
+            except Exception as e:
+                log.warning("a request was refused before joining its batch: %s", e)
+                self._fail(job, e)
+                continue
+            ready.append((job, request))
+        if not ready:
+            return
+        try:
+            self._generate(ready)
+        except Exception as e:
+            if len(ready) == 1:
+                log.exception("generation failed")
+                self._fail(ready[0][0], e)
+                return
+            # Which row is at fault is unknown: each goes on alone; only a row that fails alone gets an error.
+            log.warning("a batch of %d failed (%s: %s); running its rows one by one", len(ready), type(e).__name__, e)
+            for job, request in ready:
+                if job.finished or job.cancel.is_set() or self._stop.is_set():
+                    continue
+                try:
+                    self._generate([(job, self._resume(job, request))])
+                except Exception as e1:
+                    log.exception("a request failed on its own")
+                    self._fail(job, e1)
+        for job, _ in ready:  # rows the engine dropped because they were cancelled
+            if not job.finished:
+                self._done(job, "cancelled")
+
+    def _encode(self, batch: list[Job]) -> list[Tensor | None]:
+        """The batch's uncached media through the vision tower at once; if that fails, per job (a job whose
+        media fail alone gets the error, the others go on)."""
+        try:
+            return self.encoder.finish([j.prompt.items for j in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                log.exception("encoding a request's media failed")
+                self._fail(batch[0], e)
+                return [None]
+            log.warning("encoding a batch's media failed (%s: %s); encoding per request", type(e).__name__, e)
+        out: list[Tensor | None] = []
+        for job in batch:
+            out.append(self._encode([job])[0])
+        return out
+
+    @staticmethod
+    def _request(job: Job, embeds: Tensor | None) -> Request:
+        return Request(job.prompt.input_ids, image_embeds=embeds, image_positions=job.prompt.image_positions,
+                       params=job.params, cancel=job.cancel)
+
+    @staticmethod
+    def _resume(job: Job, request: Request) -> Request:
+        """The job's request continued after the tokens it already sent: those join the prompt, the budget shrinks."""
+        n = len(job.tokens)
+        if not n:
+            return request
+        ids = torch.cat([request.input_ids, torch.tensor(job.tokens, dtype=request.input_ids.dtype)])
+        params = dataclasses.replace(job.params, max_new_tokens=job.params.max_new_tokens - n,
+                                     min_new_tokens=max(0, job.params.min_new_tokens - n))
+        return dataclasses.replace(request, input_ids=ids, params=params)
+
+    def _generate(self, rows: list[tuple[Job, Request]]) -> None:
+        jobs = [job for job, _ in rows]
+        requests = [dataclasses.replace(r, generator=job.generator) for job, r in rows]
         for step in self.engine.stream(requests):
             if self._stop.is_set():
                 break
             for r, token in step:
-                job = batch[r]
+                job = jobs[r]
                 if job.finished:
                     continue
-                counts[r] += 1
+                job.tokens.append(token)
                 job.push("token", token)
+                with self._lock:
+                    self.tokens += 1
                 if token in job.params.stop_token_ids:
                     self._done(job, "stop")
-                elif counts[r] >= job.params.max_new_tokens:
+                elif len(job.tokens) >= job.params.max_new_tokens:
                     self._done(job, "length")
-        for job in batch:  # rows the engine dropped because they were cancelled
-            if not job.finished:
-                self._done(job, "cancelled")
-        with self._lock:
-            self.tokens += sum(counts)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if not job.finished:
+            with self._lock:
+                self.failed += 1
+        job.finish("error", f"internal error while generating ({type(e).__name__})")
 
     def _done(self, job: Job, reason: str) -> None:
         with self._lock:

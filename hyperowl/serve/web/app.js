@@ -9,6 +9,7 @@ const history = [];          // [{role, content}], what the server sees
 let pending = [];            // attachments for the next message: {kind, url, name}
 let model = null;            // served model id
 let controller = null;       // AbortController of the answer being streamed
+const fileNames = new WeakMap();  // content part object -> the name of the file the user picked
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -104,17 +105,32 @@ function setBusy(busy) {
   $("stop").hidden = !busy;
 }
 
-function errorText(body, fallback) {
-  return body && body.error ? body.error.message : fallback;
+// The server names a bad attachment by its place in the request (messages[6].content[0]); the user knows it
+// by its file name: say that instead.
+function errorText(body, fallback, messages) {
+  if (!body || !body.error) return fallback;
+  let text = body.error.message;
+  for (const m of String(text).match(/messages\[\d+\]\.content\[\d+\]/g) || []) {
+    const [, i, j] = m.match(/messages\[(\d+)\]\.content\[(\d+)\]/);
+    const msg = messages[+i];
+    const part = msg && Array.isArray(msg.content) ? msg.content[+j] : null;
+    const name = part && fileNames.get(part);
+    if (name) text = text.split(m).join(`"${name}"`);
+  }
+  return text;
 }
 
 async function send() {
   const text = $("prompt").value.trim();
   if (!text && !pending.length) return;
   const media = pending;
-  const parts = media.map((a) => a.kind === "image"
-    ? { type: "image_url", image_url: { url: a.url } }
-    : { type: "video_url", video_url: { url: a.url } });
+  const parts = media.map((a) => {
+    const part = a.kind === "image"
+      ? { type: "image_url", image_url: { url: a.url } }
+      : { type: "video_url", video_url: { url: a.url } };
+    fileNames.set(part, a.name);
+    return part;
+  });
   if (text) parts.push({ type: "text", text });
   const userMsg = { role: "user", content: parts };
   const userBubble = bubble("user", text, media);
@@ -144,7 +160,7 @@ async function send() {
     if (!r.ok) {
       let err = null;
       try { err = await r.json(); } catch (_) { /* not JSON */ }
-      throw new Error(errorText(err, `HTTP ${r.status}`));
+      throw new Error(errorText(err, `HTTP ${r.status}`, body.messages));
     }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -162,7 +178,7 @@ async function send() {
           const data = line.slice(6);
           if (data === "[DONE]") continue;
           const msg = JSON.parse(data);
-          if (msg.error) throw new Error(msg.error.message);
+          if (msg.error) throw new Error(errorText(msg, msg.error.message, body.messages));
           if (msg.usage) usage = msg.usage;
           for (const c of msg.choices || []) {
             if (c.delta && c.delta.content) {
