@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import HyperowlError, InputError
-from .limits import DEFAULT_FRAMES, MAX_FRAMES, MAX_MEDIA_BYTES
+from .limits import DEFAULT_FRAMES, MAX_FRAMES, MAX_MEDIA_BYTES, SEED_RANGE
 
 log = logging.getLogger("hyperowl")
 
@@ -579,8 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hyperowl: error: --frames {args.frames}: must be between 1 and {MAX_FRAMES}", file=sys.stderr)
         return 2
     seed = getattr(args, "seed", None)
-    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generators take
-        print(f"hyperowl: error: --seed {seed}: must fit in 64 bits (0 .. {2**64 - 1})", file=sys.stderr)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:  # what torch's generators take
+        print(f"hyperowl: error: --seed {seed}: must fit in 64 bits ({SEED_RANGE[0]} .. {SEED_RANGE[1]})", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .encoder import encode_pixels
+from .limits import SEED_RANGE
 from .processing.processor import collate
 
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (a negative s acts as 2**64 - 1 + s)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ mask builder, so padding and caching behave exactly like the Owl3 text path.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 

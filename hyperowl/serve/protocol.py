@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..engine import SEED_RANGE
+from ..limits import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
 

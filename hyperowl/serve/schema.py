@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from ..engine import SEED_RANGE
+from ..limits import SEED_RANGE
 from .protocol import MAX_STOP_STRINGS
 
 

@@ -128,7 +128,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
                 h, lay = read_scene_hashes(_hash_file(out, earlier))
                 exclude[0].update(h)
                 exclude[1].update(lay)
-    split_dir = _prepare_split_dir(out, split)
+    _prepare_split_dir(out, split)
     stats = _Stats()
     hashes: dict[str, str] = {}  # scene hash -> layout hash
     tasks_count: Counter = Counter()
