@@ -6,7 +6,8 @@ stop at one bad row, so every per-record fault becomes that record's `error` (th
 CLI prints for the same input) and a `reason` for the summary; a record that cannot be answered never
 raises. Media paths are resolved against the input file's folder; http(s) URLs are downloaded to a
 temporary file only while the record is planned and decoded. Error messages name the media as the row
-gave it (the relative path or the URL), not the resolved file.
+gave it (the relative path or the URL), not the resolved file. A trailing assistant message (the reference
+answer of a training or eval record) is dropped: the last user message is the one answered.
 
 `prepare` is the CPU half of answering a record (plan + decode + preprocess); the model half is in
 `hyperowl.batch.runner.answer`. The local loop, the torchrun ranks and Ray's CPU tasks all call it, so a
@@ -91,7 +92,10 @@ def check_record(index: int, where: str, row: Any, root: Path) -> Record:
     if "messages" not in row or row["messages"] is None:
         return failed(rec, f"record '{rec.id}' ({where}): no 'messages'; give a list of "
                            "{'role': ..., 'content': ...} messages")
-    rec.messages = row["messages"]
+    msgs = row["messages"]
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+        msgs = msgs[:-1]  # a training/eval record's reference answer: the last user message is answered
+    rec.messages = msgs
     for kind in ("images", "videos"):
         paths = row.get(kind)
         paths = [] if paths is None else paths
