@@ -60,6 +60,12 @@ def _processor(model_dir: str) -> Any:
     return _PROCESSORS[model_dir]
 
 
+def _decode_task_args() -> dict:
+    """Remote args of each decoding task: retried on a lost node. Given as a function, which also keeps Ray
+    from fusing the decoding into the model actors (it must run as CPU tasks beside them)."""
+    return {"max_retries": 3}
+
+
 def _decode_batch(batch, model_dir: str, media: dict):
     """CPU task: records -> token ids, image positions, media item keys and pixels (or the record's error)."""
     import pyarrow as pa
@@ -243,7 +249,7 @@ def _pipeline(ray, items: list[dict], model_dir: str, journal, tally, bar, *, re
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(_decode_batch, fn_kwargs=dict(model_dir=model_dir, media=media), batch_format="pyarrow",
-                        batch_size=batch_size, num_cpus=1, max_retries=3)  # (task-only args: never fused into the actors)
+                        batch_size=batch_size, num_cpus=1, ray_remote_args_fn=_decode_task_args)
     ds = ds.map_batches(_Answerer, fn_constructor_kwargs=dict(
         model_dir=model_dir, dtype=dtype, quantize=quantize, feature_cache_mb=feature_cache_mb, sampling=sampling,
         threads=int(cpus), kill_once=os.environ.get(KILL_ONCE_ENV)), batch_format="pyarrow", batch_size=batch_size,
