@@ -187,3 +187,23 @@ def test_cli_errors_are_one_line(data, tmp_path, capsys):
     assert "unknown output type '.csv'" in capsys.readouterr().err
     assert main(["batch", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "batch input" in capsys.readouterr().err
+
+
+def test_batch_takes_chat_options():
+    """Model, media and sampling options of `hyperowl batch` are chat's (one option group each)."""
+    import argparse
+
+    from hyperowl.cli import build_parser
+
+    subs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def spec(name, opt):
+        a = next(a for a in subs[name]._actions if opt in a.option_strings)
+        return a.dest, a.default, a.choices, a.type, a.nargs, a.help
+
+    for opt in ("--model", "--dtype", "--device", "--quantize", "--frames", "--fps", "--no-cut", "--system",
+                "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--repetition-penalty", "--seed"):
+        assert spec("batch", opt) == spec("chat", opt), opt
+    a = subs["batch"].parse_args(["in.jsonl", "--out", "o.jsonl", "--ray"])
+    assert (a.ray, a.replicas, a.gpus_per_replica) == ("auto", 1, None)
+    assert subs["batch"].parse_args(["i", "--out", "o", "--ray", "ray://head:10001"]).ray == "ray://head:10001"
