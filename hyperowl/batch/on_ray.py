@@ -42,6 +42,7 @@ from .records import Record, load_processor, prepare, read_records
 log = logging.getLogger(__name__)
 
 KILL_ONCE_ENV = "_HYPEROWL_BATCH_KILL_ONCE"  # tests: the first actor to see this file SIGKILLs itself mid-job
+DECODE_TASK_MEMORY = 512 * 2**20  # reserved per decoding task: one batch's pixels (cut images, video frames)
 _PROCESSORS: dict[str, Any] = {}  # per worker process: model dir -> processor (tasks reuse worker processes)
 
 
@@ -58,12 +59,6 @@ def _processor(model_dir: str) -> Any:
     if model_dir not in _PROCESSORS:
         _PROCESSORS[model_dir] = load_processor(model_dir)
     return _PROCESSORS[model_dir]
-
-
-def _decode_task_args() -> dict:
-    """Remote args of each decoding task: retried on a lost node. Given as a function, which also keeps Ray
-    from fusing the decoding into the model actors (it must run as CPU tasks beside them)."""
-    return {"max_retries": 3}
 
 
 def _decode_batch(batch, model_dir: str, media: dict):
@@ -227,34 +222,43 @@ def run_ray(input_path: Path, out: Path, *, model: Any, address: Any, replicas: 
             else:
                 items.append({"record": json.dumps(rec.to_dict())})
         tally.seconds["read"] += time.perf_counter() - t
+        first = None
         if items:
-            _pipeline(ray, items, model_dir, journal, tally, bar, replicas=replicas, gpus=gpus_per_replica,
+            first = _pipeline(ray, items, model_dir, journal, tally, bar, replicas=replicas, gpus=gpus_per_replica,
                       cpus=cpus_per_replica, batch_size=batch_size, media=media, sampling=sampling, dtype=dtype,
                       quantize=quantize, feature_cache_mb=feature_cache_mb)
         journal.close()
         bar.close()
         out_mod.finalize(out)
         return tally.summary(output=str(out), world_size=1, ray_replicas=replicas, gpus_per_replica=gpus_per_replica,
-                             wall_seconds=time.perf_counter() - t_start)
+                             wall_seconds=time.perf_counter() - t_start,
+                             first_rows_seconds=None if first is None else first[0] - t_start,
+                             first_rows=None if first is None else first[1])
     finally:
         if started:
             ray.shutdown()
 
 
 def _pipeline(ray, items: list[dict], model_dir: str, journal, tally, bar, *, replicas: int, gpus: float,
-              cpus: float, batch_size: int, media: dict, sampling: dict, dtype, quantize, feature_cache_mb: float) -> None:
+              cpus: float, batch_size: int, media: dict, sampling: dict, dtype, quantize,
+              feature_cache_mb: float) -> tuple[float, int]:
+    """Runs the pipeline into the journal; returns (perf_counter time, row count) of the first batch out (after
+    the actors have loaded the model: the steady state starts there)."""
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = False  # ours counts items, with the rows already done
     blocks = max(1, -(-len(items) // batch_size))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
+    # Decoding tasks reserve memory and the actors none: besides the reservation, this keeps Ray from fusing the
+    # decoding into the model actors (it must run as CPU tasks beside them, not serially inside a GPU actor).
     ds = ds.map_batches(_decode_batch, fn_kwargs=dict(model_dir=model_dir, media=media), batch_format="pyarrow",
-                        batch_size=batch_size, num_cpus=1, ray_remote_args_fn=_decode_task_args)
+                        batch_size=batch_size, num_cpus=1, memory=DECODE_TASK_MEMORY)
     ds = ds.map_batches(_Answerer, fn_constructor_kwargs=dict(
         model_dir=model_dir, dtype=dtype, quantize=quantize, feature_cache_mb=feature_cache_mb, sampling=sampling,
         threads=int(cpus), kill_once=os.environ.get(KILL_ONCE_ENV)), batch_format="pyarrow", batch_size=batch_size,
         compute=ActorPoolStrategy(size=replicas), num_gpus=gpus, num_cpus=cpus)
     written: set[str] = set()
+    first = None
     t = time.perf_counter()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         rows = []
@@ -268,9 +272,11 @@ def _pipeline(ray, items: list[dict], model_dir: str, journal, tally, bar, *, re
             r["usage"] = json.loads(r["usage"]) if r["usage"] else None
             rows.append(r)
         t1 = time.perf_counter()
+        first = first or (t1, len(rows))
         journal.write(rows)
         tally.add_rows(rows)
         bar.update(len(rows))
         t = time.perf_counter()
         tally.seconds["write"] += t - t1
+    return first
 
