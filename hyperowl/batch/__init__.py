@@ -63,6 +63,8 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: Any = None, 
         from .on_ray import run_ray
 
         if model is not None and not isinstance(model, (str, os.PathLike)):
+            if getattr(model, "checkpoint_dir", None) is None:
+                raise InputError("with ray, pass the model as a checkpoint directory or hub id (each actor loads it)")
             model = model.checkpoint_dir
         return run_ray(input_path, out_path, model=model, address=ray, replicas=replicas,
                        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, batch_size=batch_size,

@@ -220,6 +220,8 @@ def load_pipeline(model: Any, *, dtype=None, device=None, quantize=None, feature
     import hyperowl
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
+        if getattr(model, "processor", None) is None:
+            raise InputError("batch needs a Pipeline with a processor (a checkpoint with a tokenizer.json)")
         return model
     if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
