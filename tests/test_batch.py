@@ -207,3 +207,17 @@ def test_batch_takes_chat_options():
     a = subs["batch"].parse_args(["in.jsonl", "--out", "o.jsonl", "--ray"])
     assert (a.ray, a.replicas, a.gpus_per_replica) == ("auto", 1, None)
     assert subs["batch"].parse_args(["i", "--out", "o", "--ray", "ray://head:10001"]).ray == "ray://head:10001"
+
+
+def test_iter_rows_keep_bad_goes_on_after_a_bad_line(tmp_path):
+    from hyperowl.data.tables import count_rows, iter_rows
+
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"id": 1}\n{broken\n[1, 2]\n\n{"id": 2}\n')
+    rows = list(iter_rows(f, "batch input", keep_bad=True))
+    assert [w.rsplit(":", 1)[1] for w, _ in rows] == ["1", "2", "3", "5"]
+    assert rows[0][1] == {"id": 1} and rows[3][1] == {"id": 2}
+    assert "not valid JSON" in str(rows[1][1]) and "must be a JSON object" in str(rows[2][1])
+    assert count_rows(f, keep_bad=True) == 4
+    with pytest.raises(InputError, match="x.jsonl:2: not valid JSON"):  # the default still stops at the first
+        list(iter_rows(f))
