@@ -221,3 +221,29 @@ def test_iter_rows_keep_bad_goes_on_after_a_bad_line(tmp_path):
     assert count_rows(f, keep_bad=True) == 4
     with pytest.raises(InputError, match="x.jsonl:2: not valid JSON"):  # the default still stops at the first
         list(iter_rows(f))
+
+
+def test_resume_refuses_another_model_or_options(owl, data, tmp_path):
+    """Rows on disk are trusted on resume, so they must be the same job's: a model retrained into the same
+    folder, or other sampling options, are refused (the eval runner's lesson)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    small = tmp_path / "in.jsonl"
+    small.write_text("".join((data / "in.jsonl").read_text().splitlines(keepends=True)[:2]))
+    for p in ("test",):  # the records' media, relative to the input
+        (tmp_path / p).symlink_to(data / p)
+    ck = tmp_path / "model"
+    shutil.copytree(owl.checkpoint_dir, ck)
+    out = tmp_path / "out.jsonl"
+    hyperowl.batch.run(small, out, model=ck, **OPTS)
+    with pytest.raises(InputError, match="different sampling"):
+        hyperowl.batch.run(small, out, model=ck, **{**OPTS, "max_new_tokens": 4})
+    weights = load_file(ck / "model.safetensors")
+    name = max(weights, key=lambda k: weights[k].numel())  # the largest tensor ("fine-tuned"), same folder and shapes
+    weights[name] = weights[name] * 1.5
+    save_file(weights, ck / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="different model"):
+        hyperowl.batch.run(small, out, model=ck, **OPTS)
+    assert len(rows_of(out)) == 2

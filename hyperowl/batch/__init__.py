@@ -59,6 +59,7 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: Any = None, 
     from ..chat import make_params
 
     make_params((), **sampling)  # a bad option fails now, before any model is loaded
+    job = {"input": input_path.name, "media": media, "sampling": sampling}
     if ray is not None and ray is not False:
         from .on_ray import run_ray
 
@@ -66,12 +67,12 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: Any = None, 
             if getattr(model, "checkpoint_dir", None) is None:
                 raise InputError("with ray, pass the model as a checkpoint directory or hub id (each actor loads it)")
             model = model.checkpoint_dir
-        return run_ray(input_path, out_path, model=model, address=ray, replicas=replicas,
+        return run_ray(input_path, out_path, job=job, model=model, address=ray, replicas=replicas,
                        gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, batch_size=batch_size,
                        media=media, sampling=sampling, dtype=dtype, quantize=quantize,
                        feature_cache_mb=feature_cache_mb, progress=progress)
     from .runner import load_pipeline, run_local
 
     pipe = load_pipeline(model, dtype=dtype, device=device, quantize=quantize, feature_cache_mb=feature_cache_mb)
-    return run_local(pipe, input_path, out_path, batch_size=batch_size, media=media, sampling=sampling,
+    return run_local(pipe, input_path, out_path, job=job, batch_size=batch_size, media=media, sampling=sampling,
                      progress=progress)

@@ -182,7 +182,7 @@ def _connect(ray, address: Any) -> bool:
     return True
 
 
-def run_ray(input_path: Path, out: Path, *, model: Any, address: Any, replicas: int,
+def run_ray(input_path: Path, out: Path, *, job: dict, model: Any, address: Any, replicas: int,
             gpus_per_replica: Optional[float], cpus_per_replica: float, batch_size: int, media: dict, sampling: dict,
             dtype: Optional[str], quantize: Optional[str], feature_cache_mb: float, progress: bool = True) -> dict:
     """The Ray Data pipeline of the module note. Returns the summary (as the local run's)."""
@@ -197,6 +197,7 @@ def run_ray(input_path: Path, out: Path, *, model: Any, address: Any, replicas: 
     ray = _import_ray()
     model_dir = str(resolve(model if model is not None else hyperowl.default_model_dir()))
     load_processor(model_dir)  # a model without a tokenizer fails here, before the cluster is asked for anything
+    out_mod.check_run(out, {**job, "model": out_mod.checkpoint_fingerprint(Path(model_dir))})
     started = _connect(ray, address)
     try:
         t_start = time.perf_counter()

@@ -13,6 +13,12 @@ the ids already present are skipped by the next run, so an id reaches the output
     way after a barrier.
 The ids done = ids in OUTPUT and in every journal beside it, so a resume with another world size (or after
 a kill during a merge) still skips them.
+
+Resuming trusts the rows on disk, so they must come from the same job: `OUTPUT.run.json` records the model
+(a fingerprint of its checkpoint files: config, sizes, safetensors headers and first bytes, so a model
+retrained into the same folder differs), the input's file name and the media and sampling options; a run
+with another one is refused (`hyperowl eval` learnt this the hard way: a retrained model "resumed" its
+predecessor's predictions).
 """
 
 from __future__ import annotations
@@ -55,6 +61,42 @@ def journal_path(out: Path, rank: int | None = None) -> Path:
 def journals(out: Path) -> list[Path]:
     """Every journal beside OUTPUT (of any rank, of an earlier run)."""
     return sorted(p for p in out.parent.glob(f"{out.name}*.partial.jsonl") if p.name != out.name)
+
+
+def checkpoint_fingerprint(d: Path) -> str:
+    """A cheap identity of a checkpoint folder's weights and config: each safetensors file's size, header and
+    64 samples of 4 KiB spread over its data (a fine-tune that leaves the first tensors frozen still differs)."""
+    import hashlib
+
+    from ..checkpoint import safetensors_files
+
+    h = hashlib.sha1((d / "config.json").read_bytes())
+    for f in safetensors_files(d):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")  # safetensors: header length, header, then the data
+            h.update(fh.read(min(n, 2**24)))
+            start = 8 + n
+            for i in range(64):
+                fh.seek(start + (size - start) * i // 64)
+                h.update(fh.read(4096))
+    return h.hexdigest()[:16]
+
+
+def check_run(out: Path, key: dict, write: bool = True) -> None:
+    """Refuse to resume OUTPUT with another model, input or options (see the module note); record the key."""
+    f = out.with_name(out.name + ".run.json")
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != key:
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            raise InputError(f"--out '{out}' holds answers of another job (different {', '.join(diff)}); choose "
+                             f"another --out, or delete it and {f.name} to start over")
+    elif write:
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(key, indent=1))
+        os.replace(tmp, f)
 
 
 def _complete_lines(path: Path) -> tuple[list[bytes], int]:

@@ -133,7 +133,16 @@ def _timed(tally: Tally, stage: str, t0: float) -> float:
     return t1
 
 
-def run_local(pipe, input_path: Path, out: Path, *, batch_size: int, media: dict, sampling: dict,
+def model_identity(pipe) -> str:
+    """The model part of a job's key (output.check_run): its checkpoint files, else its weights in memory."""
+    from ..eval.runner import model_fingerprint
+
+    if pipe.checkpoint_dir is not None:
+        return out_mod.checkpoint_fingerprint(Path(pipe.checkpoint_dir))
+    return model_fingerprint(pipe.model)
+
+
+def run_local(pipe, input_path: Path, out: Path, *, job: dict, batch_size: int, media: dict, sampling: dict,
               progress: bool = True) -> dict:
     """One process, or one torchrun rank (see the module note). Returns the summary."""
     from tqdm import tqdm
@@ -142,6 +151,7 @@ def run_local(pipe, input_path: Path, out: Path, *, batch_size: int, media: dict
     from ..data.tables import count_rows
 
     rank, world = dist_info()
+    out_mod.check_run(out, {**job, "model": model_identity(pipe)}, write=rank == 0)
     done = out_mod.done_ids(out)
     tally = Tally()
     journal = out_mod.Journal(out_mod.journal_path(out, rank if world > 1 else None))
