@@ -480,7 +480,8 @@ def _batch_parser(sub) -> None:
     _sampling_options(b)
     g = b.add_argument_group("ray")
     g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS", help="run on Ray: the "
-                   "cluster at ADDRESS (default: the running one, else a local one); needs hyperowl[batch]")
+                   "cluster at ADDRESS (default: the running one, else a local one); needs hyperowl[batch]; give "
+                   "INPUT before --ray")
     g.add_argument("--replicas", type=int, default=1, help="model actors (default 1)")
     g.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per actor (default: 1 if the cluster "
                    "has GPUs, else 0)")

@@ -105,30 +105,27 @@ class _Answerer:
                                   feature_cache_mb=feature_cache_mb)
         self.sampling, self.kill_once, self.calls = sampling, kill_once, 0
 
-    def _pending(self, meta: dict, pixels: bytes) -> list:
-        from ..encoder import Pending
-        from ..processing.plan import MediaItem
+    def _prepared(self, rid: str, meta: dict, pixels: bytes):
+        """A decoded row -> runner.Prepared: the feature cache asked first (Encoder.lookup without decoding),
+        the shipped pixels kept for the misses."""
+        from ..processing.plan import MediaItem, Plan
+        from .runner import Prepared
 
-        enc = self.pipe.encoder
-        flat = None
+        items = [MediaItem(kind, name, count, None, _key=key) for kind, name, count, key in meta["items"]]
+        plan = Plan(torch.tensor(meta["input_ids"], dtype=torch.long), torch.tensor(meta["positions"], dtype=torch.long),
+                    items, prompt="")
+        pending = self.pipe.encoder.lookup(plan, decode=False)
         if meta["shape"] is not None:
             flat = torch.from_numpy(np.frombuffer(pixels, dtype=np.float32).copy()).view(*meta["shape"])
-        out, start = [], 0
-        for kind, name, count, key in meta["items"]:
-            item = MediaItem(kind, name, count, None, _key=key)
-            k = enc._key(item)
-            hit = enc.cache.get(k) if enc.cache.max_bytes else None
-            if hit is not None:
-                out.append(Pending(item, k, embeds=hit.embeds, hit=True))
-            else:
-                out.append(Pending(item, k, pixels=flat[start:start + count]))  # float32, as item_pixels makes
-            start += count
-        return out
+            for p, part in zip(pending, flat.split([i.count for i in items])):
+                if p.embeds is None:
+                    p.pixels = part  # float32, as processor.item_pixels made them
+        return Prepared(Record(-1, rid, ""), plan.input_ids, plan.image_positions, pending)
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        from .runner import Prepared, answer
+        from .runner import answer
 
         self.calls += 1
         if self.kill_once and self.calls >= 2 and os.path.exists(self.kill_once):
@@ -145,11 +142,7 @@ class _Answerer:
             if r["error"] is not None:
                 errors[r["id"]] = r["error"]
                 continue
-            meta = json.loads(r["meta"])
-            rec = Record(-1, r["id"], "")
-            prepared.append(Prepared(rec, torch.tensor(meta["input_ids"], dtype=torch.long),
-                                     torch.tensor(meta["positions"], dtype=torch.long),
-                                     self._pending(meta, r["pixels"])))
+            prepared.append(self._prepared(r["id"], json.loads(r["meta"]), r["pixels"]))
         answered = {row["id"]: row for row in answer(self.pipe, prepared, self.sampling)}
         t_model = (time.perf_counter() - t0) / max(1, len(rows))
         out = []
