@@ -3,8 +3,9 @@
 Design note: the loop reads records in input order (`records.read_records`, skipping ids already in the
 output), prepares each one (`records.prepare`: plan + feature-cache lookup + decoding, CPU), and answers
 `batch_size` prepared records at a time with `answer`: every cache miss of the batch through the vision
-tower in one call (`Encoder.finish`) and one padded `Engine.generate`. Rows are written after each batch
-(`output.Journal`: one write + fsync). A record that fails is written with its `error` and counted by
+tower in one call (`Encoder.finish`) and one padded `Engine.generate`. Preparing runs up to two batches
+ahead in a thread, so media decoding overlaps the model (stage seconds overlap too). Rows are written
+after each batch (`output.Journal`: one write + fsync). A record that fails is written with its `error` and counted by
 reason; the job goes on. If the engine refuses a batch (InputError/ValueError, e.g. a prompt longer than
 the model allows), its records are answered one by one so the fault lands on the record that caused it.
 
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -36,6 +39,7 @@ from .records import Record, prepare, read_records, reason_of
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "decode", "model", "write")
+PREFETCH = 2  # batches of records prepared ahead of the model
 
 
 @dataclass
@@ -127,6 +131,45 @@ def prepare_local(pipe, rec: Record, media: dict) -> Prepared:
     return Prepared(rec, plan.input_ids, plan.image_positions, pending)
 
 
+def _ahead(items: Iterator, n: int) -> Iterator:
+    """`items`, produced up to `n` ahead in a thread: records are planned and their media decoded while the
+    model answers the previous batch (on a GPU the two overlap fully). An exception of the producer is raised
+    here, in order; a consumer that stops early lets the thread end."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, n))
+    end, stop = object(), threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put((None, x)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((e, None))
+            return
+        put((None, end))
+
+    threading.Thread(target=work, name="batch-prepare", daemon=True).start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+
+
 def _timed(tally: Tally, stage: str, t0: float) -> float:
     t1 = time.perf_counter()
     tally.seconds[stage] += t1 - t0
@@ -174,29 +217,36 @@ def run_local(pipe, input_path: Path, out: Path, *, job: dict, batch_size: int, 
         tally.add_rows(rows)
         bar.update(len(rows) * world)
 
-    t = time.perf_counter()
-    for rec in read_records(input_path, skip=lambda i: i in done):
-        t = _timed(tally, "read", t)
-        if rec.reason == "duplicate id":  # one row per id: the repeat is reported, not written
-            log.warning("%s", rec.error)
+    def records() -> Iterator[tuple[str, Any]]:
+        """("duplicate" | "error", Record) or ("ready", Prepared), in input order (runs ahead in a thread)."""
+        t = time.perf_counter()
+        for rec in read_records(input_path, skip=lambda i: i in done):
+            t = _timed(tally, "read", t)
+            if rec.reason == "duplicate id":  # one row per id: the repeat is reported, not written
+                yield "duplicate", rec
+            elif rec.index % world == rank:
+                if rec.error is None:
+                    try:
+                        prep = prepare_local(pipe, rec, media)
+                    except InputError as e:
+                        rec.error, rec.reason = str(e), reason_of(str(e))
+                    _timed(tally, "decode", t)
+                yield ("error", rec) if rec.error is not None else ("ready", prep)
+            t = time.perf_counter()
+
+    for kind, x in _ahead(records(), PREFETCH * batch_size):
+        if kind == "duplicate":
+            log.warning("%s", x.error)
             tally.duplicates += 1
             bar.update(1 if rank == 0 else 0)
+        elif kind == "error":
             t = time.perf_counter()
-            continue
-        if rec.index % world != rank:
-            continue
-        if rec.error is None:
-            try:
-                todo.append(prepare_local(pipe, rec, media))
-            except InputError as e:
-                rec.error, rec.reason = str(e), reason_of(str(e))
-            t = _timed(tally, "decode", t)
-        if rec.error is not None:
-            write([error_row(rec)])
-            t = _timed(tally, "write", t)
-        if len(todo) >= batch_size:
-            flush()
-        t = time.perf_counter()
+            write([error_row(x)])
+            _timed(tally, "write", t)
+        else:
+            todo.append(x)
+            if len(todo) >= batch_size:
+                flush()
     flush()
     journal.close()
     bar.close()
