@@ -247,3 +247,28 @@ def test_resume_refuses_another_model_or_options(owl, data, tmp_path):
     with pytest.raises(InputError, match="different model"):
         hyperowl.batch.run(small, out, model=ck, **OPTS)
     assert len(rows_of(out)) == 2
+
+
+def test_an_unreadable_input_stops_the_job_with_one_error(owl, tmp_path):
+    """A fault of the whole file (not UTF-8 half-way) is raised from the preparing thread to the caller."""
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b'{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n\xff\xfe{"id": "b"}\n')
+    with pytest.raises(InputError, match="not UTF-8"):
+        hyperowl.batch.run(f, tmp_path / "out.jsonl", model=owl, **OPTS)
+
+
+def test_prepare_ahead_keeps_order_and_raises_in_order():
+    from hyperowl.batch.runner import _ahead
+
+    def items():
+        yield from range(5)
+        raise InputError("record 5: broken")
+
+    got = []
+    with pytest.raises(InputError, match="record 5"):
+        for x in _ahead(items(), 2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+    assert list(_ahead(iter(range(100)), 3)) == list(range(100))
+    first = next(_ahead(iter(range(100)), 3))  # a consumer that stops early: the thread ends, nothing hangs
+    assert first == 0
