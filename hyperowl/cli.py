@@ -361,6 +361,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """`hyperowl batch INPUT --out OUTPUT`: answer every record (hyperowl.batch.run), print the summary."""
+    import os
+
+    from . import batch
+
+    s = batch.run(args.input, args.out, model=args.model, batch_size=args.batch_size, max_frames=args.frames,
+                  fps=args.fps, cut=False if args.no_cut else None, system=args.system, dtype=args.dtype,
+                  device=args.device, quantize=args.quantize, feature_cache_mb=args.feature_cache_mb, ray=args.ray,
+                  replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
+                  **_sampling(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_reason"].items()))
+        print(f"{s['output']}: {s['answered']} answered, {s['failed']} failed" + (f" ({reasons})" if reasons else "")
+              + f", {s['skipped_already_done']} already done" + (f", {s['duplicates_not_written']} duplicate ids not "
+                                                                  "written" if s["duplicates_not_written"] else ""))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if not args.rest or args.rest[0] != "synth":
         raise InputError("data: the only subcommand is `synth` (hyperowl data synth --out DIR [--train N ...])")
@@ -522,6 +541,29 @@ def _eval_parser(sub) -> None:
                    help="synthetic-*: where generated sets are kept (default OUT/synthetic-data)")
 
 
+def _batch_parser(sub) -> None:
+    b = _subcommand(sub, "batch", cmd_batch, "answer a dataset of records (JSONL/Parquet) into JSONL/Parquet, "
+                    "resumable; locally, under torchrun, or on a Ray cluster (docs/batch.md)")
+    b.add_argument("input", help="records: .jsonl or .parquet with id, messages (with <|image|>/<|video|>), images, "
+                   "videos (paths relative to the file, absolute, or http(s) URLs)")
+    b.add_argument("--out", required=True, help="output .jsonl or .parquet (id, answer, usage, error); a re-run "
+                   "skips the ids already there")
+    b.add_argument("--batch-size", type=int, default=8, help="records per padded engine batch (default 8)")
+    b.add_argument("--system", default=None, help="system prompt")
+    g = _model_options(b)
+    g.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache per replica (MiB)")
+    _media_options(b, files=False)
+    _sampling_options(b)
+    g = b.add_argument_group("ray")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS", help="run on Ray: the "
+                   "cluster at ADDRESS (default: the running one, else a local one); needs hyperowl[batch]; give "
+                   "INPUT before --ray")
+    g.add_argument("--replicas", type=int, default=1, help="model actors (default 1)")
+    g.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs per actor (default: 1 if the cluster "
+                   "has GPUs, else 0)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per actor (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hyperowl` parser. Shared option groups (_model_options, _media_options, _sampling_options) keep the
     options that several subcommands take identical; dests and defaults are what the cmd_* functions read."""
@@ -552,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_vision_parser(sub)
     _serve_parser(sub)
     _eval_parser(sub)
+    _batch_parser(sub)
 
     dt = _subcommand(sub, "data", cmd_data, "datasets: `hyperowl data synth --out DIR` writes the synthetic visual "
                      "world", add_help=False)

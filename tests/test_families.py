@@ -160,7 +160,7 @@ LAYERS = [
     ["families", "feature_cache"],
     ["checkpoint", "encoder", "engine"],
     ["chat", "pipeline"],
-    ["data", "eval", "serve", "train"],
+    ["data", "eval", "serve", "train", "batch"],
     ["cli"],
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

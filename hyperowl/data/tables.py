@@ -45,10 +45,12 @@ def exists(path: str | Path) -> bool:
     return is_hub_id(path) or Path(path).exists()
 
 
-def iter_rows(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]]:
+def iter_rows(path: str | Path, what: str = "data", keep_bad: bool = False) -> Iterator[tuple[str, Any]]:
     """Stream `(where, row)` pairs from a .jsonl / .json / .parquet file, a `datasets` folder or a hub id
     (see the module note). `what` names the file's role in errors ("eval data", "training data", "batch
-    input"). A row that is not an object is an InputError."""
+    input"). A row that is not an object is an InputError.
+    keep_bad: a .jsonl line that is not a JSON object is yielded as `(where, InputError)` and reading goes on
+    (a batch job records the error and answers the other rows); other errors (no file, not UTF-8) still raise."""
     if is_hub_id(path):
         yield from _hub_rows(str(path), what)
         return
@@ -62,18 +64,7 @@ def iter_rows(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]
     if suffix == ".parquet":
         yield from _parquet_rows(p, what)
     elif suffix == ".jsonl":
-        with p.open(encoding="utf-8", errors="strict") as f:
-            try:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError as e:
-                        raise InputError(f"{p}:{n}: not valid JSON ({e}); one JSON object per line") from None
-                    yield _check_row(f"{p}:{n}", row)
-            except UnicodeDecodeError:
-                raise InputError(f"{p}: not UTF-8 text; give a .jsonl file of JSON objects, or a .parquet file") from None
+        yield from _jsonl_rows(p, keep_bad)
     elif suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -84,6 +75,27 @@ def iter_rows(path: str | Path, what: str = "data") -> Iterator[tuple[str, dict]
         yield from json_rows(p, data)
     else:
         raise InputError(f"{what} '{path}': unknown file type '{p.suffix}'; give one of {', '.join(TABLE_SUFFIXES)}")
+
+
+def _jsonl_rows(p: Path, keep_bad: bool) -> Iterator[tuple[str, Any]]:
+    with p.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        raise InputError(f"{p}:{n}: not valid JSON ({e}); one JSON object per line") from None
+                    checked = _check_row(f"{p}:{n}", row)
+                except InputError as e:
+                    if not keep_bad:
+                        raise
+                    checked = (f"{p}:{n}", e)
+                yield checked
+        except UnicodeDecodeError:
+            raise InputError(f"{p}: not UTF-8 text; give a .jsonl file of JSON objects, or a .parquet file") from None
 
 
 def read_rows(path: str | Path, what: str = "data") -> list[tuple[str, dict]]:
@@ -103,7 +115,7 @@ def json_rows(path: Path, data: Any) -> list[tuple[str, dict]]:
     return [_check_row(f"{path}[{i}]", r) for i, r in enumerate(data)]
 
 
-def count_rows(path: str | Path, what: str = "data") -> int:
+def count_rows(path: str | Path, what: str = "data", keep_bad: bool = False) -> int:
     """Number of rows, cheaply where the format allows (Parquet metadata); for progress bars."""
     if is_hub_id(path) or Path(path).is_dir():
         return sum(1 for _ in iter_rows(path, what))
@@ -115,7 +127,7 @@ def count_rows(path: str | Path, what: str = "data") -> int:
             raise
         except Exception as e:
             raise InputError(f"{what} '{p}': not a readable Parquet file ({e})") from None
-    return sum(1 for _ in iter_rows(p, what))
+    return sum(1 for _ in iter_rows(p, what, keep_bad))
 
 
 def _parquet_rows(p: Path, what: str) -> Iterator[tuple[str, dict]]:
