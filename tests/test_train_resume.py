@@ -1,0 +1,173 @@
+"""Exact resume in every mode (LoRA + align / instruct, full, FSDP2) after SIGKILL and SIGTERM, one run per
+output directory, checkpoint rotation, the start banner, TensorBoard logging, typed recipes, interop files."""
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyperowl.errors import InputError
+from hyperowl.train.recipe import Recipe
+from hyperowl.train.trainer import SIGTERM_EXIT, train
+import test_train
+from test_train import ENV, recipe_for, run_cli, torchrun_failure, write_recipe
+
+colour_data = test_train.colour_data  # the shared fixture
+
+# one thread everywhere: in-process runs and CLI processes must sum in the same order (bit equality)
+MODES = {
+    "lora_align": {"stage": "align", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+    "lora_instruct": {"stage": "instruct", "lora": {"r": 4, "alpha": 8}},
+    "full": {"stage": "instruct"},
+}
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def same_run(a, b):
+    """Losses equal step for step, every step logged once, and the same final weights."""
+    la, lb = log_of(a), log_of(b)
+    assert [r["step"] for r in lb] == [r["step"] for r in la] == list(range(1, len(la) + 1))
+    assert [r["loss"] for r in lb] == [r["loss"] for r in la]
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_resume_after_sigkill_is_exact_in_every_mode(tmp_path, colour_data, mode):
+    over = dict(MODES[mode], optim={"max_steps": 6}, save_every=2, num_threads=1, batch_size=2)
+    ref = train(recipe_for(colour_data, tmp_path / "ref", **over))
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
+    killed = run_cli("train", str(part), "--stop-after", "3")
+    assert killed.returncode != 0 and (tmp_path / "part" / "checkpoint-2").is_dir()
+    assert [r["step"] for r in log_of(tmp_path / "part")] == [1, 2, 3]
+    resumed = run_cli("train", str(part), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {tmp_path / 'part' / 'checkpoint-2'} (step 2 of 6)" in resumed.stderr
+    same_run(ref, tmp_path / "part")
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, colour_data):
+    """A real SIGTERM from outside mid-run: the step finishes, checkpoint-k is saved, exit 143; --resume
+    continues to the same losses and weights as an uninterrupted run (LoRA + align, with LoRA dropout)."""
+    over = dict(MODES["lora_align"], optim={"max_steps": 30}, save_every=0, num_threads=1, batch_size=2)
+    ref = train(recipe_for(colour_data, tmp_path / "ref", **over))
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
+    proc = subprocess.Popen([sys.executable, "-m", "hyperowl.cli", "train", str(part)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "part" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == SIGTERM_EXIT, err
+    k = log_of(tmp_path / "part")[-1]["step"]
+    assert 2 <= k < 30 and (tmp_path / "part" / f"checkpoint-{k}").is_dir() and "SIGTERM: saved" in err
+    assert not (tmp_path / "part" / "final").exists()
+    resumed = run_cli("train", str(part), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"(step {k} of 30)" in resumed.stderr
+    same_run(ref, tmp_path / "part")
+
+
+def test_fsdp_resume_after_kill_is_exact(tmp_path, colour_data):
+    """Two processes with --fsdp: killed after step 3 (checkpoint-2), --resume gives the uninterrupted losses."""
+    over = dict(optim={"max_steps": 4}, save_every=2, num_threads=1)
+
+    def torchrun(recipe, port, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(port), "-m", "hyperowl.cli", "train", str(recipe), "--fsdp", *extra],
+                              capture_output=True, text=True, timeout=300, env=ENV)
+
+    ref = write_recipe(tmp_path / "ref.yaml", colour_data, tmp_path / "ref", **over)
+    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
+    r = torchrun(ref, 29541)
+    assert r.returncode == 0, torchrun_failure(r)
+    r = torchrun(part, 29542, "--stop-after", "3")
+    assert r.returncode != 0 and (tmp_path / "part" / "checkpoint-2" / "trainer_state" / "rng" / "rank-1.safetensors").is_file()
+    r = torchrun(part, 29543, "--resume")
+    assert r.returncode == 0, torchrun_failure(r)
+    assert "resuming from" in r.stderr
+    same_run(tmp_path / "ref", tmp_path / "part")
+
+
+def test_one_run_per_output_directory_rotation_and_banner(tmp_path, colour_data):
+    """A second run into a directory that holds one is refused (one line, names --resume/--overwrite);
+    --overwrite replaces it (no old checkpoint left for a later --resume to pick); save_total_limit keeps the
+    last K checkpoints; the banner names the trained parts with their counts and the effective batch."""
+    over = dict(stage="custom", trainable={"projector": True}, lora={"r": 2, "alpha": 4}, optim={"max_steps": 5},
+                save_every=1, save_total_limit=2, num_threads=1, batch_size=2, grad_accum=2)
+    out = tmp_path / "run"
+    train(recipe_for(colour_data, out, **over))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    with pytest.raises(InputError, match="already holds a run .*--resume .*--overwrite"):
+        train(recipe_for(colour_data, out, **over))
+    y = write_recipe(tmp_path / "r.yaml", colour_data, out, **dict(over, optim={"max_steps": 3}))
+    r = run_cli("train", str(y))
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", str(y), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert [x["step"] for x in log_of(out)] == [1, 2, 3]
+    # the banner: the parts' trainable counts recomputed here from the saved tensors
+    state = out / "checkpoint-3" / "trainer_state"
+    n_lora = sum(t.numel() for t in load_file(str(state / "adapters.safetensors")).values())
+    n_proj = sum(t.numel() for k, t in load_file(str(state / "trainable.safetensors")).items() if k.startswith("projector."))
+    assert f"projector {n_proj:,}," in r.stderr and f"LoRA adapters {n_lora:,}" in r.stderr and "llm 0 (frozen)" in r.stderr
+    assert "starting at step 0 of 3" in r.stderr
+    assert "effective batch 4 = 2 per process x 1 process x 2 accumulation steps" in r.stderr
+
+
+def test_tensorboard_logger_and_missing_packages(tmp_path, colour_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train(recipe_for(colour_data, tmp_path / "tb", logger="tensorboard", optim={"max_steps": 3}, save_every=0,
+                           batch_size=2))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log_of(out)]
+    if importlib.util.find_spec("wandb") is None:  # the real missing package: a one-line error before training
+        with pytest.raises(InputError, match=r"logger: wandb needs the 'wandb' package.*pip install 'hyperowl\[wandb\]'"):
+            train(recipe_for(colour_data, tmp_path / "wb", logger="wandb"))
+        assert not (tmp_path / "wb").exists()
+    with pytest.raises(InputError, match="logger must be one of none, tensorboard, wandb; got 'mlflow'"):
+        recipe_for(colour_data, tmp_path / "x", logger="mlflow")
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"optim": {"max_steps": "ten"}}, "optim.max_steps: expected an integer, got 'ten'"),
+    ({"lora": {"r": "eight"}}, "lora.r: expected an integer, got 'eight'"),
+    ({"data": {"train": ["a.jsonl", "b.jsonl"]}}, "data.train: expected a string, got ['a.jsonl', 'b.jsonl'] (one record file"),
+    ({"bf16": "maybe"}, "bf16: expected true or false, got 'maybe'"),
+    ({"batch_size": True}, "batch_size: expected an integer, got True"),
+    ({"optim": {"betas": [0.9, "x"]}}, "optim.betas: expected a list of 2 numbers, got [0.9, 'x'] ([1]: 'x')"),
+    ({"data": {"workers": "two"}}, "data.workers: expected an integer or null, got 'two'"),
+    ({"phases": [{}, {"optim": {"warmup_steps": "x"}}]}, "phase 2: optim.warmup_steps: expected an integer, got 'x'"),
+])
+def test_recipe_values_are_typed(tmp_path, recipe, message):
+    with pytest.raises(InputError) as e:
+        Recipe.from_dict(recipe, f"recipe '{tmp_path / 'r.yaml'}'")
+    assert str(e.value) == f"recipe '{tmp_path / 'r.yaml'}': {message}" or message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_reads_yaml_strings_as_the_types_they_spell(tmp_path):
+    (tmp_path / "r.yaml").write_text("optim: {lr: 1e-4, min_lr_ratio: 5e-2}\nbatch_size: '2'\nbf16: 'no'\n"
+                                     "lora: {r: '8'}\nsave_total_limit: '3'\n")
+    r = Recipe.from_yaml(tmp_path / "r.yaml")
+    assert (r.optim.lr, r.optim.min_lr_ratio, r.batch_size, r.bf16, r.lora.r, r.save_total_limit) == (1e-4, 0.05, 2, False, 8, 3)
+    (tmp_path / "bad.yaml").write_text("optim: {max_steps: ten}\n")
+    r = run_cli("train", str(tmp_path / "bad.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'bad.yaml'}: optim.max_steps: expected an integer, got 'ten'" in r.stderr
