@@ -98,7 +98,7 @@ def export_peft(checkpoint: str | Path, out: str | Path) -> Path:
     if not modules or len(modules) * 2 != len(adapters):
         raise InputError(f"export --peft '{checkpoint}': unexpected adapter names in {adapters_file}")
     # our module name -> official one, through the family's (regex, 1:1) key map of the module's weight
-    ours_to_official = {v: k for k, v in map_keys([f"{m}.weight" for m in modules], family.inverse_key_map).items()}
+    ours_to_official = map_keys([f"{m}.weight" for m in modules], family.inverse_key_map)
     official = {m: ours_to_official[f"{m}.weight"].removesuffix(".weight") for m in modules}
     tensors = {}
     for k, v in adapters.items():
