@@ -41,63 +41,75 @@ def same_run(a, b):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def interrupt(cmd, log, sig, lines):
+    """Start `cmd`, send it `sig` once its log has `lines` steps (mid-run, from outside); returns (rc, stderr)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err
+
+
 @pytest.mark.parametrize("mode", list(MODES))
-def test_resume_after_sigkill_is_exact_in_every_mode(tmp_path, colour_data, mode):
-    over = dict(MODES[mode], optim={"max_steps": 6}, save_every=2, num_threads=1, batch_size=2)
+def test_resume_after_sigkill_and_sigterm_is_exact_in_every_mode(tmp_path, colour_data, mode):
+    """Interrupted from outside by SIGKILL (resumes from the last periodic checkpoint) and by SIGTERM (finishes
+    the step, saves checkpoint-k, exits 143), --resume gives the uninterrupted run's losses step for step (each
+    step logged once) and its final weights bit for bit."""
+    over = dict(MODES[mode], optim={"max_steps": 16}, save_every=4, num_threads=1, batch_size=2)
     ref = train(recipe_for(colour_data, tmp_path / "ref", **over))
-    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
-    killed = run_cli("train", str(part), "--stop-after", "3")
-    assert killed.returncode != 0 and (tmp_path / "part" / "checkpoint-2").is_dir()
-    assert [r["step"] for r in log_of(tmp_path / "part")] == [1, 2, 3]
-    resumed = run_cli("train", str(part), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {tmp_path / 'part' / 'checkpoint-2'} (step 2 of 6)" in resumed.stderr
-    same_run(ref, tmp_path / "part")
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / sig.name
+        part = write_recipe(tmp_path / f"{sig.name}.yaml", colour_data, out, **over)
+        rc, err = interrupt([sys.executable, "-m", "hyperowl.cli", "train", str(part)], out / "log.jsonl", sig, 5)
+        assert not (out / "final").exists(), "finished before the signal"
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL
+            k = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+            assert k % 4 == 0 and k >= 4
+        else:
+            assert rc == SIGTERM_EXIT, err
+            k = log_of(out)[-1]["step"]  # the step it was in when the signal came: finished and saved
+            assert "SIGTERM: saved" in err and (out / f"checkpoint-{k}").is_dir()
+        resumed = run_cli("train", str(part), "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resuming from {out / f'checkpoint-{k}'} (step {k} of 16)" in resumed.stderr
+        same_run(ref, out)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path, colour_data):
-    """A real SIGTERM from outside mid-run: the step finishes, checkpoint-k is saved, exit 143; --resume
-    continues to the same losses and weights as an uninterrupted run (LoRA + align, with LoRA dropout)."""
-    over = dict(MODES["lora_align"], optim={"max_steps": 30}, save_every=0, num_threads=1, batch_size=2)
-    ref = train(recipe_for(colour_data, tmp_path / "ref", **over))
-    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
-    proc = subprocess.Popen([sys.executable, "-m", "hyperowl.cli", "train", str(part)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "part" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == SIGTERM_EXIT, err
-    k = log_of(tmp_path / "part")[-1]["step"]
-    assert 2 <= k < 30 and (tmp_path / "part" / f"checkpoint-{k}").is_dir() and "SIGTERM: saved" in err
-    assert not (tmp_path / "part" / "final").exists()
-    resumed = run_cli("train", str(part), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"(step {k} of 30)" in resumed.stderr
-    same_run(ref, tmp_path / "part")
-
-
-def test_fsdp_resume_after_kill_is_exact(tmp_path, colour_data):
-    """Two processes with --fsdp: killed after step 3 (checkpoint-2), --resume gives the uninterrupted losses."""
-    over = dict(optim={"max_steps": 4}, save_every=2, num_threads=1)
+def test_fsdp_resume_after_kill_and_sigterm_is_exact(tmp_path, colour_data):
+    """Two processes with --fsdp: killed after step 3 (both die; checkpoint-2), and SIGTERM sent to torchrun
+    (it passes it on; both processes finish the step, agree, save, exit): --resume gives the uninterrupted
+    losses step for step and its final weights."""
+    over = dict(optim={"max_steps": 10}, save_every=2, num_threads=1)
 
     def torchrun(recipe, port, *extra):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                               str(port), "-m", "hyperowl.cli", "train", str(recipe), "--fsdp", *extra],
-                              capture_output=True, text=True, timeout=300, env=ENV)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "hyperowl.cli", "train", str(recipe), "--fsdp", *extra]
+
+    def run(cmd):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
 
     ref = write_recipe(tmp_path / "ref.yaml", colour_data, tmp_path / "ref", **over)
-    part = write_recipe(tmp_path / "part.yaml", colour_data, tmp_path / "part", **over)
-    r = torchrun(ref, 29541)
+    r = run(torchrun(ref, 29541))
     assert r.returncode == 0, torchrun_failure(r)
-    r = torchrun(part, 29542, "--stop-after", "3")
-    assert r.returncode != 0 and (tmp_path / "part" / "checkpoint-2" / "trainer_state" / "rng" / "rank-1.safetensors").is_file()
-    r = torchrun(part, 29543, "--resume")
+    kill = write_recipe(tmp_path / "kill.yaml", colour_data, tmp_path / "kill", **over)
+    r = run(torchrun(kill, 29542, "--stop-after", "3"))
+    assert r.returncode != 0 and (tmp_path / "kill" / "checkpoint-2" / "trainer_state" / "rng" / "rank-1.safetensors").is_file()
+    r = run(torchrun(kill, 29543, "--resume"))
     assert r.returncode == 0, torchrun_failure(r)
-    assert "resuming from" in r.stderr
-    same_run(tmp_path / "ref", tmp_path / "part")
+    assert f"resuming from {tmp_path / 'kill' / 'checkpoint-2'} (step 2 of 10)" in r.stderr
+    same_run(tmp_path / "ref", tmp_path / "kill")
+
+    term = write_recipe(tmp_path / "term.yaml", colour_data, tmp_path / "term", **over)
+    rc, err = interrupt(torchrun(term, 29544), tmp_path / "term" / "log.jsonl", signal.SIGTERM, 3)
+    assert rc != 0 and not (tmp_path / "term" / "final").exists(), err[-3000:]
+    k = log_of(tmp_path / "term")[-1]["step"]
+    assert (tmp_path / "term" / f"checkpoint-{k}" / "trainer_state" / "rng" / "rank-1.safetensors").is_file(), err[-3000:]
+    r = run(torchrun(term, 29545, "--resume"))
+    assert r.returncode == 0, torchrun_failure(r)
+    same_run(tmp_path / "ref", tmp_path / "term")
 
 
 def test_one_run_per_output_directory_rotation_and_banner(tmp_path, colour_data):

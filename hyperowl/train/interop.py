@@ -3,8 +3,9 @@
 Design note. A checkpoint's config.json and weights are the family's official layout already
 (`hyperowl.checkpoint.save_checkpoint`, `config.to_hf_dict`: auto_map, model_type, architectures, the
 fields the official config classes read). This module adds the files the official loaders open beside
-them: `tokenizer_config.json` + `special_tokens_map.json` (so `AutoTokenizer.from_pretrained(dir)` reads
-our `tokenizer.json` as a fast tokenizer with the family's special tokens) and, for mPLUG-Owl2, whose
+them: `tokenizer_config.json` + `special_tokens_map.json` (so transformers' `AutoTokenizer` /
+`PreTrainedTokenizerFast.from_pretrained(dir)` reads our `tokenizer.json` as a fast tokenizer with the
+family's special tokens) and, for mPLUG-Owl2, whose
 loader calls `CLIPImageProcessor.from_pretrained(dir)`, a `preprocessor_config.json` with the CLIP
 resize / crop / mean / std our Owl2 processor implements. Limits: the official Owl2 builder asks for a slow
 LLaMA tokenizer (`use_fast=False`, a SentencePiece `tokenizer.model`), which a BPE `tokenizer.json`

@@ -285,7 +285,7 @@ def _build(cls, d: dict[str, Any], where: str, path: str = ""):
         sub = {"init": InitSpec, "data": DataSpec, "optim": OptimSpec, "lora": LoraSpec}.get(name) if cls is Recipe else None
         if sub is not None:
             value = _build(sub, value or {}, f"{where}: {key}", f"{path}{key}.")
-        else:
+        elif name != "phases":  # phases: each is checked as a recipe of its own (phase_recipes)
             value = _typed(hints[name], value, _root(where), f"{path}{key}")
         kwargs[name] = value
     try:
