@@ -183,3 +183,8 @@ def test_recipe_reads_yaml_strings_as_the_types_they_spell(tmp_path):
     r = run_cli("train", str(tmp_path / "bad.yaml"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{tmp_path / 'bad.yaml'}: optim.max_steps: expected an integer, got 'ten'" in r.stderr
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, colour_data):
+    with pytest.raises(InputError, match="pass one"):
+        train(recipe_for(colour_data, tmp_path / "o"), resume=True, overwrite=True)

@@ -78,6 +78,8 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     output/final). An output directory holding a run is continued with `resume` or replaced with `overwrite`,
     else refused. stop_after: a testing aid, die like a killed job after that many steps (all phases counted).
     A SIGTERM saves a checkpoint and exits with SIGTERM_EXIT (module note)."""
+    if resume and overwrite:
+        raise InputError("--resume continues the run in the output directory, --overwrite replaces it: pass one")
     rank, world = _rank_and_world()
     _init_process_group(world)  # up front: the processes wait for rank 0's clean-up below
     _check_logger(recipe)
@@ -130,7 +132,7 @@ def _claim_output(recipe: Recipe, resume: bool, overwrite: bool, rank: int, worl
                          f"replace it, or choose another --output")
     if world > 1:
         dist.barrier()
-    if found and overwrite and not resume and rank == 0:
+    if found and overwrite and rank == 0:
         tok = out / "tokenizer.json"
         given = recipe.init.tokenizer not in (None, "train") and tok.exists() and Path(recipe.init.tokenizer).resolve() == tok.resolve()
         for p in found + ([tok] if tok.exists() and not given else []):  # a trained tokenizer is the old run's too
