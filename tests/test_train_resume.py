@@ -1,7 +1,6 @@
 """Exact resume in every mode (LoRA + align / instruct, full, FSDP2) after SIGKILL and SIGTERM, one run per
 output directory, checkpoint rotation, the start banner, TensorBoard logging, typed recipes, interop files."""
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -139,7 +138,7 @@ def test_one_run_per_output_directory_rotation_and_banner(tmp_path, colour_data)
     assert "effective batch 4 = 2 per process x 1 process x 2 accumulation steps" in r.stderr
 
 
-def test_tensorboard_logger_and_missing_packages(tmp_path, colour_data):
+def test_tensorboard_logger_and_missing_packages(tmp_path, colour_data, monkeypatch):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -149,10 +148,12 @@ def test_tensorboard_logger_and_missing_packages(tmp_path, colour_data):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in log_of(out)]
-    if importlib.util.find_spec("wandb") is None:  # the real missing package: a one-line error before training
-        with pytest.raises(InputError, match=r"logger: wandb needs the 'wandb' package.*pip install 'hyperowl\[wandb\]'"):
-            train(recipe_for(colour_data, tmp_path / "wb", logger="wandb"))
-        assert not (tmp_path / "wb").exists()
+    for package in ("wandb", "tensorboard"):  # not installed (None in sys.modules: import fails): said before training
+        monkeypatch.setitem(sys.modules, package, None)
+        with pytest.raises(InputError, match=rf"logger: {package} needs the '{package}' package.*"
+                                             rf"pip install 'hyperowl\[{package}\]'"):
+            train(recipe_for(colour_data, tmp_path / package, logger=package))
+        assert not (tmp_path / package).exists()
     with pytest.raises(InputError, match="logger must be one of none, tensorboard, wandb; got 'mlflow'"):
         recipe_for(colour_data, tmp_path / "x", logger="mlflow")
 
@@ -188,3 +189,20 @@ def test_recipe_reads_yaml_strings_as_the_types_they_spell(tmp_path):
 def test_resume_and_overwrite_together_are_refused(tmp_path, colour_data):
     with pytest.raises(InputError, match="pass one"):
         train(recipe_for(colour_data, tmp_path / "o"), resume=True, overwrite=True)
+
+
+def test_wandb_logger_offline(tmp_path, colour_data, monkeypatch):
+    """logger: wandb in offline mode: every logged loss is in the W&B run file (the values as W&B stores them,
+    JSON text); the run lives in output/wandb."""
+    pytest.importorskip("wandb")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = train(recipe_for(colour_data, tmp_path / "wb", logger="wandb", optim={"max_steps": 3}, save_every=0,
+                           batch_size=2))
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    raw = files[0].read_bytes()
+    assert b"loss" in raw and b"grad_norm" in raw
+    assert all(json.dumps(r["loss"]).encode() in raw for r in log_of(out))

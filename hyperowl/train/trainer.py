@@ -32,7 +32,7 @@ effective batch. Metrics also go to TensorBoard or W&B with `logger:` (optional 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -145,9 +145,12 @@ def _claim_output(recipe: Recipe, resume: bool, overwrite: bool, rank: int, worl
 def _check_logger(recipe: Recipe) -> None:
     """`logger:` names an optional package: say how to install it before anything trains."""
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(recipe.logger)
-    if package and importlib.util.find_spec(package) is None:
+    try:
+        if package:
+            importlib.import_module(package)
+    except ImportError:
         raise InputError(f"recipe: logger: {recipe.logger} needs the '{package}' package, which is not installed: "
-                         f"pip install 'hyperowl[{package}]' (or set logger: none)")
+                         f"pip install 'hyperowl[{package}]' (or set logger: none)") from None
 
 
 def _check_phase_data(phases: list[Recipe]) -> dict:
