@@ -286,8 +286,12 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, params: dict[s
     family = family_of(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
     tensors = official_state_dict(params if params is not None else model, family.inverse_key_map)
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    config = model.config.to_hf_dict()
+    if len(dtypes) == 1:  # the official loaders read the weights' dtype from here
+        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 

@@ -218,9 +218,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if recipe.phases:
             raise InputError(f"recipe '{args.recipe}' has phases: set optim.max_steps in each phase, not --max-steps")
         recipe.optim.max_steps = args.max_steps
-    out = train(recipe, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp)
+    if not args.debug:  # the start banner (parts, resume point, effective batch) without the debug noise
+        logging.getLogger("hyperowl.train.banner").setLevel(logging.INFO)
+    out = train(recipe, resume=args.resume, stop_after=args.stop_after, fsdp=args.fsdp, overwrite=args.overwrite)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"trained model: {out / 'final'}  (log: {out / 'log.jsonl'}, plot: {out / 'loss.png'})", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .train.interop import export_peft
+
+    if not args.peft:
+        raise InputError("export: say what to export: --peft (a LoRA checkpoint's adapters in PEFT format)")
+    print(export_peft(args.checkpoint, args.out))
     return 0
 
 
@@ -577,8 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", default=None, help="override the recipe's output directory")
     t.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
     t.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (multi-process runs)")
     t.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: die mid-run like a kill
+
+    ex = _subcommand(sub, "export", cmd_export, "write a LoRA training checkpoint's adapters in PEFT format")
+    ex.add_argument("checkpoint", help="a checkpoint-STEP directory of a run with lora.r > 0")
+    ex.add_argument("--peft", action="store_true", help="adapter_config.json + adapter_model.safetensors for peft")
+    ex.add_argument("--out", required=True, help="output directory")
 
     pl = _subcommand(sub, "plot-log", cmd_plot_log, "draw the loss curve of a training log as a PNG")
     pl.add_argument("log", help="log.jsonl written by hyperowl train")

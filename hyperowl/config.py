@@ -133,6 +133,11 @@ class Owl3Config:
         """The official config.json layout (so the official loaders read what we save)."""
         return {
             "architectures": ["mPLUGOwl3Model"],
+            # the official remote code (configuration_/modeling_mplugowl3.py, shipped with the released
+            # checkpoints) is found through auto_map by AutoConfig/AutoModel(trust_remote_code=True)
+            "auto_map": {"AutoConfig": "configuration_mplugowl3.mPLUGOwl3Config",
+                         "AutoModel": "modeling_mplugowl3.mPLUGOwl3Model",
+                         "AutoModelForCausalLM": "modeling_mplugowl3.mPLUGOwl3Model"},
             "model_type": "mplugowl3",
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
@@ -146,6 +151,11 @@ class Owl3Config:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "use_sliding_window": False,
+            "sliding_window": self.max_position_embeddings,
+            "max_window_layers": self.num_layers,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
             "hyper_layers": list(self.hyper_layers),
             "vision_config": self.vision.to_hf_dict(),
             "vision_batch_size": self.vision_batch_size,
@@ -236,6 +246,7 @@ class ClipVitConfig:
             "image_size": self.image_size, "patch_size": self.patch_size, "hidden_act": self.hidden_act,
             "layer_norm_eps": self.layer_norm_eps, "attention_dropout": 0.0, "use_flash_attn": False,
             "use_post_layernorm": self.use_post_layernorm, "use_cls_token": self.use_cls_token,
+            "initializer_range": 0.02, "initializer_factor": 1.0,
         }
 
 
@@ -273,6 +284,7 @@ class AbstractorConfig:
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
             "intermediate_size": self.intermediate_size, "attention_probs_dropout_prob": 0.0,
             "layer_norm_eps": self.layer_norm_eps, "encoder_hidden_size": self.encoder_hidden_size, "grid_size": self.grid_size,
+            "initializer_range": 0.02,
         }
 
 
@@ -361,6 +373,7 @@ class Owl2Config:
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
             "visual_config": {"visual_model": self.vision.to_hf_dict(), "visual_abstractor": self.abstractor.to_hf_dict()},
             "vision_batch_size": self.vision_batch_size, "image_aspect_ratio": self.image_aspect_ratio,
+            "initializer_range": 0.02, "use_cache": True,  # read by the official LlamaConfig-based class
         }
 
 

@@ -1,7 +1,9 @@
 """Training recipes as data: which parts train in which stage, and how.
 
 Design note: a recipe is one YAML file mapped onto typed dataclasses; unknown keys are errors (a typo
-must not silently train something else). The two stages of the papers are presets of `trainable`:
+must not silently train something else), and every value is validated against its field's type by pydantic
+(lax: `'2'` is 2, YAML 1.1's string `1e-4` is a float, `'no'` is false; `true` is never a number), a wrong
+one is a one-line error naming the key, the value and the expected type. The two stages of the papers are presets of `trainable`:
 - align (stage 1): LLM frozen; projection + the new hyper-attention parameters (visual K/V, gates) train,
   the vision tower optionally;
 - instruct (stage 2): everything trains, the vision tower with layer-wise LR decay (0.9 in the paper).
@@ -43,6 +45,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads
 # 1/sqrt(its answer tokens), InternVL 2.5's "square averaging"). Token weighting lets conversations with many
 # answer tokens dominate the gradient (see README, Training).
 LOSS_WEIGHTING = {"token": 0.0, "square": 0.5, "sample": 1.0}
+LOGGERS = ("none", "tensorboard", "wandb")  # where metrics go besides output/log.jsonl (train/loggers.py)
 STAGES = {
     "align": {"projector": True, "fusion": True, "llm": False, "vision": None},  # None: the model's default
     "instruct": {"projector": True, "fusion": True, "llm": True, "vision": True},
@@ -144,6 +149,8 @@ class Recipe:
     output: str = "runs/train"
     log_every: int = 10
     save_every: int = 500
+    save_total_limit: int = 0  # keep only the last K checkpoint-STEP directories (0 = keep all)
+    logger: str = "none"  # none | tensorboard | wandb: also send the metrics there (optional extras; log.jsonl always)
     eval_every: int = 0
     num_threads: int = 0  # 0 = torch default
     loss_weighting: str = "token"  # token | square | sample (LOSS_WEIGHTING)
@@ -182,6 +189,11 @@ class Recipe:
         if self.loss_weighting not in LOSS_WEIGHTING:
             raise InputError(f"recipe: loss_weighting must be one of {', '.join(LOSS_WEIGHTING)}; "
                              f"got {self.loss_weighting!r}")
+        if self.logger not in LOGGERS:
+            raise InputError(f"recipe: logger must be one of {', '.join(LOGGERS)}; got {self.logger!r}")
+        if self.save_total_limit < 0:
+            raise InputError(f"recipe: save_total_limit must be 0 (keep every checkpoint) or how many of the last "
+                             f"checkpoints to keep; got {self.save_total_limit}")
         if self.data.on_error not in ("fail", "skip"):
             raise InputError("recipe: data.on_error must be fail or skip")
         if not isinstance(self.data.group_by_length, int) or self.data.group_by_length < 0:
@@ -257,10 +269,14 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _build(cls, d: dict[str, Any], where: str):
+def _build(cls, d: dict[str, Any], where: str, path: str = ""):
+    """`d` onto the dataclass `cls`: unknown keys are errors, every value is validated against its field's type
+    (pydantic, lax: YAML 1.1 reads `1e-4` as a string, which a float field accepts); `path` is the dotted key
+    prefix that type errors name."""
     if not isinstance(d, dict):
         raise InputError(f"{where}: expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
     kwargs = {}
     for key, value in d.items():
         name = "from_" if key == "from" else key
@@ -268,11 +284,78 @@ def _build(cls, d: dict[str, Any], where: str):
             raise InputError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(k.rstrip('_') for k in fields))})")
         sub = {"init": InitSpec, "data": DataSpec, "optim": OptimSpec, "lora": LoraSpec}.get(name) if cls is Recipe else None
         if sub is not None:
-            value = _build(sub, value or {}, f"{where}: {key}")
-        elif name == "betas":
-            value = tuple(value)
+            value = _build(sub, value or {}, f"{where}: {key}", f"{path}{key}.")
+        elif name != "phases":  # phases: each is checked as a recipe of its own (phase_recipes)
+            value = _typed(hints[name], value, _root(where), f"{path}{key}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise InputError(f"{where}: {e}") from None
+
+
+# -- typed values ---------------------------------------------------------------------------------------------
+_HINTS: dict[type, dict[str, Any]] = {}
+_ADAPTERS: dict[Any, Any] = {}
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+          dict: "a mapping"}
+
+
+def _hints(cls) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _root(where: str) -> str:
+    """'recipe r.yaml: phase 2: optim' -> 'recipe r.yaml: phase 2' (type errors name the dotted key instead)."""
+    for section in (": init", ": data", ": optim", ": lora"):
+        if where.endswith(section):
+            return where[: -len(section)]
+    return where
+
+
+def _describe(tp) -> str:
+    """A field type in words: `int | None` -> 'an integer or null', `list[int]` -> 'a list of integers'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and set(args) == {bool, type(None)}:
+        return "true, false or null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple):
+        item = _describe(args[0]).removeprefix("an ").removeprefix("a ")
+        n = f"{len(args)} " if origin is tuple and Ellipsis not in args else ""
+        return f"a list of {n}{item}s"
+    if origin is dict:
+        return f"a mapping (each value {_describe(args[1])})"
+    if tp is dict:
+        return "a mapping"
+    return _WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _leaves(tp) -> set:
+    args = typing.get_args(tp)
+    return {tp} if not args else set().union(*(_leaves(a) for a in args if a is not Ellipsis))
+
+
+def _typed(tp, value: Any, where: str, key: str) -> Any:
+    """`value` as the type `tp`, or a one-line InputError naming the key, the value and the expected type."""
+    from pydantic import TypeAdapter, ValidationError
+
+    def fail(detail: str = "") -> InputError:
+        return InputError(f"{where}: {key}: expected {_describe(tp)}, got {value!r}{detail}")
+
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    if bool not in _leaves(tp) and any(isinstance(v, bool) for v in (value, *inner)):  # pydantic reads true as 1
+        raise fail()
+    if key.endswith("data.train") and isinstance(value, (list, tuple)):
+        raise fail(" (one record file; to train on several, join them into one file or give each its own phase)")
+    if tp not in _ADAPTERS:
+        _ADAPTERS[tp] = TypeAdapter(tp)
+    try:
+        return _ADAPTERS[tp].validate_python(value)
+    except ValidationError as e:
+        err = e.errors()[0]
+        at = "".join(f"[{i}]" if isinstance(i, int) else f".{i}" for i in err["loc"])
+        raise fail(f" ({at.lstrip('.')}: {err['input']!r})" if at else "") from None
+

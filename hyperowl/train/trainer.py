@@ -19,19 +19,32 @@ table (`hyperowl.families`): parts defaults by model_type, processor, pad id, ro
 
 A recipe with `phases` runs them in order in one output directory (one sub-directory per phase, each
 phase starting from the last one's model); the process group lives across the phases.
+
+One run per output directory: a directory that holds a run is continued only with `--resume` (its log cut
+back to the resumed step, so no step is logged twice) or replaced with `--overwrite`, never mixed with a
+new run. SIGTERM (a scheduler's pre-emption, `kill`, torchrun passing it on) finishes the current step,
+saves a checkpoint on every process's agreement (a one-number all-reduce per step) and exits with 143;
+`--resume` then continues exactly (checkpointing.py). A start banner (logger `hyperowl.train.banner`,
+shown by the CLI) says which parts train with their parameter counts, where the run starts and the
+effective batch. Metrics also go to TensorBoard or W&B with `logger:` (optional extras, imported lazily).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
+import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -39,16 +52,18 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..families import Family, family_of
 from .build import build, init_weights, make_processor, on_rank0
-from .checkpointing import checkpoint, export_final, latest_checkpoint, restore
+from .checkpointing import checkpoint, export_final, latest_checkpoint, restore, restore_rng
 from .data import ConversationDataset, StepBatches, read_records, step_loader
 from .lora import apply_lora
 from .losses import (answer_counts, answer_losses, expand_labels, label_positions, row_losses, step_normalisers,
                      validation_loss, weighted_loss)
-from .optim import lr_at, recipe_optimizer, set_lr
+from .optim import lr_at, part_of, recipe_optimizer, set_lr
 from .recipe import LOSS_WEIGHTING, Recipe, resolve_trainable
 from .tokenizer import OWL2_SPECIAL_TOKENS, SPECIAL_TOKENS, train_tokenizer, with_image_token
 
 log = logging.getLogger(__name__)
+banner = logging.getLogger("hyperowl.train.banner")  # the start banner: the CLI shows it (INFO) without --debug
+SIGTERM_EXIT = 128 + signal.SIGTERM  # the exit status of a run stopped by SIGTERM after saving a checkpoint
 
 # Names that callers have imported from here since before the split (their homes: the modules above).
 __all__ = ["train", "build", "init_weights", "make_processor", "on_rank0", "expand_labels", "answer_losses",
@@ -57,15 +72,22 @@ __all__ = ["train", "build", "init_weights", "make_processor", "on_rank0", "expa
 
 
 # -- phases ---------------------------------------------------------------------------------------------------
-def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, fsdp: bool = False,
+          overwrite: bool = False) -> Path:
     """Run the recipe (its phases in order, if it has any). Returns the output directory (final model under
-    output/final). stop_after: a testing aid, die like a killed job after that many steps (all phases counted)."""
+    output/final). An output directory holding a run is continued with `resume` or replaced with `overwrite`,
+    else refused. stop_after: a testing aid, die like a killed job after that many steps (all phases counted).
+    A SIGTERM saves a checkpoint and exits with SIGTERM_EXIT (module note)."""
+    if resume and overwrite:
+        raise InputError("--resume continues the run in the output directory, --overwrite replaces it: pass one")
+    rank, world = _rank_and_world()
+    _init_process_group(world)  # up front: the processes wait for rank 0's clean-up below
+    _check_logger(recipe)
+    _claim_output(recipe, resume, overwrite, rank, world)
     if not recipe.phases:
         return _train_run(recipe, resume, stop_after, fsdp)
     phases = recipe.phase_recipes()
     out = Path(recipe.output)
-    rank, world = _rank_and_world()
-    _init_process_group(world)  # up front: the processes wait for rank 0's clean-up below
     checked = _check_phase_data(phases)
     done = 0
     for k, phase in enumerate(phases, 1):
@@ -93,6 +115,42 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+# What a run writes into its output directory (an existing one is a run: --resume or --overwrite).
+_RUN_FILES = ("log.jsonl", "recipe.json", "loss.png", "final", "tensorboard", "wandb")
+_RUN_GLOBS = ("checkpoint-*", ".tmp-checkpoint-*", ".rng-*", "phase-*")
+
+
+def _claim_output(recipe: Recipe, resume: bool, overwrite: bool, rank: int, world: int) -> None:
+    """One run per output directory (module note). Every process checks before rank 0 deletes anything."""
+    out = Path(recipe.output)
+    found = [p for p in (out / n for n in _RUN_FILES) if p.exists()] + [p for g in _RUN_GLOBS for p in sorted(out.glob(g))]
+    if found and not (resume or overwrite):
+        raise InputError(f"output '{out}' already holds a run ({', '.join(p.name for p in found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): pass --resume to continue it or --overwrite to "
+                         f"replace it, or choose another --output")
+    if world > 1:
+        dist.barrier()
+    if found and overwrite and rank == 0:
+        tok = out / "tokenizer.json"
+        given = recipe.init.tokenizer not in (None, "train") and tok.exists() and Path(recipe.init.tokenizer).resolve() == tok.resolve()
+        for p in found + ([tok] if tok.exists() and not given else []):  # a trained tokenizer is the old run's too
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        log.info("--overwrite: removed the previous run in %s", out)
+    if world > 1:
+        dist.barrier()
+
+
+def _check_logger(recipe: Recipe) -> None:
+    """`logger:` names an optional package: say how to install it before anything trains."""
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(recipe.logger)
+    try:
+        if package:
+            importlib.import_module(package)
+    except ImportError:
+        raise InputError(f"recipe: logger: {recipe.logger} needs the '{package}' package, which is not installed: "
+                         f"pip install 'hyperowl[{package}]' (or set logger: none)") from None
 
 
 def _check_phase_data(phases: list[Recipe]) -> dict:
@@ -167,6 +225,7 @@ class _Run:
     use_lora: bool
     sharded: bool  # FSDP2
     start: int  # the first step to run (0, or the resumed checkpoint's)
+    resumed_from: Path | None  # the checkpoint it resumed from
 
     @property
     def rows_per_image(self) -> int:
@@ -194,9 +253,10 @@ def _prepare(recipe: Recipe, device: torch.device, world: int, fsdp: bool, resum
         raise InputError("recipe: nothing to train (all parts frozen and no LoRA)")
     net: torch.nn.Module = model
     sharded = world > 1 and fsdp
+    counts = _trainable_counts(model)
     if sharded:  # FSDP2 replaces the parameters by sharded DTensors: build the optimizer groups afterwards
-        if resume or use_lora:
-            raise InputError("--fsdp: resuming and LoRA are not supported with FSDP2 yet; use DDP (no --fsdp)")
+        if use_lora:
+            raise InputError("--fsdp: LoRA is not supported with FSDP2 yet; use DDP (no --fsdp)")
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.decoder.layers:
@@ -208,10 +268,43 @@ def _prepare(recipe: Recipe, device: torch.device, world: int, fsdp: bool, resum
     start = 0
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        start = restore(model, opt, ckpt, use_lora)
+        start = restore(model, opt, ckpt, use_lora, sharded)
         log.info("resumed from %s at step %d", ckpt, start)
     trainable = [p for g in opt.param_groups for p in g["params"]]
-    return _Run(model, net, opt, trainable, family, processor, tok_file, use_lora, sharded, start)
+    run = _Run(model, net, opt, trainable, family, processor, tok_file, use_lora, sharded, start, ckpt)
+    if _rank_and_world()[0] == 0:
+        _banner(recipe, counts, ckpt, start, world, resume)
+    return run
+
+
+def _trainable_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Per part (projector, fusion, llm, vision, LoRA adapters): (trainable, all) parameter counts."""
+    fusion = set(model.fusion_parameters())
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        part = "LoRA adapters" if "lora_" in name else part_of(name.replace(".base_layer", ""), fusion)
+        c = counts.setdefault(part, [0, 0])
+        c[0] += p.numel() if p.requires_grad else 0
+        c[1] += p.numel()
+    return {k: (a, b) for k, (a, b) in counts.items()}
+
+
+def _banner(recipe: Recipe, counts: dict[str, tuple[int, int]], ckpt: Path | None, start: int, world: int,
+            resume: bool) -> None:
+    on = sum(a for a, _ in counts.values())
+    total = sum(b for k, (_, b) in counts.items() if k != "LoRA adapters")
+    parts = ", ".join(f"{k} {a:,}" + ("" if a else " (frozen)") for k, (a, _) in counts.items())
+    banner.info("training %s of %s parameters (%.2f%%): %s", f"{on:,}", f"{total:,}", 100 * on / max(total, 1), parts)
+    if ckpt is not None:
+        banner.info("resuming from %s (step %d of %d)", ckpt, start, recipe.optim.max_steps)
+    else:
+        banner.info("starting at step 0 of %d%s (init: %s)", recipe.optim.max_steps,
+                    " (--resume: no checkpoint yet)" if resume else "",
+                    recipe.init.from_ or recipe.init.preset or recipe.init.text_llm)
+    per = recipe.batch_size // world
+    banner.info("effective batch %d = %d per process x %d process%s x %d accumulation step%s",
+                per * world * recipe.grad_accum, per, world, "" if world == 1 else "es", recipe.grad_accum,
+                "" if recipe.grad_accum == 1 else "s")
 
 
 def _datasets(recipe: Recipe, run: _Run, rank: int, checked: dict | None):
@@ -279,8 +372,15 @@ def _optimizer_step(run: _Run, micro: list[dict], power: float, world: int, devi
 class _MetricsLog:
     """output/log.jsonl, written by rank 0: loss, LR, gradient norm, throughput (and validation loss)."""
 
-    def __init__(self, path: Path, rank: int, world: int):
-        self.f = path.open("a") if rank == 0 else None
+    def __init__(self, path: Path, rank: int, world: int, start: int = 0, logger: str = "none", recipe=None):
+        self.f = None
+        self.external = None
+        if rank == 0:  # a resumed run continues the log after its checkpoint's step: no step twice
+            kept = [line for line in (path.read_text().splitlines() if path.is_file() else [])
+                    if line.strip() and json.loads(line)["step"] <= start]
+            path.write_text("".join(line + "\n" for line in kept))
+            self.f = path.open("a")
+            self.external = _external_logger(logger, path.parent, start, recipe)
         self.world = world
         self.t_last, self.tokens = time.perf_counter(), 0
 
@@ -295,11 +395,79 @@ class _MetricsLog:
             rec["val_loss"] = val_loss()
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
+        if self.external is not None:
+            self.external.log({k: v for k, v in rec.items() if k not in ("step", "time") and v is not None}, step)
         return rec
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+        if self.external is not None:
+            self.external.close()
+
+
+class _TensorBoard:
+    def __init__(self, out: Path, start: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+
+    def log(self, scalars: dict, step: int) -> None:
+        for k, v in scalars.items():
+            self.w.add_scalar(f"train/{k}", v, step)
+        self.w.flush()
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class _Wandb:
+    """W&B run in `output/wandb` (project: $WANDB_PROJECT, default hyperowl; WANDB_MODE=offline works offline)."""
+
+    def __init__(self, out: Path, recipe):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "hyperowl"), dir=str(out), name=out.name,
+                              config=recipe.to_dict() if recipe is not None else None)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _external_logger(kind: str, out: Path, start: int, recipe):
+    if kind == "tensorboard":
+        return _TensorBoard(out, start)
+    if kind == "wandb":
+        return _Wandb(out, recipe)
+    return None
+
+
+class _Preemption:
+    """SIGTERM while training: remembered, acted on after the step (all processes agree; module note)."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, world: int, device: torch.device) -> bool:
+        if world == 1:
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool, last: bool = True,
@@ -307,7 +475,9 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
     """One training run (a recipe without phases, or one phase). last=False keeps the process group up."""
     rank, world = _rank_and_world()
     device = _set_up_process(recipe, world)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)  # and Python's and NumPy's, which a resume restores with torch's
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
     out = Path(recipe.output)
     out.mkdir(parents=True, exist_ok=True)
     run = _prepare(recipe, device, world, fsdp, resume, out)
@@ -322,9 +492,32 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if recipe.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
     power = LOSS_WEIGHTING[recipe.loss_weighting]
-    metrics = _MetricsLog(out / "log.jsonl", rank, world)
+    metrics = _MetricsLog(out / "log.jsonl", rank, world, run.start, recipe.logger, recipe)
     bar = tqdm(total=total, initial=run.start, desc=desc, disable=rank != 0, dynamic_ncols=True)
     run.model.train()
+    if run.resumed_from is not None:  # last: building the data above may draw random numbers
+        restore_rng(run.resumed_from, rank)
+    preempt = _Preemption()
+    try:
+        _steps(recipe, run, batches, val, metrics, bar, preempt, power, autocast, rank, world, device, stop_after, out)
+    finally:
+        preempt.close()
+    bar.close()
+    final = checkpoint(run.model, run.opt, total, out, run.tok_file, run.use_lora, recipe, rank, run.sharded, world)
+    metrics.close()
+    if rank == 0:
+        export_final(final, out)
+        _plot_loss(out)
+    if world > 1:
+        dist.barrier()  # the next phase (or the caller) reads this run's final model
+        if last:
+            dist.destroy_process_group()
+    return out
+
+
+def _steps(recipe, run, batches, val, metrics, bar, preempt, power, autocast, rank, world, device, stop_after, out):
+    """The optimizer steps from run.start to the end (a SIGTERM: checkpoint and exit)."""
+    total, pad = recipe.optim.max_steps, run.pad_id
     for step in range(run.start, total):
         lr = lr_at(step, recipe.optim.lr, recipe.optim.warmup_steps, total, recipe.optim.min_lr_ratio)
         set_lr(run.opt, lr)
@@ -338,21 +531,21 @@ def _train_run(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool,
             rec = metrics.write(done, res, lr, weighted=power != 0,
                                 val_loss=(lambda: _validate(run, val, pad, device, recipe.batch_size)) if evaluate else None)
             bar.set_postfix(loss=f"{res.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if recipe.save_every and done % recipe.save_every == 0 and done < total:
-            checkpoint(run.model, run.opt, done, out, run.tok_file, run.use_lora, recipe, rank, run.sharded)
+        saved = recipe.save_every and done % recipe.save_every == 0 and done < total
+        if saved:
+            checkpoint(run.model, run.opt, done, out, run.tok_file, run.use_lora, recipe, rank, run.sharded, world)
+        if done < total and preempt.requested(world, device):
+            if not saved:
+                checkpoint(run.model, run.opt, done, out, run.tok_file, run.use_lora, recipe, rank, run.sharded, world)
+            metrics.close()
+            bar.close()
+            log.warning("SIGTERM: saved %s at step %d of %d; continue with --resume", out / f"checkpoint-{done}", done,
+                        total)
+            if world > 1:
+                dist.destroy_process_group()
+            raise SystemExit(SIGTERM_EXIT)
         if stop_after is not None and done >= stop_after:  # testing aid: die like a killed job
             os._exit(3)
-    bar.close()
-    final = checkpoint(run.model, run.opt, total, out, run.tok_file, run.use_lora, recipe, rank, run.sharded)
-    metrics.close()
-    if rank == 0:
-        export_final(final, out)
-        _plot_loss(out)
-    if world > 1:
-        dist.barrier()  # the next phase (or the caller) reads this run's final model
-        if last:
-            dist.destroy_process_group()
-    return out
 
 
 def _validate(run: _Run, val: ConversationDataset, pad: int, device: torch.device, batch_size: int) -> float:
