@@ -183,6 +183,8 @@ def _check_llm(c: _LLMSchema, kv_heads: int, eos_default: int) -> None:
         raise _Invalid("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({c.num_attention_heads})")
     eos = c.eos_token_id if "eos_token_id" in c.model_fields_set else eos_default
     ids = eos if isinstance(eos, list) else [eos]
+    if eos is None:  # null: the config names no end token (a base text LLM); the family's stop tokens end answers
+        ids = [0]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < c.vocab_size for i in ids):
         raise _Invalid("eos_token_id", eos, f"a token id (or a non-empty list of them) in 0..{c.vocab_size - 1} "
                        "(below vocab_size)")

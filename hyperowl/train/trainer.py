@@ -78,6 +78,13 @@ def train(recipe: Recipe, resume: bool = False, stop_after: int | None = None, f
     output/final). An output directory holding a run is continued with `resume` or replaced with `overwrite`,
     else refused. stop_after: a testing aid, die like a killed job after that many steps (all phases counted).
     A SIGTERM saves a checkpoint and exits with SIGTERM_EXIT (module note)."""
+    try:
+        return _train(recipe, resume, stop_after, fsdp, overwrite)
+    finally:
+        torch.set_flush_denormal(False)  # process-wide float state (set for the run on CPU): give it back
+
+
+def _train(recipe: Recipe, resume: bool, stop_after: int | None, fsdp: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise InputError("--resume continues the run in the output directory, --overwrite replaces it: pass one")
     rank, world = _rank_and_world()
