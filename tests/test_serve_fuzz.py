@@ -149,7 +149,7 @@ def test_fuzz_chat_completions(server, media):
     seen: dict = {"valid": 0, "invalid": 0, "streams": 0, "status": {}}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate], derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(pair=st.one_of(valid, invalid), seed=st.integers(0, 2**16))
     def run(pair, seed):
