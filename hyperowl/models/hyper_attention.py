@@ -11,9 +11,10 @@ are not rotated.
   (a Linear head_dim -> head_dim shared by heads); tokens that see none keep C.
 - 241101: one softmax over [visual ; text] keys, no gate.
 
-Visual K/V are computed once (at prefill) into the cache and only read afterwards. Queries are grouped
-into segments by how many images they see (a prefix of the image list), so each SDPA call attends exactly
-the visible visual keys with no [text x visual] mask; a decode step is a single segment.
+Visual K/V are computed once (at prefill, or when images are appended to a kept cache) and only read
+afterwards. Queries are grouped into segments by how many images they see (a prefix of the image list), so
+each SDPA call attends exactly the visible visual keys with no [text x visual] mask; a decode step is a
+single segment.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class HyperAttention(Attention):
         n, t, _ = feats.shape
         b, n_max = ctx.visual_cos.shape[:2]
         shape = (b, self.kv_heads, n_max * t, self.head_dim)
-        if ctx.cache is not None:
+        if ctx.cache is not None:  # the new images' slots (after any images the cache already holds)
             k, v = ctx.cache.alloc_visual(self.layer_idx, shape, feats.dtype, feats.device)
         else:
             k, v = feats.new_empty(shape), feats.new_empty(shape)
@@ -77,7 +78,7 @@ class HyperAttention(Attention):
             row, col = flat // n_max, flat % n_max
             k5[row, col] = kc  # one MI-Rope position per image
             v5[row, col] = kv[..., 1, :].transpose(1, 2)
-        return k, v
+        return (k, v) if ctx.cache is None else ctx.cache.visual(self.layer_idx)
 
     def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:
         if not ctx.has_visual:

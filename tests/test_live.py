@@ -1,0 +1,173 @@
+"""Live video sessions (hyperowl/live.py): frames appended to a kept cache, questions at any time.
+
+The exactness contract is checked against the offline path (processor plan -> encoder -> one full
+forward, and Pipeline.chat for the tokens), for both Owl3 variants."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import OWL3_FIXTURE, make_tokenizer, random_owl3, skip_without
+from hyperowl.errors import InputError
+from hyperowl.pipeline import Pipeline
+from hyperowl.processing.processor import Owl3Processor
+
+VARIANTS = ["240728", "241101"]
+
+
+def make_pipe(variant):
+    if variant == "240728":  # the official-implementation fixture's weights
+        if skip_without(OWL3_FIXTURE).args[0]:
+            pytest.skip("owl3 fixture missing")
+        from hyperowl.checkpoint import load_owl3
+
+        model = load_owl3(OWL3_FIXTURE)
+    else:
+        model = random_owl3("241101")
+    proc = Owl3Processor(make_tokenizer(), variant=variant, image_size=model.config.vision.image_size, cut=False)
+    return Pipeline(model, proc)
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def pipe(request):
+    return make_pipe(request.param)
+
+
+def frames(n, seed=0, size=(40, 30)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@torch.no_grad()
+def offline_logits(pipe, messages, videos=None, prompt=None, images=None):
+    """Next-token logits of the offline prompt in one full forward (no cache), and its token ids."""
+    if prompt is not None:  # a rendered prompt (timestamped sessions): tokenized as the processor does
+        ids, pos = pipe.processor._tokenize(prompt)
+        ids, pos = torch.tensor(ids), torch.tensor(pos)
+        feats = pipe.encoder.encode_frames(pipe.processor.frame_pixels(images, len(images)))
+    else:
+        plan = pipe.processor.plan(messages, videos=videos)
+        ids, pos, feats = plan.input_ids, plan.image_positions, pipe.encoder.encode(plan)
+    kw = {} if feats is None else dict(image_embeds=feats, image_positions=pos[None])
+    return pipe.model(ids[None], **kw).logits[0, -1].float(), ids.tolist()
+
+
+def test_live_equals_offline_chat(pipe):
+    """F1..F3, q1, F4..F5, q2 == the offline chat [user <|video|>q1, assistant a1, user <|video|>q2]."""
+    f = frames(5)
+    q1, q2 = "What colour is the circle?", "Describe this video."
+    live = pipe.live(max_new_tokens=6, min_new_tokens=3)
+    live.add_frames(f[:2])
+    live.add_frames(f[2])  # a single frame, in a second call: the same turn
+    a1 = live.ask(q1)
+    ref1, ids1 = offline_logits(pipe, [{"role": "user", "content": "<|video|>" + q1}], videos=[f[:3]])
+    assert live.ids[: len(ids1)] == ids1
+    assert (live.last_logits - ref1).abs().max() <= 1e-4
+    assert a1 == pipe.chat([{"role": "user", "content": "<|video|>" + q1}], videos=[f[:3]], max_new_tokens=6, min_new_tokens=3)
+
+    live.add_frames(f[3:5])
+    a2 = live.ask(q2)
+    messages = [{"role": "user", "content": "<|video|>" + q1}, {"role": "assistant", "content": a1},
+                {"role": "user", "content": "<|video|>" + q2}]
+    ref2, ids2 = offline_logits(pipe, messages, videos=[f[:3], f[3:5]])
+    assert live.ids[: len(ids2)] == ids2
+    assert (live.last_logits - ref2).abs().max() <= 1e-4
+    assert a2 == pipe.chat(messages, videos=[f[:3], f[3:5]], max_new_tokens=6, min_new_tokens=3)
+    # a text-only follow-up (no new frames) is a plain user turn
+    a3 = live.ask("And now?")
+    messages += [{"role": "assistant", "content": a2}, {"role": "user", "content": "And now?"}]
+    ref3, ids3 = offline_logits(pipe, messages, videos=[f[:3], f[3:5]])
+    assert live.ids[: len(ids3)] == ids3 and (live.last_logits - ref3).abs().max() <= 1e-4
+    assert a3 == pipe.chat(messages, videos=[f[:3], f[3:5]], max_new_tokens=6, min_new_tokens=3)
+    # every image's visual K/V written once: one append per add_frames batch and hyper layer, none at questions
+    assert live.status()["frames_seen"] == 5
+    live.close()
+
+
+def test_visual_kv_never_recomputed(pipe):
+    """Appending frames writes only the new frames' visual K/V; old slots keep their exact bytes."""
+    live = pipe.live(max_new_tokens=2)
+    live.add_frames(frames(2))
+    live.ask("What colour is the circle?")
+    layer = pipe.model.config.hyper_layers[0]
+    before = live.cache.visual(layer)[0].clone()
+    writes = live.cache.visual_writes
+    live.add_frames(frames(3, seed=1))
+    live.flush()
+    assert live.cache.visual_writes == writes + len(pipe.model.config.hyper_layers)
+    assert torch.equal(live.cache.visual(layer)[0][:, :, : before.shape[2]], before)
+    live.close()
+
+
+def test_rolls_back_answer_tokens_the_text_tokenizes_differently(pipe):
+    """Cached tokens that the full text tokenizes otherwise (here: a word fed character by character, as a
+    model may generate it) are rolled back and re-prefilled, so the tokens equal the offline ones."""
+    live = pipe.live(max_new_tokens=1)
+    f = frames(2)
+    live.add_frames(f)
+    live.flush()
+    word = "circle"
+    chars = [pipe.processor.tokenizer.token_to_id(c) for c in word]
+    assert None not in chars and len(pipe.processor._tokenize(word)[0]) < len(chars)
+    with torch.no_grad():
+        pipe.model(torch.tensor([chars]), cache=live.cache)
+    live.ids += chars
+    live._add_text(word)
+    live.ask("What colour?")
+    text = live.prompt()
+    at_question = text[: text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")]
+    ref, ids = offline_logits(pipe, None, prompt=at_question, images=f)
+    assert live.ids[: len(ids)] == ids and (live.last_logits - ref).abs().max() <= 1e-4
+    live.close()
+
+
+def test_timestamps_in_the_prompt(pipe):
+    f = frames(3)
+    live = pipe.live(max_new_tokens=3)
+    live.add_frames(f[:2], timestamps=[0.0, 1.0])
+    live.add_frames(f[2:], timestamps=[2.5])
+    live.ask("What happens?")
+    text = live.prompt()
+    assert "[0.0s]<|image|>[1.0s]<|image|>[2.5s]<|image|>" in text and text.endswith("<|endoftext|>")
+    # the prompt text, tokenized as the processor does, with the frames' features: the same logits
+    at_question = text[: text.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")]
+    ref, ids = offline_logits(pipe, None, prompt=at_question, images=f)
+    assert live.ids[: len(ids)] == ids and (live.last_logits - ref).abs().max() <= 1e-4
+    with pytest.raises(InputError, match="timestamps"):
+        live.add_frames(f[0])  # the session is timestamped
+    with pytest.raises(InputError, match="timestamps: 1 given for 2 frames"):
+        live.add_frames(f[:2], timestamps=[3.0])
+    live.close()
+
+
+def test_question_before_any_frame_is_text_only(pipe):
+    live = pipe.live(max_new_tokens=4)
+    answer = live.ask("What colour is the circle?")
+    assert answer == pipe.chat([{"role": "user", "content": "What colour is the circle?"}], max_new_tokens=4)
+    live.close()
+
+
+def test_frame_kinds_and_bad_frames(pipe):
+    s = pipe.processor.image_size
+    live = pipe.live(max_new_tokens=1)
+    img = frames(1)[0]
+    arr = np.asarray(img)
+    px = pipe.processor.frame_pixels([img], 1)
+    live.add_frames([img, arr, px[0]])
+    live.add_frames(px)
+    live.flush()
+    feats = live.cache.visual(pipe.model.config.hyper_layers[0])[0]
+    t = pipe.model.config.vision.tokens_per_image
+    for j in range(1, 4):  # the same picture as PIL, array, pixels [3,S,S] and [1,3,S,S]: the same K/V
+        torch.testing.assert_close(feats[:, :, j * t : (j + 1) * t], feats[:, :, :t], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match=r"frames\[0\]: pixel values must be float \[3, %d, %d\]" % (s, s)):
+        live.add_frames(torch.zeros(3, s + 1, s))
+    with pytest.raises(InputError, match=r"frames\[1\]: an array must be HxWx3"):
+        live.add_frames([img, np.zeros((4, 4), np.uint8)])
+    with pytest.raises(InputError, match=r"frames\[0\]: expected a PIL image"):
+        live.add_frames(["not a frame"])
+    with pytest.raises(InputError, match="question: must not contain"):
+        live.ask("<|image|>?")
+    assert live.status()["frames_seen"] == 4  # nothing of the bad calls was queued
+    live.close()
