@@ -43,8 +43,9 @@ still visible. The memory counted is the cache's K/V buffers (the visual K/V dom
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -64,6 +65,23 @@ class Frame:
     index: int  # arrival order, 0-based
     time: Optional[float]  # stream time (seconds), None in the untimed mode
     kept: bool = True  # its visual K/V are still in the cache
+
+
+@dataclass
+class Following:
+    """A followed source (`LiveSession.follow`): progress, and how it ended."""
+
+    source: str
+    offset: float  # session time of the source's time 0
+    frames: int = 0  # frames taken from the source (at the session's fps)
+    skipped: int = 0  # taken but not added: the model was behind (realtime)
+    stream_time: float = 0.0  # session time of the last frame taken
+    ended: bool = False  # the source ended normally
+    error: Optional[str] = None  # why it stopped otherwise
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self.done.wait(timeout)
 
 
 def fmt_time(t: float) -> str:
@@ -110,6 +128,7 @@ class LiveSession:
         self._cv = threading.Condition()
         self._queue: list[tuple[torch.Tensor, Optional[list[float]]]] = []
         self._busy = False
+        self._added = self._ingested = 0  # frames queued / appended (or failed) so far
         self._worker: Optional[threading.Thread] = None
         self._closed = False
         self._followers: list[threading.Thread] = []
@@ -135,6 +154,7 @@ class LiveSession:
                 raise InputError("timestamps: this session's frames " + ("have" if self.timed else "have no")
                                  + " timestamps; give them for every add_frames call or for none")
             self._queue.append((pixels, timestamps))
+            self._added += n
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="hyperowl-live", daemon=True)
                 self._worker.start()
@@ -191,12 +211,15 @@ class LiveSession:
             finally:
                 with self._cv:
                     self._busy = False
+                    self._ingested += sum(p.shape[0] for p, _ in batch)
                     self._cv.notify_all()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every queued frame is in the cache. False on timeout."""
+        """Wait until every frame queued so far is in the cache (not those queued meanwhile: a followed
+        source never stops). False on timeout."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._queue and not self._busy, timeout)
+            target = self._added
+            return self._cv.wait_for(lambda: self._ingested >= target, timeout)
 
     def _append_frames(self, feats: torch.Tensor, times: Optional[list[float]]) -> None:
         pieces = []
@@ -212,6 +235,61 @@ class LiveSession:
         base = len(self.frames)
         self.frames += [Frame(base + j, None if times is None else times[j]) for j in range(feats.shape[0])]
         self._enforce_memory()
+
+    # -- sources ------------------------------------------------------------------------------------------------
+    def follow(self, source: "str | os.PathLike[str]", fps: float = 1.0, realtime: bool = True,
+               stall_timeout: float = 10.0, max_queue: int = 8) -> "Following":
+        """Follow a video file, a camera (/dev/videoN, through PyAV's v4l2) or a stream URL (rtsp, http(s), ...)
+        in a background thread, `fps` frames per second of stream time, with their stream times (plus where
+        the session's times were when it started). realtime: a file is played at its pace (frames the tower
+        cannot keep up with are skipped, at most `max_queue` wait), else as fast as it decodes (nothing is
+        skipped). A source that cannot be opened raises InputError here; one that stalls, breaks off or ends
+        later is reported (log, `errors`, the handle) and the session keeps answering about what it has."""
+        from .processing.video import iter_stream, open_stream
+
+        source = os.fspath(source)
+        if fps <= 0:
+            raise InputError(f"fps={fps}: must be a positive number of frames per second")
+        container = open_stream(source, stall_timeout)
+        if self.timed is False:
+            container.close()
+            raise InputError("follow: this session's frames have no timestamps; follow a source in a new session")
+        last = self.frames[-1].time if self.frames else None
+        queued = [t for _, ts in list(self._queue) for t in (ts or [])]
+        last = queued[-1] if queued else last
+        handle = Following(source, 0.0 if last is None else last + 1.0 / fps)
+
+        def run() -> None:
+            try:
+                for t, image in iter_stream(source, fps, realtime, self._stop, stall_timeout, container):
+                    handle.stream_time = handle.offset + t
+                    handle.frames += 1
+                    if not realtime:
+                        with self._cv:  # backpressure: decode no further ahead than the tower
+                            self._cv.wait_for(lambda: self._queued() < max_queue or self._stop.is_set())
+                    elif self._queued() >= max_queue:
+                        handle.skipped += 1
+                        if handle.skipped == 1:
+                            log.warning("live: the model cannot keep up with '%s' at %g fps; skipping frames",
+                                        source, fps)
+                        continue
+                    self.add_frames(image, timestamps=[handle.offset + t])
+                handle.ended = True
+                log.info("live: '%s' ended after %d frames (%.1fs)", source, handle.frames, handle.stream_time)
+            except Exception as e:  # a stall, a broken stream, a bad frame: report it, keep the session
+                handle.error = str(e)
+                self.errors.append(handle.error)
+                log.error("live: %s", handle.error)
+            finally:
+                handle.done.set()
+
+        thread = threading.Thread(target=run, name=f"hyperowl-follow:{source}", daemon=True)
+        self._followers.append(thread)
+        thread.start()
+        return handle
+
+    def _queued(self) -> int:
+        return sum(p.shape[0] for p, _ in self._queue) + (1 if self._busy else 0)
 
     # -- text and the cache ----------------------------------------------------------------------------------
     def _add_text(self, s: str) -> None:

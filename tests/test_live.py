@@ -171,3 +171,107 @@ def test_frame_kinds_and_bad_frames(pipe):
         live.ask("<|image|>?")
     assert live.status()["frames_seen"] == 4  # nothing of the bad calls was queued
     live.close()
+
+
+# -- follow: files, cameras, URLs ----------------------------------------------------------------------------------
+def moving_frames(n, size=64):
+    """A red square crossing a gray field, one step per frame."""
+    out = []
+    for k in range(n):
+        im = Image.new("RGB", (size, size), (120, 120, 120))
+        x = 4 + k * (size - 20) // max(1, n - 1)
+        im.paste((220, 30, 30), (x, 20, x + 16, 36))
+        out.append(im)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from hyperowl.data.synthetic.writer import write_mp4
+
+    path = tmp_path_factory.mktemp("live") / "moving.mp4"
+    write_mp4(moving_frames(12), path, fps=4)  # 3 s
+    return path
+
+
+def test_follow_file_takes_the_sampler_frames(pipe, clip):
+    """Following a file at 2 fps, as fast as it decodes, gives the frames (and times) the offline sampler
+    picks at fps=2, and the same answer as a session given those frames."""
+    from hyperowl.processing.video import sample_frames_with_times
+
+    live = pipe.live(max_new_tokens=3)
+    handle = live.follow(clip, fps=2, realtime=False)
+    assert handle.wait(60) and handle.ended and handle.error is None
+    live.ask("Where is the square?")
+    frames_ref, times = sample_frames_with_times(clip, max_frames=100, fps=2)
+    assert times == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5] and handle.frames == 6
+    ref = pipe.live(max_new_tokens=3)
+    ref.add_frames(frames_ref, timestamps=times)
+    ref.ask("Where is the square?")
+    assert live.prompt() == ref.prompt() and "[2.5s]<|image|>" in live.prompt()
+    assert (live.last_logits - ref.last_logits).abs().max() <= 1e-4  # frames batched otherwise: float noise
+    # a second source continues the session's clock
+    again = live.follow(clip, fps=1, realtime=False)
+    assert again.wait(60) and again.offset == 3.5 and live.flush(60)
+    assert "[3.5s]<|image|>[4.5s]<|image|>[5.5s]<|image|>" in live.prompt()
+    live.close()
+    ref.close()
+
+
+def test_follow_bad_sources_are_clear_and_the_session_goes_on(pipe, clip, tmp_path):
+    live = pipe.live(max_new_tokens=2)
+    with pytest.raises(InputError, match="missing.mp4"):
+        live.follow(tmp_path / "missing.mp4")
+    with pytest.raises(InputError, match=r"camera '/dev/video99': no such device"):
+        live.follow("/dev/video99")
+    with pytest.raises(InputError, match=r"url 'rtsp://127.0.0.1:9/none': cannot be opened"):
+        live.follow("rtsp://127.0.0.1:9/none", stall_timeout=2)
+    with pytest.raises(InputError, match="fps=0"):
+        live.follow(clip, fps=0)
+    assert live.ask("Anything?") is not None  # still answers (text-only: no frames yet)
+    live.close()
+
+
+def test_follow_stalled_url(pipe, tmp_path):
+    """An http stream that stops sending: reported as stalled, the frames before it stay usable."""
+    import socket
+    import threading
+
+    import av
+
+    ts = tmp_path / "clip.ts"
+    with av.open(str(ts), "w", format="mpegts") as c:
+        st = c.add_stream("mpeg4", rate=4)
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for im in moving_frames(40):
+            for p in st.encode(av.VideoFrame.from_ndarray(np.asarray(im), format="rgb24")):
+                c.mux(p)
+        for p in st.encode():
+            c.mux(p)
+    data = ts.read_bytes()
+    release = threading.Event()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve():  # a real HTTP response: headers, the first 60% of the stream, then silence
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nContent-Length: %d\r\n\r\n" % len(data))
+        conn.sendall(data[: len(data) * 6 // 10])
+        release.wait(30)
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/clip.ts"
+    live = pipe.live(max_new_tokens=2)
+    handle = live.follow(url, fps=1, realtime=False, stall_timeout=1.5)
+    assert handle.wait(60)
+    release.set()
+    assert handle.error and "stalled" in handle.error and url in handle.error and handle.frames >= 2
+    assert live.errors == [handle.error]
+    live.ask("What moved?")
+    assert live.status()["frames_seen"] == handle.frames
+    live.close()
+    srv.close()
