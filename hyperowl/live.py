@@ -120,7 +120,7 @@ class LiveSession:
         self.frames: list[Frame] = []  # every frame received
         self.timed: Optional[bool] = None  # the mode, fixed by the first frames
         self.in_turn = False  # a user turn with frames is open (the next question closes it)
-        self.thinned_note = ""  # told before the next question when frames were evicted since the last one
+        self.thinned = False  # frames were evicted since the last question (it is told what is still visible)
         self.answers = 0
         self.last_logits: Optional[torch.Tensor] = None
         self.errors: list[str] = []  # faults of followed sources (the session keeps going)
@@ -355,8 +355,9 @@ class LiveSession:
                 head = END_VIDEO_FRAME if self.variant == "241101" else ""
             else:
                 head = f"\n{IM_START}user\n"
-            head += self.thinned_note
-            self.thinned_note = ""
+            if self.thinned:  # frames were evicted since the last question: say what is still visible
+                head += self.visible_note() + "\n"
+                self.thinned = False
             self.in_turn = False
             logits = self._prefill([f"{head}{question}{IM_END}\n{IM_START}assistant\n"], None, logits=True)
             self.last_logits = logits[0].clone()  # the question's next-token logits (tests compare them)
@@ -419,8 +420,7 @@ class LiveSession:
                 f.kept = False
             self.cache.drop_images(torch.tensor([i for i, f in enumerate(cached) if f.kept], dtype=torch.long))
             changed = True
-        if changed:
-            self.thinned_note = self.visible_note() + "\n"
+        self.thinned |= changed
 
     def visible_note(self) -> str:
         """What the model is told after frames were evicted: the frames (or times) it still sees, as runs of

@@ -275,3 +275,55 @@ def test_follow_stalled_url(pipe, tmp_path):
     assert live.status()["frames_seen"] == handle.frames
     live.close()
     srv.close()
+
+
+# -- bounded memory ----------------------------------------------------------------------------------------------
+def test_memory_ceiling_thins_old_frames_without_recomputing(pipe):
+    cfg = pipe.model.config
+    per_frame = len(cfg.hyper_layers) * 2 * cfg.num_kv_heads * cfg.vision.tokens_per_image * cfg.head_dim * 4
+    f = frames(14, seed=3)
+    free = pipe.live(max_new_tokens=2)
+    probe = pipe.live(max_new_tokens=2)
+    probe.add_frames(f[0])
+    probe.flush()
+    ceiling = probe.memory_bytes() + 5 * per_frame  # room for 6 frames
+    live = pipe.live(max_new_tokens=2, memory_gb=ceiling / 2**30, recent_frames=3)
+    for k in range(14):
+        for s in (live, free):
+            s.add_frames(f[k], timestamps=[float(k)])
+            s.flush()
+        assert live.memory_bytes() <= ceiling
+    st = live.status()
+    assert st["frames_seen"] == 14 and st["frames_kept"] <= 6 and st["memory_bytes"] <= ceiling
+    kept = [fr.index for fr in live.frames if fr.kept]
+    assert kept[-3:] == [11, 12, 13] and kept[0] == 0  # the newest at full rate, the oldest still there, thinned
+    # what is kept is moved, not recomputed: each kept frame's visual K/V equal the unbounded session's
+    layer, t = cfg.hyper_layers[0], cfg.vision.tokens_per_image
+    k_live, k_free = live.cache.visual(layer)[0], free.cache.visual(layer)[0]
+    for j, idx in enumerate(kept):
+        assert torch.equal(k_live[:, :, j * t : (j + 1) * t], k_free[:, :, idx * t : (idx + 1) * t])
+    # the model is told which times it still sees, before the next question
+    live.ask("What is left?")
+    note = live.visible_note()
+    assert note.startswith("(Frames were dropped") and note.endswith(" to 13.0s.)") and "0.0s" in note
+    assert note + "\nWhat is left?" in live.prompt()
+    live.ask("And now?")  # told once
+    assert live.prompt().count("(Frames were dropped") == 1
+    for s in (live, free, probe):
+        s.close()
+
+
+def test_frames_are_encoded_off_the_callers_thread(pipe):
+    import threading
+
+    seen = []
+    tower = pipe.encoder.encode_frames
+    pipe.encoder.encode_frames = lambda px: seen.append(threading.current_thread()) or tower(px)
+    try:
+        live = pipe.live(max_new_tokens=1)
+        live.add_frames(frames(2))
+        live.ask("?")
+    finally:
+        del pipe.encoder.encode_frames
+    assert seen and all(t is not threading.main_thread() for t in seen)
+    live.close()
