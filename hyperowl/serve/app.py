@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import TextStream
 from ..engine import SamplingParams
 from ..pipeline import Pipeline
+from .live import add_live_routes
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
@@ -390,6 +391,7 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/web/{name}", web_file, methods=["GET"], include_in_schema=False)
+    add_live_routes(app)  # live video sessions: serve/live.py
     return app
 
 
