@@ -14,7 +14,7 @@ then has room for `vcap[i] >= nv[i]` visual slots (text starts at vcap[i]); `all
 cache appends the new images' slots after the old ones, regrowing the front region by a quarter at a time
 (amortised: a long stream is not copied once per frame). Old visual K/V are never recomputed: MI-Rope gives
 each image its own position, so an image's keys do not depend on what comes after it. The fused view
-[visual ; text] needs the region full, so `visual_and_text` closes a gap (one copy) when there is one.
+[visual ; text] then has spare (zeroed) slots in between, which the 241101 attention masks out.
 `truncate` rolls text back (re-tokenized answer text), `drop_images` evicts images' visual K/V (memory
 policy; their text slots stay).
 """
@@ -101,6 +101,7 @@ class KVCache:
             t = buf[i]
             new = t.new_empty(*t.shape[:-2], vcap + self.capacity, t.shape[-1])
             new[:, :, :nv] = t[:, :, :nv]
+            new[:, :, nv:vcap] = 0  # spare slots: finite, as they are read (masked) by the fused attention
             new[:, :, vcap : vcap + used] = t[:, :, old : old + used]
             buf[i] = new
         self.vcap[i] = vcap
@@ -121,12 +122,12 @@ class KVCache:
         s, e = self.vcap[i], self.vcap[i] + self.length + lq
         return self.k[i][:, :, s:e], self.v[i][:, :, s:e]
 
-    def visual_and_text(self, i: int, lq: int) -> tuple[Tensor, Tensor]:
-        """[visual ; text] K/V as one contiguous view (the 241101 fused attention's keys)."""
-        if self.nv[i] != self.vcap[i]:  # images were appended with room to spare: close the gap once
-            self._regrow_visual(i, self.nv[i])
-        e = self.nv[i] + self.length + lq
-        return self.k[i][:, :, :e], self.v[i][:, :, :e]
+    def visual_and_text(self, i: int, lq: int) -> tuple[Tensor, Tensor, int]:
+        """[visual ; gap ; text] K/V as one contiguous view (the 241101 fused attention's keys) and the gap: the
+        spare visual slots (zeros) between the images and the text, which the caller masks out. Non-zero only
+        after appending; masking them costs less than closing the gap (a copy of the buffer) each time."""
+        e = self.vcap[i] + self.length + lq
+        return self.k[i][:, :, :e], self.v[i][:, :, :e], self.vcap[i] - self.nv[i]
 
     # -- live sessions: roll text back, evict images -----------------------------------------------------
     def truncate(self, length: int) -> None:

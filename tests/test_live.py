@@ -90,8 +90,9 @@ def test_visual_kv_never_recomputed(pipe):
     live = pipe.live(max_new_tokens=2)
     live.add_frames(frames(2))
     live.ask("What colour is the circle?")
-    layer = pipe.model.config.hyper_layers[0]
+    layer = pipe.model.config.hyper_layers[0] - 1
     before = live.cache.visual(layer)[0].clone()
+    assert before.shape[2] == 2 * pipe.model.config.vision.tokens_per_image
     writes = live.cache.visual_writes
     live.add_frames(frames(3, seed=1))
     live.flush()
@@ -157,9 +158,10 @@ def test_frame_kinds_and_bad_frames(pipe):
     live.add_frames([img, arr, px[0]])
     live.add_frames(px)
     live.flush()
-    feats = live.cache.visual(pipe.model.config.hyper_layers[0])[0]
+    feats = live.cache.visual(pipe.model.config.hyper_layers[0] - 1)[1]  # values: not rotated by MI-Rope
     t = pipe.model.config.vision.tokens_per_image
-    for j in range(1, 4):  # the same picture as PIL, array, pixels [3,S,S] and [1,3,S,S]: the same K/V
+    assert feats.shape[2] == 4 * t
+    for j in range(1, 4):  # the same picture as PIL, array, pixels [3,S,S] and [1,3,S,S]: the same visual V
         torch.testing.assert_close(feats[:, :, j * t : (j + 1) * t], feats[:, :, :t], rtol=0, atol=1e-5)
     with pytest.raises(InputError, match=r"frames\[0\]: pixel values must be float \[3, %d, %d\]" % (s, s)):
         live.add_frames(torch.zeros(3, s + 1, s))
@@ -298,8 +300,9 @@ def test_memory_ceiling_thins_old_frames_without_recomputing(pipe):
     kept = [fr.index for fr in live.frames if fr.kept]
     assert kept[-3:] == [11, 12, 13] and kept[0] == 0  # the newest at full rate, the oldest still there, thinned
     # what is kept is moved, not recomputed: each kept frame's visual K/V equal the unbounded session's
-    layer, t = cfg.hyper_layers[0], cfg.vision.tokens_per_image
+    layer, t = cfg.hyper_layers[0] - 1, cfg.vision.tokens_per_image
     k_live, k_free = live.cache.visual(layer)[0], free.cache.visual(layer)[0]
+    assert k_live.shape[2] == len(kept) * t and k_free.shape[2] == 14 * t
     for j, idx in enumerate(kept):
         assert torch.equal(k_live[:, :, j * t : (j + 1) * t], k_free[:, :, idx * t : (idx + 1) * t])
     # the model is told which times it still sees, before the next question
@@ -326,4 +329,22 @@ def test_frames_are_encoded_off_the_callers_thread(pipe):
     finally:
         del pipe.encoder.encode_frames
     assert seen and all(t is not threading.main_thread() for t in seen)
+    live.close()
+
+
+def test_many_single_frame_appends_stay_exact(pipe):
+    """Frames one by one: the visual region regrows with spare slots (a gap before the text, which the 241101
+    fused attention masks out); still the offline logits and tokens."""
+    f = frames(14, seed=5)
+    live = pipe.live(max_new_tokens=4, min_new_tokens=2)
+    for im in f:
+        live.add_frames(im)
+        live.flush()
+    layer = pipe.model.config.hyper_layers[0] - 1
+    assert live.cache.vcap[layer] > live.cache.nv[layer]  # the case under test: spare slots before the text
+    answer = live.ask("Describe this video.")
+    messages = [{"role": "user", "content": "<|video|>Describe this video."}]
+    ref, ids = offline_logits(pipe, messages, videos=[f])
+    assert live.ids[: len(ids)] == ids and (live.last_logits - ref).abs().max() <= 1e-4
+    assert answer == pipe.chat(messages, videos=[f], max_new_tokens=4, min_new_tokens=2)
     live.close()

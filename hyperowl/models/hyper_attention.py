@@ -100,18 +100,19 @@ class HyperAttention(Attention):
             return self.o_proj(merge_heads(torch.where(sees_image, c * (1 - g) + x * g, c)))
 
         def fused(seg: Segment, qs: Tensor, idx: Tensor | None) -> Tensor:
-            kt = seg.k * t
+            kt, gap = seg.k * t, 0
             if ctx.cache is not None and kt == vk.shape[2]:  # all images: the cache is already [visual ; text]
-                keys, values = map(seg.of_rows, ctx.cache.visual_and_text(self.layer_idx, ctx.lq))
+                keys, values, gap = ctx.cache.visual_and_text(self.layer_idx, ctx.lq)  # gap: spare slots, masked
+                keys, values = seg.of_rows(keys), seg.of_rows(values)
             else:
                 keys = torch.cat([seg.of_rows(vk)[:, :, :kt], seg.of_rows(k)], 2)
                 values = torch.cat([seg.of_rows(vv)[:, :, :kt], seg.of_rows(v)], 2)
             vmask = segment_visual_mask(seg, ctx.counts, t)  # None: every query sees all kt visual keys
-            if ctx.text_mask is None and vmask is None:
+            if ctx.text_mask is None and vmask is None and not gap:
                 return attend(qs, keys, values)
-            lt = keys.shape[2] - kt
+            lt = keys.shape[2] - kt - gap
             if ctx.text_mask is None:
-                rows = vmask.new_ones(*vmask.shape[:-1], lt)
+                rows = torch.ones(qs.shape[0], 1, qs.shape[2], lt, dtype=torch.bool, device=qs.device)
             else:
                 rows = seg.of_rows(ctx.text_mask)
                 if idx is not None:  # this segment's query rows, the dummy slot seeing everything
@@ -119,7 +120,10 @@ class HyperAttention(Attention):
                     rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
             if vmask is None:
                 vmask = rows.new_ones(*rows.shape[:-1], kt)
-            return attend(qs, keys, values, torch.cat([vmask.expand(rows.shape[0], -1, -1, -1), rows], -1))
+            parts = [vmask.expand(rows.shape[0], -1, -1, -1), rows]
+            if gap:
+                parts.insert(1, rows.new_zeros(*rows.shape[:-1], gap))
+            return attend(qs, keys, values, torch.cat(parts, -1))
 
         return self.o_proj(merge_heads(by_segment(q, ctx, fused)))
 
