@@ -159,6 +159,14 @@ class KVCache:
                 buf[i] = new
             self.nv[i] = self.vcap[i] = kept
 
+    def visual_bytes(self) -> int:
+        """Bytes of the visual regions (filled and spare slots) of all layers."""
+        out = 0
+        for t, vcap in zip(self.k, self.vcap):
+            if t is not None and vcap:
+                out += 2 * t[:, :, :vcap].numel() * t.element_size()
+        return out
+
     def nbytes(self) -> int:
         """Bytes held by the K/V buffers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -120,6 +120,7 @@ class LiveSession:
         self.frames: list[Frame] = []  # every frame received
         self.timed: Optional[bool] = None  # the mode, fixed by the first frames
         self.in_turn = False  # a user turn with frames is open (the next question closes it)
+        self._ceiling_warned = False
         self.thinned = False  # frames were evicted since the last question (it is told what is still visible)
         self.answers = 0
         self.last_logits: Optional[torch.Tensor] = None
@@ -406,15 +407,21 @@ class LiveSession:
         if self.max_bytes is None or self.memory_bytes() <= self.max_bytes:
             return
         kept = [f for f in self.frames if f.kept]
-        per_frame = max(1, self.memory_bytes() // max(1, len(kept)))
-        window = self.recent_frames if self.recent_frames is not None else max(1, self.max_bytes // 2 // per_frame)
+        visual = self.cache.visual_bytes()
+        text = self.memory_bytes() - visual  # one placeholder per frame in every layer: never evicted
+        per_frame = max(1, visual // max(1, len(kept)))
+        budget = self.max_bytes - text  # what the frames' visual K/V may use
+        window = self.recent_frames if self.recent_frames is not None else max(1, budget // 2 // per_frame)
         changed = False
         while self.memory_bytes() > self.max_bytes:
             cached = [f for f in self.frames if f.kept]  # the cache's images, in order
             old = cached[:-window] if window < len(cached) else []
             if len(old) < 2:
-                log.warning("live: memory ceiling %.3f GB is below what the %d most recent frames need; "
-                            "keeping them", self.max_bytes / 2**30, window)
+                if not self._ceiling_warned:
+                    self._ceiling_warned = True
+                    log.warning("live: the memory ceiling %.3f GB cannot be held: the text K/V (%.3f GB, one "
+                                "placeholder per frame seen, in every layer) and the %d most recent frames need "
+                                "more; raise memory_gb", self.max_bytes / 2**30, text / 2**30, window)
                 break
             for f in old[1::2]:
                 f.kept = False

@@ -348,3 +348,15 @@ def test_many_single_frame_appends_stay_exact(pipe):
     assert live.ids[: len(ids)] == ids and (live.last_logits - ref).abs().max() <= 1e-4
     assert answer == pipe.chat(messages, videos=[f], max_new_tokens=4, min_new_tokens=2)
     live.close()
+
+
+def test_a_ceiling_below_the_text_is_reported_once(pipe, caplog):
+    live = pipe.live(max_new_tokens=1, memory_gb=1e-6)  # ~1 KB: less than the text K/V alone
+    with caplog.at_level("WARNING", logger="hyperowl.live"):
+        for im in frames(4):
+            live.add_frames(im)
+            live.flush()
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "cannot be held" in caplog.records[0].message and "raise memory_gb" in caplog.records[0].message
+    assert live.ask("Still there?") is not None and live.status()["frames_kept"] >= 1
+    live.close()
