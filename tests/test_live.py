@@ -163,6 +163,14 @@ def test_frame_kinds_and_bad_frames(pipe):
     assert feats.shape[2] == 4 * t
     for j in range(1, 4):  # the same picture as PIL, array, pixels [3,S,S] and [1,3,S,S]: the same visual V
         torch.testing.assert_close(feats[:, :, j * t : (j + 1) * t], feats[:, :, :t], rtol=0, atol=1e-5)
+    # a frame of another size or mode (a stream that changes resolution, a grayscale camera): converted and
+    # resized like every frame, so it equals its RGB version
+    gray = img.convert("L").resize((64, 20))
+    live.add_frames([gray, gray.convert("RGB"), img.convert("RGBA")])
+    live.flush()
+    feats = live.cache.visual(pipe.model.config.hyper_layers[0] - 1)[1]
+    torch.testing.assert_close(feats[:, :, 4 * t : 5 * t], feats[:, :, 5 * t : 6 * t], rtol=0, atol=1e-5)
+    torch.testing.assert_close(feats[:, :, 6 * t : 7 * t], feats[:, :, :t], rtol=0, atol=1e-5)
     with pytest.raises(InputError, match=r"frames\[0\]: pixel values must be float \[3, %d, %d\]" % (s, s)):
         live.add_frames(torch.zeros(3, s + 1, s))
     with pytest.raises(InputError, match=r"frames\[1\]: an array must be HxWx3"):
@@ -171,7 +179,7 @@ def test_frame_kinds_and_bad_frames(pipe):
         live.add_frames(["not a frame"])
     with pytest.raises(InputError, match="question: must not contain"):
         live.ask("<|image|>?")
-    assert live.status()["frames_seen"] == 4  # nothing of the bad calls was queued
+    assert live.status()["frames_seen"] == 7  # nothing of the bad calls was queued
     live.close()
 
 
