@@ -157,7 +157,7 @@ def test_debug_after_the_subcommand():
     assert p.parse_args(["--debug", "chat", "--debug", "hi"]).debug is True
     needs = {"train": ["r.yaml"], "plot-log": ["log.jsonl"], "convert": ["a", "b"], "info": ["x"],
              "upgrade": ["--text-llm", "t", "--vision", "v", "--hyper-layers", "1", "--out", "o"],
-             "pretrain-vision": ["--out", "o"]}
+             "pretrain-vision": ["--out", "o"], "watch": ["clip.mp4"]}
     for name in subs:
         assert p.parse_args([name, *needs.get(name, [])]).debug is False, name
         assert p.parse_args([name, "--debug", *needs.get(name, [])]).debug is True, name
