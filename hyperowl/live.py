@@ -60,6 +60,9 @@ from .processing.chat import END_VIDEO_FRAME, ENDOFTEXT, IM_END, IM_START, IMAGE
 log = logging.getLogger(__name__)
 
 
+BATCH = 16  # frames per tower call in the encoding thread
+
+
 @dataclass
 class Frame:
     index: int  # arrival order, 0-based
@@ -92,10 +95,11 @@ class LiveSession:
     """One live conversation over a stream of frames (see the module note). Made by `Pipeline.live()`."""
 
     def __init__(self, pipe: Any, *, system: str = "", memory_gb: Optional[float] = None,
-                 recent_frames: Optional[int] = None, **sampling: Any) -> None:
+                 recent_frames: Optional[int] = None, max_queued: int = 64, **sampling: Any) -> None:
         """memory_gb: ceiling on the cache's K/V bytes; None = unbounded. recent_frames: how many newest frames
-        always stay at full rate (default: as many as half the ceiling holds). sampling: default sampling
-        options of `ask` (max_new_tokens, temperature, ...)."""
+        always stay at full rate (default: as many as half of what the ceiling leaves to frames holds).
+        max_queued: frames waiting for the tower before `add_frames` waits too (their pixels are held).
+        sampling: default sampling options of `ask` (max_new_tokens, temperature, ...)."""
         if pipe.family.name.startswith("owl2") or not hasattr(pipe.model.config, "variant"):
             raise InputError(f"live sessions need an mPLUG-Owl3 model (visual K/V outside the text); "
                              f"{pipe.family.name} puts image tokens in the text")
@@ -112,6 +116,7 @@ class LiveSession:
         make_params(pipe.stop_ids, **sampling)  # bad defaults fail here
         self.max_bytes = None if memory_gb is None else int(memory_gb * 2**30)
         self.recent_frames = recent_frames
+        self.max_queued = max(1, max_queued)
         self.cache = self.model.new_cache(256)
         self.ids: list[int] = []  # token ids in the cache, in order
         self.chunk_start = 0  # where the open chunk (the text after the last image token) starts in ids
@@ -149,6 +154,8 @@ class LiveSession:
                 raise InputError(f"timestamps: {len(timestamps)} given for {n} frames; give one per frame")
         timed = timestamps is not None
         with self._cv:
+            # backpressure: a caller far ahead of the tower waits (frames are pixels until encoded)
+            self._cv.wait_for(lambda: self._queued_frames() < self.max_queued or self._closed)
             if self.timed is None:
                 self.timed = timed
             elif self.timed != timed:
@@ -198,8 +205,13 @@ class LiveSession:
                     self._cv.wait()
                 if self._closed and not self._queue:
                     return
-                batch, self._queue = self._queue, []
+                batch, n = [], 0  # at most BATCH frames per tower call: bounded pixel and activation memory
+                while self._queue and (not batch or n + self._queue[0][0].shape[0] <= BATCH):
+                    item = self._queue.pop(0)
+                    batch.append(item)
+                    n += item[0].shape[0]
                 self._busy = True
+                self._cv.notify_all()
             try:
                 pixels = torch.cat([p for p, _ in batch])
                 times = None if batch[0][1] is None else [t for _, ts in batch for t in ts]
@@ -290,7 +302,10 @@ class LiveSession:
         return handle
 
     def _queued(self) -> int:
-        return sum(p.shape[0] for p, _ in self._queue) + (1 if self._busy else 0)
+        return self._queued_frames() + (1 if self._busy else 0)
+
+    def _queued_frames(self) -> int:
+        return sum(p.shape[0] for p, _ in self._queue)
 
     # -- text and the cache ----------------------------------------------------------------------------------
     def _add_text(self, s: str) -> None:

@@ -327,16 +327,21 @@ def test_memory_ceiling_thins_old_frames_without_recomputing(pipe):
 def test_frames_are_encoded_off_the_callers_thread(pipe):
     import threading
 
-    seen = []
+    seen, sizes = [], []
     tower = pipe.encoder.encode_frames
-    pipe.encoder.encode_frames = lambda px: seen.append(threading.current_thread()) or tower(px)
+    pipe.encoder.encode_frames = lambda px: seen.append(threading.current_thread()) or sizes.append(len(px)) \
+        or tower(px)
     try:
-        live = pipe.live(max_new_tokens=1)
-        live.add_frames(frames(2))
+        live = pipe.live(max_new_tokens=1, max_queued=8)
+        f = frames(3)
+        for k in range(40):  # far faster than the tower: the queue stays bounded, batches too
+            live.add_frames(f[k % 3])
+            assert live.status()["queued"] <= 8
         live.ask("?")
     finally:
         del pipe.encoder.encode_frames
     assert seen and all(t is not threading.main_thread() for t in seen)
+    assert sum(sizes) == 40 and max(sizes) <= 16 and live.status()["frames_seen"] == 40
     live.close()
 
 
