@@ -36,6 +36,7 @@ class KVCache:
         self.key_valid: Tensor | None = None  # [B, capacity] bool
         self.next_pos: Tensor | None = None  # [B] long
         self.image_pos: Tensor | None = None  # [B, N_max] long, visible-from position, huge = padding
+        self.growth = 2.0  # text capacity factor when full (a live session with a memory ceiling uses less)
         self.visual_writes = 0  # how many times visual K/V were computed into this cache (tests check 1/layer)
 
     @property
@@ -51,7 +52,7 @@ class KVCache:
             self.key_valid = torch.zeros(b, self.capacity, dtype=torch.bool, device=new_valid.device)
             self.next_pos = torch.zeros(b, dtype=torch.long, device=new_valid.device)
         if self.length + lq > self.capacity:
-            self._grow(max(self.length + lq, 2 * self.capacity))
+            self._grow(max(self.length + lq, int(self.growth * self.capacity)))
         self.key_valid[:, self.length : self.length + lq] = new_valid.bool()
 
     def commit(self, lq: int, last_pos: Tensor) -> None:

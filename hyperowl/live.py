@@ -118,6 +118,8 @@ class LiveSession:
         self.recent_frames = recent_frames
         self.max_queued = max(1, max_queued)
         self.cache = self.model.new_cache(256)
+        if self.max_bytes is not None:  # text grows by a quarter when full: the ceiling reserves that much
+            self.cache.growth = 1.25
         self.ids: list[int] = []  # token ids in the cache, in order
         self.chunk_start = 0  # where the open chunk (the text after the last image token) starts in ids
         self.chunk_text = ""  # the open chunk's text (tokenized again on each addition)
@@ -411,6 +413,7 @@ class LiveSession:
             finally:  # also when a stream is abandoned: the turn ends with what was said
                 self._add_text("".join(answer) + f"{IM_END}{ENDOFTEXT}")
                 self.answers += 1
+                self._enforce_memory()
 
     # -- bounded memory ------------------------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -419,16 +422,21 @@ class LiveSession:
     def _enforce_memory(self) -> None:
         """Over the ceiling: among frames older than the recent window, evict every second kept one (their
         stride doubles), oldest half first, until under it (or only the window is left)."""
-        if self.max_bytes is None or self.memory_bytes() <= self.max_bytes:
+        if self.max_bytes is None:
+            return
+        # the text capacity's next growth (a question, an answer) must fit too: count it in now
+        grow = int((self.cache.growth - 1) * (self.memory_bytes() - self.cache.visual_bytes()))
+        limit = self.max_bytes - grow
+        if self.memory_bytes() <= limit:
             return
         kept = [f for f in self.frames if f.kept]
         visual = self.cache.visual_bytes()
         text = self.memory_bytes() - visual  # one placeholder per frame in every layer: never evicted
         per_frame = max(1, visual // max(1, len(kept)))
-        budget = self.max_bytes - text  # what the frames' visual K/V may use
+        budget = limit - text  # what the frames' visual K/V may use
         window = self.recent_frames if self.recent_frames is not None else max(1, budget // 2 // per_frame)
         changed = False
-        while self.memory_bytes() > self.max_bytes:
+        while self.memory_bytes() > limit:
             cached = [f for f in self.frames if f.kept]  # the cache's images, in order
             old = cached[:-window] if window < len(cached) else []
             if len(old) < 2:

@@ -315,6 +315,7 @@ def test_memory_ceiling_thins_old_frames_without_recomputing(pipe):
         assert torch.equal(k_live[:, :, j * t : (j + 1) * t], k_free[:, :, idx * t : (idx + 1) * t])
     # the model is told which times it still sees, before the next question
     live.ask("What is left?")
+    assert live.memory_bytes() <= ceiling  # a question's text fits too
     note = live.visible_note()
     assert note.startswith("(Frames were dropped") and note.endswith(" to 13.0s.)") and "0.0s" in note
     assert note + "\nWhat is left?" in live.prompt()
