@@ -402,6 +402,125 @@ def cmd_data(args: argparse.Namespace) -> int:
 _DTYPES = ["float32", "bfloat16", "float16"]
 
 
+def parse_time(text: str) -> float:
+    """'30', '30s', '1m30s', '2h', '1:30', '1:02:03' -> seconds."""
+    import re
+
+    t = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    if re.fullmatch(r"\d+(:\d{1,2}){1,2}(\.\d+)?", t):
+        out = 0.0
+        for part in t.split(":"):
+            out = out * 60 + float(part)
+        return out
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", t)
+    if not t or not m:
+        raise InputError(f"--at {text!r}: not a time; write e.g. 30s, 1m30s, 1:30 or 90")
+    h, mi, se = (float(x) if x else 0.0 for x in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow a video source live; answer questions typed at any time (stdin) or scripted with --ask/--at."""
+    import queue
+    import threading
+
+    if len(args.ask) != len(args.at):
+        raise InputError(f"--ask was given {len(args.ask)} times and --at {len(args.at)} times; give one --at per --ask")
+    script = sorted(((parse_time(a), q) for q, a in zip(args.ask, args.at)), key=lambda x: x[0])
+    if args.fps <= 0:
+        raise InputError(f"--fps {args.fps}: must be a positive number of frames per second")
+    import hyperowl
+    from .processing.video import iter_stream, open_stream
+
+    container = open_stream(args.source, args.stall_timeout)  # a bad source fails before the model loads
+    owl = hyperowl.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    live = owl.live(system=args.system or "", memory_gb=args.memory_gb, **_sampling(args))
+    tty = sys.stderr.isatty()
+    questions: "queue.Queue[str]" = queue.Queue()
+    if not script:  # questions typed at any time, read by a thread so the stream goes on meanwhile
+        def read() -> None:
+            for line in sys.stdin:
+                if line.strip():
+                    questions.put(line.strip())
+        threading.Thread(target=read, daemon=True).start()
+    now = 0.0
+
+    def status() -> None:
+        st = live.status()
+        line = (f"[{now:7.1f}s] frames seen {st['frames_seen']}, kept {st['frames_kept']}, "
+                f"memory {st['memory_bytes'] / 2**20:.1f} MiB")
+        if tty:
+            sys.stderr.write("\r" + line + "\x1b[K")
+            sys.stderr.flush()
+
+    def answer(q: str, at: float) -> None:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+        print(f"[{at:.1f}s] Q: {q}", flush=True)
+        sys.stdout.write(f"[{at:.1f}s] A: ")
+        for piece in live.ask(q, stream=True):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    frames = iter_stream(args.source, args.fps, not args.fast, stall_timeout=args.stall_timeout, container=container)
+    try:
+        for t, image in frames:
+            while script and script[0][0] < t - 1e-6:  # asked at T: every frame up to T is in
+                answer(script.pop(0)[1], now)
+            if not script and args.ask:
+                break  # scripted and done: no need to follow the rest
+            live.add_frames(image, timestamps=[t])
+            now = t
+            while not questions.empty():
+                answer(questions.get(), now)
+            status()
+        else:
+            if tty:
+                sys.stderr.write("\n")
+            print(f"hyperowl: {args.source} ended at {now:.1f}s", file=sys.stderr)
+    except InputError as e:  # a stall or a broken stream: keep answering about what was seen
+        print(f"\nhyperowl: {e}", file=sys.stderr)
+    finally:
+        frames.close()
+    for _, q in script:  # the stream ended before their time
+        answer(q, now)
+    if not args.ask:  # interactive: questions until EOF
+        try:
+            while True:
+                answer(questions.get(timeout=None if sys.stdin.isatty() else 0.5), now)
+        except queue.Empty:
+            pass
+    st = live.status()
+    print(f"hyperowl: watched {now:.1f}s: {st['frames_seen']} frames seen, {st['frames_kept']} kept, "
+          f"{st['memory_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    live.close()
+    return 0
+
+
+def _watch_parser(sub) -> None:
+    w = _subcommand(sub, "watch", cmd_watch, "follow a live video (file, camera, stream URL) and answer questions "
+                    "about it at any time")
+    w.add_argument("source", help="a video file, a camera (/dev/video0) or a stream URL (rtsp://, http(s)://)")
+    w.add_argument("--fps", type=float, default=1.0, help="frames per second of stream time given to the model "
+                   "(default 1)")
+    w.add_argument("--fast", action="store_true", help="read a file as fast as it decodes, not at its own pace")
+    w.add_argument("--memory-gb", type=float, default=None, help="ceiling on the session's K/V memory; older "
+                   "frames are thinned to stay under it (docs/live.md)")
+    w.add_argument("--ask", action="append", default=[], metavar="Q", help="a question to ask at --at (repeatable; "
+                   "scripted: exits after the last one)")
+    w.add_argument("--at", action="append", default=[], metavar="TIME", help="stream time of the matching --ask: "
+                   "30s, 1m30s, 1:30")
+    w.add_argument("--stall-timeout", type=float, default=10.0, help="seconds without data before a stream counts "
+                   "as stalled (default 10)")
+    w.add_argument("--system", default=None, help="system prompt")
+    _model_options(w)
+    _sampling_options(w)
+
+
 def _debug_option(p: argparse.ArgumentParser) -> None:
     """`--debug` after the subcommand too; SUPPRESS: its absence must not override `hyperowl --debug CMD`."""
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -612,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _eval_parser(sub)
     _batch_parser(sub)
+    _watch_parser(sub)
 
     dt = _subcommand(sub, "data", cmd_data, "datasets: `hyperowl data synth --out DIR` writes the synthetic visual "
                      "world", add_help=False)

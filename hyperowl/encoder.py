@@ -93,6 +93,12 @@ class Encoder:
         p.embeds, p.pixels = embeds, None
         self.cache.put(p.key, CachedMedia(embeds, frames=p.item.count if p.item.kind == "video" else 0))
 
+    # -- live video (hyperowl/live.py) -----------------------------------------------------------------------
+    def encode_frames(self, pixels: Tensor) -> Tensor:
+        """Live frames' pixels [F, 3, S, S] -> features [F, T, H], through the tower in one (chunked) call. No
+        feature cache: a live frame is seen once, and hashing each would cost more than it saves."""
+        return self._tower(pixels)
+
     # -- one prompt at a time (chat, eval) ---------------------------------------------------------------------
     def encode(self, plan: Plan, progress: Optional[bool] = None) -> Optional[Tensor]:
         """A plan's features [N, T, H] in placeholder order (None without media). Images: one tower call for

@@ -19,7 +19,8 @@ from .feature_cache import FeatureCache
 
 
 class Pipeline:
-    """model + processor + encoder. `.chat()`, `.stream()`, `.chat_batch()`; calls go to the model's forward."""
+    """model + processor + encoder. `.chat()`, `.stream()`, `.chat_batch()`, `.live()`; calls go to the model's
+    forward."""
 
     def __init__(self, model: Any, processor: Any = None, *, encoder: Optional[Encoder] = None,
                  family: Optional[Family] = None, checkpoint_dir: Optional[Path] = None,
@@ -58,6 +59,13 @@ class Pipeline:
         from .chat import chat_batch
 
         return chat_batch(self, conversations, **sampling)
+
+    def live(self, **options: Any):
+        """A live video session (`hyperowl.live.LiveSession`): `add_frames`, `follow`, `ask` at any time.
+        options: system, memory_gb (K/V ceiling), recent_frames, and default sampling options."""
+        from .live import LiveSession
+
+        return LiveSession(self, **options)
 
     # -- the model underneath ----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -158,7 +158,7 @@ def test_debug_after_the_subcommand():
     needs = {"train": ["r.yaml"], "plot-log": ["log.jsonl"], "convert": ["a", "b"], "info": ["x"],
              "upgrade": ["--text-llm", "t", "--vision", "v", "--hyper-layers", "1", "--out", "o"],
              "pretrain-vision": ["--out", "o"], "batch": ["in.jsonl", "--out", "o.jsonl"],
-             "export": ["ckpt", "--peft", "--out", "o"]}
+             "export": ["ckpt", "--peft", "--out", "o"], "watch": ["clip.mp4"]}
     for name in subs:
         assert p.parse_args([name, *needs.get(name, [])]).debug is False, name
         assert p.parse_args([name, "--debug", *needs.get(name, [])]).debug is True, name

@@ -159,7 +159,7 @@ LAYERS = [
     ["processing"],
     ["families", "feature_cache"],
     ["checkpoint", "encoder", "engine"],
-    ["chat", "pipeline"],
+    ["chat", "pipeline", "live"],
     ["data", "eval", "serve", "train", "batch"],
     ["cli"],
 ]

@@ -60,7 +60,7 @@ class AttnContext:
     # visual side (None when no image is in play)
     visual_embeds: Tensor | None = None  # [N, T, H] new image features to project, rows' images packed (prefill)
     visual_slots: Tensor | None = None  # [N] row * N_max + slot of each image; None = every slot, in order
-    visual_cos: Tensor | None = None  # [B, N_max, D] MI-Rope tables, one position per image
+    visual_cos: Tensor | None = None  # [B, N_new, D] MI-Rope tables of the images in visual_embeds
     visual_sin: Tensor | None = None
     counts: Tensor | None = None  # [B, Lq] images visible to each query
     segments: list[Segment] = field(default_factory=list)
@@ -198,9 +198,11 @@ def make_context(
     image_pos: Tensor | None,
     visual_embeds: Tensor | None,
     visual_slots: Tensor | None = None,
+    new_images: int | None = None,
 ) -> AttnContext:
     """positions [B, Lq]; key_valid [B, past+Lq] bool; image_pos [B, N_max] visible-from positions;
-    visual_embeds [N, T, H] with visual_slots [N] (see AttnContext)."""
+    visual_embeds [N, T, H] with visual_slots [N] (see AttnContext); new_images: visual_embeds are the last
+    new_images images of image_pos (appended to a kept cache), None: all of them."""
     lq = positions.shape[1]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     padded = not bool(key_valid.all())
@@ -214,7 +216,8 @@ def make_context(
         return ctx
     ctx.visual_embeds, ctx.visual_slots = visual_embeds, visual_slots
     if visual_embeds is not None:
-        vpos = image_pos.clamp(max=1 << 30)  # padding images: any finite position, never attended
+        vpos = image_pos if new_images is None else image_pos[:, image_pos.shape[1] - new_images :]
+        vpos = vpos.clamp(max=1 << 30)  # padding images: any finite position, never attended
         ctx.visual_cos, ctx.visual_sin = rope_cos_sin(vpos, cfg.head_dim, cfg.rope_theta)
     ctx.counts = (image_pos[:, None, :] <= positions[:, :, None]).sum(-1)  # [B, Lq]
     ctx.segments = build_segments(ctx.counts, skip_zero=cfg.variant == "240728")

@@ -11,9 +11,10 @@ are not rotated.
   (a Linear head_dim -> head_dim shared by heads); tokens that see none keep C.
 - 241101: one softmax over [visual ; text] keys, no gate.
 
-Visual K/V are computed once (at prefill) into the cache and only read afterwards. Queries are grouped
-into segments by how many images they see (a prefix of the image list), so each SDPA call attends exactly
-the visible visual keys with no [text x visual] mask; a decode step is a single segment.
+Visual K/V are computed once (at prefill, or when images are appended to a kept cache) and only read
+afterwards. Queries are grouped into segments by how many images they see (a prefix of the image list), so
+each SDPA call attends exactly the visible visual keys with no [text x visual] mask; a decode step is a
+single segment.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class HyperAttention(Attention):
         n, t, _ = feats.shape
         b, n_max = ctx.visual_cos.shape[:2]
         shape = (b, self.kv_heads, n_max * t, self.head_dim)
-        if ctx.cache is not None:
+        if ctx.cache is not None:  # the new images' slots (after any images the cache already holds)
             k, v = ctx.cache.alloc_visual(self.layer_idx, shape, feats.dtype, feats.device)
         else:
             k, v = feats.new_empty(shape), feats.new_empty(shape)
@@ -77,7 +78,7 @@ class HyperAttention(Attention):
             row, col = flat // n_max, flat % n_max
             k5[row, col] = kc  # one MI-Rope position per image
             v5[row, col] = kv[..., 1, :].transpose(1, 2)
-        return k, v
+        return (k, v) if ctx.cache is None else ctx.cache.visual(self.layer_idx)
 
     def forward(self, h: Tensor, ctx: AttnContext, norm: nn.Module | None = None) -> Tensor:
         if not ctx.has_visual:
@@ -99,18 +100,19 @@ class HyperAttention(Attention):
             return self.o_proj(merge_heads(torch.where(sees_image, c * (1 - g) + x * g, c)))
 
         def fused(seg: Segment, qs: Tensor, idx: Tensor | None) -> Tensor:
-            kt = seg.k * t
+            kt, gap = seg.k * t, 0
             if ctx.cache is not None and kt == vk.shape[2]:  # all images: the cache is already [visual ; text]
-                keys, values = map(seg.of_rows, ctx.cache.visual_and_text(self.layer_idx, ctx.lq))
+                keys, values, gap = ctx.cache.visual_and_text(self.layer_idx, ctx.lq)  # gap: spare slots, masked
+                keys, values = seg.of_rows(keys), seg.of_rows(values)
             else:
                 keys = torch.cat([seg.of_rows(vk)[:, :, :kt], seg.of_rows(k)], 2)
                 values = torch.cat([seg.of_rows(vv)[:, :, :kt], seg.of_rows(v)], 2)
             vmask = segment_visual_mask(seg, ctx.counts, t)  # None: every query sees all kt visual keys
-            if ctx.text_mask is None and vmask is None:
+            if ctx.text_mask is None and vmask is None and not gap:
                 return attend(qs, keys, values)
-            lt = keys.shape[2] - kt
+            lt = keys.shape[2] - kt - gap
             if ctx.text_mask is None:
-                rows = vmask.new_ones(*vmask.shape[:-1], lt)
+                rows = torch.ones(qs.shape[0], 1, qs.shape[2], lt, dtype=torch.bool, device=qs.device)
             else:
                 rows = seg.of_rows(ctx.text_mask)
                 if idx is not None:  # this segment's query rows, the dummy slot seeing everything
@@ -118,7 +120,10 @@ class HyperAttention(Attention):
                     rows = rows.gather(2, idx[:, None, :, None].expand(-1, 1, -1, rows.shape[-1]))
             if vmask is None:
                 vmask = rows.new_ones(*rows.shape[:-1], kt)
-            return attend(qs, keys, values, torch.cat([vmask.expand(rows.shape[0], -1, -1, -1), rows], -1))
+            parts = [vmask.expand(rows.shape[0], -1, -1, -1), rows]
+            if gap:
+                parts.insert(1, rows.new_zeros(*rows.shape[:-1], gap))
+            return attend(qs, keys, values, torch.cat(parts, -1))
 
         return self.o_proj(merge_heads(by_segment(q, ctx, fused)))
 

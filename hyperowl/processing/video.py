@@ -57,6 +57,8 @@ import logging
 import math
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Iterator, Optional
@@ -571,3 +573,98 @@ def probe_video(path: "str | os.PathLike[str]", max_frames: int = 16, fps: Optio
     finally:
         container.close()
     return video_targets(info.duration, info.count, max_frames, fps)
+
+
+# -- live sources (hyperowl/live.py) ---------------------------------------------------------------------------
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+
+
+def stream_kind(source: str) -> str:
+    """"url", "camera" (a V4L2 device: /dev/videoN or v4l2:/dev/videoN) or "file"."""
+    if source.startswith(STREAM_SCHEMES):
+        return "url"
+    if source.startswith("v4l2:") or source.startswith("/dev/video"):
+        return "camera"
+    return "file"
+
+
+def open_stream(source: str, stall_timeout: float = 10.0) -> "av.container.InputContainer":
+    """Open a live source with PyAV: a video file, a camera (V4L2) or a stream URL. Every failure is an
+    InputError naming the source as given and what to do."""
+    kind = stream_kind(source)
+    if kind == "file":
+        return _open(source)
+    try:
+        if kind == "camera":
+            dev = source[len("v4l2:"):] if source.startswith("v4l2:") else source
+            if not os.path.exists(dev):
+                raise InputError(f"camera '{source}': no such device; list cameras with `ls /dev/video*` "
+                                 "(v4l2-ctl --list-devices) and pass one")
+            container = av.open(dev, format="v4l2", timeout=(stall_timeout, stall_timeout))
+        else:
+            container = av.open(source, timeout=(stall_timeout, stall_timeout))
+    except InputError:
+        raise
+    except _AV_ERRORS as exc:
+        raise InputError(f"{kind} '{source}': cannot be opened ({exc or type(exc).__name__}); check that it "
+                         "exists, is reachable and plays (e.g. with ffplay)") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{kind} '{source}': has no video stream; pass a source that contains video")
+    return container
+
+
+def iter_stream(source: str, fps: float = 1.0, realtime: bool = True, stop: Optional["threading.Event"] = None,
+                stall_timeout: float = 10.0, container: Optional["av.container.InputContainer"] = None
+                ) -> Iterator[tuple[float, Image.Image]]:
+    """A live source's frames as (stream time in seconds, RGB image), one every 1/fps seconds of stream time
+    (the frame displayed at each target), decoded straight through, never seeking: a source may be endless.
+
+    realtime: a file is played at its own pace (wall clock), as a camera or a broadcast would deliver it;
+    False: as fast as it decodes (cameras and URLs come at their own pace either way). Ends when the source
+    ends (or `stop` is set); a source that stops delivering for `stall_timeout` seconds raises InputError.
+    container: the source already opened with `open_stream` (closed here at the end)."""
+    if fps <= 0:
+        raise InputError(f"fps={fps}: must be a positive number of frames per second")
+    container = container or open_stream(source, stall_timeout)
+    kind = stream_kind(source)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    step, target, t0, wall0, size = 1.0 / fps, 0.0, None, time.monotonic(), None
+    index = 0
+    try:
+        frames = container.decode(stream)
+        while stop is None or not stop.is_set():
+            asked = time.monotonic()
+            try:
+                frame = next(frames, None)
+            except _AV_ERRORS as exc:
+                waited = time.monotonic() - asked
+                # PyAV's read timeout surfaces as AVERROR_EXIT ("Immediate exit requested") or a timed-out I/O
+                if waited >= 0.9 * stall_timeout or "exit requested" in str(exc).lower():
+                    raise InputError(f"{kind} '{source}': stalled (no data for {waited:.0f} s); the session keeps "
+                                     "what it has seen") from None
+                raise InputError(f"{kind} '{source}': broke off ({exc or type(exc).__name__}); the session keeps "
+                                 "what it has seen") from None
+            if frame is None:
+                return
+            t = float(frame.time) if frame.time is not None else index / float(stream.average_rate or 25)
+            index += 1
+            t0 = t if t0 is None else t0
+            t -= t0
+            if t + _TIME_EPS < target:
+                continue
+            if (frame.width, frame.height) != size:
+                if size is not None:
+                    logger.info("%s '%s': frame size changed from %dx%d to %dx%d at %.1fs; frames are resized "
+                                "for the model as before", kind, source, *size, frame.width, frame.height, t)
+                size = (frame.width, frame.height)
+            if realtime and kind == "file":  # play at the file's own pace
+                delay = wall0 + t - time.monotonic()
+                if delay > 0:
+                    stop.wait(delay) if stop is not None else time.sleep(delay)
+            while target <= t + _TIME_EPS:
+                target += step
+            yield t, frame.to_image()
+    finally:
+        container.close()

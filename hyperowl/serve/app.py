@@ -38,6 +38,7 @@ from ..chat import TextStream
 from ..engine import SamplingParams
 from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES
 from ..pipeline import Pipeline
+from .live import add_live_routes
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
@@ -441,6 +442,7 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/web/{name}", web_file, methods=["GET"], include_in_schema=False)
     app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
+    add_live_routes(app)  # live video sessions: serve/live.py
     return app
 
 
