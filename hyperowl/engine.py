@@ -186,7 +186,12 @@ class Engine:
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=dev)
         use_penalty = any(p.repetition_penalty != 1.0 for p in params)
         if use_penalty:
-            seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
+            # Only real prompt tokens are marked: a scatter of the mask would also write False from padding
+            # onto the pad id, in an order torch leaves undefined on GPU (a prompt's own pad-id token lost).
+            ids = batch["input_ids"]
+            real = batch["attention_mask"].bool() & (ids >= 0) & (ids < vocab)
+            rows = torch.arange(b, device=dev)[:, None].expand_as(ids)
+            seen[rows[real], ids[real]] = True
         penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
         gens = [r.generator if r.generator is not None or r.params.temperature <= 0 else self.generator(r.params)
                 for r in requests]
