@@ -4,6 +4,7 @@ output directory, checkpoint rotation, the start banner, TensorBoard logging, ty
 import json
 import signal
 import subprocess
+import warnings
 import sys
 import time
 
@@ -88,7 +89,14 @@ def test_fsdp_resume_after_kill_and_sigterm_is_exact(tmp_path, colour_data):
                 "-m", "hyperowl.cli", "train", str(recipe), "--fsdp", *extra]
 
     def run(cmd):
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+        if r.returncode != 0 and "(SIGSEGV)" in r.stderr and "--stop-after" not in cmd:
+            # Seen once in ~10 runs: a gloo worker segfaulting on this shared 2-core machine (not yet
+            # understood; noted on issue 27). A crash is an interruption too: run the same command again, and
+            # every check below still applies to the run it leaves.
+            warnings.warn(f"torchrun worker crashed (SIGSEGV); running again: {torchrun_failure(r)[-500:]}")
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+        return r
 
     ref = write_recipe(tmp_path / "ref.yaml", colour_data, tmp_path / "ref", **over)
     r = run(torchrun(ref, 29541))
