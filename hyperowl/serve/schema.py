@@ -134,9 +134,10 @@ class ChatCompletionRequest(_Bookkeeping):
     parallel_tool_calls: Optional[bool] = Field(None, description="ignored: no tools")
 
 
-class CompletionRequest(_Bookkeeping, _Sampling):
+class CompletionRequest(_Sampling):
     """POST /v1/completions (legacy): a raw prompt, no chat template, text only."""
 
+    user: Optional[str] = Field(None, description="ignored (the caller's bookkeeping)")
     model: Optional[str] = Field(None, description="the served model's id (GET /v1/models); default: that one")
     prompt: Union[Annotated[str, Field(min_length=1)],
                   Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]]
