@@ -105,6 +105,14 @@ def test_unsupported_chat_parameter_is_a_400_naming_it(client, name):
     assert repr(name) in err["message"]
 
 
+def test_all_unsupported_parameters_are_named(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       logprobs=True, top_logprobs=2, n=3)
+    err = e.value.body
+    assert err["param"] == "logprobs" and all(repr(k) in err["message"] for k in ("logprobs", "top_logprobs", "n"))
+
+
 def test_unknown_parameter_is_a_400_naming_it(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
@@ -319,3 +327,16 @@ def test_langchain_chat_openai_chat_and_responses(server, client):
                          max_retries=0, use_responses_api=True)
     assert rllm.invoke("Hello").text == ref
     assert "".join(c.text for c in rllm.stream("Hello")) == ref
+    assert [m.content for m in llm.batch(["Hello", "Hello"])] == [ref, ref]
+    # Structured output is not implemented yet: a clear 400 naming what it needs, never a free-text answer.
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+
+    for chat_model, method, needs in ((llm, "json_schema", {"response_format"}), (llm, "json_mode", {"response_format"}),
+                                      (llm, "function_calling", {"tools", "tool_choice"}),
+                                      (rllm, "json_schema", {"text"})):
+        with pytest.raises(openai.BadRequestError) as e:
+            chat_model.with_structured_output(Person, method=method).invoke("Hello")
+        assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] in needs, e.value.body

@@ -212,6 +212,8 @@ class Fields:
     refused: dict[str, Refused]  # not implemented: a 400 naming the field unless its value is neutral
 
     def check(self, body: dict[str, Any]) -> None:
+        """A 400 for the first unknown field, else for the unsupported ones (all named, `param` the first)."""
+        refused = []
         for name, value in body.items():
             if name in self.parsed or name in self.ignored:
                 continue
@@ -221,8 +223,11 @@ class Fields:
                                     f"{', '.join(sorted(self.parsed | self.ignored))})", param=name,
                                code="unknown_parameter")
             if value is not None and not rule.neutral(value):
-                raise ApiError(400, f"{name!r} is not supported by this server: {rule.hint}", param=name,
-                               code="unsupported_parameter")
+                refused.append((name, rule.hint))
+        if refused:
+            what = "; ".join(f"{name!r}: {hint}" for name, hint in refused)
+            raise ApiError(400, f"not supported by this server: {what}", param=refused[0][0],
+                           code="unsupported_parameter")
 
 
 # Extensions beyond OpenAI (vLLM reads them too), parsed on every generating endpoint.
