@@ -314,6 +314,28 @@ def test_response_input_errors_name_the_input(client):
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
 
 
+def test_disconnected_streams_are_cancelled(server):
+    """A client that hangs up mid-stream frees its engine row, on both new endpoints."""
+    import time
+
+    def health() -> dict:
+        return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
+
+    for path, body in (("/v1/completions", {"prompt": "Go on forever", "max_tokens": 480}),
+                       ("/v1/responses", {"input": "Go on forever", "max_output_tokens": 480})):
+        before = health()["cancelled"]
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", server.url + path, json={"model": MODEL, "stream": True, "min_tokens": 480,
+                                                          **body}) as r:
+                lines = r.iter_lines()
+                got = [next(lines) for _ in range(8)]  # a few events, then hang up
+        assert any(line.startswith("data: ") for line in got)
+        deadline = time.monotonic() + 20
+        while (health()["cancelled"] == before or health()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health()["cancelled"] > before and health()["running"] == 0, path
+
+
 # -- LangChain ---------------------------------------------------------------------------------------------
 
 def test_langchain_chat_openai_chat_and_responses(server, client):
