@@ -1,4 +1,6 @@
-"""The HTTP server: an OpenAI-compatible chat-completions API and the web chat page, one FastAPI app.
+"""The HTTP server: an OpenAI-compatible chat-completions API and the web chat page, one FastAPI app (legacy
+completions and the Responses API are routes of their own modules, completions.py and responses.py, built on
+this module's request steps: prepare, submit, answer, finish).
 
 Design note: a request goes through cheap checks first (API key, body size, JSON, fields, media count, a
 full queue) so bad or excess requests cost almost nothing, then media are fetched (async), decoded and
