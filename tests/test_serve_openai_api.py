@@ -312,6 +312,14 @@ def test_response_input_errors_name_the_input(client):
     for inp, status, param in cases:
         r = httpx.post(str(client.base_url) + "responses", json={"model": MODEL, "input": inp}, timeout=30)
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+    # A placeholder typed into the text is named where it was typed.
+    for body, param in (({"input": "<|image|> hi"}, "input"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                                 {"type": "input_text", "text": "<|video|>"}]}]},
+                         "input[0].content[1]"),
+                        ({"input": "hi", "instructions": "<|image|>"}, "instructions")):
+        r = httpx.post(str(client.base_url) + "responses", json={"model": MODEL, **body}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_disconnected_streams_are_cancelled(server):
