@@ -143,6 +143,7 @@ BAD_CASES = {
     "max_tokens_zero": (dict(body={**chat(), "max_tokens": 0}), 422, "invalid_value"),
     "max_tokens_string": (dict(body={**chat(), "max_tokens": "10"}), 400, "invalid_type"),
     "max_tokens_bool": (dict(body={**chat(), "max_tokens": True}), 400, "invalid_type"),
+    "top_k_past_int64": (dict(body={**chat(), "top_k": 2**64, "temperature": 1.0}), 422, "invalid_value"),
     "n_two": (dict(body={**chat(), "n": 2}), 400, "unsupported_parameter"),
     "logprobs": (dict(body={**chat(), "logprobs": True}), 400, "unsupported_parameter"),
     "unknown_field": (dict(body={**chat(), "guided_json": {}}), 400, "unknown_parameter"),

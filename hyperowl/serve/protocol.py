@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal
 from ..limits import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
+MAX_TOP_K = 2**31 - 1  # the engine makes a tensor of it: a top_k past int64 was a 500 (found by the fuzz test)
 
 
 class ApiError(Exception):
@@ -337,7 +338,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, max_name: str) -> di
     _range(0.0 < top_p <= 1.0, "top_p", "must be in (0, 1]")
     top_k = _typed(body, "top_k", int, 0, "an integer")
     top_k = 0 if top_k == -1 else top_k  # vLLM spells "off" as -1
-    _range(top_k >= 0, "top_k", "must be >= 0 (0 or -1 = off)")
+    _range(0 <= top_k <= MAX_TOP_K, "top_k", f"must be between 0 and {MAX_TOP_K} (0 or -1 = off)")
     rep = float(_typed(body, "repetition_penalty", (int, float), 1.0, "a number"))
     _range(rep > 0, "repetition_penalty", "must be > 0")
     seed = _typed(body, "seed", int, None, "an integer")

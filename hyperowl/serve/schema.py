@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import models_json_schema
 
 from ..limits import SEED_RANGE
-from .protocol import MAX_STOP_STRINGS
+from .protocol import MAX_STOP_STRINGS, MAX_TOP_K
 
 
 class _Open(BaseModel):
@@ -102,7 +102,7 @@ class _Sampling(_Request):
                                                                "at most the max tokens")
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1, description="extension: 0 or -1 = off")
+    top_k: Optional[int] = Field(None, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 = off")
     repetition_penalty: Optional[float] = Field(None, gt=0, description="extension (HF rule)")
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[Annotated[str, Field(min_length=1)],
@@ -122,7 +122,7 @@ class ChatCompletionRequest(_Bookkeeping):
                                                                "at most max_tokens")
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1, description="extension: 0 or -1 = off")
+    top_k: Optional[int] = Field(None, ge=-1, le=MAX_TOP_K, description="extension: 0 or -1 = off")
     repetition_penalty: Optional[float] = Field(None, gt=0, description="extension (HF rule)")
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[Annotated[str, Field(min_length=1)],
