@@ -1,4 +1,5 @@
-"""OpenAI chat-completions wire format: request validation, response and chunk bodies, API errors.
+"""OpenAI wire format: request validation (chat completions, legacy completions, the Responses API), chat response
+and chunk bodies, API errors.
 
 Design note: the request body is validated by hand rather than with a pydantic model so that every
 mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status (the
