@@ -4,9 +4,10 @@ tiny fixture model): bodies generated from the server's own /openapi.json, both 
 model) and ones it forbids. Checks: never a 5xx (nor an error event inside a stream), every status and
 content type documented, 200 bodies match the published response models, no request hangs, a body the schema
 allows is answered 200 unless refused for what a schema cannot say, and the server is healthy afterwards.
+The same for legacy completions and the Responses API (a schema-valid body has no field the server refuses).
 
-HYPEROWL_FUZZ_EXAMPLES sets the number of generated requests (default 200: under two minutes on two busy CPU
-cores; most of it is the model answering).
+HYPEROWL_FUZZ_EXAMPLES sets the number of generated chat requests (default 200: under two minutes on two busy CPU
+cores; most of it is the model answering); completions and responses get a quarter of that each.
 """
 
 from __future__ import annotations
@@ -112,16 +113,60 @@ def fill_valid(body: dict, images: list[str], video: str, rnd: random.Random) ->
     return body
 
 
+def _short(body: dict, name: str, rnd: random.Random) -> dict:
+    """The served model (or none), a stream a third of the time, a short answer."""
+    body["model"] = rnd.choice([MODEL, None])
+    if body.get("stream") is None:  # the generator seldom picks True for an optional field
+        body["stream"] = rnd.random() < 0.35
+    body[name] = min(body.get(name) or MAX_TOKENS, MAX_TOKENS)
+    if body.get("min_tokens") is not None:
+        body["min_tokens"] = min(body["min_tokens"], body[name])
+    return body
+
+
+def fill_valid_completion(body: dict, images: list[str], video: str, rnd: random.Random) -> dict:
+    return _short(body, "max_tokens", rnd)
+
+
+def fill_valid_response(body: dict, images: list[str], video: str, rnd: random.Random) -> dict:
+    """Real images in input_image parts, no stored response to continue, messages in an order the server answers
+    (a system message only first and not beside instructions, the last one not the assistant's)."""
+    _short(body, "max_output_tokens", rnd)
+    body["previous_response_id"] = None
+    msgs = body["input"]
+    if isinstance(msgs, str):
+        return body
+    for i, m in enumerate(msgs):
+        if m.get("role") in ("system", "developer") and (i or body.get("instructions")):
+            m["role"] = "user"
+        if isinstance(m.get("content"), list):
+            parts = [p for p in m["content"] if p.get("type") != "input_image"]
+            images_in = [p for p in m["content"] if p.get("type") == "input_image"][:2]
+            for p in images_in:
+                p["image_url"] = rnd.choice(images)
+            m["content"] = images_in + parts
+    if msgs[-1].get("role") == "assistant":
+        msgs.append({"role": "user", "content": "Describe it."})
+    return body
+
+
 def fill_invalid(body, rnd: random.Random):
     """A schema-invalid body, still past the model-name check when its model is a string (the broken part is
     elsewhere then), answering shortly when its max_tokens is fine."""
     if isinstance(body, dict):
         if isinstance(body.get("model"), str):
             body["model"] = MODEL
-        if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool) \
-                and body["max_tokens"] > MAX_TOKENS:
-            body["max_tokens"] = MAX_TOKENS
+        for name in ("max_tokens", "max_output_tokens"):
+            if isinstance(body.get(name), int) and not isinstance(body[name], bool) and body[name] > MAX_TOKENS:
+                body[name] = MAX_TOKENS
     return body
+
+
+def _stream_data(response) -> list[str] | None:
+    content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type", [""])[0]
+    if not content_type.startswith("text/event-stream"):
+        return None
+    return [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
 
 
 def check_stream(response) -> bool:
@@ -130,26 +175,65 @@ def check_stream(response) -> bool:
     with a finish_reason, and the stream ends with [DONE]."""
     from hyperowl.serve.schema import ChatCompletionChunk
 
-    content_type = {k.lower(): v for k, v in response.headers.items()}.get("content-type", [""])[0]
-    if not content_type.startswith("text/event-stream"):
+    data = _stream_data(response)
+    if data is None:
         return False
-    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert data and data[-1] == "[DONE]", data[-3:]
     chunks = [ChatCompletionChunk.model_validate(json.loads(d)) for d in data[:-1]]  # an error event fails here
     assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == 1, data
     return True
 
 
+def check_completion_stream(response) -> bool:
+    """Legacy completions stream like chat: Completion events, one finish_reason, [DONE]."""
+    from hyperowl.serve.schema import Completion
+
+    data = _stream_data(response)
+    if data is None:
+        return False
+    assert data and data[-1] == "[DONE]", data[-3:]
+    chunks = [Completion.model_validate(json.loads(d)) for d in data[:-1]]
+    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == 1, data
+    return True
+
+
+def check_response_stream(response) -> bool:
+    """Responses stream typed events: response.created first, response.completed or .incomplete last, the
+    sequence numbers in order, no error event."""
+    from hyperowl.serve.schema import ResponseStreamEvent
+
+    data = _stream_data(response)
+    if data is None:
+        return False
+    events = [ResponseStreamEvent.model_validate(json.loads(d)).root for d in data]
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert "error" not in kinds and [e.sequence_number for e in events] == list(range(len(events))), kinds
+    return True
+
+
 def test_fuzz_chat_completions(server, media):
+    fuzz(server, media, "/v1/chat/completions", fill_valid, check_stream, EXAMPLES)
+
+
+def test_fuzz_completions(server, media):
+    fuzz(server, media, "/v1/completions", fill_valid_completion, check_completion_stream, max(EXAMPLES // 4, 20))
+
+
+def test_fuzz_responses(server, media):
+    fuzz(server, media, "/v1/responses", fill_valid_response, check_response_stream, max(EXAMPLES // 4, 20))
+
+
+def fuzz(server, media, path: str, fill_valid, check_stream, examples: int) -> None:
     images, video = media
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
-    op = schema["/v1/chat/completions"]["POST"]
+    op = schema[path]["POST"]
     valid = st.tuples(st.just(True), op.as_strategy(GenerationMode.POSITIVE))
     invalid = st.tuples(st.just(False), op.as_strategy(GenerationMode.NEGATIVE))
     seen: dict = {"valid": 0, "invalid": 0, "streams": 0, "status": {}}
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.generate], derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate], derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(pair=st.one_of(valid, invalid), seed=st.integers(0, 2**16))
     def run(pair, seed):
@@ -171,8 +255,8 @@ def test_fuzz_chat_completions(server, media):
     run()
     print(f"fuzz: {sum(seen['status'].values())} requests in {time.monotonic() - t0:.1f} s, "
           f"statuses {dict(sorted(seen['status'].items()))}, {seen['valid']} schema-valid, {seen['streams']} streamed answers, calls {sum(seen['call']):.1f} s")
-    assert seen["status"].get(200, 0) >= EXAMPLES // 10, seen  # many reached the model and were answered
-    assert seen["streams"] >= EXAMPLES // 20, seen  # streamed ones among them
+    assert seen["status"].get(200, 0) >= examples // 10, seen  # many reached the model and were answered
+    assert seen["streams"] >= examples // 20, seen  # streamed ones among them
     h = httpx.get(server.url + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["scheduler"]["failed"] == 0 and h["scheduler"]["running"] == 0
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
@@ -193,6 +277,13 @@ def test_openapi_publishes_the_request_and_response_models(server):
     assert {"UserMessage", "ImageContentPart", "VideoContentPart", "ChatCompletionChunk", "ModelList"} <= set(schemas)
     assert doc["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"] \
         .endswith("/ModelList")
+    for path, model in (("/v1/completions", "CompletionRequest"), ("/v1/responses", "ResponseRequest")):
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"].endswith("/" + model)
+    # An unknown field is refused (a 400 naming it), so the schema forbids it; unsupported ones: neutral only.
+    assert all(schemas[m]["additionalProperties"] is False
+               for m in ("ChatCompletionRequest", "CompletionRequest", "ResponseRequest"))
+    assert "response_format" not in req["properties"] and req["properties"]["n"]["anyOf"][0]["maximum"] == 1
     # Errors keep their OpenAI shape: FastAPI's 422 format never appears.
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

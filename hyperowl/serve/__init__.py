@@ -7,7 +7,8 @@
 Modules: protocol (wire format, errors), schema (the published request/response models, /openapi.json),
 media (URLs -> bytes -> images/frames), prompt (request -> token ids + per-item visual work), feature_cache
 (LRU of image embeddings), scheduler (queue + dynamic batching worker), app (routes), web/ (the chat page),
-url_policy (which http(s) media URLs may be fetched).
+url_policy (which http(s) media URLs may be fetched), completions (legacy /v1/completions), responses (the
+Responses API, /v1/responses, and its store of past responses).
 """
 
 from .app import ServeConfig, ServerThread, create_app, serve

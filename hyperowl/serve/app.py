@@ -1,4 +1,6 @@
-"""The HTTP server: an OpenAI-compatible chat-completions API and the web chat page, one FastAPI app.
+"""The HTTP server: an OpenAI-compatible chat-completions API and the web chat page, one FastAPI app (legacy
+completions and the Responses API are routes of their own modules, completions.py and responses.py, built on
+this module's request steps: prepare, submit, answer, finish).
 
 Design note: a request goes through cheap checks first (API key, body size, JSON, fields, media count, a
 full queue) so bad or excess requests cost almost nothing, then media are fetched (async), decoded and
@@ -77,6 +79,8 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 32768
     retry_after_s: int = 1
+    max_stored_responses: int = 256  # Responses API: answers kept for previous_response_id (LRU, responses.py)
+    max_stored_response_mb: float = 64.0  # ... and the bytes their conversations may hold (data: URLs included)
 
 
 class StopText:
@@ -233,11 +237,11 @@ def check_media_count(config: ServeConfig, req: ChatRequest) -> None:
     n_img = sum(p.kind == "image" for p in req.media)
     n_vid = len(req.media) - n_img
     if n_img > config.max_images:
-        raise ApiError(400, f"too many images: {n_img} (at most {config.max_images} per request)", param="messages",
-                       code="too_many_images")
+        raise ApiError(400, f"too many images: {n_img} (at most {config.max_images} per request)",
+                       param=req.input_param, code="too_many_images")
     if n_vid > config.max_videos:
-        raise ApiError(400, f"too many videos: {n_vid} (at most {config.max_videos} per request)", param="messages",
-                       code="too_many_videos")
+        raise ApiError(400, f"too many videos: {n_vid} (at most {config.max_videos} per request)",
+                       param=req.input_param, code="too_many_videos")
 
 
 async def prepare(state: AppState, req: ChatRequest) -> PreparedPrompt:
@@ -246,11 +250,15 @@ async def prepare(state: AppState, req: ChatRequest) -> PreparedPrompt:
     check_media_count(config, req)
     blobs = await asyncio.gather(*(resolve(p, state.limits) for p in req.media))
     prompt = await asyncio.to_thread(build_prompt, req, list(blobs), state.pipeline, state.visual)
+    check_prompt_length(config, prompt, req.input_param)
+    return prompt
+
+
+def check_prompt_length(config: ServeConfig, prompt: PreparedPrompt, param: str) -> None:
     n = int(prompt.input_ids.numel())
     if n > config.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {n} tokens, more than this server's {config.max_prompt_tokens}",
-                       param="messages", code="context_length_exceeded")
-    return prompt
+                       param=param, code="context_length_exceeded")
 
 
 def sequence_length(state: AppState, prompt: PreparedPrompt) -> int:
@@ -267,16 +275,17 @@ def token_budget(state: AppState, req: ChatRequest, prompt: PreparedPrompt) -> i
     if limit is None:
         return asked or max(state.config.default_max_tokens, req.min_tokens)
     if asked is not None and n + asked > limit:
-        raise ApiError(400, f"this model's context is {limit} tokens, but the prompt has {n} tokens and max_tokens "
-                            f"asks for {asked} more ({n + asked}); shorten the messages or lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
+        name = {"input": "max_output_tokens"}.get(req.input_param, "max_tokens")
+        raise ApiError(400, f"this model's context is {limit} tokens, but the prompt has {n} tokens and {name} "
+                            f"asks for {asked} more ({n + asked}); shorten the {req.input_param} or lower {name}",
+                       param=name, code="context_length_exceeded")
     if asked is not None:
         return asked
     room = limit - n
     if room < max(1, req.min_tokens):
         raise ApiError(400, f"this model's context is {limit} tokens, but the prompt has {n} tokens, leaving "
-                            f"{max(room, 0)} for the answer (min_tokens {req.min_tokens}); shorten the messages",
-                       param="messages", code="context_length_exceeded")
+                            f"{max(room, 0)} for the answer (min_tokens {req.min_tokens}); shorten the "
+                            f"{req.input_param}", param=req.input_param, code="context_length_exceeded")
     return min(max(state.config.default_max_tokens, req.min_tokens), room)
 
 
@@ -323,21 +332,29 @@ async def _collect(state: AppState, reply: Reply) -> tuple[str, str, int]:
     return "".join(parts), reason, n
 
 
-async def _complete(state: AppState, request: Request, reply: Reply) -> Response:
-    """A non-streaming answer, polling for a client disconnect (which cancels the job) while it is made."""
+async def finish(state: AppState, request: Request, reply: Reply) -> tuple[str, str, int] | None:
+    """The whole answer (text, finish_reason, completion tokens), polling for a client disconnect (which
+    cancels the job) while it is made: None when the client left."""
     task = asyncio.ensure_future(_collect(state, reply))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
-                break
+                return task.result()
             if await request.is_disconnected():
                 log.info("%s: client disconnected, cancelling", reply.cid)
                 task.cancel()
-                return Response(status_code=499)
-        text, reason, n = task.result()
+                return None
     finally:
         reply.job.cancel.set()  # no-op once finished; frees the row if we leave early
+
+
+async def _complete(state: AppState, request: Request, reply: Reply) -> Response:
+    """A non-streaming chat answer."""
+    result = await finish(state, request, reply)
+    if result is None:
+        return Response(status_code=499)
+    text, reason, n = result
     body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n))
     return JSONResponse(body)
 
@@ -371,6 +388,16 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
         reply.job.cancel.set()
 
 
+def submit(state: AppState, req: Any, prompt: PreparedPrompt, cid: str) -> Reply:
+    """Queue a prepared request for the scheduler (every generating route ends here)."""
+    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop())
+    try:
+        state.scheduler.submit(job)
+    except QueueFull:
+        raise too_busy(state) from None
+    return Reply(job, req, prompt, cid, now())
+
+
 # --- routes ---
 
 async def chat_completions(request: Request) -> Response:
@@ -381,12 +408,7 @@ async def chat_completions(request: Request) -> Response:
     if state.scheduler.full():  # cheap early answer before any media work
         raise too_busy(state)
     prompt = await prepare(state, req)
-    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop())
-    try:
-        state.scheduler.submit(job)
-    except QueueFull:
-        raise too_busy(state) from None
-    reply = Reply(job, req, prompt, new_id(), now())
+    reply = submit(state, req, prompt, new_id())
     if req.stream:
         return StreamingResponse(_sse(state, reply), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -443,6 +465,11 @@ def create_app(model: Any, processor: Any, config: ServeConfig = ServeConfig()) 
     app.add_api_route("/web/{name}", web_file, methods=["GET"], include_in_schema=False)
     app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
     add_live_routes(app)  # live video sessions: serve/live.py
+    from .completions import add_completion_routes  # these build on this module's request steps
+    from .responses import add_response_routes
+
+    add_completion_routes(app)  # legacy POST /v1/completions: serve/completions.py
+    add_response_routes(app)  # the Responses API: serve/responses.py
     return app
 
 

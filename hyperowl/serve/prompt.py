@@ -58,12 +58,20 @@ class PreparedPrompt:
         return sum(p.item.count for p in self.items if p.hit) * self.tokens_per_image
 
 
-def _message_text(parts: list[TextPart | MediaPart], index: int) -> str:
+def _content_param(where: str | None, index: int) -> str:
+    """Where a message's content was in the request: messages[i].content (chat), input[i].content, or the
+    field itself when it is the content (the Responses API's `input` string, `instructions`)."""
+    if where is None:
+        return f"messages[{index}].content"
+    return where if where in ("input", "instructions") else f"{where}.content"
+
+
+def _message_text(parts: list[TextPart | MediaPart], where: str) -> str:
     out = []
     for j, p in enumerate(parts):
         if isinstance(p, TextPart):
             if IMAGE_TOKEN in p.text or VIDEO_TOKEN in p.text:
-                param = f"messages[{index}].content" + ("" if len(parts) == 1 else f"[{j}]")
+                param = where + ("" if len(parts) == 1 else f"[{j}]")
                 raise ApiError(400, f"{param}: text must not contain {IMAGE_TOKEN} or {VIDEO_TOKEN}; send images as "
                                     "image_url parts and videos as video_url parts", param=param,
                                code="invalid_value")
@@ -75,7 +83,8 @@ def _message_text(parts: list[TextPart | MediaPart], index: int) -> str:
 
 def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: VisualOptions) -> PreparedPrompt:
     """Synchronous (decodes media, tokenizes): run it off the event loop."""
-    messages = [{"role": m.role, "content": _message_text(m.parts, i)} for i, m in enumerate(req.messages)]
+    messages = [{"role": m.role, "content": _message_text(m.parts, _content_param(m.param, i))}
+                for i, m in enumerate(req.messages)]
     images, videos, temp = [], [], {}
     try:
         for blob in blobs:

@@ -1,12 +1,19 @@
-"""OpenAI chat-completions wire format: request validation, response and chunk bodies, API errors.
+"""OpenAI wire format: request validation (chat completions, legacy completions, the Responses API), chat response
+and chunk bodies, API errors.
 
 Design note: the request body is validated by hand rather than with a pydantic model so that every
 mistake becomes *one* OpenAI-style error naming the offending field (`param`) with a fitting status (the
 pydantic models in schema.py only publish the wire format in /openapi.json; a fuzz test keeps the two agreed):
 400 when the request cannot be understood (malformed JSON, wrong types, missing fields), 422 when it is
 understood but a value is out of range, 404 for an unknown model, 415 for a content part type or media type
-we do not handle. Unknown top-level fields are ignored, as OpenAI clients send many optional ones.
-Content parts are kept in order; the prompt builder turns each media part into a placeholder.
+we do not handle. Content parts are kept in order; the prompt builder turns each media part into a placeholder.
+
+Never silently ignored: every top-level field of a request is either parsed (and honoured), ignored by design
+(bookkeeping for the caller that cannot change the answer: `user`, `metadata`, ...), or refused with a 400
+`unsupported_parameter` naming it unless it holds its neutral value (`n: 1`, `logprobs: false`, ...); a field
+the endpoint does not know is a 400 `unknown_parameter`. The tables are `CHAT_FIELDS`, `COMPLETION_FIELDS` and
+`RESPONSE_FIELDS` below: turning a feature on (logprobs, n, response_format) is moving its row from
+`refused` to `parsed` and reading it in the parser.
 
 Extensions beyond OpenAI (also understood by vLLM): `top_k`, `repetition_penalty`, `min_tokens`.
 
@@ -22,11 +29,12 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from ..limits import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
+MAX_TOP_K = 2**31 - 1  # the engine makes a tensor of it: a top_k past int64 was a 500 (found by the fuzz test)
 
 
 class ApiError(Exception):
@@ -64,6 +72,7 @@ class MediaPart:
 class Message:
     role: str
     parts: list[TextPart | MediaPart]
+    param: str | None = None  # where it was in the request when not messages[i] (the Responses API's input[i])
 
 
 @dataclass
@@ -80,6 +89,7 @@ class ChatRequest:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    input_param: str = "messages"  # the request field holding the prompt (for error messages)
 
     @property
     def media(self) -> list[MediaPart]:
@@ -180,32 +190,156 @@ def _parse_messages(raw: Any) -> list[Message]:
     return out
 
 
-def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: int) -> ChatRequest:
-    """Validate a decoded chat-completions body (see the module note for the status codes)."""
+# -- which fields each endpoint honours --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refused:
+    """A field this server does not implement: accepted only with its neutral value (None always is)."""
+
+    neutral: Callable[[Any], bool]
+    hint: str  # what the client can do instead
+
+
+def _is(*values: Any) -> Callable[[Any], bool]:
+    # type-strict equality: `True == 1` in Python, but `"n": true` is not n = 1
+    return lambda v: any(type(v) is type(x) and v == x or (type(x) is int and type(v) is float and v == x)
+                         for x in values)
+
+
+@dataclass(frozen=True)
+class Fields:
+    endpoint: str
+    parsed: frozenset[str]  # read by the parser and honoured
+    ignored: frozenset[str]  # accepted, by design without effect on the answer (documented)
+    refused: dict[str, Refused]  # not implemented: a 400 naming the field unless its value is neutral
+
+    def check(self, body: dict[str, Any]) -> None:
+        """A 400 for the first unknown field, else for the unsupported ones (all named, `param` the first)."""
+        refused = []
+        for name, value in body.items():
+            if name in self.parsed or name in self.ignored:
+                continue
+            rule = self.refused.get(name)
+            if rule is None:
+                raise ApiError(400, f"unknown parameter {name!r} for {self.endpoint} (this server reads "
+                                    f"{', '.join(sorted(self.parsed | self.ignored))})", param=name,
+                               code="unknown_parameter")
+            if value is not None and not rule.neutral(value):
+                refused.append((name, rule.hint))
+        if refused:
+            what = "; ".join(f"{name!r}: {hint}" for name, hint in refused)
+            raise ApiError(400, f"not supported by this server: {what}", param=refused[0][0],
+                           code="unsupported_parameter")
+
+
+# Extensions beyond OpenAI (vLLM reads them too), parsed on every generating endpoint.
+EXTENSIONS = frozenset({"top_k", "repetition_penalty", "min_tokens"})
+# Bookkeeping and routing hints of the caller: no effect on an answer by their OpenAI definition.
+BOOKKEEPING = frozenset({"user", "metadata", "safety_identifier", "service_tier", "prompt_cache_key",
+                         "prompt_cache_retention"})
+_NO_LOGPROBS = "log probabilities are not implemented yet; leave it out"
+_NO_TOOLS = "tool and function calling is not implemented; leave it out"
+_PENALTY = "only 0 is accepted; use the extension 'repetition_penalty' (the Hugging Face rule) instead"
+_ONE = "one answer per request is implemented; send several requests (each with its own seed)"
+_TEXT = "structured outputs are not implemented yet; only plain text answers"
+
+CHAT_FIELDS = Fields(
+    "POST /v1/chat/completions",
+    parsed=frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                      "temperature", "top_p", "seed", "stop"}) | EXTENSIONS,
+    ignored=BOOKKEEPING | {"store", "parallel_tool_calls"},  # parallel_tool_calls means nothing without tools
+    refused={
+        "n": Refused(_is(1), _ONE),
+        "logprobs": Refused(_is(False), _NO_LOGPROBS),
+        "top_logprobs": Refused(lambda v: False, _NO_LOGPROBS),
+        "response_format": Refused(lambda v: v == {"type": "text"}, _TEXT),
+        "tools": Refused(_is([]), _NO_TOOLS),
+        "tool_choice": Refused(_is("none"), _NO_TOOLS),
+        "functions": Refused(_is([]), _NO_TOOLS),
+        "function_call": Refused(_is("none"), _NO_TOOLS),
+        "logit_bias": Refused(_is({}), "token biases are not implemented; leave it out"),
+        "frequency_penalty": Refused(_is(0), _PENALTY),
+        "presence_penalty": Refused(_is(0), _PENALTY),
+        "audio": Refused(lambda v: False, "audio output is not implemented: answers are text"),
+        "modalities": Refused(_is(["text"]), "answers are text only"),
+        "prediction": Refused(lambda v: False, "predicted outputs are not implemented; leave it out"),
+        "reasoning_effort": Refused(lambda v: False, "the model has no reasoning-effort setting; leave it out"),
+        "verbosity": Refused(lambda v: False, "the model has no verbosity setting; leave it out"),
+        "web_search_options": Refused(lambda v: False, "web search is not available; leave it out"),
+        "moderation": Refused(lambda v: False, "moderation is not available; leave it out"),
+        "prompt_cache_options": Refused(lambda v: False, "prompt-cache options are not implemented; leave it out"),
+    })
+
+COMPLETION_FIELDS = Fields(
+    "POST /v1/completions",
+    parsed=frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
+                      "stop"}) | EXTENSIONS,
+    ignored=frozenset({"user"}),
+    refused={
+        "n": Refused(_is(1), _ONE),
+        "best_of": Refused(_is(1), _ONE),
+        "echo": Refused(_is(False), "echoing the prompt is not implemented; prepend it yourself"),
+        "logprobs": Refused(lambda v: False, _NO_LOGPROBS),
+        "suffix": Refused(_is(""), "insertion (a suffix) is not implemented; leave it out"),
+        "logit_bias": Refused(_is({}), "token biases are not implemented; leave it out"),
+        "frequency_penalty": Refused(_is(0), _PENALTY),
+        "presence_penalty": Refused(_is(0), _PENALTY),
+    })
+
+RESPONSE_FIELDS = Fields(
+    "POST /v1/responses",
+    parsed=frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
+                      "previous_response_id", "store", "metadata", "seed", "stop"}) | EXTENSIONS,
+    # stream_options holds only include_obfuscation (padding against length side channels): never added here
+    ignored=BOOKKEEPING | {"parallel_tool_calls", "max_tool_calls", "stream_options"},
+    refused={
+        "tools": Refused(_is([]), _NO_TOOLS),
+        "tool_choice": Refused(_is("none"), _NO_TOOLS),
+        "text": Refused(lambda v: v in ({}, {"format": {"type": "text"}}), _TEXT),
+        "include": Refused(_is([]), "no extra output data (logprobs, encrypted reasoning, ...) is available"),
+        "top_logprobs": Refused(lambda v: False, _NO_LOGPROBS),
+        "reasoning": Refused(lambda v: False, "the model has no reasoning settings; leave it out"),
+        "background": Refused(_is(False), "background responses are not implemented; stream instead"),
+        "truncation": Refused(_is("disabled"), "the input is never truncated: a prompt over the context is a 400"),
+        "conversation": Refused(lambda v: False, "conversations are not stored; use previous_response_id"),
+        "prompt": Refused(lambda v: False, "prompt templates are not available; send input"),
+        "context_management": Refused(lambda v: False, "context management is not implemented; leave it out"),
+        "image": Refused(lambda v: False, "image generation is not available; leave it out"),
+        "moderation": Refused(lambda v: False, "moderation is not available; leave it out"),
+        "access_programs": Refused(lambda v: False, "not available; leave it out"),
+        "background_options": Refused(lambda v: False, "background responses are not implemented; leave it out"),
+        "prompt_cache_options": Refused(lambda v: False, "prompt-cache options are not implemented; leave it out"),
+    })
+
+
+def _check_model(body: dict[str, Any], model_name: str) -> str:
     model = _typed(body, "model", str, model_name, "a string")
     if model != model_name:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {model_name!r} (see GET /v1/models)",
                        param="model", code="model_not_found")
-    if "messages" not in body:
-        raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_field")
-    messages = _parse_messages(body["messages"])
-    n = _typed(body, "n", int, 1, "an integer")
-    _range(n == 1, "n", "must be 1: one answer per request")
-    max_tokens = _typed(body, "max_completion_tokens", int, None, "an integer")
-    max_tokens = _typed(body, "max_tokens", int, max_tokens, "an integer")
-    if max_tokens is not None:
-        _range(1 <= max_tokens <= max_tokens_limit, "max_tokens", f"must be between 1 and {max_tokens_limit}")
+    return model
+
+
+def _max_tokens(body: dict[str, Any], name: str, limit: int, default: int | None = None) -> int | None:
+    value = _typed(body, name, int, default, "an integer")
+    if value is not None:
+        _range(1 <= value <= limit, name, f"must be between 1 and {limit}")
+    return value
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None, max_name: str) -> dict[str, Any]:
+    """The sampling fields every generating endpoint shares (ChatRequest's names), validated."""
     min_tokens = _typed(body, "min_tokens", int, 0, "an integer")
     _range(min_tokens >= 0, "min_tokens", "must be >= 0")
     if max_tokens is not None:
-        _range(min_tokens <= max_tokens, "min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
+        _range(min_tokens <= max_tokens, "min_tokens", f"({min_tokens}) must not exceed {max_name} ({max_tokens})")
     temperature = float(_typed(body, "temperature", (int, float), 0.0, "a number"))
     _range(0.0 <= temperature <= 2.0, "temperature", "must be between 0 and 2")
     top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
     _range(0.0 < top_p <= 1.0, "top_p", "must be in (0, 1]")
     top_k = _typed(body, "top_k", int, 0, "an integer")
     top_k = 0 if top_k == -1 else top_k  # vLLM spells "off" as -1
-    _range(top_k >= 0, "top_k", "must be >= 0 (0 or -1 = off)")
+    _range(0 <= top_k <= MAX_TOP_K, "top_k", f"must be between 0 and {MAX_TOP_K} (0 or -1 = off)")
     rep = float(_typed(body, "repetition_penalty", (int, float), 1.0, "a number"))
     _range(rep > 0, "repetition_penalty", "must be > 0")
     seed = _typed(body, "seed", int, None, "an integer")
@@ -217,12 +351,175 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
     if not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "'stop' must be a string or a list of non-empty strings", param="stop", code="invalid_type")
     _range(len(stop) <= MAX_STOP_STRINGS, "stop", f"may hold at most {MAX_STOP_STRINGS} strings")
-    stream = _typed(body, "stream", bool, False, "a boolean")
+    return dict(max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                repetition_penalty=rep, stop=list(stop), seed=seed)
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
     opts = _typed(body, "stream_options", dict, {}, "an object")
-    include_usage = bool(opts.get("include_usage", False))
-    return ChatRequest(model=model, messages=messages, stream=stream, include_usage=include_usage,
-                       max_tokens=max_tokens, min_tokens=min_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                       repetition_penalty=rep, stop=list(stop), seed=seed)
+    return bool(opts.get("include_usage", False))
+
+
+def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: int) -> ChatRequest:
+    """Validate a decoded chat-completions body (see the module note for the status codes)."""
+    model = _check_model(body, model_name)
+    if "messages" not in body:
+        raise ApiError(400, "missing required field 'messages'", param="messages", code="missing_field")
+    messages = _parse_messages(body["messages"])
+    CHAT_FIELDS.check(body)
+    max_tokens = _max_tokens(body, "max_completion_tokens", max_tokens_limit)
+    max_tokens = _max_tokens(body, "max_tokens", max_tokens_limit, max_tokens)
+    stream = _typed(body, "stream", bool, False, "a boolean")
+    return ChatRequest(model=model, messages=messages, stream=stream, include_usage=_include_usage(body),
+                       **_sampling(body, max_tokens, "max_tokens"))
+
+
+@dataclass
+class CompletionRequest:
+    """POST /v1/completions: a raw prompt (no chat template), text out."""
+
+    model: str
+    prompt: str
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = 16  # OpenAI's default for this endpoint
+    min_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    input_param: str = "prompt"
+
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+def parse_completion_request(body: dict[str, Any], model_name: str, max_tokens_limit: int) -> CompletionRequest:
+    model = _check_model(body, model_name)
+    if "prompt" not in body:
+        raise ApiError(400, "missing required field 'prompt'", param="prompt", code="missing_field")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        raise ApiError(400, "'prompt' as token ids is not supported; send the prompt as text", param="prompt",
+                       code="unsupported_parameter")
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise ApiError(400, f"'prompt' holds {len(prompt)} prompts; send one prompt per request", param="prompt",
+                       code="unsupported_parameter")
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string (or a list of one string)", param="prompt",
+                       code="invalid_type")
+    COMPLETION_FIELDS.check(body)
+    max_tokens = _max_tokens(body, "max_tokens", max_tokens_limit, COMPLETION_DEFAULT_MAX_TOKENS)
+    stream = _typed(body, "stream", bool, False, "a boolean")
+    return CompletionRequest(model=model, prompt=prompt, stream=stream, include_usage=_include_usage(body),
+                             **_sampling(body, max_tokens, "max_tokens"))
+
+
+@dataclass
+class ResponseRequest:
+    """POST /v1/responses, validated: `chat` is the conversation to answer (instructions, the stored history of
+    `previous_response_id`, then this input), built by the caller once the history is looked up."""
+
+    model: str
+    input: list[Message]  # this request's own input messages
+    instructions: str | None
+    previous_response_id: str | None
+    store: bool
+    metadata: dict[str, str] | None
+    stream: bool
+    sampling: dict[str, Any]
+
+    def chat(self, history: list[Message]) -> ChatRequest:
+        system = [Message("system", [TextPart(self.instructions)], "instructions")] if self.instructions else []
+        messages = system + history + self.input
+        for i, m in enumerate(messages):  # the checks chat messages get, on the joined conversation
+            if m.role == "system" and i:
+                where = m.param or f"input[{i}]"
+                raise ApiError(400, f"{where}: a system (or developer) message is only allowed first, and not beside "
+                                    "'instructions'", param=where, code="invalid_value")
+        return ChatRequest(model=self.model, messages=messages, stream=self.stream, input_param="input",
+                           **self.sampling)
+
+
+_INPUT_PARTS = {"input_text": "text", "output_text": "text", "input_image": "image"}
+
+
+def _parse_input_part(part: Any, param: str, role: str) -> TextPart | MediaPart:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise ApiError(400, f"{param} must be an object with a 'type'", param=param, code="invalid_type")
+    kind = _INPUT_PARTS.get(part["type"])
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise ApiError(400, f"{param}.text must be a string", param=f"{param}.text", code="invalid_type")
+        return TextPart(part["text"])
+    if kind == "image":
+        if role != "user":
+            raise ApiError(400, f"{param}: images are only accepted in user messages", param=param)
+        if part.get("file_id") is not None:
+            raise ApiError(400, f"{param}.file_id: uploaded files are not available; send image_url (a data: or "
+                                "http(s) URL)", param=f"{param}.file_id", code="unsupported_parameter")
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, f"{param}.image_url must be a non-empty string", param=f"{param}.image_url",
+                           code="invalid_type")
+        return MediaPart("image", url, param)
+    raise ApiError(415, f"{param}: content part type {part['type']!r} is not supported; use 'input_text' or "
+                        "'input_image'", param=f"{param}.type", code="unsupported_content_type")
+
+
+def _parse_input(raw: Any) -> list[Message]:
+    if isinstance(raw, str):
+        return [Message("user", [TextPart(raw)], "input")]
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "'input' must be a string or a non-empty list of messages", param="input",
+                       code="invalid_type")
+    out = []
+    for i, m in enumerate(raw):
+        p = f"input[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{p} must be an object", param=p, code="invalid_type")
+        if (m.get("type") or "message") != "message":
+            raise ApiError(400, f"{p}: input items of type {m.get('type')!r} are not supported; send messages "
+                                "({role, content})", param=f"{p}.type", code="unsupported_parameter")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{p}.role must be 'user', 'assistant', 'system' or 'developer', got "
+                                f"{m.get('role')!r}", param=f"{p}.role", code="invalid_value")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts: list[TextPart | MediaPart] = [TextPart(content)]
+        elif isinstance(content, list):
+            parts = [_parse_input_part(part, f"{p}.content[{j}]", role) for j, part in enumerate(content)]
+        else:
+            raise ApiError(400, f"{p}.content must be a string or a list of content parts", param=f"{p}.content",
+                           code="invalid_type")
+        out.append(Message(role, parts, p))
+    if out[-1].role == "assistant":
+        raise ApiError(400, "the last input message must be a user (or system) message: there is nothing to answer",
+                       param=f"input[{len(out) - 1}]", code="invalid_value")
+    return out
+
+
+def parse_response_request(body: dict[str, Any], model_name: str, max_tokens_limit: int) -> ResponseRequest:
+    model = _check_model(body, model_name)
+    if "input" not in body:
+        raise ApiError(400, "missing required field 'input'", param="input", code="missing_field")
+    messages = _parse_input(body["input"])
+    RESPONSE_FIELDS.check(body)
+    instructions = _typed(body, "instructions", str, None, "a string")
+    previous = _typed(body, "previous_response_id", str, None, "a string")
+    metadata = _typed(body, "metadata", dict, None, "an object")
+    if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
+        raise ApiError(400, "'metadata' values must be strings", param="metadata", code="invalid_type")
+    max_tokens = _max_tokens(body, "max_output_tokens", max_tokens_limit)
+    return ResponseRequest(model=model, input=messages, instructions=instructions or None,
+                           previous_response_id=previous, store=_typed(body, "store", bool, True, "a boolean"),
+                           metadata=metadata, stream=_typed(body, "stream", bool, False, "a boolean"),
+                           sampling=_sampling(body, max_tokens, "max_output_tokens"))
 
 
 # -- responses -------------------------------------------------------------------------------------------

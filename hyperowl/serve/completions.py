@@ -1,0 +1,108 @@
+"""Legacy completions, `POST /v1/completions`: a raw text prompt in (no chat template), text out.
+
+Design note: many evaluation tools still call this endpoint with a prompt they formatted themselves, so the
+prompt is tokenized as it is, with only the special tokens the tokenizer itself adds (Owl2's BOS; none for
+Owl3's Qwen tokenizer), and no media: a prompt holding the image/video placeholder text is refused, since it
+would make the model read an image that was never sent. Everything after tokenizing is the chat route's:
+the context check, the scheduler, stop strings, cancellation on disconnect (app.py). The body follows
+OpenAI's `text_completion` objects, streamed as `data:` events ending with `data: [DONE]` like chat.
+
+Fields (which are honoured, ignored or refused: protocol.COMPLETION_FIELDS): `prompt` (a string or a list of
+one string; token-id prompts are refused), `max_tokens` (default 16, OpenAI's), `temperature`, `top_p`,
+`stop`, `seed`, `stream`, `stream_options.include_usage`, the extensions `top_k`, `repetition_penalty`,
+`min_tokens`; `echo` only false, `n` / `best_of` only 1, `logprobs` / `suffix` only absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import AsyncIterator
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
+from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish, read_body, state_of, submit,
+                  too_busy, usage)
+from .prompt import PreparedPrompt
+from .protocol import ApiError, CompletionRequest, parse_completion_request, parse_json
+from .schema import COMPLETION_RESPONSES
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def raw_prompt(state: AppState, req: CompletionRequest) -> PreparedPrompt:
+    """The prompt's token ids as the tokenizer makes them (its own special tokens only), no media."""
+    for token in (IMAGE_TOKEN, VIDEO_TOKEN):
+        if token in req.prompt:
+            raise ApiError(400, f"'prompt' must not contain {token}: /v1/completions takes text only; send images "
+                                "to /v1/chat/completions or /v1/responses", param="prompt", code="invalid_value")
+    ids = state.tokenizer.encode(req.prompt, add_special_tokens=True).ids
+    if not ids:
+        raise ApiError(400, "'prompt' tokenizes to nothing; send some text", param="prompt", code="invalid_value")
+    pipe = state.pipeline
+    prompt = PreparedPrompt(torch.tensor(ids, dtype=torch.long), None, [],
+                            pipe.family.feature_tokens(pipe.model.config))
+    check_prompt_length(state.config, prompt, "prompt")
+    return prompt
+
+
+def completion_body(reply: Reply, model: str, text: str, finish_reason: str | None, n: int | None) -> dict:
+    """A `text_completion` object: the whole answer, or one streamed piece (`n` None: no usage)."""
+    body = {"id": reply.cid, "object": "text_completion", "created": reply.created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    if n is not None:
+        body["usage"] = usage(reply.prompt, n)
+    return body
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """Text pieces, one finishing event, [usage with no choices], [DONE] (as OpenAI streams completions)."""
+    name = state.config.model_name
+    try:
+        n, reason = 0, "stop"
+        try:
+            async for delta, fin, n in answer(state, reply.job, reply.req):
+                if delta:
+                    yield _event(completion_body(reply, name, delta, None, None))
+                reason = fin or reason
+        except ApiError as e:  # headers are sent: report in-band, then end the stream
+            yield _event(e.body())
+            yield "data: [DONE]\n\n"
+            return
+        yield _event(completion_body(reply, name, "", reason, None))
+        if reply.req.include_usage:
+            yield _event({**completion_body(reply, name, "", None, n), "choices": []})
+        yield "data: [DONE]\n\n"
+    finally:
+        reply.job.cancel.set()  # finished or disconnected: the engine row must not go on
+
+
+async def completions(request: Request) -> Response:
+    state = state_of(request)
+    check_auth(state, request)
+    req = parse_completion_request(parse_json(await read_body(state, request)), state.config.model_name,
+                                   state.config.max_tokens_limit)
+    if state.scheduler.full():
+        raise too_busy(state)
+    prompt = await asyncio.to_thread(raw_prompt, state, req)
+    reply = submit(state, req, prompt, "cmpl-" + uuid.uuid4().hex[:24])
+    if req.stream:
+        return StreamingResponse(_sse(state, reply), media_type="text/event-stream", headers=SSE_HEADERS)
+    result = await finish(state, request, reply)
+    if result is None:
+        return Response(status_code=499)
+    text, reason, n = result
+    return JSONResponse(completion_body(reply, state.config.model_name, text, reason, n))
+
+
+def add_completion_routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=COMPLETION_RESPONSES,
+                      summary="Create a completion (legacy: a raw prompt, no chat template)")
