@@ -75,7 +75,8 @@ class StepEvent:
 class _Live:
     """One request's state in the engine (waiting, prefilling or decoding)."""
 
-    def __init__(self, rid: Hashable, req: Request, gen, vocab: int, visual_in_text: bool) -> None:
+    def __init__(self, rid: Hashable, req: Request, gen, vocab: int, visual_in_text: bool,
+                 device: torch.device) -> None:
         self.rid, self.req, self.params, self.gen = rid, req, req.params, gen
         self.prompt = [int(t) for t in req.input_ids.tolist()]
         self.tokens = list(self.prompt)  # prompt + generated
@@ -97,9 +98,9 @@ class _Live:
         self.first_admission = True
         self.seen = None
         if self.params.repetition_penalty != 1.0:
-            ids = req.input_ids.to(torch.long)
+            ids = req.input_ids.to(device=device, dtype=torch.long)
             ids = ids[(ids >= 0) & (ids < vocab)]
-            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)  # prompt + generated ids
             self.seen[ids] = True
 
     def slots(self, n_tokens: int | None = None) -> int:
@@ -156,7 +157,7 @@ class ContinuousEngine:
         gen = request.generator
         if gen is None and request.params.temperature > 0:
             gen = self.solo.generator(request.params)
-        x = _Live(request_id, request, gen, self.vocab, self.visual_in_text)
+        x = _Live(request_id, request, gen, self.vocab, self.visual_in_text, self.model.device)
         need = self._units_for(x.slots() + request.params.max_new_tokens, n_img)
         if need > self.blocks.num_units:
             mb = self.blocks.unit_bytes / 2**20
@@ -393,8 +394,8 @@ class ContinuousEngine:
         raw = logits.clone() if self.keep_logits else None
         dev = logits.device
         if any(x.seen is not None for x in rows):
-            seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool)
-                                for x in rows]).to(dev)
+            seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool, device=dev)
+                                for x in rows])
             penalty = torch.tensor([x.params.repetition_penalty for x in rows], device=dev)
             logits = apply_repetition_penalty(logits, seen, penalty)
         for r, x in enumerate(rows):  # forbid stops until min_new_tokens
