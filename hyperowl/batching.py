@@ -13,12 +13,15 @@ A step:
    new block next step, up to `max_running`;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
-   preempting the newest request when the pool is full;
-4. prefill: at most `prefill_chunk` prompt slots, in admission order, one forward per request and chunk
-   (chunked prefill: a long prompt takes several steps, running rows keep decoding meanwhile). The images
-   whose placeholders lie in the chunk go with it and are appended to the request's visual K/V, as live
-   video appends frames (their MI-Rope position and visibility come from their own placeholder, so chunking
-   is exact). A request whose prompt is done samples its first token from the chunk's last logits.
+   preempting the newest request when the pool is full. Rows whose sizes differ so much that the padded
+   gather of one layer would pass `gather_bytes` (and twice their own K/V) are split into a few forwards;
+4. prefill: at most `prefill_chunk` prompt slots (text slots; Owl2's visual rows count, Owl3's images cost
+   no sequence slots and go whole with their placeholder's chunk), in admission order, one forward per
+   request and chunk (chunked prefill: a long prompt takes several steps, running rows keep decoding
+   meanwhile). The images whose placeholders lie in the chunk go with it and are appended to the request's
+   visual K/V, as live video appends frames (their MI-Rope position and visibility come from their own
+   placeholder, so chunking is exact). A request whose prompt is done samples its first token from the
+   chunk's last logits.
 
 Sampling is `Engine.stream`'s: `sample`, the repetition penalty over prompt + generated ids, stops forbidden
 until `min_new_tokens`, each sampling row's own generator (`Request.generator`, or `Engine.generator`), so a
@@ -116,7 +119,8 @@ class ContinuousEngine:
     """See the module note. `kv_cache_bytes` None: `default_kv_cache_bytes` of the model's device."""
 
     def __init__(self, model, kv_cache_bytes: int | None = None, block_size: int = 16, prefill_chunk: int = 512,
-                 max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False) -> None:
+                 max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False,
+                 gather_bytes: int = 256 << 20) -> None:
         if block_size < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("block_size, prefill_chunk and max_running must be >= 1")
         self.model = model
@@ -132,6 +136,7 @@ class ContinuousEngine:
                                    model.dtype, model.device, visual_layers, image_tokens)
         self.block_size, self.prefill_chunk, self.max_running = block_size, prefill_chunk, max_running
         self.prefix_cache, self.keep_logits = prefix_cache, keep_logits
+        self.gather_bytes = gather_bytes  # bound on one layer's transient gathered K/V in a decode step
         self.waiting: deque[_Live] = deque()
         self.running: list[_Live] = []  # admitted (prefilling or decoding), in admission order
         self.live: dict[Hashable, _Live] = {}
@@ -379,15 +384,36 @@ class ContinuousEngine:
                     break
             if x in self.running:
                 x.seq.blocks.append(m.new_block())
-        if not rows:
-            return
         dev = self.model.device
-        ids = torch.tensor([[x.tokens[-1]] for x in rows], device=dev)
-        logits = self.model(ids, cache=PagedView(m, [x.seq for x in rows])).logits[:, -1].float()
-        for x in rows:
-            x.done += 1
-            self._register_full(x)
-        self._sample(rows, logits, events)
+        for group in self._decode_groups(rows):
+            ids = torch.tensor([[x.tokens[-1]] for x in group], device=dev)
+            logits = self.model(ids, cache=PagedView(m, [x.seq for x in group])).logits[:, -1].float()
+            for x in group:
+                x.done += 1
+                self._register_full(x)
+            self._sample(group, logits, events)
+
+    def _decode_groups(self, rows: list[_Live]) -> list[list[_Live]]:
+        """Decode rows split so that one layer's gathered (padded) K/V stay under `gather_bytes`, or twice the
+        rows' own K/V when that is more: a 400-image row does not pad every text row of the step to 400 images
+        (transient memory, and attention over padding). Rows sorted by size; usually one group."""
+        if not rows:
+            return []
+        t = self.blocks.image_tokens or 0
+        bs = self.block_size
+        cost = {id(x): math.ceil(x.seq.length / bs) * bs + len(x.seq.images) * t for x in rows}
+        slot_bytes = self.blocks.unit_bytes // bs
+        cap = self.gather_bytes // slot_bytes
+        groups, cur, cur_sum = [], [], 0
+        for x in sorted(rows, key=lambda x: cost[id(x)]):
+            c = cost[id(x)]
+            if cur and (len(cur) + 1) * c > max(cap, 2 * (cur_sum + c)):
+                groups.append(cur)
+                cur, cur_sum = [], 0
+            cur.append(x)
+            cur_sum += c
+        groups.append(cur)
+        return groups
 
     def _sample(self, rows: list[_Live], logits: Tensor, events: list[StepEvent]) -> None:
         """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""

@@ -288,3 +288,20 @@ def test_a_wrong_position_or_visibility_breaks_parity(monkeypatch):
         monkeypatch.setattr(PagedView, "__init__", broken)
         toks, logits, _ = run(engine(model, prefill_chunk=9), {0: list(enumerate(reqs))})
         assert any((logits[i] - refs[i][1]).abs().max() > 1e-3 for i in range(len(reqs))), fault
+
+
+def test_decode_rows_of_very_different_sizes_are_split_exactly():
+    """A 32-frame video row does not pad three short rows' gathered K/V when that passes the gather bound (and
+    twice their own): it gets its own decode forward; outputs unchanged."""
+    model = make_model("241101")
+    m = mixed(model, seed=100)
+    reqs = [m[0], make_request(model, 12, [], 101), m[1], m[3]]
+    eng = engine(model, gather_bytes=1)
+    for i, r in enumerate(reqs):
+        eng.add(i, r)
+    eng.step()  # every prompt prefilled: all four rows decode next
+    groups = eng._decode_groups(list(eng.running))
+    assert [[x.rid for x in g] for g in groups][-1] == [3] and len(groups) == 2
+    assert len(engine(model)._decode_groups(list(eng.running))) == 1  # the default bound: one forward
+    toks, logits, _ = run(engine(model, gather_bytes=1), {0: list(enumerate(reqs))})
+    assert_parity(model, reqs, toks, logits)
