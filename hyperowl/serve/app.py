@@ -43,8 +43,8 @@ from ..pipeline import Pipeline
 from .live import add_live_routes
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
-from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
-                       parse_json, usage_body)
+from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, logprob_entries, new_id, now,
+                       parse_chat_request, parse_json, usage_body)
 from .scheduler import Job, QueueFull, Scheduler
 from .schema import CHAT_RESPONSES, ModelList, errors, openapi
 from .url_policy import UrlPolicy
@@ -292,7 +292,23 @@ def token_budget(state: AppState, req: ChatRequest, prompt: PreparedPrompt) -> i
 def sampling(state: AppState, req: ChatRequest, max_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           repetition_penalty=req.repetition_penalty, stop_token_ids=state.stops,
-                          min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
+                          min_new_tokens=min(req.min_tokens, max_new), seed=req.seed,
+                          logprobs=getattr(req, "logprobs", None))
+
+
+def constraint(state: AppState, req: Any) -> Any:
+    """The request's grammar (response_format / text.format), compiled once per schema; None for free text."""
+    schema = getattr(req, "json_schema", None)
+    if schema is None:
+        return None
+    from ..structured import grammars_for
+
+    try:
+        return grammars_for(state.tokenizer, state.pipeline.model.config.vocab_size).constraint(schema, state.stops)
+    except ImportError as e:
+        raise ApiError(400, f"structured outputs are not installed on this server ({e})", code="unsupported_parameter")
+    except ValueError as e:
+        raise ApiError(400, f"response format: {e}", param="response_format", code="invalid_value") from None
 
 
 async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[tuple[str, str | None, int]]:
@@ -302,6 +318,10 @@ async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[t
     while True:
         kind, value = await job.events.get()
         if kind == "token":
+            if isinstance(value, tuple):  # (token, TokenLogprobs): the request asked for logprobs
+                value, lp = value
+                if value not in state.stops:  # the end token is not part of the answer's content
+                    job.logprobs.append(lp)
             n += 1
             delta, stopped = text.push(value)
             if stopped:
@@ -355,7 +375,9 @@ async def _complete(state: AppState, request: Request, reply: Reply) -> Response
     if result is None:
         return Response(status_code=499)
     text, reason, n = result
-    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n))
+    lps = logprob_entries(state.tokenizer, reply.job.logprobs) if reply.req.logprobs is not None else None
+    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n),
+                           logprobs=lps)
     return JSONResponse(body)
 
 
@@ -368,17 +390,23 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
     cid, name, created = reply.cid, state.config.model_name, reply.created
     try:
         yield _event(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
-        n, reason = 0, "stop"
+        n, reason, sent = 0, "stop", 0
+        want_lp = reply.req.logprobs is not None
         try:
             async for delta, fin, n in answer(state, reply.job, reply.req):
-                if delta:
-                    yield _event(chunk_body(cid, name, created, {"content": delta}))
+                if delta:  # the tokens' logprobs go with the text they completed
+                    lps = reply.job.logprobs[sent:]
+                    sent += len(lps)
+                    yield _event(chunk_body(cid, name, created, {"content": delta},
+                                            logprobs=logprob_entries(state.tokenizer, lps) if want_lp else None))
                 reason = fin or reason
         except ApiError as e:  # headers are sent: report in-band, then end the stream
             yield _event(e.body())
             yield "data: [DONE]\n\n"
             return
-        yield _event(chunk_body(cid, name, created, {}, finish_reason=reason))
+        rest = reply.job.logprobs[sent:]  # tokens whose text never completed (a held-back stop-string prefix)
+        yield _event(chunk_body(cid, name, created, {}, finish_reason=reason,
+                                logprobs=logprob_entries(state.tokenizer, rest) if want_lp and rest else None))
         if reply.req.include_usage:
             yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, n)))
         yield "data: [DONE]\n\n"
@@ -390,7 +418,8 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
 
 def submit(state: AppState, req: Any, prompt: PreparedPrompt, cid: str) -> Reply:
     """Queue a prepared request for the scheduler (every generating route ends here)."""
-    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop())
+    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop(),
+              constraint=constraint(state, req))
     try:
         state.scheduler.submit(job)
     except QueueFull:
