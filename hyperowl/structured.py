@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -94,7 +95,9 @@ class Grammars:
 
         hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
         self.vocab_size = vocab_size
-        self._info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size)
+        with warnings.catch_warnings():  # "no stop tokens given": each request's matcher gets its own (overridden)
+            warnings.simplefilter("ignore", UserWarning)
+            self._info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(self._info, cache_enabled=False)  # our cache below, keyed by schema
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_size = cache_size
