@@ -306,18 +306,44 @@ def test_a_wrong_position_or_visibility_breaks_parity(monkeypatch):
         assert any((logits[i] - refs[i][1]).abs().max() > 1e-3 for i in range(len(reqs))), fault
 
 
-def test_decode_rows_of_very_different_sizes_are_split_exactly():
-    """A 32-frame video row does not pad three short rows' gathered K/V when that passes the gather bound (and
-    twice their own): it gets its own decode forward; outputs unchanged."""
+def test_decode_rows_of_very_different_sizes_are_split_exactly(monkeypatch):
+    """A 32-frame video row does not pad three short rows' gathered K/V when another forward costs less (or the
+    gather bound is passed): it decodes in its own forward; outputs unchanged."""
+    import hyperowl.batching as batching
+
     model = make_model("241101")
     m = mixed(model, seed=100)
     reqs = [m[0], make_request(model, 12, [], 101), m[1], m[3]]
-    eng = engine(model, gather_bytes=1)
+    eng = engine(model)
     for i, r in enumerate(reqs):
         eng.add(i, r)
     eng.step()  # every prompt prefilled: all four rows decode next
-    groups = eng._decode_groups(list(eng.running))
-    assert [[x.rid for x in g] for g in groups][-1] == [3] and len(groups) == 2
-    assert len(engine(model)._decode_groups(list(eng.running))) == 1  # the default bound: one forward
+    rows = list(eng.running)
+    ids = lambda groups: [[x.rid for x in g] for g in groups]  # noqa: E731
+    monkeypatch.setitem(batching.FORWARD_OVERHEAD_BYTES, "cpu", 1 << 40)
+    assert len(eng._decode_groups(rows)) == 1  # forwards dear (the tiny model's padding is cheap): one forward
+    slot = eng.blocks.unit_bytes // 16
+    eng.gather_bytes = 100 * slot  # the three short rows fit (< 100 slots each layer), the video (128) does not
+    assert sorted(map(sorted, ids(eng._decode_groups(rows)))) == [[0, 1, 2], [3]]
+    eng.gather_bytes = 1
+    assert len(eng._decode_groups(rows)) == 4  # the gather bound holds whatever the cost
+    monkeypatch.setitem(batching.FORWARD_OVERHEAD_BYTES, "cpu", 0)
+    eng.gather_bytes, eng._weight_bytes = 256 << 20, 0
+    assert ids(eng._decode_groups(rows))[-1] == [3]  # forwards free: the padding decides
     toks, logits, _ = run(engine(model, gather_bytes=1), {0: list(enumerate(reqs))})
     assert_parity(model, reqs, toks, logits)
+
+
+def test_bench_paged_step_smoke(tmp_path):
+    """bench/bench_paged_step.py runs (tiny settings) and writes its JSON; the engines' outputs agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "paged_step.json"
+    subprocess.run([sys.executable, str(root / "bench/bench_paged_step.py"), "--requests", "4", "--new", "2",
+                    "--repeat", "1", "--threads", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
+    got = json.loads(out.read_text())
+    assert got["outputs_equal"] and got["paged"]["peak_kv_mb"] < got["padded"]["peak_kv_mb"]
