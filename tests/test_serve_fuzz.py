@@ -283,7 +283,8 @@ def test_openapi_publishes_the_request_and_response_models(server):
     # An unknown field is refused (a 400 naming it), so the schema forbids it; unsupported ones: neutral only.
     assert all(schemas[m]["additionalProperties"] is False
                for m in ("ChatCompletionRequest", "CompletionRequest", "ResponseRequest"))
-    assert "response_format" not in req["properties"] and req["properties"]["n"]["anyOf"][0]["maximum"] == 1
+    assert {"response_format", "logprobs", "top_logprobs"} <= set(req["properties"])  # structured outputs, logprobs
+    assert req["properties"]["n"]["anyOf"][0]["maximum"] == 8
     # Errors keep their OpenAI shape: FastAPI's 422 format never appears.
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

@@ -75,7 +75,6 @@ def chat_reference(client, messages, max_tokens):
 # -- never silently ignored --------------------------------------------------------------------------------
 
 UNSUPPORTED_CHAT = {
-    "n": dict(n=2),
     "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     "tool_choice": dict(tool_choice="auto"),
     "functions": dict(functions=[{"name": "f", "parameters": {"type": "object"}}]),
@@ -105,9 +104,10 @@ def test_unsupported_chat_parameter_is_a_400_naming_it(client, name):
 def test_all_unsupported_parameters_are_named(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                       logit_bias={"5": 1}, n=3)
+                                       logit_bias={"5": 1}, frequency_penalty=0.5)
     err = e.value.body
-    assert err["param"] in ("n", "logit_bias") and all(repr(k) in err["message"] for k in ("logit_bias", "n"))
+    assert err["param"] in ("frequency_penalty", "logit_bias") and all(
+        repr(k) in err["message"] for k in ("logit_bias", "frequency_penalty"))
 
 
 def test_unknown_parameter_is_a_400_naming_it(client):
@@ -426,3 +426,27 @@ def test_logprobs_chat_and_completions(client, model):
     assert len(got) == len(kept)
     for j, (t, v) in enumerate(zip(kept, got)):
         assert abs(v - float(ref[j, t])) <= 1e-4
+
+
+def test_n_choices_seeded_plain_and_streamed(client):
+    msgs = [{"role": "user", "content": "Hello"}]
+    one = lambda **kw: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, **kw)  # noqa: E731
+    greedy = one().choices[0].message.content
+    r = one(n=2)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.message.content == greedy for c in r.choices)
+    # sampling: choice i is the single answer seeded seed + i
+    r = one(n=3, temperature=1.0, seed=5)
+    want = [one(temperature=1.0, seed=5 + i).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in r.choices] == want
+    assert r.usage.completion_tokens == sum(one(temperature=1.0, seed=5 + i).usage.completion_tokens
+                                            for i in range(3))
+    got = {0: "", 1: "", 2: ""}
+    fins = {}
+    for ch in one(n=3, temperature=1.0, seed=5, stream=True):
+        for c in ch.choices:
+            got[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                fins[c.index] = c.finish_reason
+    assert [got[i] for i in range(3)] == want and set(fins) == {0, 1, 2}
+    with pytest.raises(openai.UnprocessableEntityError):
+        one(n=9)

@@ -27,7 +27,8 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -38,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from ..chat import TextStream
 from ..engine import SamplingParams
-from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES
+from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES, SEED_RANGE
 from ..pipeline import Pipeline
 from .live import add_live_routes
 from .media import MediaLimits, resolve
@@ -139,6 +140,11 @@ class Reply:
     prompt: PreparedPrompt
     cid: str
     created: int
+    others: list[Job] = field(default_factory=list)  # choices 1..n-1 of a request with n > 1
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [self.job] + self.others
 
 
 def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
@@ -374,15 +380,76 @@ async def _complete(state: AppState, request: Request, reply: Reply) -> Response
     result = await finish(state, request, reply)
     if result is None:
         return Response(status_code=499)
-    text, reason, n = result
-    lps = logprob_entries(state.tokenizer, reply.job.logprobs) if reply.req.logprobs is not None else None
-    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n),
-                           logprobs=lps)
+    results = [result]
+    for job in reply.others:  # n > 1: the other choices (they ran beside the first)
+        r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
+        if r is None:
+            return Response(status_code=499)
+        results.append(r)
+    want_lp = reply.req.logprobs is not None
+    choices = []
+    for i, ((text, reason, _), job) in enumerate(zip(results, reply.jobs)):
+        lps = logprob_entries(state.tokenizer, job.logprobs) if want_lp else None
+        choice = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, {},
+                                 logprobs=lps)["choices"][0]
+        choices.append(dict(choice, index=i))
+    body = completion_body(reply.cid, state.config.model_name, reply.created, "", "stop",
+                           usage(reply.prompt, sum(n for _, _, n in results)))
+    body["choices"] = choices
     return JSONResponse(body)
 
 
 def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """n > 1 streamed: every choice's chunks (with its index) as they come, interleaved; one usage for all."""
+    cid, name, created = reply.cid, state.config.model_name, reply.created
+    want_lp = reply.req.logprobs is not None
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        sent, n, reason = 0, 0, "stop"
+        try:
+            async for delta, fin, n in answer(state, job, reply.req):
+                reason = fin or reason
+                if delta:
+                    lps = job.logprobs[sent:]
+                    sent += len(lps)
+                    await events.put((i, {"content": delta}, None, lps, n))
+            await events.put((i, {}, reason, job.logprobs[sent:], n))
+        except ApiError as e:
+            await events.put((i, e, None, [], n))
+
+    def chunk(i: int, delta: dict, fin: str | None, lps: list) -> str:
+        body = chunk_body(cid, name, created, delta, finish_reason=fin,
+                          logprobs=logprob_entries(state.tokenizer, lps) if want_lp and (lps or delta) else None)
+        body["choices"][0]["index"] = i
+        return _event(body)
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    try:
+        for i in range(len(tasks)):
+            yield chunk(i, {"role": "assistant", "content": ""}, None, [])
+        left, total = len(tasks), 0
+        while left:
+            i, delta, fin, lps, n = await events.get()
+            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
+                yield _event(delta.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield chunk(i, delta, fin, lps)
+            if fin is not None:
+                left, total = left - 1, total + n
+        if reply.req.include_usage:
+            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total)))
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for job in reply.jobs:
+            job.cancel.set()
 
 
 async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
@@ -418,13 +485,20 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
 
 def submit(state: AppState, req: Any, prompt: PreparedPrompt, cid: str) -> Reply:
     """Queue a prepared request for the scheduler (every generating route ends here)."""
-    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop(),
-              constraint=constraint(state, req))
+    params = sampling(state, req, token_budget(state, req, prompt))
+    jobs = []
+    for i in range(getattr(req, "n", 1)):  # n > 1: one job per choice, choice i seeded seed + i (wrapping)
+        p = params if i == 0 or params.seed is None else dataclasses.replace(
+            params, seed=(params.seed + i - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1) + SEED_RANGE[0])
+        jobs.append(Job(prompt, p, asyncio.get_running_loop(), constraint=constraint(state, req)))
     try:
-        state.scheduler.submit(job)
+        for job in jobs:
+            state.scheduler.submit(job)
     except QueueFull:
+        for job in jobs:  # the ones already queued are dropped by the scheduler
+            job.cancel.set()
         raise too_busy(state) from None
-    return Reply(job, req, prompt, cid, now())
+    return Reply(jobs[0], req, prompt, cid, now(), others=jobs[1:])
 
 
 # --- routes ---
@@ -439,7 +513,7 @@ async def chat_completions(request: Request) -> Response:
     prompt = await prepare(state, req)
     reply = submit(state, req, prompt, new_id())
     if req.stream:
-        return StreamingResponse(_sse(state, reply), media_type="text/event-stream",
+        return StreamingResponse((_sse_many if reply.others else _sse)(state, reply), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(state, request, reply)
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Literal
 from ..limits import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
+MAX_N = 8  # choices per chat request (each one a row of the batch)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound (the engine's MAX_LOGPROBS)
 MAX_TOP_K = 2**31 - 1  # the engine makes a tensor of it: a top_k past int64 was a 500 (found by the fuzz test)
 
@@ -93,6 +94,7 @@ class ChatRequest:
     input_param: str = "messages"  # the request field holding the prompt (for error messages)
     logprobs: int | None = None  # None: no logprobs; n: each token's logprob and its n most likely alternatives
     json_schema: Any = None  # None: free text; a JSON schema (dict) or "json_object": grammar-constrained answer
+    n: int = 1  # choices (chat); choice i is seeded seed + i
 
     @property
     def media(self) -> list[MediaPart]:
@@ -248,10 +250,10 @@ _ONE = "one answer per request is implemented; send several requests (each with 
 CHAT_FIELDS = Fields(
     "POST /v1/chat/completions",
     parsed=frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                      "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs", "response_format"}) | EXTENSIONS,
+                      "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs", "response_format", "n"})
+    | EXTENSIONS,
     ignored=BOOKKEEPING | {"store", "parallel_tool_calls"},  # parallel_tool_calls means nothing without tools
     refused={
-        "n": Refused(_is(1), _ONE),
         "tools": Refused(_is([]), _NO_TOOLS),
         "tool_choice": Refused(_is("none"), _NO_TOOLS),
         "functions": Refused(_is([]), _NO_TOOLS),
@@ -393,8 +395,10 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
         _range(0 <= top <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
         if not logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    n = _typed(body, "n", int, 1, "an integer")
+    _range(1 <= n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
     return ChatRequest(model=model, messages=messages, stream=stream, include_usage=_include_usage(body),
-                       logprobs=(top or 0) if logprobs else None,
+                       logprobs=(top or 0) if logprobs else None, n=n,
                        json_schema=_schema_of(body.get("response_format"), "response_format", flat=False),
                        **_sampling(body, max_tokens, "max_tokens"))
 

@@ -127,7 +127,7 @@ class ChatCompletionRequest(_Bookkeeping):
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[Annotated[str, Field(min_length=1)],
                 Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)], None] = None
-    n: Optional[int] = Field(None, ge=1, le=1, description="only 1 (one answer per request)")
+    n: Optional[int] = Field(None, ge=1, le=8, description="choices (1-8); choice i is seeded seed + i")
     logprobs: Optional[bool] = Field(None, description="each answer token's log probability (the model's, raw)")
     top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="that many most likely tokens per position; "
                                                                      "needs logprobs: true")
