@@ -370,7 +370,7 @@ def _schema_of(fmt: Any, param: str, flat: bool) -> Any:
     inner = fmt if flat else fmt.get("json_schema")
     where = param if flat else f"{param}.json_schema"
     if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
-        raise ApiError(400, f"'{where}' must be an object with a 'schema' object", param=where, code="invalid_type")
+        raise ApiError(400, f"'{where}' must be an object with a 'schema' object", param=where, code="invalid_value")
     return inner.get("schema") or {"type": "object"}
 
 
