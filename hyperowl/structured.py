@@ -154,10 +154,19 @@ def grammars_for(tokenizer, vocab_size: int) -> Grammars:
 
 # -- the engines' side: one place for masking and advancing ------------------------------------------------------
 def mask_logits(logits: Tensor, constraints: Sequence["Constraint | None"]) -> None:
-    """Rows of logits [B, V] with a constraint get the grammar's mask (in place); None rows untouched."""
-    for row, c in enumerate(constraints):
-        if c is not None:
-            c.apply(logits[row])
+    """Rows of logits [B, V] with a constraint get the grammar's mask (in place); None rows untouched. A row
+    left with no token (the JSON is complete, only a stop fits, and min_new_tokens forbade stops) gets its
+    stops back: the grammar's end wins over min_new_tokens (else every logit is -inf: NaN probabilities)."""
+    rows = [r for r, c in enumerate(constraints) if c is not None]
+    if not rows:
+        return
+    for r in rows:
+        constraints[r].apply(logits[r])
+    dead = ~torch.isfinite(logits[rows]).any(-1)
+    if bool(dead.any()):
+        for r, d in zip(rows, dead.tolist()):
+            if d:
+                logits[r, list(constraints[r].stop_ids)] = 0.0
 
 
 def advance(constraints: Sequence["Constraint | None"], tokens: Sequence[int]) -> None:

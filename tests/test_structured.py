@@ -172,3 +172,17 @@ def test_batch_and_chat_api_take_a_json_schema(pipe, tmp_path):
     r = subprocess.run([sys.executable, "-m", "hyperowl.cli", "batch", str(tmp_path / "in.jsonl"), "--out",
                         str(tmp_path / "o2.jsonl"), "--json-schema", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "--json-schema" in r.stderr and str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grammar_end_wins_over_min_new_tokens(pipe):
+    g = grammars_for(pipe.processor.tokenizer, pipe.model.config.vocab_size)
+    schema = SCHEMAS[0]
+    # a stop that is not token 0 (an all -inf row's argmax would land on 0 and end the row by chance)
+    stops = tuple(t for t in pipe.stop_ids if t != 0)
+    p = SamplingParams(max_new_tokens=60, min_new_tokens=60, stop_token_ids=stops, temperature=0.7, seed=1)
+    reqs = [Request(prompt(pipe, "Describe the picture."), params=p, constraint=g.constraint(schema, stops))]
+    out = Engine(pipe.model).generate(reqs)[0]
+    from hyperowl.chat import detokenize
+
+    assert stops and out[-1] in stops and len(out) < 60
+    jsonschema.validate(json.loads(detokenize(pipe.processor.tokenizer, out, stops)), schema)
