@@ -78,8 +78,10 @@ def expand_rows(tok_embeds: Tensor, valid: Tensor, image_positions: Tensor, imag
     n_max = image_positions.shape[1]
     if int(present.sum()) != n:
         raise InputError(f"{n} images were given but the inputs place {int(present.sum())} image placeholder(s)")
-    bad = (image_positions >= l) | ((image_positions[:, 1:] <= image_positions[:, :-1]) & present[:, 1:])
-    if bool(bad.any()):
+    # (two checks: [B, N_max] and [B, N_max - 1] do not broadcast together beyond two images per row)
+    outside = image_positions >= l
+    unordered = (image_positions[:, 1:] <= image_positions[:, :-1]) & present[:, 1:]
+    if bool(outside.any()) or bool(unordered.any()):
         raise InputError("image_positions: each row's placeholder indices must be increasing and inside the row")
     is_ph = torch.zeros(b, l + 1, dtype=torch.bool, device=dev)
     is_ph.scatter_(1, torch.where(present, image_positions, l), True)  # absent images hit the spare column
@@ -196,8 +198,7 @@ class Owl2Model(OwlModel):
         if image_embeds is not None and image_embeds.shape[0] > 0:
             if image_positions is None:
                 raise InputError("images were given without image_positions or -200 placeholders in input_ids")
-            if past:
-                raise InputError("images can only be given at prefill (an empty cache)")
+            # with a cache holding earlier slots (chunked prefill, a reused prefix), the new rows go after them
             if position_ids is not None:
                 raise InputError("position_ids cannot be combined with images: positions follow the expanded sequence")
             x, visual, valid, labels = expand_rows(x, valid, image_positions.to(dev).long(), image_embeds.to(dev), labels)
