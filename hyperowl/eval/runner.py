@@ -303,3 +303,27 @@ def evaluate(model, data: str | Path, out_dir: str | Path, limit: int | None = N
         on_disk["tasks"] = on_disk["categories"]
         summary_file.write_text(json.dumps(on_disk, indent=2))
     return s
+
+
+def ood_path(ood: str | Path) -> Path:
+    """The JSONL of an out-of-distribution set: a file, or a folder written by `hyperowl data ood` (its ood.jsonl)."""
+    p = Path(ood)
+    if p.is_dir():
+        p = p / "ood.jsonl"
+    if not p.is_file():
+        raise InputError(f"--ood '{ood}': no such file or set (write one with `hyperowl data ood --out {ood}`)")
+    return p
+
+
+def add_ood(model, ood: str | Path, out_dir: str | Path, batch_size: int = 8, max_new_tokens: int = 16) -> dict:
+    """Exact match on an out-of-distribution set (`hyperowl data ood`), into `out_dir/ood/`, reported beside the
+    main result as the `ood` block of `out_dir/summary.json` (n, accuracy, per category). Returns the block."""
+    path = ood_path(ood)
+    s = evaluate(model, path, Path(out_dir) / "ood", batch_size=batch_size, max_new_tokens=max_new_tokens)
+    block = {"data": str(path), "n": s["n"], "accuracy": s["accuracy"], "categories": s["categories"]}
+    if dist_info()[0] == 0:
+        f = Path(out_dir) / "summary.json"
+        summary = json.loads(f.read_text()) if f.exists() else {}
+        summary["ood"] = block
+        f.write_text(json.dumps(summary, indent=2))
+    return block

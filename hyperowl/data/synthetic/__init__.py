@@ -88,7 +88,9 @@ This package re-exports their public names, so `from hyperowl.data.synthetic imp
 from .world import (ALL_CELLS, BACKGROUNDS, BG_VARIANTS, CHANGES, COLOUR_NAMES, COLOURS, DIRECTIONS, GRID, KINDS,
                     MAX_OBJECTS, PLURALS, POSITION_NAMES, RELATIONS, SIZE_FRACTION, SIZES, Cell, Obj, Scene,
                     cell_centre, diameter, max_jitter, phrase, random_scene)
-from .rendering import MIN_PATCH_PIXELS, PATCH_LABELS, object_map, patch_labels, render
+from .world import DRAWN_BACKGROUNDS, DRAWN_SIZE_FRACTION, DRAWN_SOURCE_SIZES, DRAWN_VIDEO_FRAMES
+from .rendering import (DRAWN_RENDER_SIDE, MIN_PATCH_PIXELS, PATCH_LABELS, DrawnStyle, drawn_background, jitter_colour,
+                        nearest_colour, object_map, patch_labels, render, render_drawn)
 from .questions import (ALL_TASKS, GROUPS, MULTI_TASKS, MULTI_TEMPLATES, SINGLE_TASKS, SINGLE_TEMPLATES, VIDEO_TASKS,
                         VIDEO_TEMPLATES, ask)
 from .conversations import (FRAME_REFS, IMAGE_TOKEN, SINGLE_REFS, VIDEO_TOKEN, Example, add_intro, add_turns,
@@ -106,8 +108,10 @@ __all__ = [
     "ALL_CELLS", "BACKGROUNDS", "BG_VARIANTS", "CHANGES", "COLOUR_NAMES", "COLOURS", "DIRECTIONS", "GRID", "KINDS",
     "MAX_OBJECTS", "PLURALS", "POSITION_NAMES", "RELATIONS", "SIZE_FRACTION", "SIZES", "Cell", "Obj", "Scene",
     "cell_centre", "diameter", "max_jitter", "phrase", "random_scene",
+    "DRAWN_BACKGROUNDS", "DRAWN_SIZE_FRACTION", "DRAWN_SOURCE_SIZES", "DRAWN_VIDEO_FRAMES",
     # rendering
     "MIN_PATCH_PIXELS", "PATCH_LABELS", "object_map", "patch_labels", "render",
+    "DRAWN_RENDER_SIDE", "DrawnStyle", "drawn_background", "jitter_colour", "nearest_colour", "render_drawn",
     # questions
     "ALL_TASKS", "GROUPS", "MULTI_TASKS", "MULTI_TEMPLATES", "SINGLE_TASKS", "SINGLE_TEMPLATES", "VIDEO_TASKS",
     "VIDEO_TEMPLATES", "ask",
