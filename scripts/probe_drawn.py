@@ -28,8 +28,8 @@ from hyperowl.eval.runner import normalize  # noqa: E402
 
 def direction(model, frames: int, n: int, drawn: bool, batch: int = 8) -> float:
     """Share of `n` held-out direction videos (test split, seed 0) answered right, all `frames` frames shown."""
-    # A drawn video's length is drawn from DRAWN_VIDEO_FRAMES (up to `frames`): draw more, keep those of `frames`.
-    k = sum(f <= frames for f in syn.DRAWN_VIDEO_FRAMES) if drawn else 1
+    # A drawn video's length is drawn from DRAWN_VIDEO_FRAMES: draw more, keep those of `frames`.
+    k = len(syn.DRAWN_VIDEO_FRAMES) + 3 if drawn else 1
     exs = list(syn.iter_examples("test", n_video=n * k, tasks=["video/direction"], video_frames=frames, seed=0,
                                  drawn=drawn))
     exs = [e for e in exs if len(e.video_scenes[0]) == frames][:n]

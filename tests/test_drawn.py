@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,7 +72,7 @@ def test_drawn_answers_match_the_drawn_pixels(task):
 
 
 def test_drawn_videos_have_several_lengths_and_the_asked_direction():
-    exs = list(syn.iter_examples("test", n_video=30, tasks=["video/direction"], drawn=True, video_frames=32))
+    exs = list(syn.iter_examples("test", n_video=30, tasks=["video/direction"], drawn=True))
     lengths = {len(ex.video_scenes[0]) for ex in exs}
     assert lengths <= set(syn.DRAWN_VIDEO_FRAMES) and len(lengths) >= 5 and max(lengths) == 32
     for ex in exs:
@@ -82,16 +81,18 @@ def test_drawn_videos_have_several_lengths_and_the_asked_direction():
         dx, dy = last.x - first.x, last.y - first.y
         moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}
         assert moved[ex.answer] > 0 and max(moved, key=moved.get) == ex.answer
-    short = list(syn.iter_examples("test", n_video=10, tasks=["video"], drawn=True, video_frames=8))
-    assert {len(ex.video_scenes[0]) for ex in short} <= {4, 6, 8}
+    mixed = list(syn.iter_examples("test", n_video=40, tasks=["video"], drawn=0.5, video_frames=8))
+    plain = [ex for ex in mixed if not ex.video_scenes[0][0].look]
+    assert 8 < len(plain) < 32 and {len(ex.video_scenes[0]) for ex in plain} == {8}  # the plain look keeps --frames
 
 
 def test_drawn_dataset_files_are_the_processor_resized_sources(tmp_path):
-    paths = syn.write_dataset(tmp_path, {"test": {"single": 4, "video": 1}}, seed=3, drawn=True, video_frames=6)
+    paths = syn.write_dataset(tmp_path, {"test": {"single": 4, "video": 1}}, seed=3, drawn=1.0)
     meta = json.loads(paths["meta"].read_text())
-    assert meta["drawn"] is True
+    assert meta["drawn"] == 1.0 and meta["splits"]["test"]["drawn"] == 5
     rows = [json.loads(line) for line in paths["test"].read_text().splitlines()]
-    exs = list(syn.iter_examples("test", n_single=4, n_video=1, seed=3, drawn=True, video_frames=6))
+    assert {r["look"] for r in rows} == {"drawn"}
+    exs = list(syn.iter_examples("test", n_single=4, n_video=1, seed=3, drawn=True))
     for row, ex in zip(rows, exs):
         for rel, im in zip(row["images"], ex.images):
             on_disk = Image.open(tmp_path / rel)
@@ -143,13 +144,13 @@ def test_ood_pictures_are_not_the_training_renderer():
 
 
 def test_eval_reports_the_ood_set_beside_the_test_split(tmp_path, capsys):
-    syn.write_dataset(tmp_path / "drawn", {"test": {"single": 2}}, drawn=True)
+    syn.write_dataset(tmp_path / "drawn", {"test": {"single": 4}}, drawn=0.5)
     write_ood(tmp_path / "ood", n=3, seed=7)
     out = tmp_path / "res"
     assert main(["eval", "--data", str(tmp_path / "drawn" / "test.jsonl"), "--ood", str(tmp_path / "ood"),
                  "--out", str(out), "--batch-size", "4"]) == 0
     s = json.loads((out / "summary.json").read_text())
-    assert s["n"] == 2 and s["ood"]["n"] == 3 and set(s["ood"]["categories"]) == {f"ood/{t}" for t in OOD_TASKS}
+    assert s["n"] == 4 and set(s["breakdown"]["look"]) == {"plain", "drawn"} and s["ood"]["n"] == 3 and set(s["ood"]["categories"]) == {f"ood/{t}" for t in OOD_TASKS}
     rows = [json.loads(line) for line in (out / "ood" / "predictions.jsonl").read_text().splitlines()]
     assert s["ood"]["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 3)
     assert "ood all" in capsys.readouterr().out

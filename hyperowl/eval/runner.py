@@ -91,7 +91,8 @@ def _category(row: dict) -> str:
 
 # Row fields that benchmarks report accuracy by, besides the category (Video-MME: durations and task types;
 # MMBench: its l2-category), when the rows have them.
-BREAKDOWN_FIELDS = ("duration", "task_type", "l2-category")
+# `look`: the synthetic world's drawn look (`hyperowl data synth --drawn P`) against the plain one.
+BREAKDOWN_FIELDS = ("duration", "task_type", "l2-category", "look")
 
 
 def summarize(rows: Sequence[dict], groups: bool = True, **meta: Any) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
             raise InputError(f"{where}: no reference answer (an 'answer' field or a final assistant message)")
         media = {k: [p if Path(p).is_absolute() else str(root / p) for p in rec.get(k) or []] for k in ("images", "videos")}
         out.append({"id": str(rec.get("id", n)), "task": rec.get("task") or "default", "messages": msgs,
-                    "answer": str(answer), **media})
+                    "answer": str(answer), **media, **({"look": rec["look"]} if rec.get("look") else {})})
     return out
 
 
@@ -284,7 +285,7 @@ def exact_samples(records: Sequence[dict[str, Any]]) -> list[Sample]:
         conv = {"messages": rec["messages"], "images": rec["images"], "videos": rec["videos"]}
         return Sample(rec["id"], rec["task"], rec["answer"], build=lambda: [conv],
                       score=lambda preds: {"correct": normalize(preds[0]) == normalize(rec["answer"])},
-                      extra={"task": rec["task"]})
+                      extra={"task": rec["task"], **({"look": rec["look"]} if "look" in rec else {})})
 
     return [sample(r) for r in records]
 

@@ -209,7 +209,7 @@ def _labelled(n: int, start: int = 0) -> str:
 def build_example(task: str, rng: random.Random, *, image_size: int = 64, video_frames: int = 8,
                   distractors: int = 3, id: str = "", drawn: bool = False) -> Example:
     """One example of `task` (a name from ALL_TASKS) drawn with `rng`. drawn: in the drawn look (`world`'s
-    DRAWN_*: a random source size, free positions, continuous sizes, 4 to `video_frames` frames)."""
+    DRAWN_*: a random source size, free positions, continuous sizes, videos of 4 to 32 frames)."""
     b = _Builder(rng, image_size, drawn)
     group, sub = task.split("/", 1)
     if group == "single":

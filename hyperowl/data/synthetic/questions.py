@@ -192,8 +192,8 @@ def _multi(b: _Builder, task: str) -> _Item:
 def _video(b: _Builder, task: str, frames: int) -> _Item:
     rng, s = b.rng, b.s
     t = rng.choice(VIDEO_TEMPLATES[task])
-    if b.look:  # drawn videos: 4 to `frames` frames (several lengths, so several speeds)
-        frames = rng.choice([f for f in DRAWN_VIDEO_FRAMES if f <= frames] or [frames])
+    if b.look:  # drawn videos: 4 to 32 frames whatever `frames` (several lengths, so several speeds)
+        frames = rng.choice(DRAWN_VIDEO_FRAMES)
     bg = b.background()
     if task == "direction":  # one object crosses the image along a row or column; others stay outside its lane
         direction = rng.choice(DIRECTIONS)

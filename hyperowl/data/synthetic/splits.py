@@ -76,10 +76,12 @@ class _Stats:
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
           stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1,
-          which_turns: int = 0, drawn: bool = False) -> Iterator[Example]:
+          which_turns: int = 0, drawn: float = 0.0) -> Iterator[Example]:
     """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
     _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns, which_turns)
+    if not isinstance(drawn, (int, float)) or not 0 <= drawn <= 1:
+        raise InputError(f"drawn={drawn!r}: the share of examples in the drawn look must be from 0 to 1")
     per_group = _select_tasks(tasks)
     order: list[str] = []
     for g, n in counts.items():
@@ -94,13 +96,15 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
               exclude: Optional[set[str]], stats: _Stats, turns: int = 1,
               progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0,
-              drawn: bool = False) -> Iterator[Example]:
+              drawn: float = 0.0) -> Iterator[Example]:
     for i, task in enumerate(order):
+        # Which look (a share `drawn` of the examples, from a seed of its own: drawn=0 draws what it always drew).
+        look = drawn >= 1 or (drawn > 0 and random.Random(_seed_for(seed, split, i, "look")).random() < drawn)
         for attempt in range(MAX_ATTEMPTS):
             # The drawn look has seeds of its own: its examples are not the plain ones redrawn.
-            rng = random.Random(_seed_for(seed, split, i, attempt, *(("drawn",) if drawn else ())))
+            rng = random.Random(_seed_for(seed, split, i, attempt, *(("drawn",) if look else ())))
             ex = build_example(task, rng, image_size=image_size, video_frames=video_frames, distractors=distractors,
-                               id=f"{split}-{i:06d}", drawn=drawn)
+                               id=f"{split}-{i:06d}", drawn=look)
             if not exclude or exclude.isdisjoint(ex.scene_hashes()):
                 break
             stats.rejected += 1  # an image of an earlier split: redraw
@@ -118,7 +122,7 @@ def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_v
                   exclude_hashes: Optional[set[str]] = None,
                   tasks: Optional[Sequence[str]] = None, turns: int = 1,
                   progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0,
-                  drawn: bool = False) -> Iterator[Example]:
+                  drawn: float = 0.0) -> Iterator[Example]:
     """The examples of a split in memory (same content as `generate_split` writes), without files.
 
     `ex.images` / `ex.videos` render lazily to PIL images / frame lists; `ex.scenes` / `ex.video_scenes`
@@ -126,8 +130,8 @@ def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_v
     task or group names. `turns`: questions per image conversation (see `add_turns`). `progressive`: share of
     multi-image conversations shown one image per turn (see `add_intro`). `video_turns`: questions per video
     conversation (see `add_video_turns`). `which_turns`: further "which image has X?" questions per conversation
-    of several images (see `add_which_turns`). `drawn`: scenes in the drawn look (`build_example`); their images
-    come at their source sizes (the writer reduces them to `image_size`).
+    of several images (see `add_which_turns`). `drawn`: the share of examples (0 to 1; True = all) in the drawn look
+    (`build_example`); their images come at their source sizes (the writer reduces them to `image_size`).
     """
     return _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
                  exclude_hashes, tasks, _Stats(), turns, progressive, video_turns, which_turns, drawn)

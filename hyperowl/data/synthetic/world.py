@@ -55,7 +55,7 @@ MAX_OBJECTS = 4
 DRAWN_SIZE_FRACTION = {"small": (0.10, 0.17), "large": (0.22, 0.31)}
 DRAWN_SOURCE_SIZES = (48, 1024)
 DRAWN_BACKGROUNDS = ("plain", "gradient", "texture", "noise")
-DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)  # a drawn video has one of these (at most the dataset's --frames)
+DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)  # a drawn video has one of these (`--frames` is the plain look's)
 # (row, col) -> canonical position name.
 POSITION_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
