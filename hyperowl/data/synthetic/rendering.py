@@ -4,7 +4,9 @@ Design note: `render` draws a `Scene` on its background (aliased, solid colours:
 the same pixels, which is what makes a scene hash name an image). `object_map` and `patch_labels` draw each
 object alone to say which object covers each pixel / patch: the dense targets of vision-tower pretraining
 (`hyperowl.train.vision_pretrain`). Video frames are scenes too, rendered one by one (`Example.videos`) and
-encoded by `writer.write_mp4`. (The module is `rendering`, not `render`, so that `hyperowl.data.synthetic.render`
+encoded by `writer.write_mp4`. `render_drawn` draws a scene of the drawn look (`Scene.look`, issue 31):
+anti-aliased or not, filled or outlined, jittered colours, plain/gradient/texture/noise backgrounds, JPEG;
+everything from the scene's seeds, so it is as deterministic as `render`. (The module is `rendering`, not `render`, so that `hyperowl.data.synthetic.render`
 stays the function.)
 """
 
