@@ -759,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_parser(sub)
 
     dt = _subcommand(sub, "data", cmd_data, "datasets: `hyperowl data synth --out DIR` writes the synthetic visual "
-                     "world", add_help=False)
+                     "world, `hyperowl data ood --out DIR` its out-of-distribution test set", add_help=False)
     dt.add_argument("rest", nargs=argparse.REMAINDER)
 
     cv = _subcommand(sub, "convert", cmd_convert, "one-shot: rewrite a pickle-only checkpoint (*.bin) as "
