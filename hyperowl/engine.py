@@ -73,6 +73,9 @@ class Request:
     cancel: threading.Event | None = None  # set from any thread: the row leaves the batch at the next step
     generator: torch.Generator | None = None  # the row's random stream (sampling rows); None: made from params.seed
     pixel_values: Tensor | None = None  # deprecated: pass image_embeds (hyperowl.encoder makes them)
+    # one content hash per image (its features: source bytes + preprocessing), for prefix reuse across requests
+    # in the continuous engine (batching.py); None: blocks holding an image are not shared
+    media_hashes: tuple[str, ...] | None = None
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:

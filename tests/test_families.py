@@ -155,10 +155,10 @@ def test_training_runs_and_saves_the_family_layout(family_dir, image_file, tmp_p
 # Bottom to top. A module may import from its own layer or below, never above; and the graph has no cycle.
 LAYERS = [
     ["errors", "config", "keymaps", "limits", "config_schema"],
-    ["cache", "models", "quantize"],
+    ["cache", "paged_cache", "models", "quantize"],
     ["processing"],
     ["families", "feature_cache"],
-    ["checkpoint", "encoder", "engine"],
+    ["checkpoint", "encoder", "engine", "batching"],
     ["chat", "pipeline", "live"],
     ["data", "eval", "serve", "train", "batch"],
     ["cli"],

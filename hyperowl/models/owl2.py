@@ -196,8 +196,7 @@ class Owl2Model(OwlModel):
         if image_embeds is not None and image_embeds.shape[0] > 0:
             if image_positions is None:
                 raise InputError("images were given without image_positions or -200 placeholders in input_ids")
-            if past:
-                raise InputError("images can only be given at prefill (an empty cache)")
+            # with a cache holding earlier slots (chunked prefill, a reused prefix), the new rows go after them
             if position_ids is not None:
                 raise InputError("position_ids cannot be combined with images: positions follow the expanded sequence")
             x, visual, valid, labels = expand_rows(x, valid, image_positions.to(dev).long(), image_embeds.to(dev), labels)

@@ -1,0 +1,415 @@
+"""Continuous batching over the paged KV cache: requests join and leave between steps. Knows ids, never a tokenizer.
+
+Design note
+-----------
+`ContinuousEngine` is driven by its caller (a server's scheduler thread, a test): `add` queues a request,
+`step` runs one scheduling step and returns the tokens it produced, `abort` drops a request at once. It holds
+no lock and starts no thread; the caller serialises the calls.
+
+A step:
+1. cancelled requests (`Request.cancel` set) leave, their blocks freed;
+2. waiting requests are admitted in arrival order while the pool has room for their whole prompt (text
+   blocks and the images' visual K/V, after prefix reuse) plus one block for every running row that starts a
+   new block next step, up to `max_running`;
+3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
+   counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
+   preempting the newest request when the pool is full;
+4. prefill: at most `prefill_chunk` prompt slots, in admission order, one forward per request and chunk
+   (chunked prefill: a long prompt takes several steps, running rows keep decoding meanwhile). The images
+   whose placeholders lie in the chunk go with it and are appended to the request's visual K/V, as live
+   video appends frames (their MI-Rope position and visibility come from their own placeholder, so chunking
+   is exact). A request whose prompt is done samples its first token from the chunk's last logits.
+
+Sampling is `Engine.stream`'s: `sample`, the repetition penalty over prompt + generated ids, stops forbidden
+until `min_new_tokens`, each sampling row's own generator (`Request.generator`, or `Engine.generator`), so a
+request's tokens are its solo `Engine.generate` tokens whatever else runs beside it.
+
+Preemption is by recomputation: the newest request's blocks are released and it goes back to the front of
+the queue with its prompt + generated tokens as the prompt to recompute (its sampling state and generator
+continue: the same random stream). Its full blocks usually survive in the prefix cache, so the recompute is
+mostly a prefix hit. `add` refuses a request whose prompt + max_new_tokens cannot fit the whole budget, so a
+request alone always fits: never an out-of-memory error, never a lost request.
+
+Prefix reuse: full blocks get a content key, a hash chain over (parent key, the block's token ids, the media
+hashes of the images whose placeholders or visual rows lie in it). Without `Request.media_hashes`, a block
+holding an image is not shareable and the chain stops there. A new request walks its chain through the
+registered blocks and reuses the matched text blocks and, for Owl3, the visual K/V of the images placed in
+them: an image's keys depend only on its features and its MI-Rope position (the placeholder's), and the
+matched text K/V only on earlier tokens and images (240728: an image is seen strictly after its
+placeholder; 241101: the placeholder sees it, and its hash is in the placeholder's block). At least the last
+prompt token is always recomputed (its logits give the first token); Owl2 matches only up to a token
+boundary (an image's rows are written by one forward). Generated tokens' blocks are registered too, so a
+chat's next turn reuses the previous answer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import logging
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from .engine import Engine, Request, apply_repetition_penalty, sample
+from .paged_cache import BlockManager, PagedSeq, PagedView, default_kv_cache_bytes
+
+log = logging.getLogger(__name__)
+
+WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+
+
+@dataclass
+class StepEvent:
+    request_id: Hashable
+    token: int | None  # None: the request left without a token (cancelled)
+    finish: str | None = None  # None (more to come), "stop", "length" or "cancelled"
+    logits: Tensor | None = None  # [V] float32 the token was sampled from (before penalties), if keep_logits
+
+
+class _Live:
+    """One request's state in the engine (waiting, prefilling or decoding)."""
+
+    def __init__(self, rid: Hashable, req: Request, gen, vocab: int, visual_in_text: bool) -> None:
+        self.rid, self.req, self.params, self.gen = rid, req, req.params, gen
+        self.prompt = [int(t) for t in req.input_ids.tolist()]
+        self.tokens = list(self.prompt)  # prompt + generated
+        self.generated: list[int] = []
+        pos = [] if req.image_positions is None else [int(p) for p in req.image_positions.flatten().tolist()]
+        self.image_tok = sorted(pos)
+        self.image_of = {p: j for j, p in enumerate(self.image_tok)}
+        t = int(req.image_embeds.shape[1]) if req.image_embeds is not None and len(self.image_tok) else 1
+        width = t if visual_in_text else 1  # Owl2: an image's rows are sequence slots
+        self.starts = [0]  # slot where each token starts (+ the end)
+        for i in range(len(self.tokens)):
+            self.starts.append(self.starts[-1] + (width if i in self.image_of else 1))
+        self.seq: PagedSeq | None = None
+        self.done = 0  # tokens whose K/V are in the cache
+        self.keys: list[bytes | None] = []  # content key of each full block written so far
+        self.state = WAITING
+        self.admitted = -1
+        self.info = dict(prompt_tokens=len(self.prompt), cached_tokens=0, cached_images=0, kv_bytes=0)
+        self.first_admission = True
+        self.seen = None
+        if self.params.repetition_penalty != 1.0:
+            ids = req.input_ids.to(torch.long)
+            ids = ids[(ids >= 0) & (ids < vocab)]
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen[ids] = True
+
+    def slots(self, n_tokens: int | None = None) -> int:
+        return self.starts[len(self.tokens) if n_tokens is None else n_tokens]
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        self.generated.append(token)
+        self.starts.append(self.starts[-1] + 1)
+
+
+class ContinuousEngine:
+    """See the module note. `kv_cache_bytes` None: `default_kv_cache_bytes` of the model's device."""
+
+    def __init__(self, model, kv_cache_bytes: int | None = None, block_size: int = 16, prefill_chunk: int = 512,
+                 max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False) -> None:
+        if block_size < 1 or prefill_chunk < 1 or max_running < 1:
+            raise ValueError("block_size, prefill_chunk and max_running must be >= 1")
+        self.model = model
+        self.solo = Engine(model)  # request checks and generators, as the offline engine makes them
+        cfg = model.config
+        self.vocab = cfg.vocab_size
+        self.visual_in_text = not hasattr(cfg, "is_hyper")  # Owl2: visual rows in the sequence
+        visual_layers = [] if self.visual_in_text else [i for i in range(cfg.num_layers) if cfg.is_hyper(i)]
+        image_tokens = None if self.visual_in_text else cfg.vision.tokens_per_image
+        unit_bytes = 2 * cfg.num_kv_heads * block_size * cfg.head_dim * torch.empty(0, dtype=model.dtype).element_size()
+        budget = default_kv_cache_bytes(model.device) if kv_cache_bytes is None else int(kv_cache_bytes)
+        self.blocks = BlockManager(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, budget // unit_bytes,
+                                   model.dtype, model.device, visual_layers, image_tokens)
+        self.block_size, self.prefill_chunk, self.max_running = block_size, prefill_chunk, max_running
+        self.prefix_cache, self.keep_logits = prefix_cache, keep_logits
+        self.waiting: deque[_Live] = deque()
+        self.running: list[_Live] = []  # admitted (prefilling or decoding), in admission order
+        self.live: dict[Hashable, _Live] = {}
+        self.finished: OrderedDict[Hashable, dict] = OrderedDict()  # request_info of the last finished requests
+        self._order = itertools.count()
+        self.counters = dict(prefill_tokens=0, cached_tokens=0, prompt_slots=0, preemptions=0)
+        log.info("paged KV cache: %d blocks of %d slots (%.1f MB)", self.blocks.num_units, block_size,
+                 self.blocks.num_units * unit_bytes / 2**20)
+
+    # -- the public API --------------------------------------------------------------------------------------
+    def add(self, request_id: Hashable, request: Request) -> None:
+        """Queue a request. ValueError if it cannot go through the model or cannot fit the whole KV budget."""
+        if request_id in self.live:
+            raise ValueError(f"request {request_id!r} is already in the engine")
+        request = self.solo._with_features(request)
+        self.solo.check(request, request_id)
+        n_img = 0 if request.image_positions is None else int(request.image_positions.numel())
+        if request.media_hashes is not None and len(request.media_hashes) != n_img:
+            raise ValueError(f"request {request_id}: {len(request.media_hashes)} media hashes for {n_img} images")
+        if n_img and not self.visual_in_text and int(request.image_embeds.shape[1]) != self.blocks.image_tokens:
+            raise ValueError(f"request {request_id}: images of {int(request.image_embeds.shape[1])} tokens, the model "
+                             f"takes {self.blocks.image_tokens}")
+        gen = request.generator
+        if gen is None and request.params.temperature > 0:
+            gen = self.solo.generator(request.params)
+        x = _Live(request_id, request, gen, self.vocab, self.visual_in_text)
+        need = self._units_for(x.slots() + request.params.max_new_tokens, n_img)
+        if need > self.blocks.num_units:
+            mb = self.blocks.unit_bytes / 2**20
+            raise ValueError(f"request {request_id}: needs {need} KV blocks ({need * mb:.1f} MB) for its "
+                             f"{x.slots()} prompt slots, {n_img} images and max_new_tokens "
+                             f"{request.params.max_new_tokens}; the KV budget holds {self.blocks.num_units} "
+                             f"({self.blocks.num_units * mb:.1f} MB)")
+        self.live[request_id] = x
+        self.waiting.append(x)
+
+    def abort(self, request_id: Hashable) -> None:
+        """Drop a request now (waiting, prefilling or decoding); its blocks are freed. Unknown ids are ignored."""
+        x = self.live.get(request_id)
+        if x is not None:
+            self._leave(x)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        m = self.blocks
+        c = self.counters
+        return dict(blocks_total=m.num_units, blocks_used=m.used_units(), blocks_free=m.available(),
+                    blocks_cached=m.evictable_units, block_size=self.block_size, running=len(self.running),
+                    waiting=len(self.waiting), prefill_tokens=c["prefill_tokens"], cached_tokens=c["cached_tokens"],
+                    prefix_hit_rate=c["cached_tokens"] / c["prompt_slots"] if c["prompt_slots"] else 0.0,
+                    preemptions=c["preemptions"], kv_bytes=m.num_units * m.unit_bytes)
+
+    def request_info(self, request_id: Hashable) -> dict:
+        """prompt_tokens, cached_tokens (prompt tokens reused from the prefix cache at admission), cached_images
+        and kv_bytes (bytes of the blocks the request references; at its end for a finished one)."""
+        x = self.live.get(request_id)
+        if x is not None:
+            return dict(x.info, kv_bytes=x.seq.units() * self.blocks.unit_bytes if x.seq else 0)
+        if request_id in self.finished:
+            return dict(self.finished[request_id])
+        raise KeyError(request_id)
+
+    @torch.no_grad()
+    def step(self) -> list[StepEvent]:
+        events: list[StepEvent] = []
+        for x in list(self.waiting) + self.running:
+            if x.req.cancel is not None and x.req.cancel.is_set():
+                self._leave(x)
+                events.append(StepEvent(x.rid, None, "cancelled"))
+        self._admit()
+        self._decode(events)
+        self._prefill(events)
+        return events
+
+    # -- memory ----------------------------------------------------------------------------------------------
+    def _units_for(self, slots: int, images: int) -> int:
+        return math.ceil(slots / self.block_size) * self.blocks.num_layers + images * self.blocks.image_units()
+
+    def _leave(self, x: _Live) -> None:
+        if x.seq is not None:
+            x.info["kv_bytes"] = x.seq.units() * self.blocks.unit_bytes
+            x.seq.release()
+            x.seq = None
+        if x in self.running:
+            self.running.remove(x)
+        elif x in self.waiting:
+            self.waiting.remove(x)
+        self.live.pop(x.rid, None)
+        self.finished[x.rid] = dict(x.info)
+        while len(self.finished) > 4096:
+            self.finished.popitem(last=False)
+
+    def _preempt(self, x: _Live) -> None:
+        log.info("preempting request %r (%d tokens): the KV budget is full", x.rid, len(x.tokens))
+        x.seq.release()
+        x.seq, x.done, x.keys, x.state = None, 0, [], WAITING
+        self.running.remove(x)
+        self.waiting.appendleft(x)
+        self.counters["preemptions"] += 1
+
+    # -- prefix keys -----------------------------------------------------------------------------------------
+    def _key(self, x: _Live, j: int) -> bytes | None:
+        """Content key of x's block j (slots j*bs ..), chained on block j-1's; None: not shareable."""
+        parent = x.keys[j - 1] if j else b"root"
+        if parent is None:
+            return None
+        bs = self.block_size
+        s0, s1 = j * bs, (j + 1) * bs
+        h = hashlib.blake2b(parent, digest_size=16)
+        i = bisect.bisect_right(x.starts, s0) - 1  # the token holding slot s0
+        hashes = x.req.media_hashes
+        while i < len(x.tokens) and x.starts[i] < s1:
+            img = x.image_of.get(i)
+            if img is None:
+                h.update(b"t%d;" % x.tokens[i])
+            else:
+                if hashes is None:
+                    return None
+                # the image and which of its rows lie in this block (Owl2: rows are slots; Owl3: one slot)
+                a, b = max(s0, x.starts[i]) - x.starts[i], min(s1, x.starts[i + 1]) - x.starts[i]
+                h.update(b"i%d:%s:%d:%d;" % (x.tokens[i], hashes[img].encode(), a, b))
+            i += 1
+        return h.digest()
+
+    def _register_full(self, x: _Live) -> None:
+        """Give every newly full written block its key (and register it for sharing)."""
+        full = x.seq.length // self.block_size
+        while len(x.keys) < full:
+            j = len(x.keys)
+            key = self._key(x, j)
+            x.keys.append(key)
+            if key is not None and self.prefix_cache:
+                self.blocks.register(x.seq.blocks[j], key)
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def _decode_reserve(self) -> int:
+        """Pool blocks the running rows need at the next decode step (those starting a new block)."""
+        n = sum(1 for x in self.running if x.seq is not None and x.state == DECODE
+                and x.seq.length >= len(x.seq.blocks) * self.block_size)
+        return n * self.blocks.num_layers
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running:
+            if not self._try_admit(self.waiting[0]):
+                return
+            x = self.waiting.popleft()
+            self.running.append(x)
+
+    def _try_admit(self, x: _Live) -> bool:
+        m, bs = self.blocks, self.block_size
+        total = x.slots()
+        matched, keys = [], []
+        if self.prefix_cache:
+            last = x.starts[len(x.tokens) - 1]  # the last token is always computed (its logits)
+            for j in range(last // bs):
+                x.keys = keys
+                key = self._key(x, j)
+                block = m.lookup(key) if key is not None else None
+                if block is None:
+                    break
+                matched.append(block)
+                keys.append(key)
+            starts = set(x.starts)
+            while matched and len(matched) * bs not in starts:  # Owl2: not inside an image's rows
+                matched.pop()
+                keys.pop()
+        n_match = len(matched) * bs
+        done = x.starts.index(n_match)  # tokens covered by the matched blocks
+        reused = [im for b in matched for im in b.images]
+        n_img_done = bisect.bisect_left(x.image_tok, done)
+        if not self.visual_in_text and len(reused) != n_img_done:  # cannot happen; never reuse a wrong layout
+            log.warning("prefix blocks of request %r hold %d images, %d expected: not reused", x.rid, len(reused),
+                        n_img_done)
+            matched, keys, n_match, done, reused, n_img_done = [], [], 0, 0, [], 0
+        for b in matched:
+            m.acquire(b)
+        new_blocks = math.ceil(total / bs) - len(matched)
+        new_images = 0 if self.visual_in_text else len(x.image_tok) - n_img_done
+        need = new_blocks * m.num_layers + new_images * m.image_units()
+        if m.available() < need + self._decode_reserve():
+            for b in matched:
+                m.release(b)
+            x.keys = []
+            return False
+        seq = PagedSeq(m)
+        seq.blocks = matched + [m.new_block() for _ in range(new_blocks)]
+        seq.images = list(reused)
+        seq.reserved = [m.new_image() for _ in range(new_images)]
+        seq.length = seq.next_pos = n_match  # a solo sequence has no padding: position = slot
+        x.seq, x.done, x.keys, x.state = seq, done, keys, PREFILL
+        x.admitted = next(self._order)
+        self.counters["cached_tokens"] += n_match
+        self.counters["prompt_slots"] += total
+        if x.first_admission:
+            x.first_admission = False
+            x.info.update(cached_tokens=min(done, len(x.prompt)), cached_images=n_img_done)
+        return True
+
+    # -- forwards --------------------------------------------------------------------------------------------
+    def _prefill(self, events: list[StepEvent]) -> None:
+        budget = self.prefill_chunk
+        dev = self.model.device
+        for x in [x for x in self.running if x.state == PREFILL]:
+            if budget <= 0:
+                return
+            a = b = x.done
+            while b < len(x.tokens) and (b == a or x.starts[b + 1] - x.starts[a] <= budget):
+                b += 1
+            budget -= x.starts[b] - x.starts[a]
+            j0, j1 = bisect.bisect_left(x.image_tok, a), bisect.bisect_left(x.image_tok, b)
+            kw = {}
+            if j1 > j0:
+                kw = dict(image_embeds=x.req.image_embeds[j0:j1].to(dev),
+                          image_positions=torch.tensor([[p - a for p in x.image_tok[j0:j1]]], device=dev))
+                if not self.visual_in_text:
+                    x.seq.pending, x.seq.reserved = x.seq.reserved[: j1 - j0], x.seq.reserved[j1 - j0 :]
+            n_before = len(x.seq.images)
+            out = self.model(torch.tensor([x.tokens[a:b]], device=dev), cache=PagedView(self.blocks, [x.seq]),
+                             last_logits_only=True, **kw)
+            for im, p in zip(x.seq.images[n_before:], x.image_tok[j0:j1]):  # each image lives with its placeholder
+                x.seq.blocks[x.starts[p] // self.block_size].images.append(im)
+            x.done = b
+            self.counters["prefill_tokens"] += x.starts[b] - x.starts[a]
+            self._register_full(x)
+            if b == len(x.tokens):
+                x.state = DECODE
+                self._sample([x], out.logits[:, -1].float(), events)
+
+    def _decode(self, events: list[StepEvent]) -> None:
+        rows = [x for x in self.running if x.state == DECODE]
+        m, bs = self.blocks, self.block_size
+        for x in list(rows):  # room for one more slot each, oldest first; the newest are preempted
+            if x not in self.running:
+                continue
+            if x.seq.length < len(x.seq.blocks) * bs:
+                continue
+            while m.available() < m.num_layers:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim in rows:
+                    rows.remove(victim)
+                if victim is x:
+                    break
+            if x in self.running:
+                x.seq.blocks.append(m.new_block())
+        if not rows:
+            return
+        dev = self.model.device
+        ids = torch.tensor([[x.tokens[-1]] for x in rows], device=dev)
+        logits = self.model(ids, cache=PagedView(m, [x.seq for x in rows])).logits[:, -1].float()
+        for x in rows:
+            x.done += 1
+            self._register_full(x)
+        self._sample(rows, logits, events)
+
+    def _sample(self, rows: list[_Live], logits: Tensor, events: list[StepEvent]) -> None:
+        """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""
+        raw = logits.clone() if self.keep_logits else None
+        dev = logits.device
+        if any(x.seen is not None for x in rows):
+            seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool)
+                                for x in rows]).to(dev)
+            penalty = torch.tensor([x.params.repetition_penalty for x in rows], device=dev)
+            logits = apply_repetition_penalty(logits, seen, penalty)
+        for r, x in enumerate(rows):  # forbid stops until min_new_tokens
+            if len(x.generated) < x.params.min_new_tokens and x.params.stop_token_ids:
+                logits[r, list(x.params.stop_token_ids)] = float("-inf")
+        tokens = sample(logits, [x.params for x in rows], [x.gen for x in rows]).tolist()
+        for r, (x, t) in enumerate(zip(rows, tokens)):
+            x.append(t)
+            if x.seen is not None and 0 <= t < self.vocab:
+                x.seen[t] = True
+            finish = None
+            if t in x.params.stop_token_ids:
+                finish = "stop"
+            elif len(x.generated) >= x.params.max_new_tokens:
+                finish = "length"
+            events.append(StepEvent(x.rid, t, finish, raw[r] if raw is not None else None))
+            if finish is not None:
+                self._leave(x)

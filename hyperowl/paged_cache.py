@@ -1,0 +1,388 @@
+"""The paged KV cache: fixed-size blocks in one pool, a block table per request, prefix blocks shared.
+
+Design note
+-----------
+Storage. One pool tensor `[N + 1, 2, kv_heads, block_size, head_dim]` (K and V) holds every K/V of every
+layer; a *pool block* is one layer's K/V for `block_size` slots. Pool blocks are fungible across layers and
+kinds, so text and visual K/V draw from one byte budget with no static split:
+- a text block (`Block`) of a request covers `block_size` sequence slots and owns one pool block per
+  decoder layer (`units[layer]`);
+- an image's visual K/V (`ImageKV`, Owl3 hyper layers only) own `ceil(T / block_size)` pool blocks per hyper
+  layer (`units[hyper_index, j]`), its T tokens in order. Owl2's visual rows are ordinary sequence slots, so
+  they live in text blocks.
+A request holds blocks for its own slots and images and nothing for padding. Pool block 0 is never handed
+out: it stays zero and is what padding entries of a gather read (finite, masked).
+
+Attention over the pages. The models are left untouched: they talk to a cache through the narrow KVCache
+API (cache.py: begin/commit/length/key_valid/next_pos/image_pos, write_text/text, alloc_visual/visual/
+visual_and_text). `PagedView` implements that API for one forward over a batch of `PagedSeq`s: per layer,
+on first use, it gathers each row's blocks into the contiguous padded layout the models already read
+(rows' block lists right-aligned; the unused tail of a row's last block and the padding blocks are marked
+invalid in `key_valid`; an image's blocks are cut back to exactly T slots, images back to back, so image
+j starts at slot j*T as the hyper layers expect), and scatters the K/V the model writes (text, and new
+images' visual K/V) straight into the rows' blocks. Only one layer's gathered copy lives at a time. Masking
+by key validity and positions (never slot indices) is what makes holes in the middle harmless: RoPE
+positions come from `next_pos`, and the text mask hides invalid slots, so each row computes exactly what
+it computes alone. The cost is the gather copy per layer and step; a fused paged-attention kernel (GPU)
+that reads the pool through the block table would avoid it (not written here: SDPA is the one attention
+path of the package, models/layers.py `attend`).
+
+Sharing. Full text blocks get a content key (a hash chain, computed by the engine) and are registered in
+`BlockManager`; a later request whose prefix has the same keys acquires them (refcounted) together with
+the visual K/V of the images whose placeholders lie in them (`Block.images`). A block whose last reference
+goes stays cached if it has a key (evictable, least recently released first) and is freed otherwise.
+Blocks are immutable once full, so sharing needs no copy-on-write: a request writes only into blocks past
+its matched prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .models.attention import BIG_POS
+
+log = logging.getLogger(__name__)
+
+
+def default_kv_cache_bytes(device: torch.device | str, share: float | None = None) -> int:
+    """A KV budget from free memory: on CUDA `share` (default 0.8) of what `mem_get_info` reports free (call it
+    after the model is loaded), on CPU `share` (default 0.3) of the available host memory (the host also holds
+    features, the feature cache and the server). At least 64 MB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        share = 0.8 if share is None else share
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:  # psutil is optional: the same number from sysconf
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        share = 0.3 if share is None else share
+    return max(64 << 20, int(free * share))
+
+
+@dataclass(eq=False)
+class ImageKV:
+    """One image's visual K/V in every hyper layer: units [hyper_layers, blocks_per_image] pool block ids."""
+
+    units: Tensor
+    pos: int = -1  # visible-from position (also its MI-Rope position); set when written
+
+
+@dataclass(eq=False)
+class Block:
+    """`block_size` sequence slots in every layer (units [num_layers]), plus the images whose placeholders
+    lie in them (freed or cached together with the block)."""
+
+    units: Tensor
+    images: list[ImageKV] = field(default_factory=list)
+    key: bytes | None = None  # content key once full and registered
+    refs: int = 0
+
+    def num_units(self) -> int:
+        return self.units.numel() + sum(im.units.numel() for im in self.images)
+
+
+class BlockManager:
+    """The pool and its bookkeeping: free pool blocks, refcounts, registered (shareable) blocks, LRU eviction."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int, num_units: int,
+                 dtype: torch.dtype, device: torch.device | str, visual_layers: list[int] | tuple[int, ...] = (),
+                 image_tokens: int | None = None) -> None:
+        if num_units < 1:
+            raise ValueError("the KV budget holds no block")
+        self.num_layers, self.block_size = num_layers, block_size
+        self.visual_layers = list(visual_layers)  # decoder layer index of each hyper layer
+        self.hyper_index = {layer: h for h, layer in enumerate(self.visual_layers)}
+        self.num_units = num_units
+        self.image_tokens = image_tokens  # visual tokens per image (Owl3 hyper layers), None: no visual K/V
+        # empty, not zeros: a host pool of a few GB is not touched until used; blocks are zeroed when handed out
+        self.pool = torch.empty(num_units + 1, 2, kv_heads, block_size, head_dim, dtype=dtype, device=device)
+        self.pool[0] = 0
+        self.unit_bytes = self.pool[0].numel() * self.pool.element_size()
+        self._free = list(range(num_units, 0, -1))  # a stack; low ids first
+        self.cached: dict[bytes, Block] = {}  # key -> registered block
+        self.evictable: OrderedDict[Block, None] = OrderedDict()  # registered, unreferenced; oldest first
+        self.evictable_units = 0
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def free_units(self) -> int:
+        return len(self._free)
+
+    def available(self) -> int:
+        """Pool blocks that can be handed out now (free, or held only by the prefix cache)."""
+        return len(self._free) + self.evictable_units
+
+    def used_units(self) -> int:
+        return self.num_units - self.available()
+
+    def image_units(self) -> int:
+        """Pool blocks one image's visual K/V take (all hyper layers)."""
+        return len(self.visual_layers) * math.ceil((self.image_tokens or 0) / self.block_size)
+
+    # -- units --------------------------------------------------------------------------------------------
+    def _take(self, n: int) -> Tensor:
+        while len(self._free) < n and self.evictable:
+            self._evict()
+        if len(self._free) < n:
+            raise MemoryError(f"{n} KV blocks asked, {len(self._free)} free")  # callers check available() first
+        ids = [self._free.pop() for _ in range(n)]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _give(self, units: Tensor) -> None:
+        self._free.extend(units.flatten().tolist())
+
+    def _evict(self) -> None:
+        block, _ = self.evictable.popitem(last=False)
+        self.evictable_units -= block.num_units()
+        del self.cached[block.key]
+        block.key = None
+        self._free_block(block)
+
+    def _free_block(self, block: Block) -> None:
+        self._give(block.units)
+        for im in block.images:
+            self._give(im.units)
+        block.images = []
+
+    # -- blocks -------------------------------------------------------------------------------------------
+    def new_block(self) -> Block:
+        """A text block (one pool block per layer), zeroed: the unused tail of a partial block is read
+        (masked) by attention, so it must be finite."""
+        units = self._take(self.num_layers)
+        self.pool[units.to(self.pool.device)] = 0
+        return Block(units, refs=1)
+
+    def new_image(self) -> ImageKV:
+        units = self._take(self.image_units())
+        return ImageKV(units.view(len(self.visual_layers), -1))
+
+    def free_image(self, image: ImageKV) -> None:
+        """An image never attached to a block (its request left before the image was written)."""
+        self._give(image.units)
+
+    def acquire(self, block: Block) -> None:
+        if block.refs == 0 and block in self.evictable:
+            del self.evictable[block]
+            self.evictable_units -= block.num_units()
+        block.refs += 1
+
+    def release(self, block: Block) -> None:
+        block.refs -= 1
+        if block.refs > 0:
+            return
+        if block.key is not None:  # stays cached for a later request with the same prefix
+            self.evictable[block] = None
+            self.evictable_units += block.num_units()
+        else:
+            self._free_block(block)
+
+    def lookup(self, key: bytes) -> Block | None:
+        return self.cached.get(key)
+
+    def register(self, block: Block, key: bytes) -> None:
+        """Make a full block shareable under `key` (content: the hash chain up to it). A second block with the
+        same content stays private (freed when released)."""
+        if block.key is None and key not in self.cached:
+            block.key = key
+            self.cached[key] = block
+
+
+class PagedSeq:
+    """One request's pages: its text blocks (slots 0.. in order), its images' visual K/V in order, how many
+    slots are written (`length`) and the next RoPE position."""
+
+    def __init__(self, manager: BlockManager) -> None:
+        self.m = manager
+        self.blocks: list[Block] = []
+        self.images: list[ImageKV] = []  # written images, in placeholder order
+        self.pending: list[ImageKV] = []  # images the next forward writes (set by the engine)
+        self.reserved: list[ImageKV] = []  # images allocated for later chunks
+        self.length = 0
+        self.next_pos = 0
+
+    def units(self) -> int:
+        """Pool blocks this request references (shared ones included)."""
+        return sum(b.num_units() for b in self.blocks) + sum(im.units.numel() for im in self.pending + self.reserved)
+
+    def text_table(self, n: int) -> Tensor:
+        """[num_layers, n] pool ids of the first n text blocks."""
+        return torch.stack([b.units for b in self.blocks[:n]], 1) if n else torch.empty(self.m.num_layers, 0, dtype=torch.long)
+
+    def release(self) -> None:
+        for b in self.blocks:
+            self.m.release(b)
+        for im in self.pending + self.reserved:
+            self.m.free_image(im)
+        self.blocks, self.images, self.pending, self.reserved = [], [], [], []
+
+
+class PagedView:
+    """The KVCache API over a batch of PagedSeqs for one forward (see the module note). Build it, run the model
+    with `cache=view`; the model's commit() updates the rows' lengths and positions. The rows' blocks for the
+    slots about to be written, and the new images' `pending` ImageKVs, must exist beforehand."""
+
+    def __init__(self, manager: BlockManager, seqs: list[PagedSeq]) -> None:
+        m = self.m = manager
+        self.seqs = seqs
+        bs = m.block_size
+        dev = m.pool.device
+        b = len(seqs)
+        self.nblk = [math.ceil(s.length / bs) for s in seqs]
+        nmax = max(self.nblk)
+        self.length = nmax * bs  # past slots of the padded layout (the model reads it before begin)
+        table = torch.zeros(m.num_layers, b, nmax, dtype=torch.long)
+        valid = torch.zeros(b, self.length, dtype=torch.bool)
+        for r, s in enumerate(seqs):
+            off = nmax - self.nblk[r]
+            table[:, r, off:] = s.text_table(self.nblk[r])
+            valid[r, off * bs : off * bs + s.length] = True
+        self._table = table.to(dev)
+        self._past_valid = valid.to(dev)
+        self.next_pos = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
+        self.key_valid: Tensor | None = None
+        # images: already written (gathered from the pool) + pending (written by this forward)
+        nimg = [len(s.images) for s in seqs]
+        self.image_pos: Tensor | None = None
+        self._img_table = None
+        if max(nimg) > 0:
+            pos = torch.full((b, max(nimg)), BIG_POS, dtype=torch.long)
+            tab = torch.zeros(len(m.visual_layers), b, max(nimg), seqs[nimg.index(max(nimg))].images[0].units.shape[1],
+                              dtype=torch.long)
+            for r, s in enumerate(seqs):
+                for j, im in enumerate(s.images):
+                    pos[r, j] = im.pos
+                    tab[:, r, j] = im.units
+            self.image_pos = pos.to(dev)
+            self._img_table = tab.to(dev)
+        self._old_images = max(nimg)
+        self._text_memo: tuple[int, Tensor, Tensor] | None = None
+        self._visual_memo: tuple[int, Tensor, Tensor] | None = None
+        self._new_text: dict[int, tuple[Tensor, Tensor]] = {}
+        self._new_visual: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def has_visual(self) -> bool:
+        return self.image_pos is not None
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def begin(self, new_valid: Tensor) -> None:
+        if not bool(new_valid.all()):
+            raise ValueError("a paged forward takes unpadded new tokens")
+        b, lq = new_valid.shape
+        self.lq = lq
+        self.key_valid = torch.cat([self._past_valid, new_valid.to(self._past_valid.device)], 1)
+        bs = self.m.block_size
+        units, offs = [], []
+        for s in self.seqs:  # where each new slot goes: (block of the row, offset in it)
+            slots = range(s.length, s.length + lq)
+            units.append(torch.stack([s.blocks[t // bs].units for t in slots], 1))  # [L, lq]
+            offs.extend(t % bs for t in slots)
+        dev = self.m.pool.device
+        self._dst_units = torch.cat(units, 1).to(dev)  # [L, B*lq], row-major like k.transpose(1, 2)
+        self._dst_off = torch.tensor(offs, dtype=torch.long, device=dev)
+
+    def commit(self, lq: int, last_pos: Tensor) -> None:
+        last = last_pos.tolist()
+        for r, s in enumerate(self.seqs):
+            s.length += lq
+            s.next_pos = int(last[r]) + 1
+            if s.pending:
+                if self.image_pos is None or self.image_pos.shape[1] < len(s.images) + len(s.pending):
+                    raise RuntimeError("the forward did not place the pending images")
+                for j, im in enumerate(s.pending):
+                    im.pos = int(self.image_pos[r, len(s.images) + j])
+                s.images = s.images + s.pending
+                s.pending = []
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def write_text(self, i: int, k: Tensor, v: Tensor) -> None:
+        pool, u, o = self.m.pool, self._dst_units[i], self._dst_off
+        b, h, lq, d = k.shape
+        pool[u, 0, :, o] = k.transpose(1, 2).reshape(b * lq, h, d).to(pool.dtype)
+        pool[u, 1, :, o] = v.transpose(1, 2).reshape(b * lq, h, d).to(pool.dtype)
+        self._new_text = {i: (k, v)}  # only this layer's are needed (text() right after)
+
+    def _gather(self, table: Tensor, kind: int) -> Tensor:
+        """table [B, n] pool ids -> [B, kv_heads, n * block_size, D] of K (kind 0) or V (1)."""
+        g = self.m.pool[table, kind]  # [B, n, Hkv, bs, D]
+        b, n, h, bs, d = g.shape
+        return g.transpose(1, 2).reshape(b, h, n * bs, d)
+
+    def _past_text(self, i: int) -> tuple[Tensor, Tensor]:
+        if self._text_memo is None or self._text_memo[0] != i:
+            self._text_memo = None  # drop the previous layer's copy first
+            self._text_memo = (i, self._gather(self._table[i], 0), self._gather(self._table[i], 1))
+        return self._text_memo[1], self._text_memo[2]
+
+    def text(self, i: int, lq: int) -> tuple[Tensor, Tensor]:
+        pk, pv = self._past_text(i)
+        k, v = self._new_text[i]
+        return torch.cat([pk, k.to(pk.dtype)], 2), torch.cat([pv, v.to(pv.dtype)], 2)
+
+    # -- visual (Owl3 hyper layers) -----------------------------------------------------------------------
+    def alloc_visual(self, i: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+        b, h, n, d = shape
+        npend = len(self.seqs[0].pending)
+        if any(len(s.pending) != npend for s in self.seqs) or not npend or n % npend:
+            raise RuntimeError("alloc_visual: the rows' pending images do not match the forward's")
+        k, v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        self._new_visual = {i: (k, v)}
+        return k, v
+
+    def _store_new_visual(self, i: int) -> tuple[Tensor, Tensor]:
+        """Write layer i's new images' visual K/V (filled by the model since alloc_visual) into their blocks."""
+        k, v = self._new_visual.pop(i)
+        b, h, n, d = k.shape
+        t, bs = self.m.image_tokens, self.m.block_size
+        if n % t:
+            raise RuntimeError(f"{n} visual slots are not whole images of {t} tokens")
+        npend = n // t
+        nb = math.ceil(t / bs)
+        units = torch.stack([torch.stack([im.units[self.m.hyper_index[i]] for im in s.pending]) for s in self.seqs])
+        units = units.to(self.m.pool.device)  # [B, npend, nb]
+        for kind, x in ((0, k), (1, v)):
+            x = x.reshape(b, h, npend, t, d)
+            if nb * bs != t:
+                x = torch.cat([x, x.new_zeros(b, h, npend, nb * bs - t, d)], 3)
+            x = x.reshape(b, h, npend, nb, bs, d).permute(0, 2, 3, 1, 4, 5)  # [B, npend, nb, Hkv, bs, D]
+            self.m.pool[units, kind] = x.to(self.m.pool.dtype)
+        return k, v
+
+    def visual(self, i: int) -> tuple[Tensor, Tensor]:
+        if self._visual_memo is not None and self._visual_memo[0] == i:
+            return self._visual_memo[1], self._visual_memo[2]
+        self._visual_memo = None
+        new = self._store_new_visual(i) if i in self._new_visual else None
+        parts_k, parts_v = [], []
+        if self._old_images:
+            tab = self._img_table[self.m.hyper_index[i]]  # [B, n_old, nb]
+            b, n_old, nb = tab.shape
+            t = self.m.image_tokens
+            for kind, out in ((0, parts_k), (1, parts_v)):
+                g = self.m.pool[tab, kind]  # [B, n_old, nb, Hkv, bs, D]
+                hkv, bs, d = g.shape[3:]
+                g = g.permute(0, 3, 1, 2, 4, 5).reshape(b, hkv, n_old, nb * bs, d)[:, :, :, :t]
+                out.append(g.reshape(b, hkv, n_old * t, d))
+        if new is not None:
+            parts_k.append(new[0])
+            parts_v.append(new[1])
+        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 2)
+        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 2)
+        self._visual_memo = (i, k, v)
+        return k, v
+
+    def visual_and_text(self, i: int, lq: int) -> tuple[Tensor, Tensor, int]:
+        vk, vv = self.visual(i)
+        tk, tv = self.text(i, lq)
+        return torch.cat([vk, tk], 2), torch.cat([vv, tv], 2), 0
