@@ -35,9 +35,16 @@ def png_url(color=(200, 30, 30), size=(60, 40)) -> str:
 
 @pytest.fixture(scope="module")
 def model(chat_checkpoint):
+    import torch
+
     import hyperowl
 
-    return hyperowl.load(chat_checkpoint, device="cpu")
+    # One torch thread, as `hyperowl serve` leaves a core to the event loop: torch's spinning workers on every
+    # core starve the servers' event loops here (a 300-token stream took 10x longer with 2 threads on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield hyperowl.load(chat_checkpoint, device="cpu")
+    torch.set_num_threads(threads)
 
 
 def _server(model, **kw):
@@ -160,18 +167,23 @@ def test_greedy_answers_equal_the_dynamic_schedulers(cont, dyn, tmp_path):
     bodies = [dict(model=MODEL, messages=[{"role": "user", "content": c}], max_tokens=6 + 5 * i)
               for i, c in enumerate(contents)]
     bodies.append(dict(bodies[1], temperature=0.9, seed=7, max_tokens=12))  # a seeded sampling row too
-    ask = lambda srv: lambda b: client(srv).chat.completions.create(**b).choices[0].message.content  # noqa: E731
+    def ask(srv):
+        def one(b):
+            r = client(srv).chat.completions.create(**b)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+        return one
+
     ref = [ask(dyn)(b) for b in bodies]
     got = together(ask(cont), bodies)
     assert got == ref
-    assert all(ref)
+    assert sum(n for _, _, n in ref) > 30
 
 
 # -- the K/V cache ----------------------------------------------------------------------------------------
 
 def test_a_request_cancelled_mid_prefill_frees_its_blocks(model, slow_forward):
     slow_forward[0] = 0.05
-    words = "The red circle is left of the blue square and above the green one. " * 20  # ~300 tokens
+    words = "The red circle is left of the blue square and above the green one. " * 12  # ~310 tokens
     with _server(model, kv_cache_gb=0.05, prefill_chunk=8) as srv:
         base = health(srv)
         assert base["kv_cache"]["blocks_used"] == 0 and base["running"] == 0
@@ -198,7 +210,7 @@ def test_a_follow_up_turn_reuses_the_previous_turns_kv(cont, dyn):
     c = client(cont)
     r1 = c.chat.completions.create(model=MODEL, messages=first, max_tokens=12)
     d1 = r1.usage.prompt_tokens_details.model_dump()
-    assert d1["cached_tokens"] == 0 and d1["cached_images"] == 0
+    assert d1["cached_tokens"] == 0 and d1["cached_image_tensors"] == 0
     second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                       {"role": "user", "content": "And which one is brighter?"}]
     r2 = c.chat.completions.create(model=MODEL, messages=second, max_tokens=12, stream=True,
@@ -206,7 +218,7 @@ def test_a_follow_up_turn_reuses_the_previous_turns_kv(cont, dyn):
     chunks = list(r2)
     d2 = chunks[-1].usage.prompt_tokens_details.model_dump()
     assert d2["cached_tokens"] >= r1.usage.prompt_tokens - 16, (d2, r1.usage.prompt_tokens)  # all but a partial block
-    assert d2["cached_images"] == 2
+    assert d2["cached_image_tensors"] == d1["image_tensors"] > 2  # both images, each cut into crops + global view
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == client(dyn).chat.completions.create(model=MODEL, messages=second, max_tokens=12).choices[0].message.content
     assert health(cont)["prefix_cache"]["hit_rate"] > 0
@@ -219,14 +231,15 @@ def tiny(model):
 
 
 def test_a_request_too_large_for_the_whole_budget_is_a_400(tiny):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there. " * 30}], "max_tokens": 400}
+    # ~90 prompt tokens + 300 fit the model's context (512) but not the budget (64 blocks x 16 slots / 4 layers)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there. " * 10}], "max_tokens": 300}
     for stream in (False, True):
         r = httpx.post(tiny.url + "/v1/chat/completions", json=dict(body, stream=stream), timeout=60)
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["code"] == "kv_cache_exceeded" and err["param"] == "messages"
         # its size and the budget, in blocks and MB
-        assert "needs" in err["message"] and "KV budget holds 64" in err["message"] and "max_new_tokens 400" in \
+        assert "needs" in err["message"] and "KV budget holds 64" in err["message"] and "max_new_tokens 300" in \
             err["message"], err["message"]
     assert health(tiny)["refused"] == 2 and health(tiny)["failed"] == 0
     ok = httpx.post(tiny.url + "/v1/chat/completions", json=dict(body, max_tokens=4), timeout=60)

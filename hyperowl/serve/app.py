@@ -316,8 +316,8 @@ async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[t
 
 
 def usage(prompt: PreparedPrompt, completion_tokens: int, job: Job | None = None) -> dict:
-    """`cached_tokens` / `cached_images`: the prompt tokens and images whose K/V the engine reused from its
-    prefix cache (continuous batching; 0 with dynamic batching)."""
+    """`cached_tokens` / `cached_image_tensors`: the prompt tokens and image tensors whose K/V the engine
+    reused from its prefix cache (continuous batching; 0 with dynamic batching)."""
     info = (job.info if job is not None else None) or {}
     return usage_body(int(prompt.input_ids.numel()), completion_tokens, prompt.visual_tokens, prompt.image_tensors,
                       prompt.cached_visual_tokens, cached_tokens=int(info.get("cached_tokens", 0)),

@@ -253,12 +253,12 @@ def usage_body(prompt_tokens: int, completion_tokens: int, visual_tokens: int, i
     tokens never enter that sequence, so they are reported apart (image tensors = crops + global views +
     video frames, each `tokens_per_image` visual tokens), with how many came from the feature cache.
     `cached_tokens` (OpenAI's field): prompt tokens whose K/V came from the engine's prefix cache;
-    `cached_images` (ours): images whose visual K/V did."""
+    `cached_image_tensors` (ours): image tensors (crops, frames) whose visual K/V did."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens, "visual_tokens": visual_tokens,
                                       "image_tensors": image_tensors, "cached_visual_tokens": cached_visual_tokens,
-                                      "cached_images": cached_images}}
+                                      "cached_image_tensors": cached_images}}
 
 
 def now() -> int:

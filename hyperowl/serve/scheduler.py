@@ -495,10 +495,8 @@ class ContinuousScheduler:
 
     def _request(self, job: Job) -> Request:
         r = Scheduler._request(job, _features(job.prompt))
-        r = dataclasses.replace(Scheduler._resume(job, r), generator=job.generator)
-        if "media_hashes" in {f.name for f in dataclasses.fields(Request)}:  # TEMP until the core's Request lands
-            r = dataclasses.replace(r, media_hashes=media_hashes(job.prompt))
-        return r
+        return dataclasses.replace(Scheduler._resume(job, r), generator=job.generator,
+                                   media_hashes=media_hashes(job.prompt) if job.prompt.items else None)
 
     def _admit(self, job: Job) -> int | None:
         """The job into the engine (its request id), or refused (too large for the budget: the handler
@@ -546,6 +544,7 @@ class ContinuousScheduler:
                 del self._jobs[rid]
                 self._abort(rid)
                 self._done(job, "cancelled")
+                self._sync_stats()
 
     def _abort(self, rid: int) -> None:
         try:
