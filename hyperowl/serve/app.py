@@ -73,6 +73,7 @@ class ServeConfig:
     kv_cache_gb: float | None = None  # continuous: the paged K/V budget (None: the engine's default from free memory)
     max_running: int = 64  # continuous: requests in the running batch
     prefill_chunk: int = 512  # continuous: prompt tokens per engine step (long prompts are read in chunks)
+    prefix_cache: bool = True  # continuous: reuse the K/V of earlier requests' matching prefixes
     max_batch_size: int = 8
     max_padded_images: int = 32  # a batch pads at most this many image slots (see scheduler.py)
     batch_window_ms: float = 10.0
@@ -155,7 +156,8 @@ def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
     scheduler = make_scheduler(pipe.model, pipe.encoder, config.batching, max_batch_size=config.max_batch_size,
                                batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
                                max_padded_images=config.max_padded_images, kv_cache_bytes=kv_bytes,
-                               max_running=config.max_running, prefill_chunk=config.prefill_chunk)
+                               max_running=config.max_running, prefill_chunk=config.prefill_chunk,
+                               prefix_cache=config.prefix_cache)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
                          allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media,
                          url_policy=config.media_url_policy)

@@ -675,8 +675,8 @@ def _features(prompt: PreparedPrompt) -> Tensor | None:
 
 def make_scheduler(model: Any, encoder: Encoder, batching: str = "continuous", *, max_batch_size: int = 8,
                    batch_window_s: float = 0.01, max_queue: int = 64, max_padded_images: int = 32,
-                   kv_cache_bytes: int | None = None, max_running: int = 64, prefill_chunk: int = 512
-                   ) -> Scheduler | ContinuousScheduler:
+                   kv_cache_bytes: int | None = None, max_running: int = 64, prefill_chunk: int = 512,
+                   prefix_cache: bool = True) -> Scheduler | ContinuousScheduler:
     """The server's scheduler: "continuous" (default) or "dynamic" (today's, for comparison)."""
     if batching == "dynamic":
         return Scheduler(model, encoder, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
@@ -684,4 +684,4 @@ def make_scheduler(model: Any, encoder: Encoder, batching: str = "continuous", *
     if batching != "continuous":
         raise ValueError(f"batching={batching!r}: 'continuous' or 'dynamic'")
     return ContinuousScheduler(model, encoder, kv_cache_bytes=kv_cache_bytes, max_running=max_running,
-                               prefill_chunk=prefill_chunk, max_queue=max_queue)
+                               prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_cache=prefix_cache)
