@@ -13,12 +13,15 @@ A step:
    new block next step, up to `max_running`;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
-   preempting the newest request when the pool is full;
-4. prefill: at most `prefill_chunk` prompt slots, in admission order, one forward per request and chunk
-   (chunked prefill: a long prompt takes several steps, running rows keep decoding meanwhile). The images
-   whose placeholders lie in the chunk go with it and are appended to the request's visual K/V, as live
-   video appends frames (their MI-Rope position and visibility come from their own placeholder, so chunking
-   is exact). A request whose prompt is done samples its first token from the chunk's last logits.
+   preempting the newest request when the pool is full. Rows whose sizes differ so much that the padded
+   gather of one layer would pass `gather_bytes` (and twice their own K/V) are split into a few forwards;
+4. prefill: at most `prefill_chunk` prompt slots (text slots; Owl2's visual rows count, Owl3's images cost
+   no sequence slots and go whole with their placeholder's chunk), in admission order, one forward per
+   request and chunk (chunked prefill: a long prompt takes several steps, running rows keep decoding
+   meanwhile). The images whose placeholders lie in the chunk go with it and are appended to the request's
+   visual K/V, as live video appends frames (their MI-Rope position and visibility come from their own
+   placeholder, so chunking is exact). A request whose prompt is done samples its first token from the
+   chunk's last logits.
 
 Sampling is `Engine.stream`'s: `sample`, the repetition penalty over prompt + generated ids, stops forbidden
 until `min_new_tokens`, each sampling row's own generator (`Request.generator`, or `Engine.generator`), so a
@@ -75,7 +78,8 @@ class StepEvent:
 class _Live:
     """One request's state in the engine (waiting, prefilling or decoding)."""
 
-    def __init__(self, rid: Hashable, req: Request, gen, vocab: int, visual_in_text: bool) -> None:
+    def __init__(self, rid: Hashable, req: Request, gen, vocab: int, visual_in_text: bool,
+                 device: torch.device) -> None:
         self.rid, self.req, self.params, self.gen = rid, req, req.params, gen
         self.prompt = [int(t) for t in req.input_ids.tolist()]
         self.tokens = list(self.prompt)  # prompt + generated
@@ -97,9 +101,9 @@ class _Live:
         self.first_admission = True
         self.seen = None
         if self.params.repetition_penalty != 1.0:
-            ids = req.input_ids.to(torch.long)
+            ids = req.input_ids.to(device=device, dtype=torch.long)
             ids = ids[(ids >= 0) & (ids < vocab)]
-            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)  # prompt + generated ids
             self.seen[ids] = True
 
     def slots(self, n_tokens: int | None = None) -> int:
@@ -115,7 +119,8 @@ class ContinuousEngine:
     """See the module note. `kv_cache_bytes` None: `default_kv_cache_bytes` of the model's device."""
 
     def __init__(self, model, kv_cache_bytes: int | None = None, block_size: int = 16, prefill_chunk: int = 512,
-                 max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False) -> None:
+                 max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False,
+                 gather_bytes: int = 256 << 20) -> None:
         if block_size < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("block_size, prefill_chunk and max_running must be >= 1")
         self.model = model
@@ -131,6 +136,7 @@ class ContinuousEngine:
                                    model.dtype, model.device, visual_layers, image_tokens)
         self.block_size, self.prefill_chunk, self.max_running = block_size, prefill_chunk, max_running
         self.prefix_cache, self.keep_logits = prefix_cache, keep_logits
+        self.gather_bytes = gather_bytes  # bound on one layer's transient gathered K/V in a decode step
         self.waiting: deque[_Live] = deque()
         self.running: list[_Live] = []  # admitted (prefilling or decoding), in admission order
         self.live: dict[Hashable, _Live] = {}
@@ -156,7 +162,7 @@ class ContinuousEngine:
         gen = request.generator
         if gen is None and request.params.temperature > 0:
             gen = self.solo.generator(request.params)
-        x = _Live(request_id, request, gen, self.vocab, self.visual_in_text)
+        x = _Live(request_id, request, gen, self.vocab, self.visual_in_text, self.model.device)
         need = self._units_for(x.slots() + request.params.max_new_tokens, n_img)
         if need > self.blocks.num_units:
             mb = self.blocks.unit_bytes / 2**20
@@ -378,23 +384,44 @@ class ContinuousEngine:
                     break
             if x in self.running:
                 x.seq.blocks.append(m.new_block())
-        if not rows:
-            return
         dev = self.model.device
-        ids = torch.tensor([[x.tokens[-1]] for x in rows], device=dev)
-        logits = self.model(ids, cache=PagedView(m, [x.seq for x in rows])).logits[:, -1].float()
-        for x in rows:
-            x.done += 1
-            self._register_full(x)
-        self._sample(rows, logits, events)
+        for group in self._decode_groups(rows):
+            ids = torch.tensor([[x.tokens[-1]] for x in group], device=dev)
+            logits = self.model(ids, cache=PagedView(m, [x.seq for x in group])).logits[:, -1].float()
+            for x in group:
+                x.done += 1
+                self._register_full(x)
+            self._sample(group, logits, events)
+
+    def _decode_groups(self, rows: list[_Live]) -> list[list[_Live]]:
+        """Decode rows split so that one layer's gathered (padded) K/V stay under `gather_bytes`, or twice the
+        rows' own K/V when that is more: a 400-image row does not pad every text row of the step to 400 images
+        (transient memory, and attention over padding). Rows sorted by size; usually one group."""
+        if not rows:
+            return []
+        t = self.blocks.image_tokens or 0
+        bs = self.block_size
+        cost = {id(x): math.ceil(x.seq.length / bs) * bs + len(x.seq.images) * t for x in rows}
+        slot_bytes = self.blocks.unit_bytes // bs
+        cap = self.gather_bytes // slot_bytes
+        groups, cur, cur_sum = [], [], 0
+        for x in sorted(rows, key=lambda x: cost[id(x)]):
+            c = cost[id(x)]
+            if cur and (len(cur) + 1) * c > max(cap, 2 * (cur_sum + c)):
+                groups.append(cur)
+                cur, cur_sum = [], 0
+            cur.append(x)
+            cur_sum += c
+        groups.append(cur)
+        return groups
 
     def _sample(self, rows: list[_Live], logits: Tensor, events: list[StepEvent]) -> None:
         """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""
         raw = logits.clone() if self.keep_logits else None
         dev = logits.device
         if any(x.seen is not None for x in rows):
-            seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool)
-                                for x in rows]).to(dev)
+            seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool, device=dev)
+                                for x in rows])
             penalty = torch.tensor([x.params.repetition_penalty for x in rows], device=dev)
             logits = apply_repetition_penalty(logits, seen, penalty)
         for r, x in enumerate(rows):  # forbid stops until min_new_tokens

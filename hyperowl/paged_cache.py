@@ -209,6 +209,10 @@ class PagedSeq:
         self.reserved: list[ImageKV] = []  # images allocated for later chunks
         self.length = 0
         self.next_pos = 0
+        # block and image tables, extended as blocks/images are added (both lists only grow): a decode step
+        # does not rebuild a long request's table from its blocks
+        self._table = torch.empty(manager.num_layers, 0, dtype=torch.long)
+        self._img_table = torch.empty(len(manager.visual_layers), 0, 0, dtype=torch.long)
 
     def units(self) -> int:
         """Pool blocks this request references (shared ones included)."""
@@ -216,7 +220,18 @@ class PagedSeq:
 
     def text_table(self, n: int) -> Tensor:
         """[num_layers, n] pool ids of the first n text blocks."""
-        return torch.stack([b.units for b in self.blocks[:n]], 1) if n else torch.empty(self.m.num_layers, 0, dtype=torch.long)
+        have = self._table.shape[1]
+        if have < n:
+            self._table = torch.cat([self._table] + [b.units[:, None] for b in self.blocks[have:n]], 1)
+        return self._table[:, :n]
+
+    def image_table(self) -> Tensor:
+        """[hyper_layers, images, blocks_per_image] pool ids of the written images."""
+        have = self._img_table.shape[1]
+        if have < len(self.images):
+            new = torch.stack([im.units for im in self.images[have:]], 1)
+            self._img_table = new if not have else torch.cat([self._img_table, new], 1)
+        return self._img_table
 
     def release(self) -> None:
         for b in self.blocks:
@@ -256,12 +271,12 @@ class PagedView:
         self._img_table = None
         if max(nimg) > 0:
             pos = torch.full((b, max(nimg)), BIG_POS, dtype=torch.long)
-            tab = torch.zeros(len(m.visual_layers), b, max(nimg), seqs[nimg.index(max(nimg))].images[0].units.shape[1],
+            tab = torch.zeros(len(m.visual_layers), b, max(nimg), m.image_units() // len(m.visual_layers),
                               dtype=torch.long)
             for r, s in enumerate(seqs):
-                for j, im in enumerate(s.images):
-                    pos[r, j] = im.pos
-                    tab[:, r, j] = im.units
+                if s.images:
+                    pos[r, : nimg[r]] = torch.tensor([im.pos for im in s.images])
+                    tab[:, r, : nimg[r]] = s.image_table()
             self.image_pos = pos.to(dev)
             self._img_table = tab.to(dev)
         self._old_images = max(nimg)
@@ -284,12 +299,12 @@ class PagedView:
         bs = self.m.block_size
         units, offs = [], []
         for s in self.seqs:  # where each new slot goes: (block of the row, offset in it)
-            slots = range(s.length, s.length + lq)
-            units.append(torch.stack([s.blocks[t // bs].units for t in slots], 1))  # [L, lq]
-            offs.extend(t % bs for t in slots)
+            slots = torch.arange(s.length, s.length + lq)
+            units.append(s.text_table(math.ceil((s.length + lq) / bs))[:, slots // bs])  # [L, lq]
+            offs.append(slots % bs)
         dev = self.m.pool.device
         self._dst_units = torch.cat(units, 1).to(dev)  # [L, B*lq], row-major like k.transpose(1, 2)
-        self._dst_off = torch.tensor(offs, dtype=torch.long, device=dev)
+        self._dst_off = torch.cat(offs).to(dev)
 
     def commit(self, lq: int, last_pos: Tensor) -> None:
         last = last_pos.tolist()

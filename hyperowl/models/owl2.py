@@ -78,8 +78,10 @@ def expand_rows(tok_embeds: Tensor, valid: Tensor, image_positions: Tensor, imag
     n_max = image_positions.shape[1]
     if int(present.sum()) != n:
         raise InputError(f"{n} images were given but the inputs place {int(present.sum())} image placeholder(s)")
-    bad = (image_positions >= l) | ((image_positions[:, 1:] <= image_positions[:, :-1]) & present[:, 1:])
-    if bool(bad.any()):
+    # (two checks: [B, N_max] and [B, N_max - 1] do not broadcast together beyond two images per row)
+    outside = image_positions >= l
+    unordered = (image_positions[:, 1:] <= image_positions[:, :-1]) & present[:, 1:]
+    if bool(outside.any()) or bool(unordered.any()):
         raise InputError("image_positions: each row's placeholder indices must be increasing and inside the row")
     is_ph = torch.zeros(b, l + 1, dtype=torch.bool, device=dev)
     is_ph.scatter_(1, torch.where(present, image_positions, l), True)  # absent images hit the spare column

@@ -1,0 +1,307 @@
+"""The continuous engine over the paged KV cache (hyperowl/batching.py, hyperowl/paged_cache.py) against each
+request's solo run: tokens equal and every step's logits within 1e-4 (fp32), for Owl3 240728, Owl3 241101 and
+Owl2, in mixed batches (text only, 1 image, 16 images, a 32-frame video), with requests joining mid-decode,
+chunked prefill, preemption, reused prefixes and sampling rows; plus the budget, abort and memory rules."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import features, random_owl3
+from hyperowl.batching import ContinuousEngine
+from hyperowl.engine import Engine, Request, SamplingParams
+from hyperowl.models.attention import BIG_POS
+from hyperowl.paged_cache import PagedView, default_kv_cache_bytes
+
+from test_owl2 import random_owl2
+
+TOL = 1e-4
+FAMILIES = ["240728", "241101", "owl2"]
+IMAGE_ID = 7
+
+
+def make_model(family):
+    if family == "owl2":
+        return random_owl2(seed=3, num_kv_heads=2)  # GQA
+    return random_owl3(family)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return make_model(request.param)
+
+
+def pixels(model, n, seed):
+    size = model.config.vision.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def make_request(model, length, starts, rng, max_new=6, hashes=None, **params):
+    g = torch.Generator().manual_seed(rng)
+    ids = torch.randint(10, 1000, (length,), generator=g)
+    kw = {}
+    if starts:
+        ids[torch.tensor(starts)] = IMAGE_ID
+        kw = dict(image_embeds=features(model, pixels(model, len(starts), rng)), image_positions=torch.tensor(starts))
+    return Request(ids, params=SamplingParams(max_new_tokens=max_new, **params), media_hashes=hashes, **kw)
+
+
+def mixed(model, seed=0):
+    """Text only, 1 image, 16 images, a 32-frame video (consecutive placeholders)."""
+    return [make_request(model, 19, [], seed + 1),
+            make_request(model, 26, [4], seed + 2),
+            make_request(model, 45, list(range(3, 35, 2)), seed + 3),
+            make_request(model, 41, list(range(5, 37)), seed + 4)]
+
+
+@torch.no_grad()
+def solo(model, req):
+    """The request alone: Engine.generate's tokens, and the logits of every step (prefill, then one token at a
+    time through the KVCache, teacher-forced on those tokens)."""
+    tokens = Engine(model).generate([req])[0]
+    cache = model.new_cache(64)
+    kw = {}
+    if req.image_positions is not None:
+        kw = dict(image_embeds=req.image_embeds, image_positions=req.image_positions[None])
+    logits = [model(req.input_ids[None], cache=cache, last_logits_only=True, **kw).logits[0, -1].float()]
+    for t in tokens[:-1]:
+        logits.append(model(torch.tensor([[t]]), cache=cache).logits[0, -1].float())
+    return tokens, torch.stack(logits)
+
+
+def run(eng, joins=None, max_steps=10_000):
+    """Step until done. joins: {step: [(id, request)]} added before that step. -> tokens, logits, steps to first
+    token, per request id."""
+    joins = dict(joins or {})
+    toks, logits, first = {}, {}, {}
+    step = 0
+    while eng.has_work() or joins:
+        for rid, r in joins.pop(step, []):
+            eng.add(rid, r)
+        for e in eng.step():
+            if e.token is not None:
+                toks.setdefault(e.request_id, []).append(e.token)
+                first.setdefault(e.request_id, step)
+                if e.logits is not None:
+                    logits.setdefault(e.request_id, []).append(e.logits)
+        step += 1
+        assert step < max_steps
+    return toks, {k: torch.stack(v) for k, v in logits.items()}, first
+
+
+def assert_parity(model, reqs, toks, logits):
+    for i, r in enumerate(reqs):
+        ref_t, ref_l = solo(model, r)
+        assert toks[i] == ref_t, f"request {i}"
+        assert (logits[i] - ref_l).abs().max() <= TOL, f"request {i}: {(logits[i] - ref_l).abs().max()}"
+
+
+def engine(model, **kw):
+    kw.setdefault("kv_cache_bytes", 4 << 20)
+    return ContinuousEngine(model, keep_logits=True, **kw)
+
+
+# -- parity ------------------------------------------------------------------------------------------------
+def test_images_change_the_outputs(model):
+    """The fixtures can fail: each image request's solo logits differ from the same ids without the images."""
+    for r in mixed(model)[1:]:
+        _, with_images = solo(model, r)
+        _, without = solo(model, Request(r.input_ids, params=r.params))
+        assert (with_images[0] - without[0]).abs().max() > 1e-3
+
+
+def test_mixed_batch_equals_solo_runs(model):
+    reqs = mixed(model)
+    eng = engine(model, prefill_chunk=48)
+    toks, logits, _ = run(eng, {0: list(enumerate(reqs))})
+    assert_parity(model, reqs, toks, logits)
+    assert eng.stats()["blocks_used"] == 0
+
+
+def test_requests_join_mid_decode(model):
+    reqs = mixed(model, seed=10)
+    reqs[0] = make_request(model, 12, [], 11, max_new=12)
+    eng = engine(model)
+    toks, logits, first = run(eng, {0: [(0, reqs[0])], 3: [(1, reqs[1])], 4: [(2, reqs[2]), (3, reqs[3])]})
+    assert first[0] == 0 and first[1] >= 3 and len(toks[0]) > first[1]  # 1 joined while 0 was decoding
+    assert_parity(model, reqs, toks, logits)
+
+
+def test_chunked_prefill(model):
+    """A chunk smaller than the prompts: prompts take several steps (images split across chunks), exact."""
+    reqs = mixed(model, seed=20)[1:]
+    eng = engine(model, prefill_chunk=7)
+    toks, logits, first = run(eng, {0: list(enumerate(reqs))})
+    assert first[0] >= 3 and max(first.values()) >= 10
+    assert_parity(model, reqs, toks, logits)
+
+
+def test_preemption_when_the_budget_runs_out(model):
+    reqs = [make_request(model, 30, [2, 9], 31, max_new=24), make_request(model, 28, [], 32, max_new=24),
+            make_request(model, 33, [5], 33, max_new=24)]
+    unit = 2 * model.config.num_kv_heads * 16 * model.config.head_dim * 4
+    eng = engine(model, kv_cache_bytes=unit * 11 * model.config.num_layers, prefix_cache=False)
+    toks, logits, _ = run(eng, {0: list(enumerate(reqs))})
+    assert eng.stats()["preemptions"] > 0
+    assert_parity(model, reqs, toks, logits)
+    assert eng.stats()["blocks_used"] == 0
+
+
+def test_sampling_rows_equal_their_solo_runs(model):
+    reqs = [make_request(model, 20, [3], 41, max_new=10, temperature=0.9, top_k=50, seed=5),
+            make_request(model, 15, [], 42, max_new=10, temperature=1.2, top_p=0.9, seed=6, repetition_penalty=1.3),
+            make_request(model, 25, [1, 2], 43, max_new=10, repetition_penalty=1.5, min_new_tokens=4,
+                         stop_token_ids=(3, 4))]
+    eng = engine(model, prefill_chunk=16)
+    toks, _, _ = run(eng, {0: [(0, reqs[0])], 2: [(1, reqs[1]), (2, reqs[2])]})
+    for i, r in enumerate(reqs):
+        assert toks[i] == Engine(model).generate([r])[0], f"request {i}"
+
+
+# -- prefix reuse --------------------------------------------------------------------------------------------
+def test_second_turn_reuses_the_first_turns_blocks(model):
+    first = make_request(model, 40, [4, 5, 6], 51, max_new=20, hashes=("a", "b", "c"))
+    eng = engine(model)
+    toks, _, _ = run(eng, {0: [(0, first)]})
+    follow = torch.randint(10, 1000, (9,), generator=torch.Generator().manual_seed(52))
+    ids = torch.cat([first.input_ids, torch.tensor(toks[0]), follow])
+    second = Request(ids, first.image_embeds, first.image_positions, SamplingParams(max_new_tokens=6),
+                     media_hashes=("a", "b", "c"))
+    toks2, logits2, _ = run(eng, {0: [(1, second)]})
+    info = eng.request_info(1)
+    # the first turn wrote 59 slots (its last token is never fed): 3 full blocks; Owl2: 4 (its images' rows)
+    assert info["cached_tokens"] == (52 if is_owl2(model) else 48) and info["cached_images"] == 3
+    assert_parity(model, [second], {0: toks2[1]}, {0: logits2[1]})
+    assert eng.stats()["prefix_hit_rate"] > 0
+
+
+def test_same_video_asked_twice(model):
+    video = list(range(2, 34))
+    a = make_request(model, 60, video, 61, hashes=tuple(f"frame{i}" for i in video))
+    eng = engine(model)
+    run(eng, {0: [(0, a)]})
+    q = torch.randint(10, 1000, (8,), generator=torch.Generator().manual_seed(62))
+    b = Request(torch.cat([a.input_ids[:50], q]), a.image_embeds, a.image_positions, a.params,
+                media_hashes=a.media_hashes)
+    toks, logits, _ = run(eng, {0: [(1, b)]})
+    assert eng.request_info(1)["cached_images"] == 32 and eng.request_info(1)["cached_tokens"] == 48
+    assert_parity(model, [b], {0: toks[1]}, {0: logits[1]})
+
+
+def test_images_without_hashes_or_with_other_hashes_are_not_reused(model):
+    base = make_request(model, 40, [20], 71, hashes=("x",))
+    eng = engine(model)
+    run(eng, {0: [(0, base)]})
+    other = make_request(model, 40, [20], 71, hashes=("x",))  # same ids ...
+    other.image_embeds = features(model, pixels(model, 1, 72))  # ... another image
+    unhashed = Request(base.input_ids, base.image_embeds, base.image_positions, base.params)
+    for rid, r in ((1, dataclass_replace(other, media_hashes=("y",))), (2, unhashed)):
+        toks, logits, _ = run(eng, {0: [(rid, r)]})
+        assert eng.request_info(rid)["cached_tokens"] == 16 and eng.request_info(rid)["cached_images"] == 0
+        assert_parity(model, [r], {0: toks[rid]}, {0: logits[rid]})
+    # and the right hash reuses past the image
+    toks, logits, _ = run(eng, {0: [(3, base)]})
+    assert eng.request_info(3)["cached_tokens"] == (28 if is_owl2(model) else 32)  # Owl2: 32 slots = 28 tokens
+    assert eng.request_info(3)["cached_images"] == 1
+    assert_parity(model, [base], {0: toks[3]}, {0: logits[3]})
+
+
+def is_owl2(model):
+    return type(model).__name__ == "Owl2Model"
+
+
+def dataclass_replace(r, **kw):
+    import dataclasses
+
+    return dataclasses.replace(r, **kw)
+
+
+# -- memory, budget, faults ----------------------------------------------------------------------------------
+def test_abort_mid_prefill_frees_its_blocks(model):
+    eng = engine(model, prefill_chunk=8)
+    base = eng.stats()
+    eng.add("long", make_request(model, 60, [10, 30], 81))
+    eng.step()
+    assert eng.stats()["blocks_used"] > 0 and eng.request_info("long")["kv_bytes"] > 0
+    eng.abort("long")
+    after = eng.stats()
+    assert (after["blocks_used"], after["blocks_free"], after["running"]) == (base["blocks_used"], base["blocks_free"], 0)
+    assert not eng.has_work()
+
+
+def test_cancel_event_leaves_at_the_next_step(model):
+    eng = engine(model)
+    stop = threading.Event()
+    r = make_request(model, 20, [], 82, max_new=50)
+    r.cancel = stop
+    eng.add(0, r)
+    eng.step()
+    stop.set()
+    assert [(e.request_id, e.token, e.finish) for e in eng.step()] == [(0, None, "cancelled")]
+    assert eng.stats()["blocks_used"] == 0 and not eng.has_work()
+
+
+def test_a_request_larger_than_the_whole_budget_is_refused(model):
+    eng = engine(model, kv_cache_bytes=1 << 16)
+    with pytest.raises(ValueError, match=r"needs \d+ KV blocks \([\d.]+ MB\).*the KV budget holds \d+ \([\d.]+ MB\)"):
+        eng.add(0, make_request(model, 200, [], 83))
+    assert not eng.has_work()
+
+
+def test_memory_per_request_is_its_own(model):
+    """A text-only request's K/V bytes do not depend on a 16-image neighbour; images cost their own blocks."""
+    text = make_request(model, 30, [], 91, max_new=3)
+    many = make_request(model, 45, list(range(3, 35, 2)), 92, max_new=3)
+    sizes = []
+    for reqs in ([text], [text, many]):
+        eng = engine(model, prefix_cache=False)
+        for i, r in enumerate(reqs):
+            eng.add(i, r)
+        eng.step()
+        sizes.append([eng.request_info(i)["kv_bytes"] for i in range(len(reqs))])
+    assert sizes[0][0] == sizes[1][0] > 0
+    assert sizes[1][1] > 2 * sizes[1][0]
+
+
+def test_default_budget_is_a_share_of_free_memory():
+    b = default_kv_cache_bytes("cpu")
+    assert 64 << 20 <= b
+
+
+def test_a_wrong_position_or_visibility_breaks_parity(monkeypatch):
+    """The parity check has teeth: a view whose positions drift by one per forward, or that hides the images
+    already written from later chunks and decode steps, differs."""
+    model = make_model("240728")
+    reqs = mixed(model)[1:3]
+    refs = [solo(model, r) for r in reqs]
+    real_init = PagedView.__init__
+
+    for fault in ("position", "visibility"):
+        def broken(self, manager, seqs, fault=fault):
+            real_init(self, manager, seqs)
+            if fault == "position":
+                self.next_pos = self.next_pos + 1
+            elif self.image_pos is not None:
+                self.image_pos = torch.full_like(self.image_pos, BIG_POS)
+
+        monkeypatch.setattr(PagedView, "__init__", broken)
+        toks, logits, _ = run(engine(model, prefill_chunk=9), {0: list(enumerate(reqs))})
+        assert any((logits[i] - refs[i][1]).abs().max() > 1e-3 for i in range(len(reqs))), fault
+
+
+def test_decode_rows_of_very_different_sizes_are_split_exactly():
+    """A 32-frame video row does not pad three short rows' gathered K/V when that passes the gather bound (and
+    twice their own): it gets its own decode forward; outputs unchanged."""
+    model = make_model("241101")
+    m = mixed(model, seed=100)
+    reqs = [m[0], make_request(model, 12, [], 101), m[1], m[3]]
+    eng = engine(model, gather_bytes=1)
+    for i, r in enumerate(reqs):
+        eng.add(i, r)
+    eng.step()  # every prompt prefilled: all four rows decode next
+    groups = eng._decode_groups(list(eng.running))
+    assert [[x.rid for x in g] for g in groups][-1] == [3] and len(groups) == 2
+    assert len(engine(model)._decode_groups(list(eng.running))) == 1  # the default bound: one forward
+    toks, logits, _ = run(engine(model, gather_bytes=1), {0: list(enumerate(reqs))})
+    assert_parity(model, reqs, toks, logits)
