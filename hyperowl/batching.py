@@ -85,7 +85,7 @@ class _Live:
         self.tokens = list(self.prompt)  # prompt + generated
         self.generated: list[int] = []
         pos = [] if req.image_positions is None else [int(p) for p in req.image_positions.flatten().tolist()]
-        self.image_tok = sorted(pos)
+        self.image_tok = pos  # increasing (checked by ContinuousEngine.add)
         self.image_of = {p: j for j, p in enumerate(self.image_tok)}
         t = int(req.image_embeds.shape[1]) if req.image_embeds is not None and len(self.image_tok) else 1
         width = t if visual_in_text else 1  # Owl2: an image's rows are sequence slots
@@ -154,6 +154,11 @@ class ContinuousEngine:
         request = self.solo._with_features(request)
         self.solo.check(request, request_id)
         n_img = 0 if request.image_positions is None else int(request.image_positions.numel())
+        if n_img:
+            pos = request.image_positions.flatten()
+            if bool((pos[1:] <= pos[:-1]).any()) or int(pos.min()) < 0 or int(pos.max()) >= request.input_ids.numel():
+                raise ValueError(f"request {request_id}: image_positions must be increasing token indices of its "
+                                 f"{request.input_ids.numel()} ids, got {pos.tolist()}")
         if request.media_hashes is not None and len(request.media_hashes) != n_img:
             raise ValueError(f"request {request_id}: {len(request.media_hashes)} media hashes for {n_img} images")
         if n_img and not self.visual_in_text and int(request.image_embeds.shape[1]) != self.blocks.image_tokens:

@@ -2,7 +2,7 @@
 
 Design note
 -----------
-Storage. One pool tensor `[N + 1, 2, kv_heads, block_size, head_dim]` (K and V) holds every K/V of every
+Storage. One pool tensor `[N + 1, 2, block_size, kv_heads, head_dim]` (K and V) holds every K/V of every
 layer; a *pool block* is one layer's K/V for `block_size` slots. Pool blocks are fungible across layers and
 kinds, so text and visual K/V draw from one byte budget with no static split:
 - a text block (`Block`) of a request covers `block_size` sequence slots and owns one pool block per
@@ -23,9 +23,12 @@ j starts at slot j*T as the hyper layers expect), and scatters the K/V the model
 images' visual K/V) straight into the rows' blocks. Only one layer's gathered copy lives at a time. Masking
 by key validity and positions (never slot indices) is what makes holes in the middle harmless: RoPE
 positions come from `next_pos`, and the text mask hides invalid slots, so each row computes exactly what
-it computes alone. The cost is the gather copy per layer and step; a fused paged-attention kernel (GPU)
-that reads the pool through the block table would avoid it (not written here: SDPA is the one attention
-path of the package, models/layers.py `attend`).
+it computes alone. The pool is slot-major, so a gather is one `index_select` copy and the models'
+[B, heads, slots, D] is a transposed view of it (the text's gather is then joined to the new tokens' K/V, a
+second copy of the text part; an image's spare tail slots, when T is not a multiple of the block size, cost
+a second copy of the visual part). That copy per layer and step is the price of not touching the attention;
+a fused paged-attention kernel (GPU) that reads the pool through the block table would avoid it (not written
+here: SDPA is the one attention path of the package, models/layers.py `attend`).
 
 Sharing. Full text blocks get a content key (a hash chain, computed by the engine) and are registered in
 `BlockManager`; a later request whose prefix has the same keys acquires them (refcounted) together with
@@ -106,8 +109,11 @@ class BlockManager:
         self.num_units = num_units
         self.image_tokens = image_tokens  # visual tokens per image (Owl3 hyper layers), None: no visual K/V
         # empty, not zeros: a host pool of a few GB is not touched until used; blocks are zeroed when handed out
-        self.pool = torch.empty(num_units + 1, 2, kv_heads, block_size, head_dim, dtype=dtype, device=device)
+        # slot-major ([.., slot, head, dim]): a gather of blocks is [rows, slots, heads, dim] by a view, and the
+        # models' [rows, heads, slots, dim] by a transposed view: one copy per gather, no re-layout
+        self.pool = torch.empty(num_units + 1, 2, block_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.pool[0] = 0
+        self._flat = self.pool.view(num_units + 1, 2, -1)
         self.unit_bytes = self.pool[0].numel() * self.pool.element_size()
         self._free = list(range(num_units, 0, -1))  # a stack; low ids first
         self.cached: dict[bytes, Block] = {}  # key -> registered block
@@ -128,6 +134,12 @@ class BlockManager:
     def image_units(self) -> int:
         """Pool blocks one image's visual K/V take (all hyper layers)."""
         return len(self.visual_layers) * math.ceil((self.image_tokens or 0) / self.block_size)
+
+    def gather(self, units: Tensor, kind: int) -> Tensor:
+        """K (kind 0) or V (1) of pool blocks `units` [...] -> [..., block_size, kv_heads, D], one copy
+        (index_select over flat rows: a few times faster than advanced indexing on CPU)."""
+        out = self._flat[:, kind].index_select(0, units.reshape(-1))
+        return out.view(*units.shape, *self.pool.shape[2:])
 
     # -- units --------------------------------------------------------------------------------------------
     def _take(self, n: int) -> Tensor:
@@ -320,29 +332,34 @@ class PagedView:
                 s.pending = []
 
     # -- text ---------------------------------------------------------------------------------------------
+    # Internally K/V are [B, slots, Hkv, D] (the pool's slot-major layout); the model gets [B, Hkv, slots, D]
+    # as transposed views.
     def write_text(self, i: int, k: Tensor, v: Tensor) -> None:
         pool, u, o = self.m.pool, self._dst_units[i], self._dst_off
         b, h, lq, d = k.shape
-        pool[u, 0, :, o] = k.transpose(1, 2).reshape(b * lq, h, d).to(pool.dtype)
-        pool[u, 1, :, o] = v.transpose(1, 2).reshape(b * lq, h, d).to(pool.dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, lq, Hkv, D]
+        pool[u, 0, o] = k.reshape(b * lq, h, d).to(pool.dtype)
+        pool[u, 1, o] = v.reshape(b * lq, h, d).to(pool.dtype)
         self._new_text = {i: (k, v)}  # only this layer's are needed (text() right after)
 
     def _gather(self, table: Tensor, kind: int) -> Tensor:
-        """table [B, n] pool ids -> [B, kv_heads, n * block_size, D] of K (kind 0) or V (1)."""
-        g = self.m.pool[table, kind]  # [B, n, Hkv, bs, D]
-        b, n, h, bs, d = g.shape
-        return g.transpose(1, 2).reshape(b, h, n * bs, d)
+        """table [B, n] pool ids -> [B, n * block_size, kv_heads, D] of K (kind 0) or V (1): one copy."""
+        g = self.m.gather(table, kind)  # [B, n, bs, Hkv, D]
+        b, n, bs, h, d = g.shape
+        return g.view(b, n * bs, h, d)
 
-    def _past_text(self, i: int) -> tuple[Tensor, Tensor]:
+    def _text_slots(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's past and new text K/V, [B, P + lq, Hkv, D]; one layer's copy kept at a time."""
         if self._text_memo is None or self._text_memo[0] != i:
             self._text_memo = None  # drop the previous layer's copy first
-            self._text_memo = (i, self._gather(self._table[i], 0), self._gather(self._table[i], 1))
+            k, v = self._new_text[i]
+            self._text_memo = (i, torch.cat([self._gather(self._table[i], 0), k.to(self.m.pool.dtype)], 1),
+                               torch.cat([self._gather(self._table[i], 1), v.to(self.m.pool.dtype)], 1))
         return self._text_memo[1], self._text_memo[2]
 
     def text(self, i: int, lq: int) -> tuple[Tensor, Tensor]:
-        pk, pv = self._past_text(i)
-        k, v = self._new_text[i]
-        return torch.cat([pk, k.to(pk.dtype)], 2), torch.cat([pv, v.to(pv.dtype)], 2)
+        k, v = self._text_slots(i)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     # -- visual (Owl3 hyper layers) -----------------------------------------------------------------------
     def alloc_visual(self, i: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
@@ -351,14 +368,16 @@ class PagedView:
         npend = len(self.seqs[0].pending)
         if any(len(s.pending) != npend for s in self.seqs) or not npend or n % npend:
             raise RuntimeError("alloc_visual: the rows' pending images do not match the forward's")
-        k, v = torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device)
+        # slot-major storage handed out as the [B, Hkv, n, D] view the model fills
+        k = torch.empty(b, n, h, d, dtype=dtype, device=device)
+        v = torch.empty(b, n, h, d, dtype=dtype, device=device)
         self._new_visual = {i: (k, v)}
-        return k, v
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def _store_new_visual(self, i: int) -> tuple[Tensor, Tensor]:
         """Write layer i's new images' visual K/V (filled by the model since alloc_visual) into their blocks."""
-        k, v = self._new_visual.pop(i)
-        b, h, n, d = k.shape
+        k, v = self._new_visual.pop(i)  # [B, n, Hkv, D]
+        b, n, h, d = k.shape
         t, bs = self.m.image_tokens, self.m.block_size
         if n % t:
             raise RuntimeError(f"{n} visual slots are not whole images of {t} tokens")
@@ -367,14 +386,14 @@ class PagedView:
         units = torch.stack([torch.stack([im.units[self.m.hyper_index[i]] for im in s.pending]) for s in self.seqs])
         units = units.to(self.m.pool.device)  # [B, npend, nb]
         for kind, x in ((0, k), (1, v)):
-            x = x.reshape(b, h, npend, t, d)
+            x = x.reshape(b, npend, t, h, d)
             if nb * bs != t:
-                x = torch.cat([x, x.new_zeros(b, h, npend, nb * bs - t, d)], 3)
-            x = x.reshape(b, h, npend, nb, bs, d).permute(0, 2, 3, 1, 4, 5)  # [B, npend, nb, Hkv, bs, D]
-            self.m.pool[units, kind] = x.to(self.m.pool.dtype)
+                x = torch.cat([x, x.new_zeros(b, npend, nb * bs - t, h, d)], 2)
+            self.m.pool[units, kind] = x.reshape(b, npend, nb, bs, h, d).to(self.m.pool.dtype)
         return k, v
 
-    def visual(self, i: int) -> tuple[Tensor, Tensor]:
+    def _visual_slots(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's visual K/V, [B, N_max * T, Hkv, D]: written images gathered, then this forward's new ones."""
         if self._visual_memo is not None and self._visual_memo[0] == i:
             return self._visual_memo[1], self._visual_memo[2]
         self._visual_memo = None
@@ -385,19 +404,25 @@ class PagedView:
             b, n_old, nb = tab.shape
             t = self.m.image_tokens
             for kind, out in ((0, parts_k), (1, parts_v)):
-                g = self.m.pool[tab, kind]  # [B, n_old, nb, Hkv, bs, D]
-                hkv, bs, d = g.shape[3:]
-                g = g.permute(0, 3, 1, 2, 4, 5).reshape(b, hkv, n_old, nb * bs, d)[:, :, :, :t]
-                out.append(g.reshape(b, hkv, n_old * t, d))
+                g = self.m.gather(tab, kind)  # [B, n_old, nb, bs, Hkv, D]
+                bs, h, d = g.shape[3:]
+                g = g.view(b, n_old, nb * bs, h, d)
+                if nb * bs != t:
+                    g = g[:, :, :t]  # the last block's spare slots (a second copy when T is not a multiple)
+                out.append(g.reshape(b, n_old * t, h, d))
         if new is not None:
             parts_k.append(new[0])
             parts_v.append(new[1])
-        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 2)
-        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 2)
+        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 1)
+        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
         self._visual_memo = (i, k, v)
         return k, v
 
+    def visual(self, i: int) -> tuple[Tensor, Tensor]:
+        k, v = self._visual_slots(i)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
     def visual_and_text(self, i: int, lq: int) -> tuple[Tensor, Tensor, int]:
-        vk, vv = self.visual(i)
-        tk, tv = self.text(i, lq)
-        return torch.cat([vk, tk], 2), torch.cat([vv, tv], 2), 0
+        vk, vv = self._visual_slots(i)
+        tk, tv = self._text_slots(i)
+        return torch.cat([vk, tk], 1).transpose(1, 2), torch.cat([vv, tv], 1).transpose(1, 2), 0

@@ -130,10 +130,11 @@ def test_requests_join_mid_decode(model):
 
 def test_chunked_prefill(model):
     """A chunk smaller than the prompts: prompts take several steps (images split across chunks), exact."""
-    reqs = mixed(model, seed=20)[1:]
-    eng = engine(model, prefill_chunk=7)
+    m = mixed(model, seed=20)
+    reqs = [m[1], m[3]]
+    eng = engine(model, prefill_chunk=9)
     toks, logits, first = run(eng, {0: list(enumerate(reqs))})
-    assert first[0] >= 3 and max(first.values()) >= 10
+    assert first[0] >= 2 and first[1] >= 6
     assert_parity(model, reqs, toks, logits)
 
 
@@ -247,6 +248,21 @@ def test_a_request_larger_than_the_whole_budget_is_refused(model):
     with pytest.raises(ValueError, match=r"needs \d+ KV blocks \([\d.]+ MB\).*the KV budget holds \d+ \([\d.]+ MB\)"):
         eng.add(0, make_request(model, 200, [], 83))
     assert not eng.has_work()
+
+
+def test_bad_requests_are_refused_before_they_join(model):
+    eng = engine(model)
+    r = make_request(model, 20, [3, 9], 84)
+    for bad, match in ((dataclass_replace(r, image_positions=torch.tensor([9, 3])), "increasing"),
+                       (dataclass_replace(r, image_positions=torch.tensor([3, 20])), "increasing"),
+                       (dataclass_replace(r, media_hashes=("a",)), "1 media hashes for 2 images"),
+                       (dataclass_replace(r, image_embeds=r.image_embeds[:1]), "1 image features for 2")):
+        with pytest.raises(ValueError, match=match):
+            eng.add(0, bad)
+    eng.add(0, r)
+    with pytest.raises(ValueError, match="already"):
+        eng.add(0, r)
+    assert eng.stats()["waiting"] == 1
 
 
 def test_memory_per_request_is_its_own(model):
