@@ -93,7 +93,7 @@ def serve_only(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     model = build_shape_a(a) if a.shape == "a" else hyperowl.load(a.model, device=a.device)
     cfg = ServeConfig(model_name=MODEL_NAME, batching=a.batching, kv_cache_gb=a.kv_cache_gb, max_images=8,
-                      max_frames=a.frames, cut=False, max_queue=1024, max_batch_size=8, max_running=64,
+                      max_frames=a.frames, cut=False, max_queue=1024, max_batch_size=8, max_running=a.max_running,
                       prefix_cache=not a.no_prefix_cache, default_max_tokens=64)
     serve(model, None, cfg, port=a.port, log_level="warning")
 
@@ -106,7 +106,7 @@ def start_server(a: argparse.Namespace, batching: str, log: Path, prefix_cache: 
         port = s.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve-only", "--batching", batching, "--port", str(port), "--model",
            str(a.model), "--device", a.device, "--dtype", a.dtype, "--threads", str(a.threads), "--frames",
-           str(a.frames), "--shape", a.shape or ""]
+           str(a.frames), "--shape", a.shape or "", "--max-running", str(a.max_running)]
     if a.kv_cache_gb is not None:
         cmd += ["--kv-cache-gb", str(a.kv_cache_gb)]
     if not prefix_cache:
@@ -454,9 +454,11 @@ def main() -> None:
     ap.add_argument("--max-answer", type=int, default=128, help="answer length cap")
     ap.add_argument("--long-tokens", type=int, default=400, help="the long answer of the short-during-long case")
     ap.add_argument("--kv-cache-gb", type=float, default=None, help="continuous server's K/V budget (default: its own)")
+    ap.add_argument("--max-running", type=int, default=64, help="continuous server's --max-running")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests (< 60 s)")
+    ap.add_argument("--cases-only", action="store_true", help="skip the load sweep: the three cases only")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load[_a].json; PNG beside)")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
@@ -484,7 +486,7 @@ def main() -> None:
             samplers[sched] = RssSampler(servers[sched].pid)
         print(f"[{time.monotonic() - t_bench:.0f} s] servers ready", flush=True)
         rows = []
-        for i, rate in enumerate(a.rates):
+        for i, rate in enumerate([] if a.cases_only else a.rates):
             items = workload(rate, a.duration, a.seed * 1000 + i, a)
             print(f"[{time.monotonic() - t_bench:.0f} s] rate {rate:g}/s: {len(items)} requests", flush=True)
             for sched in SCHEDULERS:
@@ -547,11 +549,13 @@ def main() -> None:
     result = {"config": {"model": model, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                          "rates": a.rates, "duration_s": a.duration, "mix": MIX, "frames": a.frames,
                          "image_px": a.image_px, "max_answer": a.max_answer, "kv_cache_gb": a.kv_cache_gb,
+                         "max_running": a.max_running,
                          "seed": a.seed, "smoke": a.smoke, "machine": platform.machine(), "cpus": os.cpu_count()},
               "load": rows, "short_during_long": short, "followup": follow, "followup_fresh_over_reuse": ratio,
               "kv_bytes": kv}
     out.write_text(json.dumps(result, indent=2))
-    plot(rows, out.with_suffix(".png"), f"bench_serve_load: {model} ({a.device}), open-loop Poisson, mixed workload")
+    if rows:
+        plot(rows, out.with_suffix(".png"), f"bench_serve_load: {model} ({a.device}), open-loop Poisson, mixed workload")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 

@@ -378,6 +378,7 @@ class ContinuousScheduler:
         self._engine_stats: dict[str, Any] = self.engine.stats()
         self.completed = self.cancelled = self.failed = self.refused = self.tokens = self.steps = 0
         self.isolations = 0  # shared steps that failed and were resolved by running their jobs alone
+        self.engine_s = self.tower_s = 0.0  # worker time in engine steps and in the vision tower (diagnostics)
 
     def _new_engine(self) -> Any:
         from ..batching import ContinuousEngine
@@ -435,7 +436,8 @@ class ContinuousScheduler:
                                      "prefill_tokens": e.get("prefill_tokens")},
                     "preemptions": e.get("preemptions", 0), "steps": self.steps, "completed": self.completed,
                     "cancelled": self.cancelled, "failed": self.failed, "refused": self.refused,
-                    "isolations": self.isolations, "tokens": self.tokens}
+                    "isolations": self.isolations, "tokens": self.tokens, "engine_s": round(self.engine_s, 3),
+                    "tower_s": round(self.tower_s, 3)}
 
     # -- worker thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -483,8 +485,10 @@ class ContinuousScheduler:
             self._encoding.popleft()
             self._done(job, "cancelled")
             return
+        t = time.perf_counter()
         try:
             next(steps)
+            self.tower_s += time.perf_counter() - t
         except StopIteration:
             self._encoding.popleft()
             self._admit(job)
@@ -554,11 +558,13 @@ class ContinuousScheduler:
             self._reset_engine()
 
     def _step(self) -> None:
+        t = time.perf_counter()
         try:
             events = self.engine.step()
         except Exception as e:
             self._step_failed(e)
             return
+        self.engine_s += time.perf_counter() - t
         self.steps += 1
         self._deliver(events)
         self._sync_stats()
