@@ -519,7 +519,8 @@ def main() -> None:
                 p.kill()
     kv = kv_table(a)
 
-    model = "shape a (bench_vs_llava.py, random weights)" if a.shape == "a" else a.model
+    model = "shape a (bench_vs_llava.py, random weights)" if a.shape == "a" else \
+        "the embedded model" if Path(a.model).resolve() == DEFAULT_MODEL.resolve() else a.model
     print(f"\nbench_serve_load: {model} on {a.device} ({a.dtype}), {a.threads} torch thread(s) per server, "
           f"{os.cpu_count()} CPUs (shared with other work: compare side by side only)\n")
     print(f"{'rate/s':>7} {'scheduler':<11}{'done':>6}{'fail':>5}{'tok/s':>8}{'TTFT p50':>9}{'p99':>8}"

@@ -270,3 +270,28 @@ def test_health_reports_the_kv_cache_and_both_schedulers(cont, dyn):
     assert kv["blocks_total"] == kv["blocks_used"] + kv["blocks_free"] > 0 and kv["kv_bytes"] > 0
     assert {"running", "waiting", "queued", "preemptions"} <= set(h) and "hit_rate" in h["prefix_cache"]
     assert health(dyn)["batching"] == "dynamic"
+
+
+def test_the_tower_in_steps_gives_finishs_features(model, tmp_path):
+    """Encoder.finish_steps (the continuous scheduler's tower, between engine steps): at most `chunk` image
+    tensors per step, small items sharing a step and a large one split, and the same features as `finish`."""
+    import torch
+
+    from hyperowl.encoder import Encoder
+    from hyperowl.feature_cache import FeatureCache
+    from test_video import make_video
+
+    video = str(make_video(tmp_path / "v.mp4", n_frames=7))
+    images = [Image.new("RGB", (40 + 10 * i, 30), (60 * i, 90, 20)) for i in range(3)]
+    plan = model.processor.plan([{"role": "user", "content": "<|image|><|video|><|image|><|image|>What?"}],
+                                images=images, videos=[video], max_frames=7)
+    fresh = lambda: Encoder(model.model, model.processor, FeatureCache(0))  # noqa: E731
+    ref = fresh().finish([fresh().lookup(plan)])[0]
+    enc = fresh()
+    pend = enc.lookup(plan)
+    counts = [p.item.count for p in pend]
+    steps = list(enc.finish_steps(pend, chunk=3))
+    assert sum(steps) == sum(counts) and max(steps) <= 3 and len(steps) < sum(counts)
+    assert len(steps) > sum(counts) // 3  # the 7-frame video was split
+    got = torch.cat([p.embeds for p in pend])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
