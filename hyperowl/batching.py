@@ -13,8 +13,9 @@ A step:
    new block next step, up to `max_running`;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
-   preempting the newest request when the pool is full. Rows whose sizes differ so much that the padded
-   gather of one layer would pass `gather_bytes` (and twice their own K/V) are split into a few forwards;
+   preempting the newest request when the pool is full. Rows whose sizes differ so much that padding them
+   to each other costs more than another pass over the weights (or passes `gather_bytes`) are split into a
+   few forwards;
 4. prefill: at most `prefill_chunk` prompt slots (text slots; Owl2's visual rows count, Owl3's images cost
    no sequence slots and go whole with their placeholder's chunk), in admission order, one forward per
    request and chunk (chunked prefill: a long prompt takes several steps, running rows keep decoding
@@ -65,6 +66,11 @@ from .paged_cache import BlockManager, PagedSeq, PagedView, default_kv_cache_byt
 log = logging.getLogger(__name__)
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+# A forward's fixed cost beyond reading the weights, in bytes-moved equivalents, for deciding whether rows of
+# very different sizes decode together (ContinuousEngine._decode_groups). CPU: none worth counting (measured on
+# the embedded model, 16 mixed rows: three forwards took half the time of one padded forward). CUDA: kernel
+# launches and Python, a few ms per forward, i.e. GBs at HBM speed: rows are split only for large padding.
+FORWARD_OVERHEAD_BYTES = {"cpu": 0, "cuda": 8 << 30}
 
 
 @dataclass
@@ -137,6 +143,9 @@ class ContinuousEngine:
         self.block_size, self.prefill_chunk, self.max_running = block_size, prefill_chunk, max_running
         self.prefix_cache, self.keep_logits = prefix_cache, keep_logits
         self.gather_bytes = gather_bytes  # bound on one layer's transient gathered K/V in a decode step
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
+        if getattr(model, "lm_head", None) is not None:
+            self._weight_bytes += sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
         self.waiting: deque[_Live] = deque()
         self.running: list[_Live] = []  # admitted (prefilling or decoding), in admission order
         self.live: dict[Hashable, _Live] = {}
@@ -270,12 +279,14 @@ class ContinuousEngine:
 
     def _register_full(self, x: _Live) -> None:
         """Give every newly full written block its key (and register it for sharing)."""
+        if not self.prefix_cache:
+            return
         full = x.seq.length // self.block_size
         while len(x.keys) < full:
             j = len(x.keys)
             key = self._key(x, j)
             x.keys.append(key)
-            if key is not None and self.prefix_cache:
+            if key is not None:
                 self.blocks.register(x.seq.blocks[j], key)
 
     # -- admission -------------------------------------------------------------------------------------------
@@ -399,26 +410,39 @@ class ContinuousEngine:
             self._sample(group, logits, events)
 
     def _decode_groups(self, rows: list[_Live]) -> list[list[_Live]]:
-        """Decode rows split so that one layer's gathered (padded) K/V stay under `gather_bytes`, or twice the
-        rows' own K/V when that is more: a 400-image row does not pad every text row of the step to 400 images
-        (transient memory, and attention over padding). Rows sorted by size; usually one group."""
-        if not rows:
-            return []
+        """The decode rows split into forwards. A forward over rows pads each row's gathered K/V to the group's
+        longest text and largest image count (paged_cache.PagedView), so a 32-frame video row beside text rows
+        makes every row copy 32 images' worth of (zero) visual K/V per hyper layer; a separate forward costs a
+        pass over the weights instead. Rows sorted by size, split where that is cheaper (bytes moved: the
+        gather reads and writes the padded K/V, a forward reads the weights plus `FORWARD_OVERHEAD_BYTES`),
+        and always where one layer's gathered copy would pass `gather_bytes` (transient memory)."""
+        if len(rows) <= 1:
+            return [rows] if rows else []
         t = self.blocks.image_tokens or 0
-        bs = self.block_size
-        cost = {id(x): math.ceil(x.seq.length / bs) * bs + len(x.seq.images) * t for x in rows}
-        slot_bytes = self.blocks.unit_bytes // bs
-        cap = self.gather_bytes // slot_bytes
-        groups, cur, cur_sum = [], [], 0
-        for x in sorted(rows, key=lambda x: cost[id(x)]):
-            c = cost[id(x)]
-            if cur and (len(cur) + 1) * c > max(cap, 2 * (cur_sum + c)):
-                groups.append(cur)
-                cur, cur_sum = [], 0
-            cur.append(x)
-            cur_sum += c
-        groups.append(cur)
-        return groups
+        bs, m = self.block_size, self.blocks
+        slot_bytes = m.unit_bytes // bs  # one slot of one layer, K and V
+        text = {id(x): math.ceil(x.seq.length / bs) * bs for x in rows}
+        vis = {id(x): len(x.seq.images) * t for x in rows}
+        rows = sorted(rows, key=lambda x: (vis[id(x)], text[id(x)]))
+        n = len(rows)
+        forward = self._weight_bytes + FORWARD_OVERHEAD_BYTES.get(self.model.device.type, 8 << 30)
+        best = [0.0] + [math.inf] * n  # best[j]: cost of rows[:j]; cut[j]: where its last group starts
+        cut = [0] * (n + 1)
+        for j in range(1, n + 1):
+            mt = mv = 0
+            for i in range(j - 1, -1, -1):  # group rows[i:j]
+                mt, mv = max(mt, text[id(rows[i])]), max(mv, vis[id(rows[i])])
+                g = j - i
+                if g > 1 and g * max(mt, mv) * slot_bytes > self.gather_bytes:
+                    break
+                cost = best[i] + forward + 2 * g * (mt * m.num_layers + mv * len(m.visual_layers)) * slot_bytes
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups, j = [], n
+        while j:
+            groups.append(rows[cut[j] : j])
+            j = cut[j]
+        return groups[::-1]
 
     def _sample(self, rows: list[_Live], logits: Tensor, events: list[StepEvent]) -> None:
         """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""

@@ -208,6 +208,27 @@ def test_images_without_hashes_or_with_other_hashes_are_not_reused(model):
     assert_parity(model, [base], {0: toks[3]}, {0: logits[3]})
 
 
+def test_prefix_cache_under_a_small_budget_evicts_and_stays_exact():
+    """Cached blocks are evicted (least recently released first) when new requests need room; a preempted
+    request recomputes from its own cached blocks; a request whose prefix was evicted recomputes it. All exact."""
+    model = make_model("241101")
+    unit = 2 * model.config.num_kv_heads * 16 * model.config.head_dim * 4
+    eng = engine(model, kv_cache_bytes=unit * 8 * model.config.num_layers)  # 32 pool blocks: 8 text blocks
+    first = make_request(model, 40, [3, 4], 121, max_new=8, hashes=("p", "q"))
+    toks, logits, _ = run(eng, {0: [(0, first)]})
+    assert eng.stats()["blocks_cached"] > 0
+    others = [make_request(model, 44, [], 122 + i, max_new=30) for i in range(2)]
+    toks2, logits2, _ = run(eng, {0: [(1, others[0]), (2, others[1])]})
+    st = eng.stats()
+    assert st["preemptions"] > 0 and st["blocks_used"] == 0
+    assert_parity(model, [first] + others, {0: toks[0], 1: toks2[1], 2: toks2[2]},
+                  {0: logits[0], 1: logits2[1], 2: logits2[2]})
+    again = make_request(model, 40, [3, 4], 121, max_new=8, hashes=("p", "q"))
+    toks3, logits3, _ = run(eng, {0: [(3, again)]})
+    assert eng.request_info(3)["cached_tokens"] < 32  # the first request's blocks were evicted meanwhile
+    assert_parity(model, [again], {0: toks3[3]}, {0: logits3[3]})
+
+
 def is_owl2(model):
     return type(model).__name__ == "Owl2Model"
 
@@ -306,18 +327,44 @@ def test_a_wrong_position_or_visibility_breaks_parity(monkeypatch):
         assert any((logits[i] - refs[i][1]).abs().max() > 1e-3 for i in range(len(reqs))), fault
 
 
-def test_decode_rows_of_very_different_sizes_are_split_exactly():
-    """A 32-frame video row does not pad three short rows' gathered K/V when that passes the gather bound (and
-    twice their own): it gets its own decode forward; outputs unchanged."""
+def test_decode_rows_of_very_different_sizes_are_split_exactly(monkeypatch):
+    """A 32-frame video row does not pad three short rows' gathered K/V when another forward costs less (or the
+    gather bound is passed): it decodes in its own forward; outputs unchanged."""
+    import hyperowl.batching as batching
+
     model = make_model("241101")
     m = mixed(model, seed=100)
     reqs = [m[0], make_request(model, 12, [], 101), m[1], m[3]]
-    eng = engine(model, gather_bytes=1)
+    eng = engine(model)
     for i, r in enumerate(reqs):
         eng.add(i, r)
     eng.step()  # every prompt prefilled: all four rows decode next
-    groups = eng._decode_groups(list(eng.running))
-    assert [[x.rid for x in g] for g in groups][-1] == [3] and len(groups) == 2
-    assert len(engine(model)._decode_groups(list(eng.running))) == 1  # the default bound: one forward
+    rows = list(eng.running)
+    ids = lambda groups: [[x.rid for x in g] for g in groups]  # noqa: E731
+    monkeypatch.setitem(batching.FORWARD_OVERHEAD_BYTES, "cpu", 1 << 40)
+    assert len(eng._decode_groups(rows)) == 1  # forwards dear (the tiny model's padding is cheap): one forward
+    slot = eng.blocks.unit_bytes // 16
+    eng.gather_bytes = 100 * slot  # the three short rows fit (< 100 slots each layer), the video (128) does not
+    assert sorted(map(sorted, ids(eng._decode_groups(rows)))) == [[0, 1, 2], [3]]
+    eng.gather_bytes = 1
+    assert len(eng._decode_groups(rows)) == 4  # the gather bound holds whatever the cost
+    monkeypatch.setitem(batching.FORWARD_OVERHEAD_BYTES, "cpu", 0)
+    eng.gather_bytes, eng._weight_bytes = 256 << 20, 0
+    assert ids(eng._decode_groups(rows))[-1] == [3]  # forwards free: the padding decides
     toks, logits, _ = run(engine(model, gather_bytes=1), {0: list(enumerate(reqs))})
     assert_parity(model, reqs, toks, logits)
+
+
+def test_bench_paged_step_smoke(tmp_path):
+    """bench/bench_paged_step.py runs (tiny settings) and writes its JSON; the engines' outputs agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "paged_step.json"
+    subprocess.run([sys.executable, str(root / "bench/bench_paged_step.py"), "--requests", "4", "--new", "2",
+                    "--repeat", "1", "--threads", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
+    got = json.loads(out.read_text())
+    assert got["outputs_equal"] and got["paged"]["peak_kv_mb"] < got["padded"]["peak_kv_mb"]
