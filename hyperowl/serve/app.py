@@ -350,7 +350,8 @@ async def _complete(state: AppState, request: Request, reply: Reply) -> Response
         text, reason, n = task.result()
     finally:
         reply.job.cancel.set()  # no-op once finished; frees the row if we leave early
-    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n, reply.job))
+    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason,
+                           usage(reply.prompt, n, reply.job))
     return JSONResponse(body)
 
 

@@ -609,7 +609,8 @@ class ContinuousScheduler:
         for rid, job in self._jobs.items():
             x = live.get(rid)
             for n, t in enumerate(list(getattr(x, "generated", []))[len(job.tokens):], len(job.tokens) + 1):
-                finish = "stop" if t in job.params.stop_token_ids else "length" if n >= job.params.max_new_tokens else None
+                finish = "stop" if t in job.params.stop_token_ids else \
+                    "length" if n >= job.params.max_new_tokens else None
                 events.append(_Event(rid, t, finish))
                 if finish:
                     break
