@@ -292,6 +292,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_padded_images < 0:
         raise InputError("--max-padded-images must be >= 0")
+    for name in ("max_running", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise InputError(f"--kv-cache-gb {args.kv_cache_gb}: must be > 0 (GiB of K/V cache)")
     _check_listen(args.host, args.port)
     import hyperowl
     from .serve import ServeConfig, serve
@@ -317,7 +322,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         max_padded_images=args.max_padded_images, batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
-        default_max_tokens=args.default_max_tokens)
+        default_max_tokens=args.default_max_tokens, batching=args.batching, kv_cache_gb=args.kv_cache_gb,
+        max_running=args.max_running, prefill_chunk=args.prefill_chunk)
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
@@ -649,8 +655,17 @@ def _serve_parser(sub) -> None:
     g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     g = s.add_argument_group("batching and caching")
-    g.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    g.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
+    g.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
+                   help="continuous (default): requests join and leave the running batch between decode steps, "
+                        "over a paged K/V cache with prefix reuse; dynamic: a batch forms and runs to completion")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="continuous: K/V cache budget in GiB (default: sized from free memory)")
+    g.add_argument("--max-running", type=int, default=64, help="continuous: requests decoded together (default 64)")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="continuous: prompt tokens read per engine step, between decode steps (default 512)")
+    g.add_argument("--max-batch-size", type=int, default=8, help="dynamic: requests decoded together (default 8)")
+    g.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="dynamic: wait this long to fill a batch (default 10)")
     g.add_argument("--max-padded-images", type=int, default=32,
                    help="a request joins a batch only while the batch pads at most this many image slots (rows hold "
                         "as many visual K/V slots as the batch's largest request; default 32)")
