@@ -317,7 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         max_padded_images=args.max_padded_images, batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
-        default_max_tokens=args.default_max_tokens)
+        default_max_tokens=args.default_max_tokens, live_session_idle_s=args.live_session_idle_s)
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
@@ -625,6 +625,8 @@ def _serve_parser(sub) -> None:
                    help="size limit of one image or video (MiB, default %(default)g)")
     g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    g.add_argument("--live-session-idle-s", type=float, default=600.0,
+                   help="free a live session (/v1/live) after this many seconds without a request (0 = never)")
     g = s.add_argument_group("batching and caching")
     g.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
     g.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")

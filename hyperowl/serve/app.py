@@ -77,6 +77,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_prompt_tokens: int = 32768
     retry_after_s: int = 1
+    live_session_idle_s: float = 600.0  # a live session unused this long is freed (serve/live.py; 0 = never)
 
 
 class StopText:
