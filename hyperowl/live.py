@@ -33,11 +33,13 @@ Timestamps (`add_frames(..., timestamps=[...])`, and `follow`): each frame is wr
 stream time in seconds, one decimal), inside the same turn structure; `prompt()` returns the text so far.
 A session is in one mode: all frames with times or none.
 
-Bounded memory (`memory_gb`): see `LiveSession.__init__` and docs/live.md. The policy: the newest frames at
-full rate, older ones thinned by doubling their stride, by evicting visual K/V (`KVCache.drop_images`: a
-copy of what is kept, no re-encoding or re-prefill). Eviction is not exact (text read while a frame was
-visible keeps what it read, as any KV eviction); the next question is preceded by a note of the times
-still visible. The memory counted is the cache's K/V buffers (the visual K/V dominate).
+Bounded memory (`memory_gb`): see `_enforce_memory` and docs/live.md. The policy: the newest frames at full
+rate, the older ones at one stride (doubled as needed), by evicting frames' visual K/V and their own text
+slots (`KVCache.evict`: a copy of what is kept, no re-encoding or re-prefill). Eviction is not exact (text
+read while a frame was visible keeps what it read, as any KV eviction). The model is told what it still
+sees in one sentence of constant form, written into the open turn right after a thinning (off the
+question's path) and evicted by the next thinning, so a question prefills only its own tokens and nothing
+in the cache grows with the stream's length. The memory counted is the cache's K/V buffers.
 """
 
 from __future__ import annotations
