@@ -323,7 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         max_padded_images=args.max_padded_images, batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
         default_max_tokens=args.default_max_tokens, batching=args.batching, kv_cache_gb=args.kv_cache_gb,
-        max_running=args.max_running, prefill_chunk=args.prefill_chunk)
+        max_running=args.max_running, prefill_chunk=args.prefill_chunk,
+        live_session_idle_s=args.live_session_idle_s)
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
@@ -654,6 +655,8 @@ def _serve_parser(sub) -> None:
                    help="size limit of one image or video (MiB, default %(default)g)")
     g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    g.add_argument("--live-session-idle-s", type=float, default=600.0,
+                   help="free a live session (/v1/live) after this many seconds without a request (0 = never)")
     g = s.add_argument_group("batching and caching")
     g.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
                    help="continuous (default): requests join and leave the running batch between decode steps, "

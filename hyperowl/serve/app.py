@@ -86,6 +86,7 @@ class ServeConfig:
     retry_after_s: int = 1
     max_stored_responses: int = 256  # Responses API: answers kept for previous_response_id (LRU, responses.py)
     max_stored_response_mb: float = 64.0  # ... and the bytes their conversations may hold (data: URLs included)
+    live_session_idle_s: float = 600.0  # a live session unused this long is freed (serve/live.py; 0 = never)
 
 
 class StopText:
