@@ -199,8 +199,8 @@ def main() -> None:
     else:
         model = random_model(a)
     name = "bench-owl"
-    cfg = ServeConfig(model_name=name, max_batch_size=a.max_batch_size, batch_window_ms=10, max_frames=a.frames,
-                      max_queue=max(64, 2 * max(a.clients)), max_tokens_limit=max(4096, a.max_tokens))
+    cfg = ServeConfig(model_name=name, batching="dynamic", max_batch_size=a.max_batch_size, batch_window_ms=10,
+                      max_frames=a.frames, max_queue=max(64, 2 * max(a.clients)), max_tokens_limit=max(4096, a.max_tokens))
     with ServerThread(create_app(model, model.processor, cfg)) as srv:
         stream_request(httpx.Client(timeout=600), srv.url, {"model": name, "max_tokens": 2,  # warm-up
                                                             "messages": [{"role": "user", "content": "Hi"}]})

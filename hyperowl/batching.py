@@ -281,12 +281,14 @@ class ContinuousEngine:
 
     def _register_full(self, x: _Live) -> None:
         """Give every newly full written block its key (and register it for sharing)."""
+        if not self.prefix_cache:
+            return
         full = x.seq.length // self.block_size
         while len(x.keys) < full:
             j = len(x.keys)
             key = self._key(x, j)
             x.keys.append(key)
-            if key is not None and self.prefix_cache:
+            if key is not None:
                 self.blocks.register(x.seq.blocks[j], key)
 
     # -- admission -------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ cache appends the new images' slots after the old ones, regrowing the front regi
 (amortised: a long stream is not copied once per frame). Old visual K/V are never recomputed: MI-Rope gives
 each image its own position, so an image's keys do not depend on what comes after it. The fused view
 [visual ; text] then has spare (zeroed) slots in between, which the 241101 attention masks out.
-`truncate` rolls text back (re-tokenized answer text), `drop_images` evicts images' visual K/V (memory
-policy; their text slots stay).
+`truncate` rolls text back (re-tokenized answer text), `evict` drops images' visual K/V and text slots (the
+memory policy): the kept slots are moved, never recomputed.
 """
 
 from __future__ import annotations
@@ -143,22 +143,44 @@ class KVCache:
     def drop_images(self, keep: Tensor) -> None:
         """Keep only the images at indices `keep` (ascending) of every row: their visual K/V are moved together
         (no recomputation) and the others' freed; text slots are untouched."""
-        keep = keep.to(self.image_pos.device)
-        n = self.image_pos.shape[1]
-        self.image_pos = self.image_pos[:, keep]
-        for i, nv in enumerate(self.nv):
-            if not nv:
+        self.evict(keep, None)
+
+    def evict(self, keep_images: Tensor | None, keep_text: Tensor | None) -> None:
+        """Keep only the images at indices `keep_images` and the text slots at `keep_text` (both ascending;
+        None: all). What is kept is moved into new, smaller buffers, never recomputed. Text positions stay
+        those the slots were written at (RoPE is in the keys; `next_pos` is unchanged), so a later query reads
+        the kept slots exactly as before, as if the evicted ones were padding (tested against that)."""
+        if keep_images is not None:
+            keep_images = keep_images.to(self.image_pos.device)
+            n = self.image_pos.shape[1]
+            self.image_pos = self.image_pos[:, keep_images]
+        text = None
+        if keep_text is not None:
+            text = keep_text.to(self.key_valid.device)
+            kv = self.key_valid.new_zeros(self.key_valid.shape)
+            kv[:, : len(text)] = self.key_valid[:, text]
+            self.key_valid = kv
+        for i in range(len(self.k)):
+            nv = self.nv[i]
+            if self.k[i] is None or (not nv or keep_images is None) and text is None:
                 continue
-            t = nv // n  # tokens per image
-            slots = (keep[:, None] * t + torch.arange(t, device=keep.device)).flatten().to(self.k[i].device)
-            kept, start, used = len(slots), self.vcap[i], self.length
-            for buf in (self.k, self.v):  # a new, smaller buffer: the dropped images' memory is freed
+            dev = self.k[i].device
+            if nv and keep_images is not None:
+                t = nv // n  # tokens per image
+                slots = (keep_images[:, None] * t + torch.arange(t, device=keep_images.device)).flatten().to(dev)
+            else:
+                slots = torch.arange(nv, device=dev)
+            kept, start = len(slots), self.vcap[i]
+            rows = (torch.arange(self.length, device=dev) if text is None else text.to(dev)) + start
+            for buf in (self.k, self.v):  # a new, smaller buffer: the evicted slots' memory is freed
                 old = buf[i]
                 new = old.new_empty(*old.shape[:-2], kept + self.capacity, old.shape[-1])
                 new[:, :, :kept] = old[:, :, slots]
-                new[:, :, kept : kept + used] = old[:, :, start : start + used]
+                new[:, :, kept : kept + len(rows)] = old[:, :, rows]
                 buf[i] = new
             self.nv[i] = self.vcap[i] = kept
+        if text is not None:
+            self.length = len(text)
 
     def visual_bytes(self) -> int:
         """Bytes of the visual regions (filled and spare slots) of all layers."""

@@ -269,7 +269,7 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     summary = pretrain_vision(PRESETS[args.preset].vision, args.out, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, warmup=args.warmup, seed=args.seed, exclude=args.exclude,
-                              eval_every=args.eval_every, pairs=args.pair_labels)
+                              eval_every=args.eval_every, pairs=args.pair_labels, drawn=args.drawn)
     acc = summary["accuracy"]
     print(f"{args.out}: held-out per-object accuracy " + ", ".join(f"{h} {acc[h + '_object']:.3f}" for h in
                                                                   ("kind", "colour", "size", "cell", "pair")
@@ -292,6 +292,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_padded_images < 0:
         raise InputError("--max-padded-images must be >= 0")
+    for name in ("max_running", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        raise InputError(f"--kv-cache-gb {args.kv_cache_gb}: must be > 0 (GiB of K/V cache)")
     _check_listen(args.host, args.port)
     import hyperowl
     from .serve import ServeConfig, serve
@@ -317,7 +322,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_frames=args.frames, fps=args.fps, cut=False if args.no_cut else None, max_media_bytes=int(args.max_media_mb * 2**20),
         max_body_bytes=int(args.max_body_mb * 2**20), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         max_padded_images=args.max_padded_images, batch_window_ms=args.batch_window_ms, feature_cache_mb=args.feature_cache_mb,
-        default_max_tokens=args.default_max_tokens)
+        default_max_tokens=args.default_max_tokens, batching=args.batching, kv_cache_gb=args.kv_cache_gb,
+        max_running=args.max_running, prefill_chunk=args.prefill_chunk,
+        live_session_idle_s=args.live_session_idle_s)
     print(f"hyperowl: serving {config.model_name} on http://{args.host}:{args.port} (chat page at /)", file=sys.stderr)
     serve(model, model.processor, config, host=args.host, port=args.port, log_level="debug" if args.debug else "info")
     return 0
@@ -329,6 +336,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import harness
 
     # Read and check the data (or generate a synthetic set) before loading the model: bad input fails fast.
+    if args.ood is not None:
+        from .eval.runner import ood_path
+
+        if args.task != "exact":
+            raise InputError("--ood: only with --task exact (the test split and the ood set are both exact match)")
+        ood_path(args.ood)  # fails fast, before the model loads
     plan = harness.prepare(args.task, args.data, args.out, limit=args.limit, frames=args.frames,
                            distractors=args.distractors, pool=args.pool, seed=args.seed, cache_dir=args.cache_dir,
                            circular=not args.no_circular, annotations=args.annotations, image_dir=args.image_dir,
@@ -349,6 +362,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
     s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     seed=args.seed, variants=args.variants, style=args.prompt_style)
+    o = None
+    if args.ood is not None:  # beside the test split: summary.json's "ood" block (every rank takes part)
+        from .eval.runner import add_ood
+
+        o = add_ood(model, args.ood, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if "results" in s:  # the distractor sweep
@@ -364,6 +382,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k, v in rows.items():
         print(f"{k:<{width}}  {v['n']:>5}  {v['accuracy']:.3f}")
     print(f"{'all':<{width}}  {s['n']:>5}  {s['accuracy']:.3f}")
+    if o is not None:
+        print(f"\nood ({o['data']})")
+        for k, v in o["categories"].items():
+            print(f"{k:<{width}}  {v['n']:>5}  {v['accuracy']:.3f}")
+        print(f"{'ood all':<{width}}  {o['n']:>5}  {o['accuracy']:.3f}")
     for field, table in s.get("breakdown", {}).items():  # e.g. Video-MME's durations
         w = max([len(k) for k in table] + [len(field)])
         print(f"\n{field:<{w}}  {'n':>5}  accuracy")
@@ -409,8 +432,13 @@ def _json_schema(path: str | None):
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    if args.rest and args.rest[0] == "ood":  # the out-of-distribution test set (issue 31)
+        from .data.synthetic.ood import ood_main
+
+        return ood_main(args.rest[1:])
     if not args.rest or args.rest[0] != "synth":
-        raise InputError("data: the only subcommand is `synth` (hyperowl data synth --out DIR [--train N ...])")
+        raise InputError("data: the subcommands are `synth` (hyperowl data synth --out DIR [--train N ...]) and "
+                         "`ood` (hyperowl data ood --out DIR [--n 300 --seed 7])")
     from .data.synthetic import synth_main
 
     return synth_main(args.rest[1:])
@@ -615,6 +643,8 @@ def _pretrain_vision_parser(sub) -> None:
                     help="<split>.scenes.txt files whose images are never drawn (the val and test splits)")
     pv.add_argument("--pair-labels", action="store_true",
                     help="also classify each patch's colour-kind pair (one class per pair), not only colour and kind")
+    pv.add_argument("--drawn", type=float, default=0.0, metavar="P",
+                    help="share of scenes in the drawn look (as `data synth --drawn`; default 0: the plain look only)")
     pv.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
 
 
@@ -642,9 +672,20 @@ def _serve_parser(sub) -> None:
                    help="size limit of one image or video (MiB, default %(default)g)")
     g.add_argument("--max-body-mb", type=float, default=100.0, help="size limit of a request body (MiB)")
     g.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
+    g.add_argument("--live-session-idle-s", type=float, default=600.0,
+                   help="free a live session (/v1/live) after this many seconds without a request (0 = never)")
     g = s.add_argument_group("batching and caching")
-    g.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    g.add_argument("--batch-window-ms", type=float, default=10.0, help="wait this long to fill a batch (default 10)")
+    g.add_argument("--batching", choices=("continuous", "dynamic"), default="continuous",
+                   help="continuous (default): requests join and leave the running batch between decode steps, "
+                        "over a paged K/V cache with prefix reuse; dynamic: a batch forms and runs to completion")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="continuous: K/V cache budget in GiB (default: sized from free memory)")
+    g.add_argument("--max-running", type=int, default=64, help="continuous: requests decoded together (default 64)")
+    g.add_argument("--prefill-chunk", type=int, default=512,
+                   help="continuous: prompt tokens read per engine step, between decode steps (default 512)")
+    g.add_argument("--max-batch-size", type=int, default=8, help="dynamic: requests decoded together (default 8)")
+    g.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="dynamic: wait this long to fill a batch (default 10)")
     g.add_argument("--max-padded-images", type=int, default=32,
                    help="a request joins a batch only while the batch pads at most this many image slots (rows hold "
                         "as many visual K/V slots as the batch's largest request; default 32)")
@@ -669,6 +710,8 @@ def _eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=8, help="conversations per padded batch")
     e.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default 16)")
     e.add_argument("--seed", type=int, default=0, help="distractor sampling and synthetic sets")
+    e.add_argument("--ood", default=None, metavar="SET", help="exact: also score an out-of-distribution set (a folder "
+                   "of `hyperowl data ood`, or its JSONL) into OUT/ood/, reported as summary.json's `ood` block")
     _model_options(e)
     g = e.add_argument_group("task-specific")
     g.add_argument("--annotations", default=None, help="vqa: the VQAv2 annotations file when --data is the official "
@@ -753,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     _watch_parser(sub)
 
     dt = _subcommand(sub, "data", cmd_data, "datasets: `hyperowl data synth --out DIR` writes the synthetic visual "
-                     "world", add_help=False)
+                     "world, `hyperowl data ood --out DIR` its out-of-distribution test set", add_help=False)
     dt.add_argument("rest", nargs=argparse.REMAINDER)
 
     cv = _subcommand(sub, "convert", cmd_convert, "one-shot: rewrite a pickle-only checkpoint (*.bin) as "

@@ -14,7 +14,9 @@ This is the only inference-time caller of the vision tower (`model.encode_images
      while the tower encodes this one, processing/overlap.py; on a CPU the two would share the cores).
 Two entry styles. `encode(plan)` does it all at once (chat, eval). A server splits it across threads:
 `lookup(plan)` (cache + decode + preprocess: no model, any thread) then `finish([...])` (the tower, on
-the model's thread, one call for a whole batch). The engine receives features only.
+the model's thread, one call for a whole batch) or `finish_steps(...)` (the same in bounded steps, so a
+continuous-batching server decodes its running answers between the steps of a 400-image prompt). The
+engine receives features only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -88,6 +90,30 @@ class Encoder:
                 # own storage, not a view of the batch (the cache must not pin the other items' features)
                 self._store(p, embeds if one else e.clone())
         return [_join([p.embeds for p in pend]) for pend in batch]
+
+    def finish_steps(self, pend: list[Pending], chunk: int) -> Iterator[int]:
+        """`finish([pend])` in steps of at most `chunk` image tensors through the tower (small items share a
+        step, a large one is split); yields the image tensors each step encoded, so the caller can run other
+        work between steps. When exhausted, every item has its features (stored in the cache); `_join` of
+        them is the prompt's features."""
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk}: must be at least 1 image tensor")
+        todo = [p for p in pend if p.embeds is None]
+        parts: dict[int, list[Tensor]] = {id(p): [] for p in todo}
+        slices = [(p, a, min(a + chunk, p.item.count)) for p in todo for a in range(0, p.item.count, chunk)]
+        while slices:
+            step, n = [], 0
+            while slices and n + slices[0][2] - slices[0][1] <= chunk:  # whole slices, at most `chunk` tensors
+                step.append(slices.pop(0))
+                n += step[-1][2] - step[-1][1]
+            pixels = [p.pixels[a:b] for p, a, b in step]
+            embeds = self._tower(pixels[0] if len(pixels) == 1 else torch.cat(pixels))
+            for (p, a, b), e in zip(step, embeds.split([b - a for _, a, b in step])):
+                parts[id(p)].append(e if len(step) == 1 else e.clone())
+                if b == p.item.count:  # the item's last slice: its features are complete
+                    got = parts.pop(id(p))
+                    self._store(p, got[0] if len(got) == 1 else torch.cat(got))
+            yield n
 
     def _store(self, p: Pending, embeds: Tensor) -> None:
         p.embeds, p.pixels = embeds, None

@@ -33,15 +33,18 @@ Timestamps (`add_frames(..., timestamps=[...])`, and `follow`): each frame is wr
 stream time in seconds, one decimal), inside the same turn structure; `prompt()` returns the text so far.
 A session is in one mode: all frames with times or none.
 
-Bounded memory (`memory_gb`): see `LiveSession.__init__` and docs/live.md. The policy: the newest frames at
-full rate, older ones thinned by doubling their stride, by evicting visual K/V (`KVCache.drop_images`: a
-copy of what is kept, no re-encoding or re-prefill). Eviction is not exact (text read while a frame was
-visible keeps what it read, as any KV eviction); the next question is preceded by a note of the times
-still visible. The memory counted is the cache's K/V buffers (the visual K/V dominate).
+Bounded memory (`memory_gb`): see `_enforce_memory` and docs/live.md. The policy: the newest frames at full
+rate, the older ones at one stride (doubled as needed), by evicting frames' visual K/V and their own text
+slots (`KVCache.evict`: a copy of what is kept, no re-encoding or re-prefill). Eviction is not exact (text
+read while a frame was visible keeps what it read, as any KV eviction). The model is told what it still
+sees in one sentence of constant form, written into the open turn right after a thinning (off the
+question's path) and evicted by the next thinning, so a question prefills only its own tokens and nothing
+in the cache grows with the stream's length. The memory counted is the cache's K/V buffers.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -68,6 +71,9 @@ class Frame:
     index: int  # arrival order, 0-based
     time: Optional[float]  # stream time (seconds), None in the untimed mode
     kept: bool = True  # its visual K/V are still in the cache
+    end: int = 0  # its token slot in the cache + 1 (the placeholder's; `LiveSession.ids` indices)
+    own: int = 0  # its own tokens ending there (time stamp + placeholder), 0: not separable from a turn header
+    parts: tuple = ()  # its own pieces of `LiveSession.parts` (the prompt text)
 
 
 @dataclass
@@ -89,6 +95,10 @@ class Following:
 
 def fmt_time(t: float) -> str:
     return f"[{t:.1f}s]"
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 class LiveSession:
@@ -123,12 +133,15 @@ class LiveSession:
         self.ids: list[int] = []  # token ids in the cache, in order
         self.chunk_start = 0  # where the open chunk (the text after the last image token) starts in ids
         self.chunk_text = ""  # the open chunk's text (tokenized again on each addition)
-        self.text = ""  # the whole prompt so far (prompt())
+        self.parts: list[str] = []  # the whole prompt so far, in pieces (prompt()); evicted pieces become ''
         self.frames: list[Frame] = []  # every frame received
         self.timed: Optional[bool] = None  # the mode, fixed by the first frames
         self.in_turn = False  # a user turn with frames is open (the next question closes it)
         self._ceiling_warned = False
-        self.thinned = False  # frames were evicted since the last question (it is told what is still visible)
+        self.thinned = False  # frames were evicted since the model was last told what it still sees
+        self.stride = 1  # frames before `cut` are kept at this stride (a power of 2, counted from frame 0)
+        self.cut = 0  # frames from here on are kept at full rate
+        self.note: Optional[tuple[int, int, tuple]] = None  # the told note inside a turn: (slot, tokens, parts)
         self.answers = 0
         self.last_logits: Optional[torch.Tensor] = None
         self.errors: list[str] = []  # faults of followed sources (the session keeps going)
@@ -237,19 +250,37 @@ class LiveSession:
             return self._cv.wait_for(lambda: self._ingested >= target, timeout)
 
     def _append_frames(self, feats: torch.Tensor, times: Optional[list[float]]) -> None:
-        pieces = []
+        heads, stamps = [], []
         for j in range(feats.shape[0]):
-            lead = ""
+            head = ""
             if not self.in_turn:
-                lead = f"\n{IM_START}user\n" + (START_VIDEO_FRAME if self.variant == "241101" else "")
+                head = f"\n{IM_START}user\n" + (START_VIDEO_FRAME if self.variant == "241101" else "")
                 self.in_turn = True
-            if times is not None:
-                lead += fmt_time(times[j])
-            pieces.append(lead)
-        self._prefill(pieces, feats, logits=False)
+            heads.append(head)
+            stamps.append(fmt_time(times[j]) if times is not None else "")
+        self._prefill([h + t for h, t in zip(heads, stamps)], feats, logits=False)
         base = len(self.frames)
-        self.frames += [Frame(base + j, None if times is None else times[j]) for j in range(feats.shape[0])]
+        for j, (end, count, parts) in enumerate(self._placed):
+            # a frame's own text (time stamp + placeholder) can be evicted with it when it has tokens of its own
+            if not stamps[j]:
+                own, parts = 1, parts[1:]
+            elif not heads[j] and count >= 0:
+                own = count + 1
+            else:  # its stamp shares tokens with the turn header: its text stays
+                own, parts = 0, ()
+            self.frames.append(Frame(base + j, None if times is None else times[j], end=end, own=own, parts=parts))
         self._enforce_memory()
+        if self.thinned:
+            self._tell()
+
+    def _tell(self) -> None:
+        """Tell the model what it still sees, in the open turn right after the frames (not on a question's
+        path), as a piece tokenized on its own, so that the next eviction removes it with the frames it
+        described (a newer note replaces it: the text holds one, of constant size)."""
+        self._prefill([self.visible_note() + "\n"], None, logits=False)
+        self.note = (len(self.ids), len(self.ids) - self.chunk_start, (len(self.parts) - 1,))
+        self.chunk_start, self.chunk_text = len(self.ids), ""
+        self.thinned = False
 
     # -- sources ------------------------------------------------------------------------------------------------
     def follow(self, source: "str | os.PathLike[str]", fps: float = 1.0, realtime: bool = True,
@@ -310,17 +341,21 @@ class LiveSession:
         return sum(p.shape[0] for p, _ in self._queue)
 
     # -- text and the cache ----------------------------------------------------------------------------------
-    def _add_text(self, s: str) -> None:
+    def _add_text(self, s: str) -> int:
         self.chunk_text += s
-        self.text += s
+        self.parts.append(s)
+        return len(self.parts) - 1
 
     def _encode(self, s: str) -> list[int]:
         return self.tokenizer.encode(s, add_special_tokens=False).ids if s else []
 
     def _prefill(self, pieces: list[str], feats: Optional[torch.Tensor], logits: bool) -> Optional[torch.Tensor]:
         """Append text pieces, each followed by one image (feats[j]) when feats is given, else one text piece
-        with no image; run the new tokens (and images) through the model into the cache."""
-        self._add_text(pieces[0])
+        with no image; run the new tokens (and images) through the model into the cache. Records in `_placed`,
+        per image: its slot + 1, how many tokens its piece took (-1: tokenized together with the text before
+        it), and the indices of its piece and its placeholder in `parts`."""
+        fresh = self.chunk_text == ""  # nothing open before pieces[0]: it is tokenized on its own
+        first = self._add_text(pieces[0])
         want = self._encode(self.chunk_text)
         have = self.ids[self.chunk_start :]
         same = 0
@@ -330,16 +365,21 @@ class LiveSession:
             self.cache.truncate(self.cache.length - (len(have) - same))
             del self.ids[self.chunk_start + same :]
         new = want[same:]
-        positions = []
+        positions, placed = [], []
         if feats is not None:
             for j, piece in enumerate(pieces):
+                part, count = first, len(new) if fresh else -1
                 if j:
-                    self._add_text(piece)
-                    new += self._encode(piece)
+                    part = self._add_text(piece)
+                    tokens = self._encode(piece)
+                    new += tokens
+                    count = len(tokens)
                 positions.append(len(new))
                 new.append(self.image_id)
-                self.text += IMAGE_TOKEN
+                self.parts.append(IMAGE_TOKEN)
                 self.chunk_text = ""
+                placed.append((len(self.ids) + len(new), count, (part, len(self.parts) - 1)))
+        self._placed = placed
         if not new:
             return None
         ids = torch.tensor([new], dtype=torch.long, device=self.model.device)
@@ -420,8 +460,12 @@ class LiveSession:
         return self.cache.nbytes()
 
     def _enforce_memory(self) -> None:
-        """Over the ceiling: among frames older than the recent window, evict every second kept one (their
-        stride doubles), oldest half first, until under it (or only the window is left)."""
+        """Over the ceiling: the newest `window` frames stay at full rate; the older ones (before `cut`) are kept
+        at one stride, a power of 2 counted from frame 0, doubled as needed so that they fill at most half of
+        what the ceiling leaves them: the next thinning is then that many frames away (each one copies the
+        kept K/V once). So the history is evenly thinned and always two runs (the note stays one sentence).
+        Evicted frames lose their visual K/V and their own text slots (time stamp, placeholder), and the last
+        note about what is visible goes with them (a new one is told)."""
         if self.max_bytes is None:
             return
         # the text capacity's next growth (a question, an answer) must fit too: count it in now
@@ -431,54 +475,86 @@ class LiveSession:
             return
         kept = [f for f in self.frames if f.kept]
         visual = self.cache.visual_bytes()
-        text = self.memory_bytes() - visual  # one placeholder per frame in every layer: never evicted
+        text = self.memory_bytes() - visual
         per_frame = max(1, visual // max(1, len(kept)))
-        budget = limit - text  # what the frames' visual K/V may use
-        window = self.recent_frames if self.recent_frames is not None else max(1, budget // 2 // per_frame)
+        room = max(0, (limit - text) // per_frame)  # frames the ceiling leaves room for
+        window = self.recent_frames if self.recent_frames is not None else max(1, room // 2)
+        target = max(1, (room - window) // 2)  # old frames kept after a thinning
         changed = False
         while self.memory_bytes() > limit:
-            cached = [f for f in self.frames if f.kept]  # the cache's images, in order
-            old = cached[:-window] if window < len(cached) else []
-            if len(old) < 2:
-                if not self._ceiling_warned:
-                    self._ceiling_warned = True
-                    log.warning("live: the memory ceiling %.3f GB cannot be held: the text K/V (%.3f GB, one "
-                                "placeholder per frame seen, in every layer) and the %d most recent frames need "
-                                "more; raise memory_gb", self.max_bytes / 2**30, text / 2**30, window)
-                break
-            for f in old[1::2]:
-                f.kept = False
-            self.cache.drop_images(torch.tensor([i for i, f in enumerate(cached) if f.kept], dtype=torch.long))
+            cut = max(self.cut, len(self.frames) - window)
+            stride = self.stride
+            while stride < cut and -(-cut // stride) > target:
+                stride *= 2
+            drop = [f for f in self.frames if f.kept and f.index < cut and f.index % stride]
+            if not drop:
+                if stride >= cut:  # only the first frame is older than the window
+                    if not self._ceiling_warned:
+                        self._ceiling_warned = True
+                        log.warning("live: the memory ceiling %.3f GB cannot be held: the text K/V (%.3f GB) and "
+                                    "the %d most recent frames need more; raise memory_gb",
+                                    self.max_bytes / 2**30, text / 2**30, window)
+                    break
+                target = max(1, -(-cut // stride) // 2)
+                continue
+            self.stride, self.cut = stride, cut
+            self._evict(drop)
             changed = True
         self.thinned |= changed
 
+    def _evict(self, drop: list[Frame]) -> None:
+        """Drop these frames' visual K/V and own text slots, and the told note, from the cache and the text."""
+        cached = [f for f in self.frames if f.kept]  # the cache's images, in order
+        gone = {f.index for f in drop}
+        keep = torch.tensor([i for i, f in enumerate(cached) if f.index not in gone], dtype=torch.long)
+        slots: list[int] = []
+        for f in drop:
+            f.kept = False
+            slots += range(f.end - f.own, f.end)
+            for p in f.parts:
+                self.parts[p] = ""
+        if self.note is not None:
+            end, n, parts = self.note
+            slots += range(end - n, end)
+            for p in parts:
+                self.parts[p] = ""
+            self.note = None
+        slots.sort()
+        assert self.cache.length == len(self.ids)
+        if not slots:
+            self.cache.evict(keep, None)
+            return
+        removed = set(slots)
+        self.cache.evict(keep, torch.tensor([k for k in range(len(self.ids)) if k not in removed], dtype=torch.long))
+        self.ids = [t for k, t in enumerate(self.ids) if k not in removed]
+        for f in self.frames:  # slots after evicted ones move down
+            f.end -= bisect.bisect_left(slots, f.end)
+        self.chunk_start -= bisect.bisect_left(slots, self.chunk_start)
+
     def visible_note(self) -> str:
-        """What the model is told after frames were evicted: the frames (or times) it still sees, as runs of
-        equal stride."""
+        """What the model is told after frames were evicted: the frames it still sees, as (at most) two runs,
+        the older frames at one stride and the newest at full rate."""
         kept = [f for f in self.frames if f.kept]
-        runs: list[list[Frame]] = []
-        for f in kept:
-            r = runs[-1] if runs else None
-            if r is not None and (len(r) == 1 or f.index - r[-1].index == r[1].index - r[0].index):
-                r.append(f)
-            else:
-                runs.append([f])
+        old = [f for f in kept if f.index < self.cut]
+        recent = [f for f in kept if f.index >= self.cut]
 
         def at(f: Frame) -> str:
             return f"{f.time:.1f}s" if f.time is not None else f"frame {f.index + 1}"
 
-        parts = []
-        for r in runs:
-            step = r[1].index - r[0].index if len(r) > 1 else 1
-            span = at(r[0]) if len(r) == 1 else f"{at(r[0])} to {at(r[-1])}"
-            parts.append(span + (f" (every {step}th frame)" if step > 1 else ""))
-        return f"(Frames were dropped to save memory; still visible: {'; '.join(parts) or 'none'}.)"
+        runs = []
+        if len(old) == 1:
+            runs.append(f"the frame at {at(old[0])}")
+        elif old:
+            runs.append(f"every {ordinal(self.stride)} frame from {at(old[0])} to {at(old[-1])}")
+        if recent:
+            runs.append(f"every frame from {at(recent[0])} on")
+        return f"(Frames were dropped to save memory; still visible: {', and '.join(runs) or 'none'}.)"
 
     # -- state --------------------------------------------------------------------------------------------------
     def prompt(self) -> str:
         """The conversation text so far (as the model reads it)."""
         with self._lock:
-            return self.text
+            return "".join(self.parts)
 
     def status(self) -> dict:
         kept = sum(f.kept for f in self.frames)

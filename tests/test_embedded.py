@@ -60,11 +60,11 @@ def test_embedded_recipe_smoke(tmp_path):
     from hyperowl.data.synthetic import write_dataset
     from hyperowl.train.vision_pretrain import pretrain_vision
 
-    write_dataset(tmp_path / "synth", {"train": 24, "val": 4, "test": 4}, seed=1)
+    write_dataset(tmp_path / "synth", {"train": 24, "val": 4, "test": 4}, seed=1, drawn=0.5)  # as the script
     scenes = [tmp_path / "synth" / "val.scenes.txt", tmp_path / "synth" / "test.scenes.txt"]
-    write_dataset(tmp_path / "video", {"train": 8}, seed=2, tasks=["video"], exclude=scenes, progress=False)
+    write_dataset(tmp_path / "video", {"train": 8}, seed=2, tasks=["video"], exclude=scenes, progress=False, drawn=0.5)
     pretrain_vision(PRESETS["owl3-synthetic"].vision, tmp_path / "vision", steps=2, batch_size=4, eval_every=2,
-                    exclude=scenes, progress=False)
+                    exclude=scenes, progress=False, drawn=0.5)
     raw = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
     assert raw["init"]["vision"] == "runs/vision-synthetic"  # what scripts/train_embedded.sh writes
     videos = {k for k, p in enumerate(raw["phases"]) if p.get("data", {}).get("train") == "data/synth-video/train.jsonl"}

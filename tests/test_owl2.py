@@ -253,3 +253,18 @@ def test_text_only_matches_transformers_llama():
         # a left-padded row: compare the real tokens with the unpadded run
         got_pad = ours(ids, attention_mask=mask).logits[:, 2:]
         assert (got_pad - ours(ids[:, 2:]).logits).abs().max() <= TOL
+
+
+def test_three_or_more_images_in_a_row():
+    """The placeholder check compared [B, N] with [B, N - 1] masks, which broadcast only up to two images per row:
+    a prompt with three or more images crashed. Each image still lands where its placeholder is: moving the last
+    one changes the logits after it."""
+    m = random_owl2(num_kv_heads=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (1, 20), generator=g)
+    size = m.config.vision.image_size
+    with torch.no_grad():
+        emb = m.encode_images(torch.randn(4, 3, size, size, generator=g))
+        a = m(ids, image_embeds=emb, image_positions=torch.tensor([[2, 5, 6, 9]])).logits[0, -1]
+        b = m(ids, image_embeds=emb, image_positions=torch.tensor([[2, 5, 6, 12]])).logits[0, -1]
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4

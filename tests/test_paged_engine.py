@@ -208,6 +208,27 @@ def test_images_without_hashes_or_with_other_hashes_are_not_reused(model):
     assert_parity(model, [base], {0: toks[3]}, {0: logits[3]})
 
 
+def test_prefix_cache_under_a_small_budget_evicts_and_stays_exact():
+    """Cached blocks are evicted (least recently released first) when new requests need room; a preempted
+    request recomputes from its own cached blocks; a request whose prefix was evicted recomputes it. All exact."""
+    model = make_model("241101")
+    unit = 2 * model.config.num_kv_heads * 16 * model.config.head_dim * 4
+    eng = engine(model, kv_cache_bytes=unit * 8 * model.config.num_layers)  # 32 pool blocks: 8 text blocks
+    first = make_request(model, 40, [3, 4], 121, max_new=8, hashes=("p", "q"))
+    toks, logits, _ = run(eng, {0: [(0, first)]})
+    assert eng.stats()["blocks_cached"] > 0
+    others = [make_request(model, 44, [], 122 + i, max_new=30) for i in range(2)]
+    toks2, logits2, _ = run(eng, {0: [(1, others[0]), (2, others[1])]})
+    st = eng.stats()
+    assert st["preemptions"] > 0 and st["blocks_used"] == 0
+    assert_parity(model, [first] + others, {0: toks[0], 1: toks2[1], 2: toks2[2]},
+                  {0: logits[0], 1: logits2[1], 2: logits2[2]})
+    again = make_request(model, 40, [3, 4], 121, max_new=8, hashes=("p", "q"))
+    toks3, logits3, _ = run(eng, {0: [(3, again)]})
+    assert eng.request_info(3)["cached_tokens"] < 32  # the first request's blocks were evicted meanwhile
+    assert_parity(model, [again], {0: toks3[3]}, {0: logits3[3]})
+
+
 def is_owl2(model):
     return type(model).__name__ == "Owl2Model"
 

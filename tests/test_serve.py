@@ -1,5 +1,6 @@
 """The OpenAI-compatible server with the real `openai` client: sync, streaming, usage, stop strings, seeds,
-the visual feature cache (images and videos), dynamic batching with parallel streaming clients, queue
+the visual feature cache (images and videos), dynamic batching (`--batching dynamic`; the continuous scheduler
+is tested in test_serve_continuous.py) with parallel streaming clients, queue
 limits (429) and cancellation on disconnect. The model is the tiny random checkpoint (gibberish text), so we
 assert structure, completeness and counts, and compare with the library's own answers."""
 
@@ -51,7 +52,7 @@ def model(chat_checkpoint):
 
 @pytest.fixture(scope="module")
 def server(model):
-    cfg = ServeConfig(model_name=MODEL, max_batch_size=8, batch_window_ms=30)
+    cfg = ServeConfig(model_name=MODEL, batching="dynamic", max_batch_size=8, batch_window_ms=30)
     with ServerThread(create_app(model, model.processor, cfg)) as srv:
         yield srv
 
@@ -327,7 +328,7 @@ def test_disconnected_stream_is_cancelled(server):
 
 
 def test_full_queue_answers_429_with_retry_after(model):
-    cfg = ServeConfig(model_name=MODEL, max_batch_size=1, max_queue=1, batch_window_ms=0)
+    cfg = ServeConfig(model_name=MODEL, batching="dynamic", max_batch_size=1, max_queue=1, batch_window_ms=0)
     long = {"model": MODEL, "messages": [{"role": "user", "content": "Long"}], "max_tokens": 480, "min_tokens": 480,
             "stream": True}
     with ServerThread(create_app(model, model.processor, cfg)) as srv, httpx.Client(timeout=60) as c:
@@ -412,7 +413,8 @@ def test_a_many_image_request_waits_rather_than_pad_single_image_ones(model, max
     """A request with 4 images and three single-image ones arrive together: with the default padding bound they
     are one batch of 4; with `max_padded_images` 2 (each single-image row would pad 3 slots) no batch holds all
     four (no cutting: one image, one slot). Every answer equals the request's solo answer."""
-    cfg = ServeConfig(model_name=MODEL, max_batch_size=8, batch_window_ms=1500, max_padded_images=max_padded, cut=False)
+    cfg = ServeConfig(model_name=MODEL, batching="dynamic", max_batch_size=8, batch_window_ms=1500,
+                      max_padded_images=max_padded, cut=False)
     with ServerThread(create_app(model, model.processor, cfg)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         urls = [data_url(png_bytes((40 * i, 200 - 30 * i, 90), size=(40 + 10 * i, 40))) for i in range(4)]

@@ -63,6 +63,9 @@ def test_serve_subcommand_runs_and_stops(chat_checkpoint):
     (["--allowed-media-dir", "/no/such/dir"], "--allowed-media-dir"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--max-padded-images", "-1"], "--max-padded-images must be >= 0"),
+    (["--max-running", "0"], "--max-running must be >= 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb 0.0: must be > 0"),
 ])
 def test_serve_bad_options_exit_2(chat_checkpoint, args, msg):
     r = subprocess.run([sys.executable, "-m", "hyperowl.cli", "serve", "--model", str(chat_checkpoint), *args],

@@ -232,12 +232,13 @@ def _prompts(model):
     return state, out
 
 
-def _run_jobs(state, specs):
+def _run_jobs(state, specs, batching="dynamic"):
     """specs: (prompt, SamplingParams) -> outcomes, all submitted at once to a fresh scheduler."""
-    from hyperowl.serve.scheduler import Job, Scheduler
+    from hyperowl.serve.scheduler import Job, make_scheduler
 
     loop = asyncio.new_event_loop()
-    sched = Scheduler(state.pipeline.model, state.pipeline.encoder, max_batch_size=8, batch_window_s=0.5)
+    sched = make_scheduler(state.pipeline.model, state.pipeline.encoder, batching, max_batch_size=8,
+                           batch_window_s=0.5)
     sched.start()
     try:
         jobs = [Job(p, params, loop) for p, params in specs]
@@ -253,7 +254,8 @@ def _params(i: int, n: int = 10):
     return SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0.8 if i % 2 else 0.0, seed=i)
 
 
-def test_a_row_that_breaks_the_batched_step_fails_alone(model):
+@pytest.mark.parametrize("batching", ["dynamic", "continuous"])
+def test_a_row_that_breaks_the_batched_step_fails_alone(model, batching):
     """A poison job whose image features have the wrong width passes every per-row check but breaks the
     batched prefill: it gets its error, the others are re-run apart and answer as they do alone."""
     state, prompts = _prompts(model)
@@ -262,19 +264,21 @@ def test_a_row_that_breaks_the_batched_step_fails_alone(model):
     item = poison.items[0]
     item.embeds = item.embeds[..., :-1]  # one hidden unit short: the hyper layers cannot take it
     specs = [(p, _params(i)) for i, p in enumerate(prompts[:3])]
-    alone = [_run_jobs(state, [s])[0][0] for s in specs]
+    alone = [_run_jobs(state, [s], batching)[0][0] for s in specs]
     assert all(kind == "done" and len(toks) == 10 for kind, toks in alone)
-    got, stats = _run_jobs(state, [(poison, _params(5))] + specs)
+    got, stats = _run_jobs(state, [(poison, _params(5))] + specs, batching)
     assert got[0][0] == "error" and got[1:] == alone
-    assert stats["failed"] == 1 and stats["completed"] == 3 and stats["batches"] == 1
+    assert stats["failed"] == 1 and stats["completed"] == 3
+    assert batching != "dynamic" or stats["batches"] == 1
 
 
-def test_a_batch_step_failing_mid_answer_is_resumed_row_by_row(model, monkeypatch):
+@pytest.mark.parametrize("batching", ["dynamic", "continuous"])
+def test_a_batch_step_failing_mid_answer_is_resumed_row_by_row(model, monkeypatch, batching):
     """A fault in the middle of a batched answer (say, out of memory at decode step 4): every row goes on alone
     from the tokens it already sent, with its own random stream, and ends with the answer it gets alone."""
     state, prompts = _prompts(model)
     specs = [(p, _params(i)) for i, p in enumerate(prompts)]
-    alone = [_run_jobs(state, [s])[0][0] for s in specs]
+    alone = [_run_jobs(state, [s], batching)[0][0] for s in specs]
     forward, calls = type(model.model).forward, []
 
     def flaky(self, *a, **k):
@@ -285,7 +289,7 @@ def test_a_batch_step_failing_mid_answer_is_resumed_row_by_row(model, monkeypatc
         return out
 
     monkeypatch.setattr(type(model.model), "forward", flaky)
-    got, stats = _run_jobs(state, specs)
+    got, stats = _run_jobs(state, specs, batching)
     assert len(calls) > 4 and got == alone
     assert stats["failed"] == 0 and stats["completed"] == 4
 

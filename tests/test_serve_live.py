@@ -103,6 +103,32 @@ def test_rest_errors(server):
         c.delete(f"/v1/live/{sid}")
 
 
+def test_idle_sessions_expire_and_are_freed(owl):
+    import time
+
+    app = create_app(owl, owl.processor, ServeConfig(model_name="owl", live_session_idle_s=1.0))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        sid = c.post("/v1/live").json()["id"]
+        other = c.post("/v1/live").json()["id"]
+        assert c.post(f"/v1/live/{sid}/frames", content=jpeg(scene(10)), headers={"Content-Type": "image/png"}).status_code == 200
+        live = app.state.live.by_id[sid]
+        for _ in range(3):  # requests keep a session alive past the idle time
+            time.sleep(0.6)
+            assert c.get(f"/v1/live/{sid}").status_code == 200
+        assert other not in app.state.live.by_id  # idle for 1.8 s: freed
+        deadline = time.monotonic() + 10
+        while sid in app.state.live.by_id and time.monotonic() < deadline:  # no request: the reaper frees it
+            time.sleep(0.1)
+        assert sid not in app.state.live.by_id and live._closed
+        for r in (c.get(f"/v1/live/{sid}"), c.post(f"/v1/live/{sid}/ask", json={"question": "?"})):
+            err = r.json()["error"]
+            assert r.status_code == 404 and sid in err["message"] and "expired" in err["message"]
+            assert err["code"] == "session_expired"
+        r = c.get("/v1/live/live-nope")
+        assert r.status_code == 404 and "no live session 'live-nope'" in r.json()["error"]["message"]
+        assert c.post("/v1/live").status_code == 200  # the freed slots are open again
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing")
 def test_live_page_with_the_fake_camera(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
@@ -147,3 +173,90 @@ def test_live_page_with_the_fake_camera(server, tmp_path):
     box = im.crop((int(vbox["x"]) + 8, int(vbox["y"]) + 8, int(vbox["x"] + vbox["width"]) - 8,
                    int(vbox["y"] + vbox["height"]) - 8))
     assert len(box.getcolors(maxcolors=1 << 16) or ()) > 50 and max(max(c) for _, c in box.getcolors(1 << 16)) > 100
+
+
+def write_webm(images, path, fps):
+    """A real VP8 WebM file (a codec every Chromium build plays)."""
+    import av
+    import numpy as np
+
+    w, h = images[0].size
+    with av.open(str(path), "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.bit_rate = 2_000_000
+        for im in images:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(im), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing")
+def test_live_page_with_a_video_file(server, tmp_path):
+    import time
+
+    """The page's other source: a chosen video file, played and sent at N fps with its own clock (the
+    video's time, not the wall clock), a question answered while it plays."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
+    clip = tmp_path / "moving.webm"
+    write_webm([scene(8 + k).resize((160, 160), Image.NEAREST) for k in range(36)], clip, fps=6)  # 6 s
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+            "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 640})
+            posts = []
+            page.on("request", lambda r: posts.append(r.headers.get("x-stream-time"))
+                    if r.url.endswith("/frames") else None)
+            page.goto(server.url + "/live")
+            page.fill("#fps", "4")
+            page.set_input_files("#file", str(clip))
+            for _ in range(300):  # until the page has sent 3 frames of the file
+                if len([t for t in posts if t]) >= 3:
+                    break
+                page.wait_for_timeout(100)
+            playing = page.evaluate("!document.getElementById('video').ended")
+            page.fill("#question", "Which way does the red square move?")
+            page.click("#ask")  # while it plays: answered about the frames sent before the question
+            done = page.locator(".msg.assistant[data-state=done]")
+            sync_api.expect(done).to_have_count(1, timeout=60000)
+            answer = done.inner_text()
+            page.wait_for_function("document.getElementById('video').ended", timeout=30000)
+            page.wait_for_timeout(500)  # the last frame's post
+            errors = [e.inner_text() for e in page.locator(".msg.error").all()]
+            sid = page.locator("#status").inner_text().split()[1]
+            shot = tmp_path / "live_file.png"
+            page.screenshot(path=str(shot))  # the clip's last frame
+            vbox = page.locator("#video").bounding_box()
+            duration = page.evaluate("document.getElementById('video').duration")
+            page.click("#stop")
+            out_dir = os.environ.get("HYPEROWL_SCREENSHOT_DIR")
+            if out_dir:
+                shutil.copy(shot, Path(out_dir) / "live_page_file.png")
+        finally:
+            browser.close()
+    assert errors == [] and answer.strip() and playing
+    times = [float(t) for t in posts if t]
+    for _ in range(300):  # frames posted after the question may still be on their way into the cache
+        state = httpx.get(f"{server.url}/v1/live/{sid}", timeout=30).json()
+        if state["frames_seen"] >= len(times):
+            break
+        time.sleep(0.1)
+    # the stream times are the file's own (its currentTime), increasing, inside the clip, about 4 a second
+    assert times == sorted(set(times)) and times[-1] <= duration + 0.01 and 5.5 < duration < 6.5
+    assert len(times) >= 3 * duration
+    assert state["frames_seen"] == len(times) and state["prompt"].count("<|image|>") == len(times)
+    assert f"[{times[1]:.1f}s]<|image|>" in state["prompt"]
+    assert "Which way does the red square move?<|im_end|>\n<|im_start|>assistant\n" + answer in state["prompt"]
+    # the video element shows the clip (a red square on white), not a black box
+    import numpy as np
+
+    im = Image.open(shot).convert("RGB")
+    box = im.crop((int(vbox["x"]) + 4, int(vbox["y"]) + 4, int(vbox["x"] + vbox["width"]) - 4,
+                   int(vbox["y"] + vbox["height"]) - 4))
+    px = np.asarray(box).astype(int)
+    red = ((px[..., 0] > 150) & (px[..., 1] < 90) & (px[..., 2] < 90)).mean()
+    white = (px.min(-1) > 200).mean()
+    assert red > 0.05 and white > 0.3

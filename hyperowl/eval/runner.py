@@ -91,7 +91,8 @@ def _category(row: dict) -> str:
 
 # Row fields that benchmarks report accuracy by, besides the category (Video-MME: durations and task types;
 # MMBench: its l2-category), when the rows have them.
-BREAKDOWN_FIELDS = ("duration", "task_type", "l2-category")
+# `look`: the synthetic world's drawn look (`hyperowl data synth --drawn P`) against the plain one.
+BREAKDOWN_FIELDS = ("duration", "task_type", "l2-category", "look")
 
 
 def summarize(rows: Sequence[dict], groups: bool = True, **meta: Any) -> dict[str, Any]:
@@ -275,7 +276,7 @@ def load_records(path: Path) -> list[dict[str, Any]]:
             raise InputError(f"{where}: no reference answer (an 'answer' field or a final assistant message)")
         media = {k: [p if Path(p).is_absolute() else str(root / p) for p in rec.get(k) or []] for k in ("images", "videos")}
         out.append({"id": str(rec.get("id", n)), "task": rec.get("task") or "default", "messages": msgs,
-                    "answer": str(answer), **media})
+                    "answer": str(answer), **media, **({"look": rec["look"]} if rec.get("look") else {})})
     return out
 
 
@@ -284,7 +285,7 @@ def exact_samples(records: Sequence[dict[str, Any]]) -> list[Sample]:
         conv = {"messages": rec["messages"], "images": rec["images"], "videos": rec["videos"]}
         return Sample(rec["id"], rec["task"], rec["answer"], build=lambda: [conv],
                       score=lambda preds: {"correct": normalize(preds[0]) == normalize(rec["answer"])},
-                      extra={"task": rec["task"]})
+                      extra={"task": rec["task"], **({"look": rec["look"]} if "look" in rec else {})})
 
     return [sample(r) for r in records]
 
@@ -303,3 +304,27 @@ def evaluate(model, data: str | Path, out_dir: str | Path, limit: int | None = N
         on_disk["tasks"] = on_disk["categories"]
         summary_file.write_text(json.dumps(on_disk, indent=2))
     return s
+
+
+def ood_path(ood: str | Path) -> Path:
+    """The JSONL of an out-of-distribution set: a file, or a folder written by `hyperowl data ood` (its ood.jsonl)."""
+    p = Path(ood)
+    if p.is_dir():
+        p = p / "ood.jsonl"
+    if not p.is_file():
+        raise InputError(f"--ood '{ood}': no such file or set (write one with `hyperowl data ood --out {ood}`)")
+    return p
+
+
+def add_ood(model, ood: str | Path, out_dir: str | Path, batch_size: int = 8, max_new_tokens: int = 16) -> dict:
+    """Exact match on an out-of-distribution set (`hyperowl data ood`), into `out_dir/ood/`, reported beside the
+    main result as the `ood` block of `out_dir/summary.json` (n, accuracy, per category). Returns the block."""
+    path = ood_path(ood)
+    s = evaluate(model, path, Path(out_dir) / "ood", batch_size=batch_size, max_new_tokens=max_new_tokens)
+    block = {"data": str(path), "n": s["n"], "accuracy": s["accuracy"], "categories": s["categories"]}
+    if dist_info()[0] == 0:
+        f = Path(out_dir) / "summary.json"
+        summary = json.loads(f.read_text()) if f.exists() else {}
+        summary["ood"] = block
+        f.write_text(json.dumps(summary, indent=2))
+    return block

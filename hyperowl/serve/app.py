@@ -46,7 +46,7 @@ from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
 from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, logprob_entries, new_id, now,
                        parse_chat_request, parse_json, usage_body)
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import ContinuousScheduler, Job, QueueFull, Scheduler, make_scheduler
 from .schema import CHAT_RESPONSES, ModelList, errors, openapi
 from .url_policy import UrlPolicy
 
@@ -72,6 +72,11 @@ class ServeConfig:
     max_body_bytes: int = 100 * 2**20
     fetch_timeout_s: float = 10.0
     max_queue: int = 64
+    batching: str = "continuous"  # or "dynamic" (scheduler.py)
+    kv_cache_gb: float | None = None  # continuous: the paged K/V budget (None: the engine's default from free memory)
+    max_running: int = 64  # continuous: requests in the running batch
+    prefill_chunk: int = 512  # continuous: prompt tokens per engine step (long prompts are read in chunks)
+    prefix_cache: bool = True  # continuous: reuse the K/V of earlier requests' matching prefixes
     max_batch_size: int = 8
     max_padded_images: int = 32  # a batch pads at most this many image slots (see scheduler.py)
     batch_window_ms: float = 10.0
@@ -82,6 +87,7 @@ class ServeConfig:
     retry_after_s: int = 1
     max_stored_responses: int = 256  # Responses API: answers kept for previous_response_id (LRU, responses.py)
     max_stored_response_mb: float = 64.0  # ... and the bytes their conversations may hold (data: URLs included)
+    live_session_idle_s: float = 600.0  # a live session unused this long is freed (serve/live.py; 0 = never)
 
 
 class StopText:
@@ -122,7 +128,7 @@ class AppState:
 
     config: ServeConfig
     pipeline: Pipeline  # model + processor + this server's encoder (its feature cache) + the family row
-    scheduler: Scheduler
+    scheduler: Scheduler | ContinuousScheduler
     limits: MediaLimits
     visual: VisualOptions
     tokenizer: Any
@@ -157,9 +163,12 @@ def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
     pipe = Pipeline(given.model, processor, family=given.family, checkpoint_dir=given.checkpoint_dir,
                     feature_cache_mb=config.feature_cache_mb) if given else \
         Pipeline(model, processor, feature_cache_mb=config.feature_cache_mb)
-    scheduler = Scheduler(pipe.model, pipe.encoder, max_batch_size=config.max_batch_size,
-                          batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
-                          max_padded_images=config.max_padded_images)
+    kv_bytes = None if config.kv_cache_gb is None else int(config.kv_cache_gb * 2**30)
+    scheduler = make_scheduler(pipe.model, pipe.encoder, config.batching, max_batch_size=config.max_batch_size,
+                               batch_window_s=config.batch_window_ms / 1000, max_queue=config.max_queue,
+                               max_padded_images=config.max_padded_images, kv_cache_bytes=kv_bytes,
+                               max_running=config.max_running, prefill_chunk=config.prefill_chunk,
+                               prefix_cache=config.prefix_cache)
     limits = MediaLimits(max_bytes=config.max_media_bytes, fetch_timeout_s=config.fetch_timeout_s,
                          allowed_dir=config.allowed_media_dir, allow_remote=config.allow_remote_media,
                          url_policy=config.media_url_policy)
@@ -179,7 +188,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: AppState = app.state.serve
     config = state.config
     state.scheduler.start()
-    log.info("serving %s (batch <= %d, queue <= %d)", config.model_name, config.max_batch_size, config.max_queue)
+    log.info("serving %s (%s batching, queue <= %d)", config.model_name, config.batching, config.max_queue)
     try:
         yield
     finally:
@@ -344,9 +353,13 @@ async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[t
             raise ApiError(500, str(value), code="internal_error")
 
 
-def usage(prompt: PreparedPrompt, completion_tokens: int) -> dict:
+def usage(prompt: PreparedPrompt, completion_tokens: int, job: Job | None = None) -> dict:
+    """`cached_tokens` / `cached_image_tensors`: the prompt tokens and image tensors whose K/V the engine
+    reused from its prefix cache (continuous batching; 0 with dynamic batching)."""
+    info = (job.info if job is not None else None) or {}
     return usage_body(int(prompt.input_ids.numel()), completion_tokens, prompt.visual_tokens, prompt.image_tensors,
-                      prompt.cached_visual_tokens)
+                      prompt.cached_visual_tokens, cached_tokens=int(info.get("cached_tokens", 0)),
+                      cached_images=int(info.get("cached_images", 0)))
 
 
 async def _collect(state: AppState, reply: Reply) -> tuple[str, str, int]:
@@ -394,7 +407,7 @@ async def _complete(state: AppState, request: Request, reply: Reply) -> Response
                                  logprobs=lps)["choices"][0]
         choices.append(dict(choice, index=i))
     body = completion_body(reply.cid, state.config.model_name, reply.created, "", "stop",
-                           usage(reply.prompt, sum(n for _, _, n in results)))
+                           usage(reply.prompt, sum(n for _, _, n in results), reply.job))
     body["choices"] = choices
     return JSONResponse(body)
 
@@ -443,7 +456,7 @@ async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
             if fin is not None:
                 left, total = left - 1, total + n
         if reply.req.include_usage:
-            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total)))
+            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:
@@ -475,7 +488,7 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
         yield _event(chunk_body(cid, name, created, {}, finish_reason=reason,
                                 logprobs=logprob_entries(state.tokenizer, rest) if want_lp and rest else None))
         if reply.req.include_usage:
-            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, n)))
+            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, n, reply.job)))
         yield "data: [DONE]\n\n"
     finally:
         # Runs when the answer is complete and when the client disconnects (the generator is cancelled
@@ -483,11 +496,37 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
         reply.job.cancel.set()
 
 
-def submit(state: AppState, req: Any, prompt: PreparedPrompt, cid: str) -> Reply:
-    """Queue a prepared request for the scheduler (every generating route ends here)."""
+async def admitted(request: Request, job: Job) -> Response | None:
+    """Continuous batching: wait until the job is in the engine before answering, so that a request too large
+    for the whole K/V budget gets a 400 (also when streamed); None when admitted, a 499 if the client left."""
+    if job.admitted is None:
+        return None
+    try:
+        while True:
+            done, _ = await asyncio.wait({job.admitted}, timeout=DISCONNECT_POLL_S)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel.set()
+                return Response(status_code=499)
+    except BaseException:
+        job.cancel.set()
+        raise
+    refused = job.admitted.result()
+    if refused is not None:
+        raise ApiError(400, f"this request does not fit the server's K/V cache: {refused}; send fewer images or "
+                            "tokens, or lower max_tokens", param="messages", code="kv_cache_exceeded")
+    return None
+
+
+async def submit(state: AppState, request: Request, req: Any, prompt: PreparedPrompt, cid: str) -> Reply | Response:
+    """Queue a prepared request for the scheduler (every generating route ends here); with continuous
+    batching, wait until it is admitted (a 400 if it cannot fit the K/V budget, a 499 Response if the client
+    left meanwhile). n > 1 (chat): one job per choice, choice i seeded seed + i (wrapping), each with its own
+    grammar state."""
     params = sampling(state, req, token_budget(state, req, prompt))
     jobs = []
-    for i in range(getattr(req, "n", 1)):  # n > 1: one job per choice, choice i seeded seed + i (wrapping)
+    for i in range(getattr(req, "n", 1)):
         p = params if i == 0 or params.seed is None else dataclasses.replace(
             params, seed=(params.seed + i - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1) + SEED_RANGE[0])
         jobs.append(Job(prompt, p, asyncio.get_running_loop(), constraint=constraint(state, req)))
@@ -498,6 +537,12 @@ def submit(state: AppState, req: Any, prompt: PreparedPrompt, cid: str) -> Reply
         for job in jobs:  # the ones already queued are dropped by the scheduler
             job.cancel.set()
         raise too_busy(state) from None
+    for job in jobs:
+        early = await admitted(request, job)
+        if early is not None:
+            for j in jobs:
+                j.cancel.set()
+            return early
     return Reply(jobs[0], req, prompt, cid, now(), others=jobs[1:])
 
 
@@ -511,7 +556,9 @@ async def chat_completions(request: Request) -> Response:
     if state.scheduler.full():  # cheap early answer before any media work
         raise too_busy(state)
     prompt = await prepare(state, req)
-    reply = submit(state, req, prompt, new_id())
+    reply = await submit(state, request, req, prompt, new_id())
+    if isinstance(reply, Response):
+        return reply
     if req.stream:
         return StreamingResponse((_sse_many if reply.others else _sse)(state, reply), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -69,7 +69,7 @@ def completion_body(reply: Reply, model: str, text: str, finish_reason: str | No
     body = {"id": reply.cid, "object": "text_completion", "created": reply.created, "model": model,
             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if n is not None:
-        body["usage"] = usage(reply.prompt, n)
+        body["usage"] = usage(reply.prompt, n, reply.job)
     return body
 
 
@@ -112,7 +112,9 @@ async def completions(request: Request) -> Response:
     if state.scheduler.full():
         raise too_busy(state)
     prompt = await asyncio.to_thread(raw_prompt, state, req)
-    reply = submit(state, req, prompt, "cmpl-" + uuid.uuid4().hex[:24])
+    reply = await submit(state, request, req, prompt, "cmpl-" + uuid.uuid4().hex[:24])
+    if isinstance(reply, Response):
+        return reply
     if req.stream:
         return StreamingResponse(_sse(state, reply), media_type="text/event-stream", headers=SSE_HEADERS)
     result = await finish(state, request, reply)

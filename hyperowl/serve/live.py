@@ -12,7 +12,10 @@ REST, not a WebSocket, and its own routes rather than `/v1/chat/completions` wit
   way (server-sent events, `stream: true`).
 Each session is a `hyperowl.live.LiveSession` over the server's pipeline (its model and encoder); frames
 are encoded and appended by the session's own thread, questions run in a worker thread so the event loop
-never waits for the model. Sessions are few (`MAX_SESSIONS`) and end with DELETE, or when the server stops.
+never waits for the model. Sessions are few (`MAX_SESSIONS`) and end with DELETE, when the server stops, or
+after `live_session_idle_s` (--live-session-idle-s, default 600) without a request: a reaper thread frees
+them (a session answering or streaming an answer is not idle), and a later request for one gets a 404
+saying it expired.
 
     POST   /v1/live                   {"memory_gb"?, "system"?, "max_tokens"?}      -> {"id", ...status}
     POST   /v1/live/{id}/frames       an image body (image/jpeg, image/png, ...), or
@@ -29,7 +32,9 @@ import asyncio
 import json
 import logging
 import threading
-from typing import Any, AsyncIterator
+import time
+from collections import OrderedDict
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -46,19 +51,78 @@ SAMPLING = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p
 
 
 class Sessions:
-    def __init__(self) -> None:
+    """The open sessions, when each was last used, and which expired (for a clear 404)."""
+
+    def __init__(self, idle_s: Optional[float] = 600.0) -> None:
         self.by_id: dict[str, Any] = {}
+        self.used: dict[str, float] = {}  # monotonic time of each session's last request (start or end)
+        self.busy: dict[str, int] = {}  # requests in flight per session: never idle while answering
+        self.expired: OrderedDict[str, None] = OrderedDict()  # the latest expired ids (bounded)
+        self.idle_s = idle_s if idle_s and idle_s > 0 else None
         self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper: Optional[threading.Thread] = None
+
+    def add(self, sid: str, live: Any) -> None:  # under self.lock
+        self.by_id[sid], self.used[sid], self.busy[sid] = live, time.monotonic(), 0
+        if self.idle_s is not None and self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="hyperowl-live-reaper", daemon=True)
+            self._reaper.start()
 
     def get(self, sid: str) -> Any:
         live = self.by_id.get(sid)
         if live is None:
+            if sid in self.expired:
+                raise ApiError(404, f"live session {sid!r} expired after {self.idle_s:g} s without a request "
+                               "(--live-session-idle-s) and was freed; create a new one with POST /v1/live",
+                               code="session_expired")
             raise ApiError(404, f"no live session {sid!r}; create one with POST /v1/live", code="not_found")
         return live
 
-    def close_all(self) -> None:
+    def acquire(self, sid: str) -> Any:
+        """The session for one request: not idle until `release`."""
+        self._expire()  # one idle past its time is gone even if the reaper has not come by yet
         with self.lock:
-            sessions, self.by_id = list(self.by_id.values()), {}
+            live = self.get(sid)
+            self.busy[sid] += 1
+            self.used[sid] = time.monotonic()
+            return live
+
+    def release(self, sid: str) -> None:
+        with self.lock:
+            if sid in self.busy:
+                self.busy[sid] -= 1
+                self.used[sid] = time.monotonic()
+
+    def pop(self, sid: str) -> Any:  # under self.lock
+        live = self.get(sid)
+        for d in (self.by_id, self.used, self.busy):
+            del d[sid]
+        return live
+
+    def _expire(self) -> None:
+        if self.idle_s is None:
+            return
+        now, gone = time.monotonic(), []
+        with self.lock:
+            for sid in [s for s in self.by_id if not self.busy[s] and now - self.used[s] > self.idle_s]:
+                gone.append((sid, self.pop(sid)))
+                self.expired[sid] = None
+                while len(self.expired) > 1024:
+                    self.expired.popitem(last=False)
+        for sid, live in gone:
+            log.info("live session %s expired after %g s idle; freed", sid, self.idle_s)
+            live.close()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(min(30.0, max(0.05, self.idle_s / 4))):
+            self._expire()
+
+    def close_all(self) -> None:
+        self._stop.set()
+        with self.lock:
+            sessions = list(self.by_id.values())
+            self.by_id, self.used, self.busy = {}, {}, {}
         for s in sessions:
             s.close()
 
@@ -106,15 +170,22 @@ async def create(request: Request) -> dict:
         except InputError as e:
             raise ApiError(422, str(e), code="invalid_value") from None
         sid = "live-" + new_id().split("-")[-1]
-        sessions.by_id[sid] = live
+        sessions.add(sid, live)
     return _status(sid, live)
 
 
 async def frames(sid: str, request: Request) -> dict:
+    state, sessions = _state(request)
+    live = sessions.acquire(sid)
+    try:
+        return await _frames(sid, live, state, request)
+    finally:
+        sessions.release(sid)
+
+
+async def _frames(sid: str, live, state, request: Request) -> dict:
     from .app import read_body
 
-    state, sessions = _state(request)
-    live = sessions.get(sid)
     raw = await read_body(state, request)
     limits: MediaLimits = state.limits
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -151,10 +222,22 @@ async def frames(sid: str, request: Request) -> dict:
 
 
 async def ask(sid: str, request: Request):
+    state, sessions = _state(request)
+    live = sessions.acquire(sid)
+    streaming = False
+    try:
+        out = await _ask(sid, live, state, request)
+        streaming = isinstance(out, StreamingResponse)
+        return out
+    finally:
+        if not streaming:  # a streamed answer releases the session when it ends (_sse)
+            sessions.release(sid)
+
+
+async def _ask(sid: str, live, state, request: Request):
     from .app import read_body
 
-    state, sessions = _state(request)
-    live = sessions.get(sid)
+    sessions = request.app.state.live
     body = parse_json(await read_body(state, request))
     question = body.get("question")
     if not isinstance(question, str) or not question.strip():
@@ -165,26 +248,33 @@ async def ask(sid: str, request: Request):
     except InputError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
     if body.get("stream"):
-        return StreamingResponse(_sse(sid, live, pieces), media_type="text/event-stream",
+        return StreamingResponse(_sse(sid, live, _pump(sid, pieces, sessions)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     answer = await asyncio.to_thread(lambda: "".join(pieces))  # the whole answer in one thread (the session lock)
     return {"answer": answer, **_status(sid, live)}
 
 
-async def _sse(sid: str, live, pieces) -> AsyncIterator[str]:
-    """The answer's pieces as events. One thread runs the whole generation (it holds the session's lock,
-    which must be released by the thread that took it) and hands pieces to the event loop."""
-    loop, queue, done = asyncio.get_running_loop(), asyncio.Queue(), object()
+def _pump(sid: str, pieces, sessions: Sessions) -> asyncio.Queue:
+    """Run the whole generation in one thread (it holds the session's lock, which must be released by the
+    thread that took it), handing pieces to the event loop; started now, so the session is released when
+    the generation ends even if the client never reads the response."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
-    def pump() -> None:
+    def run() -> None:
         try:
             for piece in pieces:
                 loop.call_soon_threadsafe(queue.put_nowait, piece)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
+            sessions.release(sid)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    threading.Thread(target=pump, name=f"hyperowl-live-ask:{sid}", daemon=True).start()
-    while (piece := await queue.get()) is not done:
+    threading.Thread(target=run, name=f"hyperowl-live-ask:{sid}", daemon=True).start()
+    return queue
+
+
+async def _sse(sid: str, live, queue: asyncio.Queue) -> AsyncIterator[str]:
+    """The answer's pieces (from `_pump`) as events, then the status."""
+    while (piece := await queue.get()) is not None:
         yield f"data: {json.dumps({'delta': piece})}\n\n"
     yield f"data: {json.dumps(_status(sid, live))}\n\n"
     yield "data: [DONE]\n\n"
@@ -192,15 +282,17 @@ async def _sse(sid: str, live, pieces) -> AsyncIterator[str]:
 
 async def show(sid: str, request: Request) -> dict:
     _, sessions = _state(request)
-    live = sessions.get(sid)
-    return {**_status(sid, live), "prompt": live.prompt()}
+    live = sessions.acquire(sid)
+    try:
+        return {**_status(sid, live), "prompt": live.prompt()}
+    finally:
+        sessions.release(sid)
 
 
 async def delete(sid: str, request: Request) -> dict:
     _, sessions = _state(request)
     with sessions.lock:
-        live = sessions.get(sid)
-        del sessions.by_id[sid]
+        live = sessions.pop(sid)
     await asyncio.to_thread(live.close)
     return {"id": sid, "object": "live.session", "deleted": True}
 
@@ -215,7 +307,7 @@ async def page():
 
 def add_live_routes(app: FastAPI) -> None:
     """Register the live-session routes (and the /live page) on the server's app."""
-    app.state.live = Sessions()
+    app.state.live = Sessions(getattr(app.state.config, "live_session_idle_s", 600.0))
     app.add_api_route("/v1/live", create, methods=["POST"])
     app.add_api_route("/v1/live/{sid}/frames", frames, methods=["POST"])
     app.add_api_route("/v1/live/{sid}/ask", ask, methods=["POST"])

@@ -621,14 +621,17 @@ def logprob_entries(tokenizer: Any, lps: list[Any]) -> list[dict]:
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, visual_tokens: int, image_tensors: int,
-               cached_visual_tokens: int) -> dict:
+               cached_visual_tokens: int, cached_tokens: int = 0, cached_images: int = 0) -> dict:
     """`prompt_tokens` counts the text sequence (one placeholder token per image tensor included); visual
     tokens never enter that sequence, so they are reported apart (image tensors = crops + global views +
-    video frames, each `tokens_per_image` visual tokens), with how many came from the feature cache."""
+    video frames, each `tokens_per_image` visual tokens), with how many came from the feature cache.
+    `cached_tokens` (OpenAI's field): prompt tokens whose K/V came from the engine's prefix cache;
+    `cached_image_tensors` (ours): image tensors (crops, frames) whose visual K/V did."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "visual_tokens": visual_tokens,
-                                      "image_tensors": image_tensors, "cached_visual_tokens": cached_visual_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached_tokens, "visual_tokens": visual_tokens,
+                                      "image_tensors": image_tensors, "cached_visual_tokens": cached_visual_tokens,
+                                      "cached_image_tensors": cached_images}}
 
 
 def now() -> int:

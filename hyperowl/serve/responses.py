@@ -89,7 +89,7 @@ class ResponseStore:
 
 
 def response_usage(reply: Reply, n: int) -> dict:
-    u = usage(reply.prompt, n)
+    u = usage(reply.prompt, n, reply.job)
     details = u["prompt_tokens_details"]
     return {"input_tokens": u["prompt_tokens"], "output_tokens": n, "total_tokens": u["total_tokens"],
             "input_tokens_details": {**details, "cache_write_tokens": 0},
@@ -193,7 +193,10 @@ async def create_response(request: Request) -> Response:
     if state.scheduler.full():
         raise too_busy(state)
     prompt = await prepare(state, chat)
-    ans = Answer(state, req, submit(state, chat, prompt, "resp_" + uuid.uuid4().hex[:24]))
+    reply = await submit(state, request, chat, prompt, "resp_" + uuid.uuid4().hex[:24])
+    if isinstance(reply, Response):
+        return reply
+    ans = Answer(state, req, reply)
     if req.stream:
         return StreamingResponse(_sse(ans, store, history), media_type="text/event-stream", headers=SSE_HEADERS)
     result = await finish(state, request, ans.reply)

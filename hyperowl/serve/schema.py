@@ -228,10 +228,13 @@ class ErrorResponse(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int
+    cached_tokens: int = Field(description="prompt tokens whose K/V came from the prefix cache (continuous "
+                                           "batching; 0 with dynamic batching)")
     visual_tokens: int = Field(description="visual tokens of the images and frames (not in prompt_tokens)")
     image_tensors: int = Field(description="crops + global views + video frames")
     cached_visual_tokens: int = Field(description="visual tokens whose features came from the feature cache")
+    cached_image_tensors: int = Field(0, description="extension: image tensors (crops, frames) whose visual K/V came "
+                                                     "from the prefix cache")
 
 
 class Usage(BaseModel):

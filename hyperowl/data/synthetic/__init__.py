@@ -36,6 +36,13 @@ vocabulary (except captions, which are canonical compositions of that vocabulary
   construction (the answer is drawn first, the scene built to match), tasks round-robin within a group.
   Captions list objects in reading order (row by row, left to right) without sizes: "a red circle, an
   orange square and a blue cross".
+* **The drawn look** (`drawn=P`, `hyperowl data synth --drawn P`; issue 31): the same world, tasks and answers,
+  drawn as people draw: a share P of the examples gets a source size (48-1024 px), continuous object sizes
+  named relative to the image, free centres within each object's third of the image (so positions and
+  relations stay exact), and a `Scene.look` seed from which `rendering.render_drawn` takes anti-aliasing,
+  outlines, jittered colours, textured/gradient backgrounds and JPEG; the writer reduces each image to
+  `image_size` with the processor's resize. Drawn videos have 4 to 32 frames. Plain datasets are unchanged.
+  `ood.py` writes a test-only set drawn by another renderer (matplotlib): `hyperowl data ood`.
 * **Videos** are `video_frames` scenes (default 8) sharing one background; events are at least two frames
   from either end (appear/disappear) or apart (order), so sample *all* frames when reading them back.
   They are written as real .mp4 files with PyAV (libx264 4:4:4 lossless when available, else MPEG-4 at
@@ -80,6 +87,7 @@ imports `rendering` only when it is called):
     splits.py         split plans, per-example seeds, option checks, `iter_examples` (no files)
     writer.py         files: JSONL, PNG, mp4, scene hashes, `meta.json`, `generate_split`, `write_dataset`
     cli.py            `hyperowl data synth` arguments (`synth_main`)
+    ood.py            the out-of-distribution test set drawn by matplotlib (`hyperowl data ood`; imported on use)
 
 This package re-exports their public names, so `from hyperowl.data.synthetic import X` and
 `syn.X` work as they did when all of it was one module.
@@ -88,7 +96,9 @@ This package re-exports their public names, so `from hyperowl.data.synthetic imp
 from .world import (ALL_CELLS, BACKGROUNDS, BG_VARIANTS, CHANGES, COLOUR_NAMES, COLOURS, DIRECTIONS, GRID, KINDS,
                     MAX_OBJECTS, PLURALS, POSITION_NAMES, RELATIONS, SIZE_FRACTION, SIZES, Cell, Obj, Scene,
                     cell_centre, diameter, max_jitter, phrase, random_scene)
-from .rendering import MIN_PATCH_PIXELS, PATCH_LABELS, object_map, patch_labels, render
+from .world import DRAWN_BACKGROUNDS, DRAWN_SIZE_FRACTION, DRAWN_SOURCE_SIZES, DRAWN_VIDEO_FRAMES
+from .rendering import (DRAWN_RENDER_SIDE, MIN_PATCH_PIXELS, PATCH_LABELS, DrawnStyle, drawn_background, jitter_colour,
+                        nearest_colour, object_map, patch_labels, render, render_drawn)
 from .questions import (ALL_TASKS, GROUPS, MULTI_TASKS, MULTI_TEMPLATES, SINGLE_TASKS, SINGLE_TEMPLATES, VIDEO_TASKS,
                         VIDEO_TEMPLATES, ask)
 from .conversations import (FRAME_REFS, IMAGE_TOKEN, SINGLE_REFS, VIDEO_TOKEN, Example, add_intro, add_turns,
@@ -106,8 +116,10 @@ __all__ = [
     "ALL_CELLS", "BACKGROUNDS", "BG_VARIANTS", "CHANGES", "COLOUR_NAMES", "COLOURS", "DIRECTIONS", "GRID", "KINDS",
     "MAX_OBJECTS", "PLURALS", "POSITION_NAMES", "RELATIONS", "SIZE_FRACTION", "SIZES", "Cell", "Obj", "Scene",
     "cell_centre", "diameter", "max_jitter", "phrase", "random_scene",
+    "DRAWN_BACKGROUNDS", "DRAWN_SIZE_FRACTION", "DRAWN_SOURCE_SIZES", "DRAWN_VIDEO_FRAMES",
     # rendering
     "MIN_PATCH_PIXELS", "PATCH_LABELS", "object_map", "patch_labels", "render",
+    "DRAWN_RENDER_SIDE", "DrawnStyle", "drawn_background", "jitter_colour", "nearest_colour", "render_drawn",
     # questions
     "ALL_TASKS", "GROUPS", "MULTI_TASKS", "MULTI_TEMPLATES", "SINGLE_TASKS", "SINGLE_TEMPLATES", "VIDEO_TASKS",
     "VIDEO_TEMPLATES", "ask",

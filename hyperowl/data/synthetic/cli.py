@@ -34,7 +34,7 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--val", type=int, default=DEFAULT_SIZES["val"], metavar="N")
     p.add_argument("--test", type=int, default=DEFAULT_SIZES["test"], metavar="N")
     p.add_argument("--image-size", type=int, default=64, metavar="PX")
-    p.add_argument("--frames", type=int, default=8, help="frames per video")
+    p.add_argument("--frames", type=int, default=8, help="frames per video (the plain look; drawn videos have 4-32)")
     p.add_argument("--fps", type=int, default=4)
     p.add_argument("--distractors", type=int, default=3, help="irrelevant images around a distractor question")
     p.add_argument("--turns", type=int, default=1, metavar="K",
@@ -55,6 +55,11 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--exclude", nargs="+", default=[], metavar="SCENES",
                    help="<split>.scenes.txt files of another dataset whose images no split here may use (e.g. extra "
                         "training data beside an existing test split)")
+    p.add_argument("--drawn", type=float, nargs="?", const=1.0, default=0.0, metavar="P",
+                   help="share of examples (every split; alone: 1 = all) in the drawn look (issue 31): anti-aliased or aliased, filled or outlined shapes of continuous "
+                        "sizes and jittered colours anywhere in their third of the image, plain/gradient/textured/noisy "
+                        "backgrounds, JPEG artefacts, sources of 48-1024 px reduced by the processor's resize, videos "
+                        "of 4 to 32 frames")
     p.add_argument("--examples", action="store_true", help="only write a few example images and a video")
     args = p.parse_args(argv)
     if args.examples:
@@ -74,6 +79,6 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
                           fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
                           train_mix=mix, train_video_turns=args.video_turns, train_which_turns=args.which_turns,
-                          exclude=args.exclude)
+                          exclude=args.exclude, drawn=args.drawn)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
+from .rendering import DRAWN_RENDER_SIDE
 from .questions import MULTI_TEMPLATES, SINGLE_TASKS, _multi, _single, _video, ask
 from .world import Scene, _Builder, phrase
 
@@ -41,16 +42,17 @@ class Example:
     extra: list[tuple[str, str, str]] = field(default_factory=list)  # further (task, question, answer) turns
     intro: list[tuple[str, str, str]] = field(default_factory=list)  # one (task, question, answer) per image
 
+    # Drawn scenes come at their source size, at most DRAWN_RENDER_SIDE (the writer reduces them to the model's).
     @functools.cached_property
     def images(self) -> list[Image.Image]:
-        return [s.render() for s in self.scenes]
+        return [s.render(DRAWN_RENDER_SIDE) for s in self.scenes]
 
     @functools.cached_property
     def videos(self) -> list[list[Image.Image]]:
         # Static videos repeat scenes: render each distinct one once.
         cache: dict[str, Image.Image] = {}
         for s in {s.hash: s for v in self.video_scenes for s in v}.values():
-            cache[s.hash] = s.render()
+            cache[s.hash] = s.render(DRAWN_RENDER_SIDE)
         return [[cache[s.hash] for s in v] for v in self.video_scenes]
 
     @property
@@ -205,9 +207,10 @@ def _labelled(n: int, start: int = 0) -> str:
 
 
 def build_example(task: str, rng: random.Random, *, image_size: int = 64, video_frames: int = 8,
-                  distractors: int = 3, id: str = "") -> Example:
-    """One example of `task` (a name from ALL_TASKS) drawn with `rng`."""
-    b = _Builder(rng, image_size)
+                  distractors: int = 3, id: str = "", drawn: bool = False) -> Example:
+    """One example of `task` (a name from ALL_TASKS) drawn with `rng`. drawn: in the drawn look (`world`'s
+    DRAWN_*: a random source size, free positions, continuous sizes, videos of 4 to 32 frames)."""
+    b = _Builder(rng, image_size, drawn)
     group, sub = task.split("/", 1)
     if group == "single":
         t, fields, answer, scenes = _single(b, sub)

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Optional
 
 from .world import (ALL_CELLS, CHANGES, COLOUR_NAMES, DIRECTIONS, GRID, KINDS, MAX_OBJECTS, PLURALS, POSITION_NAMES,
-                    RELATIONS, SIZES, Obj, Scene, _Builder, cell_centre, max_jitter, phrase)
+                    RELATIONS, SIZES, DRAWN_VIDEO_FRAMES, Obj, Scene, _Builder, cell_centre, max_jitter, phrase)
 
 GROUPS = ("single", "multi", "video", "distractor")
 SINGLE_TASKS = ("colour", "shape", "count", "count_all", "position", "relation", "size", "caption")
@@ -192,6 +192,8 @@ def _multi(b: _Builder, task: str) -> _Item:
 def _video(b: _Builder, task: str, frames: int) -> _Item:
     rng, s = b.rng, b.s
     t = rng.choice(VIDEO_TEMPLATES[task])
+    if b.look:  # drawn videos: 4 to 32 frames whatever `frames` (several lengths, so several speeds)
+        frames = rng.choice(DRAWN_VIDEO_FRAMES)
     bg = b.background()
     if task == "direction":  # one object crosses the image along a row or column; others stay outside its lane
         direction = rng.choice(DIRECTIONS)
@@ -201,16 +203,25 @@ def _video(b: _Builder, task: str, frames: int) -> _Item:
         horizontal = direction in ("left", "right")
         cells = [c for c in ALL_CELLS if (c[0] if horizontal else c[1]) != lane]
         static = b.fill([], rng.randint(0, 2), cells=cells, allow=lambda k, c: (c, k) != (colour, kind))
-        j = max_jitter(size, s)
-        across = cell_centre(lane, s) + rng.randint(-j, j)
-        start, end = cell_centre(0, s), cell_centre(GRID - 1, s)
+        if b.look:  # anywhere in its lane, a continuous size, travelling 35-100% of the free span: several speeds
+            o = b.place(kind, colour, size, (lane, lane))
+            d, across = o.d, o.x if horizontal else o.y
+            lo, hi = d // 2 + 1, s - (d - d // 2) - 1
+            length = round((hi - lo) * rng.uniform(0.35, 1.0))
+            start = rng.randint(lo, hi - length)
+            start, end = start, start + length
+        else:
+            d = 0
+            j = max_jitter(size, s)
+            across = cell_centre(lane, s) + rng.randint(-j, j)
+            start, end = cell_centre(0, s), cell_centre(GRID - 1, s)
         if direction in ("left", "up"):
             start, end = end, start
         scenes = []
         for f in range(frames):
             along = round(start + (end - start) * f / (frames - 1))
             x, y = (along, across) if horizontal else (across, along)
-            scenes.append(b.scene(static + [Obj(kind, colour, size, x, y)], bg))
+            scenes.append(b.scene(static + [Obj(kind, colour, size, x, y, d)], bg))
         return t, {"obj": f"{colour} {kind}"}, direction, scenes
     if task in ("appear", "disappear"):  # >= 2 frames on each side of the event
         base = b.random_objects(1, 3)

@@ -76,10 +76,12 @@ class _Stats:
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
           stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1,
-          which_turns: int = 0) -> Iterator[Example]:
+          which_turns: int = 0, drawn: float = 0.0) -> Iterator[Example]:
     """Validate now (not at the first next()), then return the generator."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
     _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns, which_turns)
+    if not isinstance(drawn, (int, float)) or not 0 <= drawn <= 1:
+        raise InputError(f"drawn={drawn!r}: the share of examples in the drawn look must be from 0 to 1")
     per_group = _select_tasks(tasks)
     order: list[str] = []
     for g, n in counts.items():
@@ -88,17 +90,21 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
     return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns, progressive,
-                     video_turns, which_turns)
+                     video_turns, which_turns, drawn)
 
 
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
               exclude: Optional[set[str]], stats: _Stats, turns: int = 1,
-              progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Iterator[Example]:
+              progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0,
+              drawn: float = 0.0) -> Iterator[Example]:
     for i, task in enumerate(order):
+        # Which look (a share `drawn` of the examples, from a seed of its own: drawn=0 draws what it always drew).
+        look = drawn >= 1 or (drawn > 0 and random.Random(_seed_for(seed, split, i, "look")).random() < drawn)
         for attempt in range(MAX_ATTEMPTS):
-            rng = random.Random(_seed_for(seed, split, i, attempt))
+            # The drawn look has seeds of its own: its examples are not the plain ones redrawn.
+            rng = random.Random(_seed_for(seed, split, i, attempt, *(("drawn",) if look else ())))
             ex = build_example(task, rng, image_size=image_size, video_frames=video_frames, distractors=distractors,
-                               id=f"{split}-{i:06d}")
+                               id=f"{split}-{i:06d}", drawn=look)
             if not exclude or exclude.isdisjoint(ex.scene_hashes()):
                 break
             stats.rejected += 1  # an image of an earlier split: redraw
@@ -115,7 +121,8 @@ def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_v
                   distractors: int = 3, seed: int = 0, image_size: int = 64, video_frames: int = 8, *,
                   exclude_hashes: Optional[set[str]] = None,
                   tasks: Optional[Sequence[str]] = None, turns: int = 1,
-                  progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Iterator[Example]:
+                  progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0,
+                  drawn: float = 0.0) -> Iterator[Example]:
     """The examples of a split in memory (same content as `generate_split` writes), without files.
 
     `ex.images` / `ex.videos` render lazily to PIL images / frame lists; `ex.scenes` / `ex.video_scenes`
@@ -123,10 +130,11 @@ def iter_examples(split: str = "train", n_single: int = 0, n_multi: int = 0, n_v
     task or group names. `turns`: questions per image conversation (see `add_turns`). `progressive`: share of
     multi-image conversations shown one image per turn (see `add_intro`). `video_turns`: questions per video
     conversation (see `add_video_turns`). `which_turns`: further "which image has X?" questions per conversation
-    of several images (see `add_which_turns`).
+    of several images (see `add_which_turns`). `drawn`: the share of examples (0 to 1; True = all) in the drawn look
+    (`build_example`); their images come at their source sizes (the writer reduces them to `image_size`).
     """
     return _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                 exclude_hashes, tasks, _Stats(), turns, progressive, video_turns, which_turns)
+                 exclude_hashes, tasks, _Stats(), turns, progressive, video_turns, which_turns, drawn)
 
 
 def _split_counts(size: Union[int, Mapping[str, int]], split: str, groups: Sequence[str],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -46,6 +47,15 @@ BACKGROUNDS = ("white", "gray", "stripes", "noise")
 BG_VARIANTS = {"white": 14, "gray": 19, "stripes": 12, "noise": 2**31}
 GRID = 3
 MAX_OBJECTS = 4
+# The drawn look (`drawn=True`, issue 31: pictures as people draw them). Sizes are continuous, named relative to
+# the image side with a gap between the names (at 64 px: small 6-11 px, large 14-20 px; the plain look's 11 and
+# 18 px fall inside them); every object's box stays inside its third of the image in each direction, so objects
+# never overlap and position and relation answers (by thirds) are never ambiguous. Sources are drawn at 48 to
+# 1024 px (log-uniform) and reach a model through its processor's resize, as users' images do.
+DRAWN_SIZE_FRACTION = {"small": (0.10, 0.17), "large": (0.22, 0.31)}
+DRAWN_SOURCE_SIZES = (48, 1024)
+DRAWN_BACKGROUNDS = ("plain", "gradient", "texture", "noise")
+DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)  # a drawn video has one of these (`--frames` is the plain look's)
 # (row, col) -> canonical position name.
 POSITION_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
@@ -78,6 +88,7 @@ class Obj:
     size: str
     x: int
     y: int
+    d: int = 0  # diameter in pixels (the drawn look); 0: the size name's (`diameter`)
 
     @property
     def name(self) -> str:
@@ -94,6 +105,12 @@ class Scene:
     # Which variant of the background (see BG_VARIANTS): a white/gray level, a stripe phase and direction,
     # a noise seed. Always < BG_VARIANTS[background], so equal scenes <=> equal pixels.
     bg_variant: int = 0
+    # 0: the plain look (aliased solid shapes, `rendering.render`); else the seed of the drawn look (per-object
+    # colour jitter, outline or fill, anti-aliasing, JPEG: `rendering.render_drawn`), shared by an example's scenes.
+    look: int = 0
+
+    def diameter(self, o: Obj) -> int:
+        return o.d or diameter(o.size, self.image_size)
 
     def cell(self, o: Obj) -> tuple[int, int]:
         """(row, col) of the grid cell holding the object's centre."""
@@ -113,16 +130,30 @@ class Scene:
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     def to_dict(self) -> dict:
+        # The drawn look's fields appear only when set: plain scenes keep the hashes they always had.
         return {
             "background": self.background,
             "bg_variant": self.bg_variant,
             "image_size": self.image_size,
-            "objects": sorted([o.kind, o.colour, o.size, o.x, o.y] for o in self.objects),
+            "objects": sorted([o.kind, o.colour, o.size, o.x, o.y] + ([o.d] if o.d else []) for o in self.objects),
+            **({"look": self.look} if self.look else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Scene":
-        return cls(tuple(Obj(*o) for o in d["objects"]), d["background"], d["image_size"], d["bg_variant"])
+        return cls(tuple(Obj(*o) for o in d["objects"]), d["background"], d["image_size"], d["bg_variant"],
+                   d.get("look", 0))
+
+    def scaled(self, size: int) -> "Scene":
+        """The scene on a `size` canvas (centres and diameters scaled): where its objects land in a model's input
+        after the processor's resize (the per-patch labels of a drawn scene are computed on it)."""
+        if size == self.image_size:
+            return self
+        f = size / self.image_size
+        objs = tuple(replace(o, x=round((o.x + 0.5) * f - 0.5), y=round((o.y + 0.5) * f - 0.5),
+                             d=max(1, round(self.diameter(o) * f)))
+                     for o in self.objects)
+        return replace(self, objects=objs, image_size=size)
 
     @functools.cached_property
     def hash(self) -> str:
@@ -136,11 +167,12 @@ class Scene:
         key = [self.background, self.image_size, objs]
         return hashlib.sha1(json.dumps(key, separators=(",", ":")).encode()).hexdigest()[:16]
 
-    def render(self) -> Image.Image:
+    def render(self, max_side: Optional[int] = None) -> Image.Image:
+        """The scene's image; a drawn scene larger than `max_side` is drawn at `max_side` (see `render_drawn`)."""
         # Imported here, not at the top: rendering sits above the world (rendering.py imports this module).
-        from .rendering import render
+        from .rendering import render, render_drawn
 
-        return render(self)
+        return render_drawn(self, max_side) if self.look else render(self)
 
 
 def diameter(size: str, image_size: int) -> int:
@@ -168,23 +200,43 @@ ALL_CELLS: tuple[Cell, ...] = tuple((r, c) for r in range(GRID) for c in range(G
 class _Builder:
     """Random scene pieces for one example."""
 
-    def __init__(self, rng: random.Random, image_size: int) -> None:
+    def __init__(self, rng: random.Random, image_size: int, drawn: bool = False) -> None:
         self.rng = rng
         self.s = image_size
+        self.look = 0
+        if drawn:  # one source size and one look per example (so "are the two images the same?" stays exact)
+            lo, hi = DRAWN_SOURCE_SIZES
+            self.s = 2 * round(math.exp(rng.uniform(math.log(lo), math.log(hi))) / 2)
+            self.look = rng.randrange(1, 2**31)
 
     def place(self, kind: str, colour: str, size: str, cell: Cell) -> Obj:
+        if self.look:
+            return self._place_drawn(kind, colour, size, cell)
         j = max_jitter(size, self.s)
         r, c = cell
         return Obj(kind, colour, size, cell_centre(c, self.s) + self.rng.randint(-j, j),
                    cell_centre(r, self.s) + self.rng.randint(-j, j))
 
+    def _place_drawn(self, kind: str, colour: str, size: str, cell: Cell) -> Obj:
+        """A continuous size of the name, the centre anywhere such that the box stays inside the cell."""
+        lo, hi = DRAWN_SIZE_FRACTION[size]
+        d = max(3, round(self.rng.uniform(lo, hi) * self.s))
+        xy = []
+        for index in (cell[1], cell[0]):
+            a, b = index * self.s / GRID, (index + 1) * self.s / GRID  # the cell's span on this axis
+            first, last = math.ceil(a) + d // 2 + 1, math.floor(b) - (d - d // 2) - 1  # box x - d//2 .. x - d//2 + d - 1
+            xy.append(self.rng.randint(first, last) if last >= first else round((a + b) / 2))
+        return Obj(kind, colour, size, xy[0], xy[1], d)
+
     def background(self) -> tuple[str, int]:
+        if self.look:
+            return self.rng.choice(DRAWN_BACKGROUNDS), self.rng.randrange(2**31)
         bg = self.rng.choice(BACKGROUNDS)
         return bg, self.rng.randrange(BG_VARIANTS[bg])
 
     def scene(self, objs: Iterable[Obj], bg: Optional[tuple[str, int]] = None) -> Scene:
         bg = bg or self.background()
-        return Scene(tuple(objs), bg[0], self.s, bg[1])
+        return Scene(tuple(objs), bg[0], self.s, bg[1], self.look)
 
     def fill(self, objs: list[Obj], n: int, cells: Optional[Sequence[Cell]] = None,
              allow: Callable[[str, str], bool] = lambda k, c: True) -> list[Obj]:
@@ -237,7 +289,8 @@ class _Builder:
         return replace(scene, objects=tuple(objs))
 
 
-def random_scene(rng: random.Random, image_size: int = 64) -> Scene:
-    """A scene of 1..MAX_OBJECTS random objects (unique colour+kind pairs) on a random background."""
-    b = _Builder(rng, image_size)
+def random_scene(rng: random.Random, image_size: int = 64, drawn: bool = False) -> Scene:
+    """A scene of 1..MAX_OBJECTS random objects (unique colour+kind pairs) on a random background. drawn: the
+    drawn look, at a random source size (`image_size` is then ignored; see DRAWN_SOURCE_SIZES)."""
+    b = _Builder(rng, image_size, drawn)
     return b.scene(b.random_objects())

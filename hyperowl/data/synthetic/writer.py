@@ -71,6 +71,13 @@ def write_mp4(frames: Sequence[Image.Image], path: Union[str, Path], fps: int = 
             container.mux(packet)
 
 
+def _to_size(im: Image.Image, size: int) -> Image.Image:
+    """A drawn scene's source image (48-1024 px) as a model of input `size` receives it: the processor's own resize
+    (`processing.images.image_to_tensor`: PIL bicubic), done once here so that the files stay small; the
+    processor's resize of a `size` px image is then the identity, so training sees exactly these pixels."""
+    return im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def _hash_file(out: Path, split: str) -> Path:
     return out / f"{split}.scenes.txt"
 
@@ -113,7 +120,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
                  distractors: int, seed: int, image_size: int, video_frames: int, fps: int,
                  exclude: Optional[tuple[set[str], set[str]]], tasks: Optional[Sequence[str]],
                  progress: Optional[bool], turns: int = 1, progressive: float = 0.0,
-                 video_turns: int = 1, which_turns: int = 0) -> tuple[Path, dict]:
+                 video_turns: int = 1, which_turns: int = 0, drawn: float = 0.0) -> tuple[Path, dict]:
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -138,8 +145,8 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     jsonl = out / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
     examples = _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                     exclude[0], tasks, stats, turns, progressive, video_turns, which_turns)
-    extra_turns = intro_conversations = which_turns_n = 0
+                     exclude[0], tasks, stats, turns, progressive, video_turns, which_turns, drawn)
+    extra_turns = intro_conversations = which_turns_n = drawn_n = 0
     with open(tmp, "w", encoding="utf-8") as f:
         bar = tqdm(examples, total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
                    disable=None if progress is None else not progress)  # None: shown on a terminal
@@ -148,14 +155,18 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
             images, videos = [], []
             for j, im in enumerate(ex.images):
                 rel = f"{split}/images/{stem}_{j}.png"
-                im.save(out / rel, compress_level=1)  # fast; the images are tiny anyway
+                _to_size(im, image_size).save(out / rel, compress_level=1)  # fast; the images are tiny anyway
                 images.append(rel)
             for j, frames in enumerate(ex.videos):
                 rel = f"{split}/videos/{stem}" + (f"_{j}" if j else "") + ".mp4"
-                write_mp4(frames, out / rel, fps=fps)
+                write_mp4([_to_size(im, image_size) for im in frames], out / rel, fps=fps)
                 videos.append(rel)
             record = {"id": ex.id, "task": ex.task, "messages": ex.messages, "images": images, "videos": videos,
                       "answer": ex.answer}
+            if drawn:  # `hyperowl eval` reports accuracy per look (its breakdown); plain datasets stay as they were
+                is_drawn = any(s.look for s in ex.all_scenes())
+                record["look"] = "drawn" if is_drawn else "plain"
+                drawn_n += is_drawn
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             for s in ex.all_scenes():
                 hashes[s.hash] = s.layout_hash
@@ -173,6 +184,7 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
         "file": jsonl.name,
         "examples": total,
         "extra_turns": extra_turns,
+        **({"drawn": drawn_n} if drawn else {}),
         "which_turns": which_turns_n,
         "one_image_per_turn": intro_conversations,
         "tasks": dict(sorted(tasks_count.items())),
@@ -192,7 +204,7 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
                    n_distractor: int = 0, distractors: int = 3, seed: int = 0, image_size: int = 64,
                    video_frames: int = 8, *, fps: int = 4, exclude_hashes: Optional[set[str]] = None,
                    tasks: Optional[Sequence[str]] = None, progress: Optional[bool] = None, turns: int = 1,
-                   progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0) -> Path:
+                   progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0, drawn: float = 0.0) -> Path:
     """Write `<out_dir>/<split>.jsonl` with its images, videos and scene hashes; return the JSONL path.
 
     Scenes of earlier splits (train < val < test) whose `<split>.scenes.txt` is in `out_dir` are never
@@ -204,7 +216,8 @@ def generate_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi
     """
     exclude = None if exclude_hashes is None else (set(exclude_hashes), set())
     path, _ = _write_split(out_dir, split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size,
-                           video_frames, fps, exclude, tasks, progress, turns, progressive, video_turns, which_turns)
+                           video_frames, fps, exclude, tasks, progress, turns, progressive, video_turns, which_turns,
+                           drawn)
     return path
 
 
@@ -230,7 +243,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                   train_turns: int = 1, train_progressive: float = 0.0,
                   train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1,
                   train_which_turns: int = 0,
-                  exclude: Sequence[Union[str, Path]] = ()) -> dict[str, Path]:
+                  exclude: Sequence[Union[str, Path]] = (), drawn: float = 0.0) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
     train_turns: questions per image conversation in the train split (`add_turns`); val and test always
@@ -242,7 +255,9 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     "which image has X?" questions per train conversation of several images (`add_which_turns`); val and test
     ask none. exclude: `<split>.scenes.txt`
     files of another dataset whose scenes no split here may use (e.g. extra training data that must not show
-    an image of an existing test split).
+    an image of an existing test split). drawn: the share of every split's examples (0 to 1) in the drawn look
+    (`build_example`; images are drawn at 48-1024 px and reduced to `image_size` by the processor's resize; videos
+    have 4 to 32 frames); their records carry `"look": "drawn"`.
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -254,6 +269,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     if out.exists() and not out.is_dir():
         raise InputError(f"output '{out}': exists and is not a directory")
     per_group = _select_tasks(tasks)
+    if not isinstance(drawn, (int, float)) or not 0 <= drawn <= 1:
+        raise InputError(f"drawn={drawn!r}: the share of examples in the drawn look must be from 0 to 1")
     groups = [g for g in GROUPS if per_group[g]]
     given = dict(train_mix or {})
     weights = {**DEFAULT_MIX, **given}  # the train split's; val and test keep DEFAULT_MIX
@@ -291,7 +308,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                                 train_turns if split == "train" else 1,
                                 train_progressive if split == "train" else 0.0,
                                 train_video_turns if split == "train" else 1,
-                                train_which_turns if split == "train" else 0)
+                                train_which_turns if split == "train" else 0, drawn)
         h, lay = read_scene_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
@@ -311,6 +328,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "train_video_turns": train_video_turns,
         "train_which_turns": train_which_turns,
         "train_mix": {g: weights[g] for g in GROUPS},
+        **({"drawn": float(drawn)} if drawn else {}),
         **({"exclude": [str(f) for f in exclude]} if exclude else {}),
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
