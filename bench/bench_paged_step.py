@@ -6,7 +6,8 @@ a 32-frame video; each generates --new tokens (greedy, no stop). Both engines ru
   largest image count);
 - paged: `ContinuousEngine` (chunked prefill one request at a time, one decode forward for all rows over
   their own blocks, gathered per layer).
-Reported: prefill time (to every row's first token), median decode step, total, peak K/V bytes, and the K/V
+Reported: prefill time (to every row's first token), median decode step, total, peak K/V bytes (paged: the
+pool's blocks in use; the decode groups' kept gathered copies, bounded by keep_bytes, apart), and the K/V
 bytes per request (paged: its own blocks; padded: the cache / rows). Outputs are checked equal (greedy).
 Image features are random (the engines take features; the tower is not measured here).
 
@@ -90,7 +91,7 @@ def run_paged(model, reqs, chunk: int):
         eng.add(i, r)
     out = [[] for _ in reqs]
     t0 = time.perf_counter()
-    decode_steps, prefill, peak = [], None, 0
+    decode_steps, prefill, peak, kept = [], None, 0, 0
     while eng.has_work():
         s = time.perf_counter()
         prefilling = any(x.state == "prefill" for x in eng.running) or bool(eng.waiting)
@@ -99,6 +100,7 @@ def run_paged(model, reqs, chunk: int):
             decode_steps.append(time.perf_counter() - s)
         st = eng.stats()
         peak = max(peak, st["blocks_used"] * eng.blocks.unit_bytes)
+        kept = max(kept, sum(k.nbytes() for k in eng._kept))  # decode groups' kept gathered K/V (not in the pool)
         for e in events:
             out[e.request_id].append(e.token)
         if prefill is None and all(out):
@@ -106,7 +108,7 @@ def run_paged(model, reqs, chunk: int):
     total = time.perf_counter() - t0
     per = [eng.request_info(i)["kv_bytes"] / 2**20 for i in range(len(reqs))]
     return out, dict(prefill_s=prefill, decode_step_ms=1e3 * statistics.median(decode_steps), total_s=total,
-                     peak_kv_mb=peak / 2**20, per_request_kv_mb=per)
+                     peak_kv_mb=peak / 2**20, peak_kept_mb=kept / 2**20, per_request_kv_mb=per)
 
 
 def main() -> None:
@@ -139,9 +141,11 @@ def main() -> None:
     same = padded_out == paged_out
     print(f"embedded model, {a.requests} requests ({', '.join(k for k, _ in KINDS)}), {a.new} new tokens each, "
           f"cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; outputs equal: {same}")
-    print(f"{'engine':8} {'prefill s':>10} {'decode step ms':>15} {'total s':>8} {'peak K/V MB':>12}")
+    print(f"{'engine':8} {'prefill s':>10} {'decode step ms':>15} {'total s':>8} {'peak K/V MB':>12} "
+          f"{'kept copies MB':>15}")
     for name, r in (("padded", padded), ("paged", paged)):
-        print(f"{name:8} {r['prefill_s']:10.2f} {r['decode_step_ms']:15.1f} {r['total_s']:8.2f} {r['peak_kv_mb']:12.1f}")
+        print(f"{name:8} {r['prefill_s']:10.2f} {r['decode_step_ms']:15.1f} {r['total_s']:8.2f} {r['peak_kv_mb']:12.1f} "
+              f"{r.get('peak_kept_mb', 0):15.1f}")
     print(f"\n{'request':16} {'prompt':>6} {'images':>6} {'paged K/V MB':>13} {'padded K/V MB/row':>18}")
     for i, (kind, images, r) in enumerate(work):
         print(f"{kind:16} {len(r.input_ids):6d} {images:6d} {paged['per_request_kv_mb'][i]:13.2f} "

@@ -15,7 +15,8 @@ A step:
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
    preempting the newest request when the pool is full. Rows whose sizes differ so much that padding them
    to each other costs more than another pass over the weights (or passes `gather_bytes`) are split into a
-   few forwards;
+   few forwards. Each group keeps its gathered K/V across steps while its rows stay (`_keeps`, bounded by
+   `keep_bytes`): a step appends one slot per row instead of re-gathering every row's past and images;
 4. prefill: at most `prefill_chunk` prompt slots (text slots; Owl2's visual rows count, Owl3's images cost
    no sequence slots and go whole with their placeholder's chunk), in admission order, one forward per
    request and chunk (chunked prefill: a long prompt takes several steps, running rows keep decoding
@@ -61,17 +62,20 @@ import torch
 from torch import Tensor
 
 from .engine import Engine, Request, TokenLogprobs, apply_repetition_penalty, sample, token_logprobs
+from .paged_cache import BlockManager, KeptKV, PagedSeq, PagedView, default_kv_cache_bytes
 from .structured import advance, mask_logits
-from .paged_cache import BlockManager, PagedSeq, PagedView, default_kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
 # A forward's fixed cost beyond reading the weights, in bytes-moved equivalents, for deciding whether rows of
-# very different sizes decode together (ContinuousEngine._decode_groups). CPU: none worth counting (measured on
-# the embedded model, 16 mixed rows: three forwards took half the time of one padded forward). CUDA: kernel
-# launches and Python, a few ms per forward, i.e. GBs at HBM speed: rows are split only for large padding.
-FORWARD_OVERHEAD_BYTES = {"cpu": 0, "cuda": 8 << 30}
+# very different sizes decode together (ContinuousEngine._decode_groups). CPU: Python and small ops, ~5-10 ms a
+# forward of the embedded model, i.e. ~64 MB of copying (measured, 16 mixed rows with kept gathered K/V: one
+# padded forward 29 ms, three forwards 50 ms; when every step re-gathered, three forwards were cheaper). CUDA:
+# kernel launches and Python, a few ms per forward, i.e. GBs at HBM speed: rows are split only for large padding.
+FORWARD_OVERHEAD_BYTES = {"cpu": 64 << 20, "cuda": 8 << 30}
+# Text slots a decode group's kept K/V (paged_cache.KeptKV) grow by when full: a regrow copies the buffers once.
+KEEP_GROW = 64
 
 
 @dataclass
@@ -128,7 +132,7 @@ class ContinuousEngine:
 
     def __init__(self, model, kv_cache_bytes: int | None = None, block_size: int = 16, prefill_chunk: int = 512,
                  max_running: int = 64, prefix_cache: bool = True, keep_logits: bool = False,
-                 gather_bytes: int = 256 << 20) -> None:
+                 gather_bytes: int = 256 << 20, keep_bytes: int = 256 << 20) -> None:
         if block_size < 1 or prefill_chunk < 1 or max_running < 1:
             raise ValueError("block_size, prefill_chunk and max_running must be >= 1")
         self.model = model
@@ -145,6 +149,9 @@ class ContinuousEngine:
         self.block_size, self.prefill_chunk, self.max_running = block_size, prefill_chunk, max_running
         self.prefix_cache, self.keep_logits = prefix_cache, keep_logits
         self.gather_bytes = gather_bytes  # bound on one layer's transient gathered K/V in a decode step
+        # bound on the decode groups' kept gathered K/V (all layers; beyond it a group gathers every step)
+        self.keep_bytes = keep_bytes
+        self._kept: list[KeptKV] = []
         self._weight_bytes = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
         if getattr(model, "lm_head", None) is not None:
             self._weight_bytes += sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
@@ -243,6 +250,8 @@ class ContinuousEngine:
         elif x in self.waiting:
             self.waiting.remove(x)
         self.live.pop(x.rid, None)
+        if not self.running:  # idle: no kept gathered K/V held
+            self._kept = []
         self.finished[x.rid] = dict(x.info)
         while len(self.finished) > 4096:
             self.finished.popitem(last=False)
@@ -403,20 +412,59 @@ class ContinuousEngine:
             if x in self.running:
                 x.seq.blocks.append(m.new_block())
         dev = self.model.device
-        for group in self._decode_groups(rows):
+        groups = self._decode_groups(rows)
+        keeps = self._keeps(groups)
+        for group, keep in zip(groups, keeps):
             ids = torch.tensor([[x.tokens[-1]] for x in group], device=dev)
-            logits = self.model(ids, cache=PagedView(m, [x.seq for x in group])).logits[:, -1].float()
+            view = PagedView(m, [x.seq for x in group], keep=keep)
+            logits = self.model(ids, cache=view).logits[:, -1].float()
             for x in group:
                 x.done += 1
                 self._register_full(x)
             self._sample(group, logits, events)
+
+    def _keeps(self, groups: list[list[_Live]]) -> list[KeptKV | None]:
+        """Each decode group's kept gathered K/V (paged_cache.KeptKV): last step's copy if it holds the group's
+        rows unchanged (the group is put in the copy's row order; if rows left, one index_select of the others),
+        a new one otherwise (built by this step's gather), None past `keep_bytes` (that group gathers every step).
+        Copies no group uses are dropped: a row that joined, was preempted or changed never reads a stale copy."""
+        old, self._kept = self._kept, []
+        out, left = [], self.keep_bytes
+        for group in groups:
+            seqs = [x.seq for x in group]
+            grow = min(KEEP_GROW, max(x.params.max_new_tokens - len(x.generated) for x in group))
+            keep = None
+            for st in old:
+                rows = st.rows_of(seqs)
+                if rows is None:
+                    continue
+                # the copy's row order (a row's place in a group does not matter): a reordered group costs no copy
+                order = sorted(range(len(group)), key=rows.__getitem__)
+                group[:] = [group[k] for k in order]
+                rows = sorted(rows)
+                if rows != list(range(len(st.seqs))):  # rows left: keep the others, one index_select
+                    if KeptKV.size(self.blocks, len(rows), st.cap, st.vis) > left:
+                        break
+                    st = st.select(rows)
+                keep = st
+                break
+            if keep is None and KeptKV.estimate(self.blocks, seqs, grow) <= left:
+                keep = KeptKV(self.blocks, seqs, grow)
+            if keep is not None and keep.ready and keep.nbytes_next() > left:
+                keep = None
+            if keep is not None:
+                left -= keep.nbytes_next() if keep.ready else KeptKV.estimate(self.blocks, seqs, grow)
+                self._kept.append(keep)
+            out.append(keep)
+        return out
 
     def _decode_groups(self, rows: list[_Live]) -> list[list[_Live]]:
         """The decode rows split into forwards. A forward over rows pads each row's gathered K/V to the group's
         longest text and largest image count (paged_cache.PagedView), so a 32-frame video row beside text rows
         makes every row copy 32 images' worth of (zero) visual K/V per hyper layer; a separate forward costs a
         pass over the weights instead. Rows sorted by size, split where that is cheaper (bytes moved: the
-        gather reads and writes the padded K/V, a forward reads the weights plus `FORWARD_OVERHEAD_BYTES`),
+        attention reads the padded K/V, and the gather reads and writes them unless the group's copy is kept
+        across steps; a forward reads the weights plus `FORWARD_OVERHEAD_BYTES`),
         and always where one layer's gathered copy would pass `gather_bytes` (transient memory)."""
         if len(rows) <= 1:
             return [rows] if rows else []
@@ -428,6 +476,9 @@ class ContinuousEngine:
         rows = sorted(rows, key=lambda x: (vis[id(x)], text[id(x)]))
         n = len(rows)
         forward = self._weight_bytes + FORWARD_OVERHEAD_BYTES.get(self.model.device.type, 8 << 30)
+        # bytes moved per padded slot and step: the attention reads it, and without kept copies (keep_bytes 0)
+        # the gather also reads and writes it every step
+        per_slot = 1 if self.keep_bytes > 0 else 3
         best = [0.0] + [math.inf] * n  # best[j]: cost of rows[:j]; cut[j]: where its last group starts
         cut = [0] * (n + 1)
         for j in range(1, n + 1):
@@ -437,7 +488,7 @@ class ContinuousEngine:
                 g = j - i
                 if g > 1 and g * max(mt, mv) * slot_bytes > self.gather_bytes:
                     break
-                cost = best[i] + forward + 2 * g * (mt * m.num_layers + mv * len(m.visual_layers)) * slot_bytes
+                cost = best[i] + forward + per_slot * g * (mt * m.num_layers + mv * len(m.visual_layers)) * slot_bytes
                 if cost < best[j]:
                     best[j], cut[j] = cost, i
         groups, j = [], n

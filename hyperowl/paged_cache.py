@@ -30,6 +30,17 @@ a second copy of the visual part). That copy per layer and step is the price of 
 a fused paged-attention kernel (GPU) that reads the pool through the block table would avoid it (not written
 here: SDPA is the one attention path of the package, models/layers.py `attend`).
 
+Kept copies across decode steps (`KeptKV`). A decode step of the same rows would gather the same past again:
+visual K/V never change during decode and dominate (a 32-frame video is 2048 visual slots per hyper layer),
+so re-gathering them made a paged decode step ~2x the padded one. A decode group's view may be given a
+`KeptKV`: the first step gathers as above into per-layer buffers with room for more text (head-major, like
+KVCache's, so the attention reads contiguous keys) and later steps only append the new token's K/V to them
+(besides writing it to the pool, which stays the truth). The copy is valid only for the same rows (the same
+PagedSeq objects, at the lengths and image counts it recorded); the engine rebuilds it when a row joins or
+is preempted (a preempted request returns with a new PagedSeq), cuts it with one index_select of rows when
+rows leave, and bounds all copies by `keep_bytes` (beyond it a group gathers every step, as before). The view
+also refuses a copy whose rows' lengths or image counts moved.
+
 Sharing. Full text blocks get a content key (a hash chain, computed by the engine) and are registered in
 `BlockManager`; a later request whose prefix has the same keys acquires them (refcounted) together with
 the visual K/V of the images whose placeholders lie in them (`Block.images`). A block whose last reference
@@ -258,12 +269,27 @@ class PagedView:
     with `cache=view`; the model's commit() updates the rows' lengths and positions. The rows' blocks for the
     slots about to be written, and the new images' `pending` ImageKVs, must exist beforehand."""
 
-    def __init__(self, manager: BlockManager, seqs: list[PagedSeq]) -> None:
+    def __init__(self, manager: BlockManager, seqs: list[PagedSeq], keep: KeptKV | None = None) -> None:
         m = self.m = manager
         self.seqs = seqs
         bs = m.block_size
         dev = m.pool.device
         b = len(seqs)
+        self.keep = keep
+        self.key_valid: Tensor | None = None
+        self._text_memo: tuple[int, Tensor, Tensor] | None = None
+        self._visual_memo: tuple[int, Tensor, Tensor] | None = None
+        self._new_text: dict[int, tuple[Tensor, Tensor]] = {}
+        self._new_visual: dict[int, tuple[Tensor, Tensor]] = {}
+        self.next_pos = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
+        if keep is not None and any(s.pending for s in seqs):
+            raise RuntimeError("kept K/V are for decode steps (no new images)")
+        if keep is not None and keep.ready:  # the past is in the kept copy: no table, no gather
+            if [s.length for s in seqs] != keep.lengths or [len(s.images) for s in seqs] != keep.nimg:
+                raise RuntimeError("stale kept K/V: the rows changed since the copy was made")
+            self.length, self._past_valid, self.image_pos = keep.used, keep.valid, keep.image_pos
+            self._old_images = keep.vis // m.image_tokens if keep.vis else 0
+            return
         self.nblk = [math.ceil(s.length / bs) for s in seqs]
         nmax = max(self.nblk)
         self.length = nmax * bs  # past slots of the padded layout (the model reads it before begin)
@@ -275,8 +301,6 @@ class PagedView:
             valid[r, off * bs : off * bs + s.length] = True
         self._table = table.to(dev)
         self._past_valid = valid.to(dev)
-        self.next_pos = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
-        self.key_valid: Tensor | None = None
         # images: already written (gathered from the pool) + pending (written by this forward)
         nimg = [len(s.images) for s in seqs]
         self.image_pos: Tensor | None = None
@@ -292,10 +316,8 @@ class PagedView:
             self.image_pos = pos.to(dev)
             self._img_table = tab.to(dev)
         self._old_images = max(nimg)
-        self._text_memo: tuple[int, Tensor, Tensor] | None = None
-        self._visual_memo: tuple[int, Tensor, Tensor] | None = None
-        self._new_text: dict[int, tuple[Tensor, Tensor]] = {}
-        self._new_visual: dict[int, tuple[Tensor, Tensor]] = {}
+        if keep is not None:
+            keep.start(self)
 
     @property
     def has_visual(self) -> bool:
@@ -309,16 +331,26 @@ class PagedView:
         self.lq = lq
         self.key_valid = torch.cat([self._past_valid, new_valid.to(self._past_valid.device)], 1)
         bs = self.m.block_size
-        units, offs = [], []
-        for s in self.seqs:  # where each new slot goes: (block of the row, offset in it)
-            slots = torch.arange(s.length, s.length + lq)
-            units.append(s.text_table(math.ceil((s.length + lq) / bs))[:, slots // bs])  # [L, lq]
-            offs.append(slots % bs)
         dev = self.m.pool.device
-        self._dst_units = torch.cat(units, 1).to(dev)  # [L, B*lq], row-major like k.transpose(1, 2)
-        self._dst_off = torch.cat(offs).to(dev)
+        if lq == 1:  # a decode step: each row's one new slot (no per-row tensors: this runs every step)
+            self._dst_units = torch.stack([s.blocks[s.length // bs].units for s in self.seqs], 1).to(dev)
+            self._dst_off = torch.tensor([s.length % bs for s in self.seqs], dtype=torch.long, device=dev)
+        else:
+            units, offs = [], []
+            for s in self.seqs:  # where each new slot goes: (block of the row, offset in it)
+                slots = torch.arange(s.length, s.length + lq)
+                units.append(s.text_table(math.ceil((s.length + lq) / bs))[:, slots // bs])  # [L, lq]
+                offs.append(slots % bs)
+            self._dst_units = torch.cat(units, 1).to(dev)  # [L, B*lq], row-major like k.transpose(1, 2)
+            self._dst_off = torch.cat(offs).to(dev)
+        if self.keep is not None and self.keep.used + lq > self.keep.cap:
+            self.keep.regrow(self.keep.used + lq + self.keep.grow)
 
     def commit(self, lq: int, last_pos: Tensor) -> None:
+        if self.keep is not None:
+            self.keep.used += lq
+            self.keep.valid = self.key_valid
+            self.keep.lengths = [s.length + lq for s in self.seqs]
         last = last_pos.tolist()
         for r, s in enumerate(self.seqs):
             s.length += lq
@@ -337,9 +369,16 @@ class PagedView:
     def write_text(self, i: int, k: Tensor, v: Tensor) -> None:
         pool, u, o = self.m.pool, self._dst_units[i], self._dst_off
         b, h, lq, d = k.shape
+        if self.keep is not None:  # appended to the kept copy too: the next step gathers nothing
+            kk, kv, vis = self._kept(i)
+            s = vis + self.keep.used
+            kk[:, :, s : s + lq] = k
+            kv[:, :, s : s + lq] = v
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, lq, Hkv, D]
         pool[u, 0, o] = k.reshape(b * lq, h, d).to(pool.dtype)
         pool[u, 1, o] = v.reshape(b * lq, h, d).to(pool.dtype)
+        if self.keep is not None:
+            return
         self._new_text = {i: (k, v)}  # only this layer's are needed (text() right after)
 
     def _gather(self, table: Tensor, kind: int) -> Tensor:
@@ -357,7 +396,31 @@ class PagedView:
                                torch.cat([self._gather(self._table[i], 1), v.to(self.m.pool.dtype)], 1))
         return self._text_memo[1], self._text_memo[2]
 
+    def _kept(self, i: int) -> tuple[Tensor, Tensor, int]:
+        """Layer i's kept buffers [B, Hkv, vis + cap, D] and its visual slots; gathered from the pool on first use.
+        Head-major like KVCache's, not slot-major like the pool: the attention reads contiguous keys (on CPU,
+        SDPA over the pool's transposed layout is measurably slower), and the re-layout is paid once."""
+        kp = self.keep
+        if kp.k[i] is None:
+            vis = kp.vis if i in self.m.hyper_index else 0
+            bufs = []
+            _, _, h, d = self.m.pool.shape[1:]
+            for kind in (0, 1):
+                buf = self.m.pool.new_empty(len(self.seqs), h, vis + kp.cap, d)
+                if vis:
+                    buf[:, :, :vis] = self._old_visual(i, kind).transpose(1, 2)
+                if kp.used:
+                    buf[:, :, vis : vis + kp.used] = self._gather(self._table[i], kind).transpose(1, 2)
+                bufs.append(buf)
+            kp.k[i], kp.v[i] = bufs
+        k, v = kp.k[i], kp.v[i]
+        return k, v, k.shape[2] - kp.cap
+
     def text(self, i: int, lq: int) -> tuple[Tensor, Tensor]:
+        if self.keep is not None:
+            kk, kv, vis = self._kept(i)
+            e = vis + self.keep.used + lq
+            return kk[:, :, vis:e], kv[:, :, vis:e]
         k, v = self._text_slots(i)
         return k.transpose(1, 2), v.transpose(1, 2)
 
@@ -392,6 +455,18 @@ class PagedView:
             self.m.pool[units, kind] = x.reshape(b, npend, nb, bs, h, d).to(self.m.pool.dtype)
         return k, v
 
+    def _old_visual(self, i: int, kind: int) -> Tensor:
+        """Layer i's K (kind 0) or V (1) of the images already written, [B, n_old * T, Hkv, D]: one gather."""
+        tab = self._img_table[self.m.hyper_index[i]]  # [B, n_old, nb]
+        b, n_old, nb = tab.shape
+        t = self.m.image_tokens
+        g = self.m.gather(tab, kind)  # [B, n_old, nb, bs, Hkv, D]
+        bs, h, d = g.shape[3:]
+        g = g.view(b, n_old, nb * bs, h, d)
+        if nb * bs != t:
+            g = g[:, :, :t]  # the last block's spare slots (a second copy when T is not a multiple)
+        return g.reshape(b, n_old * t, h, d)
+
     def _visual_slots(self, i: int) -> tuple[Tensor, Tensor]:
         """Layer i's visual K/V, [B, N_max * T, Hkv, D]: written images gathered, then this forward's new ones."""
         if self._visual_memo is not None and self._visual_memo[0] == i:
@@ -400,16 +475,8 @@ class PagedView:
         new = self._store_new_visual(i) if i in self._new_visual else None
         parts_k, parts_v = [], []
         if self._old_images:
-            tab = self._img_table[self.m.hyper_index[i]]  # [B, n_old, nb]
-            b, n_old, nb = tab.shape
-            t = self.m.image_tokens
-            for kind, out in ((0, parts_k), (1, parts_v)):
-                g = self.m.gather(tab, kind)  # [B, n_old, nb, bs, Hkv, D]
-                bs, h, d = g.shape[3:]
-                g = g.view(b, n_old, nb * bs, h, d)
-                if nb * bs != t:
-                    g = g[:, :, :t]  # the last block's spare slots (a second copy when T is not a multiple)
-                out.append(g.reshape(b, n_old * t, h, d))
+            parts_k.append(self._old_visual(i, 0))
+            parts_v.append(self._old_visual(i, 1))
         if new is not None:
             parts_k.append(new[0])
             parts_v.append(new[1])
@@ -419,10 +486,102 @@ class PagedView:
         return k, v
 
     def visual(self, i: int) -> tuple[Tensor, Tensor]:
+        if self.keep is not None:
+            kk, kv, vis = self._kept(i)
+            return kk[:, :, :vis], kv[:, :, :vis]
         k, v = self._visual_slots(i)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def visual_and_text(self, i: int, lq: int) -> tuple[Tensor, Tensor, int]:
+        if self.keep is not None:  # [visual ; text] is one buffer already: a view, no copy
+            kk, kv, vis = self._kept(i)
+            e = vis + self.keep.used + lq
+            return kk[:, :, :e], kv[:, :, :e], 0
         vk, vv = self._visual_slots(i)
         tk, tv = self._text_slots(i)
         return torch.cat([vk, tk], 1).transpose(1, 2), torch.cat([vv, tv], 1).transpose(1, 2), 0
+
+
+class KeptKV:
+    """A decode group's gathered K/V kept across its decode steps (see the module note): per layer one buffer
+    [B, Hkv, vis + cap, D], the rows' visual K/V (hyper layers; images back to back, as the view gathers them)
+    then their text slots, the gathered past followed by every later step's new K/V. Valid only for the same
+    rows (`seqs`, the same PagedSeq objects) at the lengths and image counts it recorded; the engine matches it
+    by `rows_of` and drops or `select`s it when rows join, leave or are preempted (a preempted request comes
+    back with a new PagedSeq). Built by the first PagedView that uses it (one ordinary gather per layer)."""
+
+    def __init__(self, manager: BlockManager, seqs: list[PagedSeq], grow: int) -> None:
+        self.m = manager
+        self.seqs = list(seqs)  # strong references: identities stay unique while the copy lives
+        self.grow = max(1, grow)  # text slots added when the buffers fill up
+        self.lengths = [s.length for s in seqs]  # what the next step's rows must have
+        self.nimg = [len(s.images) for s in seqs]
+        self.k: list[Tensor | None] = [None] * manager.num_layers
+        self.v: list[Tensor | None] = [None] * manager.num_layers
+        self.used = self.cap = self.vis = 0
+        self.valid: Tensor | None = None  # [B, used] key validity of the kept text slots
+        self.image_pos: Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.valid is not None
+
+    @staticmethod
+    def size(manager: BlockManager, rows: int, text: int, vis: int) -> int:
+        """Bytes of the buffers for `rows` rows of `text` text slots and `vis` visual slots (hyper layers)."""
+        slot = manager.unit_bytes // manager.block_size  # K and V of one slot in one layer
+        return rows * (manager.num_layers * text + len(manager.visual_layers) * vis) * slot
+
+    @classmethod
+    def estimate(cls, manager: BlockManager, seqs: list[PagedSeq], grow: int) -> int:
+        """Bytes a new copy for these rows takes (the view's padded layout plus `grow` text slots)."""
+        bs = manager.block_size
+        text = max(math.ceil(s.length / bs) for s in seqs) * bs + max(1, grow)
+        return cls.size(manager, len(seqs), text, max(len(s.images) for s in seqs) * (manager.image_tokens or 0))
+
+    def nbytes(self) -> int:
+        """Bytes of the buffers allocated so far."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+    def nbytes_next(self, lq: int = 1) -> int:
+        """Bytes after the next step (the buffers regrow when full)."""
+        cap = self.cap if self.used + lq <= self.cap else self.used + lq + self.grow
+        return self.size(self.m, len(self.seqs), cap, self.vis)
+
+    def start(self, view: PagedView) -> None:
+        """Take the layout of the view that builds the copy (its gathered past, its images)."""
+        self.used, self.valid, self.image_pos = view.length, view._past_valid, view.image_pos
+        self.cap = self.used + self.grow
+        self.vis = view._old_images * (self.m.image_tokens or 0)
+
+    def regrow(self, cap: int) -> None:
+        for bufs in (self.k, self.v):
+            for i, t in enumerate(bufs):
+                if t is not None:
+                    keep = t.shape[2] - self.cap + self.used  # visual + filled text slots
+                    new = t.new_empty(*t.shape[:2], t.shape[2] - self.cap + cap, t.shape[3])
+                    new[:, :, :keep] = t[:, :, :keep]
+                    bufs[i] = new
+        self.cap = cap
+
+    def rows_of(self, seqs: list[PagedSeq]) -> list[int] | None:
+        """Where each of `seqs` is in this copy, or None if one is not in it (joined, preempted) or changed."""
+        pos = {id(s): r for r, s in enumerate(self.seqs)}
+        rows = []
+        for s in seqs:
+            r = pos.get(id(s))
+            if r is None or self.lengths[r] != s.length or self.nimg[r] != len(s.images):
+                return None
+            rows.append(r)
+        return rows
+
+    def select(self, rows: list[int]) -> KeptKV:
+        """A copy of these rows only, in this order (rows left, or the group was reordered): one index_select."""
+        out = KeptKV(self.m, [self.seqs[r] for r in rows], self.grow)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.m.pool.device)
+        out.k = [None if t is None else t.index_select(0, idx) for t in self.k]
+        out.v = [None if t is None else t.index_select(0, idx) for t in self.v]
+        out.used, out.cap, out.vis = self.used, self.cap, self.vis
+        out.valid = self.valid.index_select(0, idx)
+        out.image_pos = None if self.image_pos is None else self.image_pos.index_select(0, idx)
+        return out

@@ -315,8 +315,8 @@ def test_a_wrong_position_or_visibility_breaks_parity(monkeypatch):
     real_init = PagedView.__init__
 
     for fault in ("position", "visibility"):
-        def broken(self, manager, seqs, fault=fault):
-            real_init(self, manager, seqs)
+        def broken(self, manager, seqs, fault=fault, **kw):
+            real_init(self, manager, seqs, **kw)
             if fault == "position":
                 self.next_pos = self.next_pos + 1
             elif self.image_pos is not None:
@@ -353,6 +353,89 @@ def test_decode_rows_of_very_different_sizes_are_split_exactly(monkeypatch):
     assert ids(eng._decode_groups(rows))[-1] == [3]  # forwards free: the padding decides
     toks, logits, _ = run(engine(model, gather_bytes=1), {0: list(enumerate(reqs))})
     assert_parity(model, reqs, toks, logits)
+
+
+def kept_kv_workload(model):
+    """Rows of different sizes that leave at different steps (the text row first) while others join mid-decode."""
+    return ([make_request(model, 19, [], 51, max_new=3), make_request(model, 26, [4], 52, max_new=14),
+             make_request(model, 45, list(range(3, 35, 2)), 53, max_new=9),
+             make_request(model, 41, list(range(5, 37)), 54, max_new=7)],
+            {0: [(0, 0), (1, 1)], 3: [(2, 2)], 5: [(3, 3)]})
+
+
+def test_kept_kv_follows_joins_leaves_and_preemption(model, monkeypatch):
+    """Decode groups keep their gathered K/V across steps (paged_cache.KeptKV) and append each step's new K/V;
+    a copy is rebuilt when a row joins or is preempted and cut down (one index_select) when rows leave. Every
+    request equals its solo run, and the copies were really reused, cut and rebuilt."""
+    from hyperowl.paged_cache import KeptKV
+
+    calls = {"start": 0, "select": 0, "reused": 0}
+    real_start, real_select, real_init = KeptKV.start, KeptKV.select, PagedView.__init__
+
+    def start(self, view):
+        calls["start"] += 1
+        real_start(self, view)
+
+    def select(self, rows):
+        calls["select"] += 1
+        return real_select(self, rows)
+
+    def init(self, manager, seqs, keep=None):
+        calls["reused"] += keep is not None and keep.ready
+        real_init(self, manager, seqs, keep=keep)
+
+    monkeypatch.setattr(KeptKV, "start", start)
+    monkeypatch.setattr(KeptKV, "select", select)
+    monkeypatch.setattr(PagedView, "__init__", init)
+    monkeypatch.setattr("hyperowl.batching.FORWARD_OVERHEAD_BYTES", {"cpu": 1 << 40})  # one decode group
+    reqs, joins = kept_kv_workload(model)
+    eng = engine(model)
+    toks, logits, _ = run(eng, {k: [(i, reqs[j]) for i, j in v] for k, v in joins.items()})
+    assert_parity(model, reqs, toks, logits)
+    assert calls["reused"] > 2 * calls["start"] and calls["select"] >= 2 and calls["start"] >= 3
+    assert eng._kept == [] and eng.stats()["blocks_used"] == 0
+
+    # preemption: the newest row's blocks go and it comes back with a new PagedSeq; its old copy is never read
+    reqs = [make_request(model, 30, [2, 9], 31, max_new=24), make_request(model, 28, [], 32, max_new=24),
+            make_request(model, 33, [5], 33, max_new=24)]
+    unit = 2 * model.config.num_kv_heads * 16 * model.config.head_dim * 4
+    eng = engine(model, kv_cache_bytes=unit * 11 * model.config.num_layers, prefix_cache=False)
+    calls.update(start=0, reused=0)
+    toks, logits, _ = run(eng, {0: list(enumerate(reqs))})
+    assert eng.stats()["preemptions"] > 0 and calls["reused"] > calls["start"]
+    assert_parity(model, reqs, toks, logits)
+
+
+def test_kept_kv_budget_and_a_stale_copy_breaks_parity(monkeypatch):
+    """keep_bytes bounds the kept copies (0: none kept, every step gathers; still exact), and the invalidation has
+    teeth: a copy reused for rows by their place in the group instead of by identity and length (as if the
+    invalidation were skipped when a row leaves) gives other logits."""
+    from hyperowl.paged_cache import KeptKV
+
+    model = make_model("241101")
+    monkeypatch.setattr("hyperowl.batching.FORWARD_OVERHEAD_BYTES", {"cpu": 1 << 40})  # one decode group
+    reqs, joins = kept_kv_workload(model)
+    joins = {k: [(i, reqs[j]) for i, j in v] for k, v in joins.items()}
+    eng = engine(model, keep_bytes=0)
+    starts = []
+    real_start = KeptKV.start
+    monkeypatch.setattr(KeptKV, "start", lambda self, view: starts.append(1) or real_start(self, view))
+    toks, logits, _ = run(eng, joins)
+    assert not starts and not eng._kept
+    assert_parity(model, reqs, toks, logits)
+
+    def stale_rows_of(self, seqs):  # the first rows of the copy, whoever they are now
+        if len(seqs) > len(self.seqs):
+            return None
+        self.seqs[: len(seqs)] = seqs  # silence the view's own staleness check
+        self.lengths[: len(seqs)] = [s.length for s in seqs]
+        self.nimg[: len(seqs)] = [len(s.images) for s in seqs]
+        return list(range(len(seqs)))
+
+    monkeypatch.setattr(KeptKV, "rows_of", stale_rows_of)
+    toks, stale, _ = run(engine(model), joins)
+    refs = [solo(model, r)[1] for r in reqs]
+    assert any(stale[i].shape != refs[i].shape or (stale[i] - refs[i]).abs().max() > 1e-3 for i in range(len(reqs)))
 
 
 def test_bench_paged_step_smoke(tmp_path):
