@@ -61,8 +61,9 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
-from .engine import Engine, Request, apply_repetition_penalty, sample
+from .engine import Engine, Request, TokenLogprobs, apply_repetition_penalty, sample, token_logprobs
 from .paged_cache import BlockManager, KeptKV, PagedSeq, PagedView, default_kv_cache_bytes
+from .structured import advance, mask_logits
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class StepEvent:
     token: int | None  # None: the request left without a token (cancelled)
     finish: str | None = None  # None (more to come), "stop", "length" or "cancelled"
     logits: Tensor | None = None  # [V] float32 the token was sampled from (before penalties), if keep_logits
+    logprobs: TokenLogprobs | None = None  # when the request asked (SamplingParams.logprobs)
 
 
 class _Live:
@@ -499,6 +501,8 @@ class ContinuousEngine:
         """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""
         raw = logits.clone() if self.keep_logits else None
         dev = logits.device
+        asks = [x.params.logprobs for x in rows]
+        lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
         if any(x.seen is not None for x in rows):
             seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool, device=dev)
                                 for x in rows])
@@ -507,7 +511,11 @@ class ContinuousEngine:
         for r, x in enumerate(rows):  # forbid stops until min_new_tokens
             if len(x.generated) < x.params.min_new_tokens and x.params.stop_token_ids:
                 logits[r, list(x.params.stop_token_ids)] = float("-inf")
+        cons = [x.req.constraint for x in rows]
+        mask_logits(logits, cons)
         tokens = sample(logits, [x.params for x in rows], [x.gen for x in rows]).tolist()
+        advance(cons, tokens)
+        lps = token_logprobs(lp, tokens, asks) if lp is not None else [None] * len(rows)
         for r, (x, t) in enumerate(zip(rows, tokens)):
             x.append(t)
             if x.seen is not None and 0 <= t < self.vocab:
@@ -517,6 +525,6 @@ class ContinuousEngine:
                 finish = "stop"
             elif len(x.generated) >= x.params.max_new_tokens:
                 finish = "length"
-            events.append(StepEvent(x.rid, t, finish, raw[r] if raw is not None else None))
+            events.append(StepEvent(x.rid, t, finish, raw[r] if raw is not None else None, lps[r]))
             if finish is not None:
                 self._leave(x)

@@ -44,6 +44,19 @@ def make_params(stops: tuple[int, ...], **options: Any) -> SamplingParams:
         raise InputError(f"sampling options: {e}") from None
 
 
+def make_constraint(pipe, schema: Any):
+    """The grammar constraint of one request: a JSON schema (dict) or "json_object" (any JSON object); None: free
+    text. A schema the grammar library cannot take is the user's error."""
+    if schema is None:
+        return None
+    from .structured import grammars_for
+
+    try:
+        return grammars_for(_processor(pipe).tokenizer, pipe.model.config.vocab_size).constraint(schema, pipe.stop_ids)
+    except ValueError as e:
+        raise InputError(f"json_schema: {e}") from None
+
+
 def _processor(pipe) -> Any:
     if pipe.processor is None:
         raise InputError("this model has no tokenizer (no tokenizer.json in its checkpoint directory); "
@@ -53,14 +66,17 @@ def _processor(pipe) -> Any:
 
 def chat(pipe, messages: Sequence[Any], images: Any = None, videos: Any = None, *, stream: bool = False,
          max_frames: int = 16, fps: float | None = None, cut: bool | None = None, system: str | None = None,
-         **sampling: Any) -> str | Iterator[str]:
+         json_schema: Any = None, **sampling: Any) -> str | Iterator[str]:
     """Answer the last user message (see `Pipeline.chat`). Planning and encoding run now (bad input fails
-    here, even with stream=True); generation runs as the answer is read."""
+    here, even with stream=True); generation runs as the answer is read. json_schema: a JSON schema (dict) or
+    "json_object": the answer is JSON that validates (grammar-constrained decoding, structured.py)."""
     proc = _processor(pipe)
     plan = proc.plan(messages, images=images, videos=videos, max_frames=max_frames, fps=fps, cut=cut, system=system)
     params = make_params(pipe.stop_ids, **sampling)
+    constraint = make_constraint(pipe, json_schema)
     embeds = pipe.encoder.encode(plan, progress=None)
-    events = Engine(pipe.model).stream([Request(plan.input_ids, embeds, plan.image_positions, params)])
+    events = Engine(pipe.model).stream([Request(plan.input_ids, embeds, plan.image_positions, params,
+                                                constraint=constraint)])
     text = TextStream(proc.tokenizer, params.stop_token_ids)
 
     def pieces() -> Iterator[str]:
@@ -73,14 +89,16 @@ def chat(pipe, messages: Sequence[Any], images: Any = None, videos: Any = None, 
     return pieces() if stream else "".join(pieces())
 
 
-def chat_batch(pipe, conversations: Sequence[dict], **sampling: Any) -> list[str]:
-    """Several independent conversations in one padded batch. Each item: {"messages", "images"?, "videos"?}."""
+def chat_batch(pipe, conversations: Sequence[dict], json_schema: Any = None, **sampling: Any) -> list[str]:
+    """Several independent conversations in one padded batch. Each item: {"messages", "images"?, "videos"?,
+    "json_schema"? (this conversation's; default: the json_schema argument, see `chat`)}."""
     proc = _processor(pipe)
     plans = [proc.plan(c["messages"], images=c.get("images"), videos=c.get("videos")) for c in conversations]
     params = make_params(pipe.stop_ids, **sampling)
+    constraints = [make_constraint(pipe, c.get("json_schema", json_schema)) for c in conversations]
     embeds = pipe.encoder.encode_many(plans)
-    outs = Engine(pipe.model).generate([Request(p.input_ids, e, p.image_positions, params)
-                                        for p, e in zip(plans, embeds)])
+    outs = Engine(pipe.model).generate([Request(p.input_ids, e, p.image_positions, params, constraint=k)
+                                        for p, e, k in zip(plans, embeds, constraints)])
     return [detokenize(proc.tokenizer, o, params.stop_token_ids) for o in outs]
 
 

@@ -405,13 +405,30 @@ def cmd_batch(args: argparse.Namespace) -> int:
                   fps=args.fps, cut=False if args.no_cut else None, system=args.system, dtype=args.dtype,
                   device=args.device, quantize=args.quantize, feature_cache_mb=args.feature_cache_mb, ray=args.ray,
                   replicas=args.replicas, gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica,
-                  **_sampling(args))
+                  json_schema=_json_schema(args.json_schema), **_sampling(args))
     if int(os.environ.get("RANK", "0")) == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed_by_reason"].items()))
         print(f"{s['output']}: {s['answered']} answered, {s['failed']} failed" + (f" ({reasons})" if reasons else "")
               + f", {s['skipped_already_done']} already done" + (f", {s['duplicates_not_written']} duplicate ids not "
                                                                   "written" if s["duplicates_not_written"] else ""))
     return 0
+
+
+def _json_schema(path: str | None):
+    """--json-schema FILE: the schema object it holds ("json_object" for any JSON object); None when not given."""
+    if path is None or path == "json_object":
+        return path
+    import json
+
+    try:
+        schema = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise InputError(f"--json-schema '{path}': cannot read it ({e.strerror}); give a JSON schema file") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"--json-schema '{path}': not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(schema, dict):
+        raise InputError(f"--json-schema '{path}': must hold a JSON schema object")
+    return schema
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -723,6 +740,8 @@ def _batch_parser(sub) -> None:
                    "skips the ids already there")
     b.add_argument("--batch-size", type=int, default=8, help="records per padded engine batch (default 8)")
     b.add_argument("--system", default=None, help="system prompt")
+    b.add_argument("--json-schema", default=None, metavar="FILE", help="every answer is JSON valid against the "
+                   "schema in FILE (grammar-constrained; 'json_object': any JSON object); needs hyperowl[structured]")
     g = _model_options(b)
     g.add_argument("--feature-cache-mb", type=float, default=512.0, help="visual feature cache per replica (MiB)")
     _media_options(b, files=False)

@@ -6,7 +6,9 @@ are written once into the KVCache by the hyper layers, and every decode step fee
 per live row. Finished rows are dropped from the cache (`KVCache.reorder`), so the batch shrinks instead
 of computing padding. Sampling is a plain function of logits (greedy when temperature == 0; else
 temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt + generated ids.
-`stream` yields (row, token) events as they are produced; `generate` collects them.
+`stream` yields (row, token) events as they are produced; `generate` collects them. A request may carry a
+grammar (`Request.constraint`, structured.py: its mask before sampling) and ask for logprobs
+(`SamplingParams.logprobs`: the event's `.logprobs`, from the raw logits; `token_logprobs`).
 
 Cancellation: a request may carry a `threading.Event`; once it is set (by any thread, e.g. a server whose
 client went away) the row is dropped at the next decode step like a finished one, freeing its cache rows.
@@ -32,7 +34,9 @@ from torch import Tensor
 from .encoder import encode_pixels
 from .limits import SEED_RANGE
 from .processing.processor import collate
+from .structured import advance, mask_logits
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
     seed: int | None = None
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the n most likely (`TokenLogprobs`)
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +60,8 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
              f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {self.seed}"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -76,6 +83,38 @@ class Request:
     # one content hash per image (its features: source bytes + preprocessing), for prefix reuse across requests
     # in the continuous engine (batching.py); None: blocks holding an image are not shared
     media_hashes: tuple[str, ...] | None = None
+    # a grammar (structured.Constraint, made by the caller, who knows the tokenizer): its mask is applied to the
+    # row's logits before sampling and it advances with each chosen token; stops only where the grammar ends
+    constraint: object | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log probability and the `n` most likely tokens of its step, [(id, logprob)] sorted
+    by logprob (descending). Logprobs are the model's: log_softmax of the raw logits, before the repetition
+    penalty, a grammar mask, temperature, top-k and top-p (vLLM's default "raw" logprobs)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class TokenEvent(tuple):
+    """(request index, token id), as `Engine.stream` yields them; `.logprobs` a `TokenLogprobs` when the
+    request asked (SamplingParams.logprobs), else None."""
+
+    logprobs: TokenLogprobs | None = None
+
+
+def token_logprobs(logprobs: Tensor, tokens: list[int], ns: list[int | None]) -> list[TokenLogprobs | None]:
+    """Per row: the chosen token's logprob and the top ns[row] (None: the row did not ask); logprobs [B, V]
+    (log_softmax of the logits the step sampled from). One top-k over the rows that ask, one copy to the host."""
+    k = max((n for n in ns if n is not None), default=0)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    top_v, top_i = (logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [None if n is None else TokenLogprobs(t, c, tuple(zip(ti[:n], tv[:n])))
+            for t, c, n, tv, ti in zip(tokens, chosen, ns, top_v, top_i)]
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -123,6 +162,13 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
                          ]) if len(generators) else probs
     choice = (probs / noise).argmax(-1)
     return torch.where(temp == 0, greedy, choice)
+
+
+def _event(r: int, t: int, lp: TokenLogprobs | None) -> TokenEvent:
+    e = TokenEvent((r, t))
+    if lp is not None:
+        e.logprobs = lp
+    return e
 
 
 def _cancelled(request: Request) -> bool:
@@ -203,14 +249,20 @@ class Engine:
         counts = [0] * b
         logits = self.model(**batch, cache=cache, last_logits_only=True).logits[:, -1].float()
         while live:
+            asks = [params[r].logprobs for r in live]
+            lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
             if use_penalty:
                 logits = apply_repetition_penalty(logits, seen, penalty)
             for row, r in enumerate(live):  # forbid stops until min_new_tokens
                 if counts[r] < params[r].min_new_tokens and params[r].stop_token_ids:
                     logits[row, list(params[r].stop_token_ids)] = float("-inf")
+            cons = [requests[r].constraint for r in live]
+            mask_logits(logits, cons)
             tokens = sample(logits, [params[r] for r in live], [gens[r] for r in live])
             toks = tokens.tolist()
-            yield [(r, t) for r, t in zip(live, toks)]
+            advance(cons, toks)
+            lps = token_logprobs(lp, toks, asks) if lp is not None else [None] * len(live)
+            yield [_event(r, t, x) for r, t, x in zip(live, toks, lps)]
             keep = []
             for row, (r, t) in enumerate(zip(live, toks)):
                 counts[r] += 1

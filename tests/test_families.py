@@ -158,7 +158,7 @@ LAYERS = [
     ["cache", "paged_cache", "models", "quantize"],
     ["processing"],
     ["families", "feature_cache"],
-    ["checkpoint", "encoder", "engine", "batching"],
+    ["checkpoint", "encoder", "structured", "engine", "batching"],
     ["chat", "pipeline", "live"],
     ["data", "eval", "serve", "train", "batch"],
     ["cli"],

@@ -101,6 +101,10 @@ def fill_valid(body: dict, images: list[str], video: str, rnd: random.Random) ->
         body["stream"] = rnd.random() < 0.35
     body["max_tokens"] = min(body.get("max_tokens") or MAX_TOKENS, MAX_TOKENS)
     body.pop("max_completion_tokens", None)
+    # n <= 2: an n = 8 stream (~4.4 KB) came back cut mid-stream through schemathesis' call (no server error
+    # logged; httpx and the openai client read the same stream whole: test_serve_openai_api.py)
+    if isinstance(body.get("n"), (int, float)) and not isinstance(body["n"], bool):
+        body["n"] = min(int(body["n"]), 2)
     if body.get("min_tokens") is not None:
         body["min_tokens"] = min(body["min_tokens"], body["max_tokens"])
     msgs = body["messages"]
@@ -180,7 +184,8 @@ def check_stream(response) -> bool:
         return False
     assert data and data[-1] == "[DONE]", data[-3:]
     chunks = [ChatCompletionChunk.model_validate(json.loads(d)) for d in data[:-1]]  # an error event fails here
-    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == 1, data
+    choices = {c.index for chunk in chunks for c in chunk.choices}  # n > 1: one finish per choice
+    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == len(choices), data
     return True
 
 
@@ -193,7 +198,8 @@ def check_completion_stream(response) -> bool:
         return False
     assert data and data[-1] == "[DONE]", data[-3:]
     chunks = [Completion.model_validate(json.loads(d)) for d in data[:-1]]
-    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == 1, data
+    choices = {c.index for chunk in chunks for c in chunk.choices}  # n > 1: one finish per choice
+    assert sum(c.finish_reason is not None for chunk in chunks for c in chunk.choices) == len(choices), data
     return True
 
 
@@ -283,7 +289,8 @@ def test_openapi_publishes_the_request_and_response_models(server):
     # An unknown field is refused (a 400 naming it), so the schema forbids it; unsupported ones: neutral only.
     assert all(schemas[m]["additionalProperties"] is False
                for m in ("ChatCompletionRequest", "CompletionRequest", "ResponseRequest"))
-    assert "response_format" not in req["properties"] and req["properties"]["n"]["anyOf"][0]["maximum"] == 1
+    assert {"response_format", "logprobs", "top_logprobs"} <= set(req["properties"])  # structured outputs, logprobs
+    assert req["properties"]["n"]["anyOf"][0]["maximum"] == 8
     # Errors keep their OpenAI shape: FastAPI's 422 format never appears.
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"

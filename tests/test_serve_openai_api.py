@@ -75,10 +75,6 @@ def chat_reference(client, messages, max_tokens):
 # -- never silently ignored --------------------------------------------------------------------------------
 
 UNSUPPORTED_CHAT = {
-    "logprobs": dict(logprobs=True),
-    "top_logprobs": dict(top_logprobs=2),
-    "n": dict(n=2),
-    "response_format": dict(response_format={"type": "json_object"}),
     "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     "tool_choice": dict(tool_choice="auto"),
     "functions": dict(functions=[{"name": "f", "parameters": {"type": "object"}}]),
@@ -108,9 +104,10 @@ def test_unsupported_chat_parameter_is_a_400_naming_it(client, name):
 def test_all_unsupported_parameters_are_named(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                       logprobs=True, top_logprobs=2, n=3)
+                                       logit_bias={"5": 1}, frequency_penalty=0.5)
     err = e.value.body
-    assert err["param"] == "logprobs" and all(repr(k) in err["message"] for k in ("logprobs", "top_logprobs", "n"))
+    assert err["param"] in ("frequency_penalty", "logit_bias") and all(
+        repr(k) in err["message"] for k in ("logit_bias", "frequency_penalty"))
 
 
 def test_unknown_parameter_is_a_400_naming_it(client):
@@ -132,7 +129,7 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(client):
 
 
 @pytest.mark.parametrize("name,kw", [("echo", dict(echo=True)), ("n", dict(n=2)), ("best_of", dict(best_of=2)),
-                                     ("logprobs", dict(logprobs=1)), ("suffix", dict(suffix="end")),
+                                     ("suffix", dict(suffix="end")),
                                      ("logit_bias", dict(logit_bias={"5": 1})),
                                      ("presence_penalty", dict(presence_penalty=1.0))])
 def test_unsupported_completion_parameter_is_a_400_naming_it(client, name, kw):
@@ -142,7 +139,6 @@ def test_unsupported_completion_parameter_is_a_400_naming_it(client, name, kw):
 
 
 @pytest.mark.parametrize("name,kw", [
-    ("text", dict(text={"format": {"type": "json_object"}})),
     ("tools", dict(tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}])),
     ("include", dict(include=["message.output_text.logprobs"])),
     ("top_logprobs", dict(top_logprobs=2)),
@@ -358,15 +354,99 @@ def test_langchain_chat_openai_chat_and_responses(server, client):
     assert rllm.invoke("Hello").text == ref
     assert "".join(c.text for c in rllm.stream("Hello")) == ref
     assert [m.content for m in llm.batch(["Hello", "Hello"])] == [ref, ref]
-    # Structured output is not implemented yet: a clear 400 naming what it needs, never a free-text answer.
+    # Structured output: json_schema (chat and Responses) is grammar-constrained, so even this random model's
+    # answer parses into the class; function calling is still a clear 400.
+    from typing import Literal
+
     from pydantic import BaseModel
 
-    class Person(BaseModel):
-        name: str
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        legs: Literal[2, 4]
 
-    for chat_model, method, needs in ((llm, "json_schema", {"response_format"}), (llm, "json_mode", {"response_format"}),
-                                      (llm, "function_calling", {"tools", "tool_choice"}),
-                                      (rllm, "json_schema", {"text"})):
-        with pytest.raises(openai.BadRequestError) as e:
-            chat_model.with_structured_output(Person, method=method).invoke("Hello")
-        assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] in needs, e.value.body
+    for chat_model in (llm, rllm):
+        long = chat_model.model_copy(update={"max_tokens": 64})
+        pet = long.with_structured_output(Pet, method="json_schema").invoke("Hello")
+        assert isinstance(pet, Pet)
+    with pytest.raises(openai.BadRequestError) as e:
+        llm.with_structured_output(Pet, method="function_calling").invoke("Hello")
+    assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] in {"tools", "tool_choice"}
+
+
+# -- structured outputs and logprobs ---------------------------------------------------------------------
+
+def test_chat_json_schema_answers_validate(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    schemas = [{"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}, "ok": {"type": "boolean"}},
+                "required": ["label", "ok"], "additionalProperties": False},
+               {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["r", "g"]},
+                                                          "maxItems": 2}}, "required": ["tags"],
+                "additionalProperties": False}]
+    for schema in schemas:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=64,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "x", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    with pytest.raises(openai.BadRequestError):  # not a schema the grammar can take
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "x", "schema": {"type": "nonsense"}}})
+
+
+def test_logprobs_chat_and_completions(client, model):
+    from hyperowl.engine import Engine, Request, SamplingParams
+
+    msgs = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:  # greedy: the chosen token leads its sorted alternatives
+        tops = [t.logprob for t in c.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and c.top_logprobs[0].token == c.token
+        assert abs(c.top_logprobs[0].logprob - c.logprob) < 1e-6 and bytes(c.bytes).decode() == c.token
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, logprobs=True,
+                                                 top_logprobs=3, stream=True))
+    streamed = [c.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]
+    assert streamed == [c.logprob for c in content]
+    # legacy completions: the logprobs equal log_softmax of a full forward over prompt + answer
+    tok = model.processor.tokenizer
+    ids = tok.encode("Hello", add_special_tokens=True).ids
+    out = Engine(model.model).generate([Request(torch.tensor(ids), params=SamplingParams(
+        max_new_tokens=5, stop_token_ids=model.stop_ids))])[0]
+    c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, logprobs=2)
+    with torch.no_grad():
+        logits = model.model(input_ids=torch.tensor([ids + out[:-1]])).logits[0].float()
+    ref = torch.log_softmax(logits[len(ids) - 1:], -1)
+    got = c.choices[0].logprobs.token_logprobs
+    kept = [t for t in out if t not in model.stop_ids]
+    assert len(got) == len(kept)
+    for j, (t, v) in enumerate(zip(kept, got)):
+        assert abs(v - float(ref[j, t])) <= 1e-4
+
+
+def test_n_choices_seeded_plain_and_streamed(client):
+    msgs = [{"role": "user", "content": "Hello"}]
+    one = lambda **kw: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, **kw)  # noqa: E731
+    greedy = one().choices[0].message.content
+    r = one(n=2)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.message.content == greedy for c in r.choices)
+    # sampling: choice i is the single answer seeded seed + i
+    r = one(n=3, temperature=1.0, seed=5)
+    want = [one(temperature=1.0, seed=5 + i).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in r.choices] == want
+    assert r.usage.completion_tokens == sum(one(temperature=1.0, seed=5 + i).usage.completion_tokens
+                                            for i in range(3))
+    got = {0: "", 1: "", 2: ""}
+    fins = {}
+    for ch in one(n=3, temperature=1.0, seed=5, stream=True):
+        for c in ch.choices:
+            got[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                fins[c.index] = c.finish_reason
+    assert [got[i] for i in range(3)] == want and set(fins) == {0, 1, 2}
+    with pytest.raises(openai.UnprocessableEntityError):
+        one(n=9)

@@ -32,13 +32,15 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: Any = None, 
         repetition_penalty: float = 1.0, seed: Optional[int] = None, dtype: Optional[str] = None,
         device: Optional[str] = None, quantize: Optional[str] = None, feature_cache_mb: float = 512.0,
         ray: Any = None, replicas: int = 1, gpus_per_replica: Optional[float] = None, cpus_per_replica: float = 1.0,
-        progress: bool = True) -> dict:
+        progress: bool = True, json_schema: Any = None) -> dict:
     """Answer every record of `input` (JSONL or Parquet) into `out` (.jsonl or .parquet), resuming: ids
     already in `out` are skipped. Returns the summary (answered, failed by reason, seconds per stage, ...).
 
     model: a checkpoint directory / hub id (None: the embedded model) or a loaded `hyperowl.Pipeline` (not
     with `ray`: the actors load their own copy from `model`'s checkpoint directory).
-    Sampling and media options are those of `Pipeline.chat` (greedy by default).
+    Sampling and media options are those of `Pipeline.chat` (greedy by default). json_schema: a JSON schema
+    (dict) or "json_object": every answer is JSON valid against it (grammar-constrained; needs xgrammar), so a
+    dataset is tagged straight into fields.
     ray: None = this machine (torchrun ranks when WORLD_SIZE > 1); "auto" or "local" or an address
     ("ray://head:10001", "head:6379") = a Ray Data pipeline with `replicas` model actors of
     `gpus_per_replica` GPUs (None: 1 if the cluster has GPUs, else 0) and `cpus_per_replica` CPUs.
@@ -59,6 +61,10 @@ def run(input: str | os.PathLike, out: str | os.PathLike, *, model: Any = None, 
     from ..chat import make_params
 
     make_params((), **sampling)  # a bad option fails now, before any model is loaded
+    if json_schema is not None:  # part of the job's key: a resumed run keeps its schema
+        if not (json_schema == "json_object" or isinstance(json_schema, dict)):
+            raise InputError("json_schema must be a JSON schema object or 'json_object'")
+        sampling["json_schema"] = json_schema
     job = {"input": input_path.name, "media": media, "sampling": sampling}
     if ray is not None and ray is not False:
         from .on_ray import run_ray

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from ..chat import detokenize, make_params
+from ..chat import detokenize, make_constraint, make_params
 from ..engine import Engine, Request
 from ..errors import InputError
 from . import output as out_mod
@@ -100,11 +100,13 @@ def answer(pipe, batch: list[Prepared], sampling: dict) -> list[dict]:
     """Output rows of prepared records: the batch's media through the tower once, one engine batch."""
     if not batch:
         return []
+    sampling = dict(sampling)
+    schema = sampling.pop("json_schema", None)
     params = make_params(pipe.stop_ids, **sampling)
     tpi = pipe.family.feature_tokens(pipe.model.config)
     embeds = pipe.encoder.finish([p.pending for p in batch])
-    reqs = [Request(p.input_ids, e, p.image_positions if e is not None else None, params)
-            for p, e in zip(batch, embeds)]
+    reqs = [Request(p.input_ids, e, p.image_positions if e is not None else None, params,
+                    constraint=make_constraint(pipe, schema)) for p, e in zip(batch, embeds)]
     try:
         outs = Engine(pipe.model).generate(reqs)
     except (InputError, ValueError) as e:

@@ -27,7 +27,8 @@ import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -38,13 +39,13 @@ from starlette.requests import ClientDisconnect
 
 from ..chat import TextStream
 from ..engine import SamplingParams
-from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES
+from ..limits import DEFAULT_FRAMES, MAX_MEDIA_BYTES, SEED_RANGE
 from ..pipeline import Pipeline
 from .live import add_live_routes
 from .media import MediaLimits, resolve
 from .prompt import PreparedPrompt, VisualOptions, build_prompt
-from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, new_id, now, parse_chat_request,
-                       parse_json, usage_body)
+from .protocol import (ApiError, ChatRequest, chunk_body, completion_body, logprob_entries, new_id, now,
+                       parse_chat_request, parse_json, usage_body)
 from .scheduler import ContinuousScheduler, Job, QueueFull, Scheduler, make_scheduler
 from .schema import CHAT_RESPONSES, ModelList, errors, openapi
 from .url_policy import UrlPolicy
@@ -145,6 +146,11 @@ class Reply:
     prompt: PreparedPrompt
     cid: str
     created: int
+    others: list[Job] = field(default_factory=list)  # choices 1..n-1 of a request with n > 1
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [self.job] + self.others
 
 
 def build_state(model: Any, processor: Any, config: ServeConfig) -> AppState:
@@ -301,7 +307,23 @@ def token_budget(state: AppState, req: ChatRequest, prompt: PreparedPrompt) -> i
 def sampling(state: AppState, req: ChatRequest, max_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                           repetition_penalty=req.repetition_penalty, stop_token_ids=state.stops,
-                          min_new_tokens=min(req.min_tokens, max_new), seed=req.seed)
+                          min_new_tokens=min(req.min_tokens, max_new), seed=req.seed,
+                          logprobs=getattr(req, "logprobs", None))
+
+
+def constraint(state: AppState, req: Any) -> Any:
+    """The request's grammar (response_format / text.format), compiled once per schema; None for free text."""
+    schema = getattr(req, "json_schema", None)
+    if schema is None:
+        return None
+    from ..structured import grammars_for
+
+    try:
+        return grammars_for(state.tokenizer, state.pipeline.model.config.vocab_size).constraint(schema, state.stops)
+    except ImportError as e:
+        raise ApiError(400, f"structured outputs are not installed on this server ({e})", code="unsupported_parameter")
+    except ValueError as e:
+        raise ApiError(400, f"response format: {e}", param="response_format", code="invalid_value") from None
 
 
 async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[tuple[str, str | None, int]]:
@@ -311,6 +333,10 @@ async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[t
     while True:
         kind, value = await job.events.get()
         if kind == "token":
+            if isinstance(value, tuple):  # (token, TokenLogprobs): the request asked for logprobs
+                value, lp = value
+                if value not in state.stops:  # the end token is not part of the answer's content
+                    job.logprobs.append(lp)
             n += 1
             delta, stopped = text.push(value)
             if stopped:
@@ -367,8 +393,22 @@ async def _complete(state: AppState, request: Request, reply: Reply) -> Response
     result = await finish(state, request, reply)
     if result is None:
         return Response(status_code=499)
-    text, reason, n = result
-    body = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, usage(reply.prompt, n, reply.job))
+    results = [result]
+    for job in reply.others:  # n > 1: the other choices (they ran beside the first)
+        r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
+        if r is None:
+            return Response(status_code=499)
+        results.append(r)
+    want_lp = reply.req.logprobs is not None
+    choices = []
+    for i, ((text, reason, _), job) in enumerate(zip(results, reply.jobs)):
+        lps = logprob_entries(state.tokenizer, job.logprobs) if want_lp else None
+        choice = completion_body(reply.cid, state.config.model_name, reply.created, text, reason, {},
+                                 logprobs=lps)["choices"][0]
+        choices.append(dict(choice, index=i))
+    body = completion_body(reply.cid, state.config.model_name, reply.created, "", "stop",
+                           usage(reply.prompt, sum(n for _, _, n in results), reply.job))
+    body["choices"] = choices
     return JSONResponse(body)
 
 
@@ -376,22 +416,77 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """n > 1 streamed: every choice's chunks (with its index) as they come, interleaved; one usage for all."""
+    cid, name, created = reply.cid, state.config.model_name, reply.created
+    want_lp = reply.req.logprobs is not None
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job: Job) -> None:
+        sent, n, reason = 0, 0, "stop"
+        try:
+            async for delta, fin, n in answer(state, job, reply.req):
+                reason = fin or reason
+                if delta:
+                    lps = job.logprobs[sent:]
+                    sent += len(lps)
+                    await events.put((i, {"content": delta}, None, lps, n))
+            await events.put((i, {}, reason, job.logprobs[sent:], n))
+        except ApiError as e:
+            await events.put((i, e, None, [], n))
+
+    def chunk(i: int, delta: dict, fin: str | None, lps: list) -> str:
+        body = chunk_body(cid, name, created, delta, finish_reason=fin,
+                          logprobs=logprob_entries(state.tokenizer, lps) if want_lp and (lps or delta) else None)
+        body["choices"][0]["index"] = i
+        return _event(body)
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    try:
+        for i in range(len(tasks)):
+            yield chunk(i, {"role": "assistant", "content": ""}, None, [])
+        left, total = len(tasks), 0
+        while left:
+            i, delta, fin, lps, n = await events.get()
+            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
+                yield _event(delta.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield chunk(i, delta, fin, lps)
+            if fin is not None:
+                left, total = left - 1, total + n
+        if reply.req.include_usage:
+            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for job in reply.jobs:
+            job.cancel.set()
+
+
 async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
     """The answer as server-sent events: role chunk, content deltas, finish chunk, [usage], [DONE]."""
     cid, name, created = reply.cid, state.config.model_name, reply.created
     try:
         yield _event(chunk_body(cid, name, created, {"role": "assistant", "content": ""}))
-        n, reason = 0, "stop"
+        n, reason, sent = 0, "stop", 0
+        want_lp = reply.req.logprobs is not None
         try:
             async for delta, fin, n in answer(state, reply.job, reply.req):
-                if delta:
-                    yield _event(chunk_body(cid, name, created, {"content": delta}))
+                if delta:  # the tokens' logprobs go with the text they completed
+                    lps = reply.job.logprobs[sent:]
+                    sent += len(lps)
+                    yield _event(chunk_body(cid, name, created, {"content": delta},
+                                            logprobs=logprob_entries(state.tokenizer, lps) if want_lp else None))
                 reason = fin or reason
         except ApiError as e:  # headers are sent: report in-band, then end the stream
             yield _event(e.body())
             yield "data: [DONE]\n\n"
             return
-        yield _event(chunk_body(cid, name, created, {}, finish_reason=reason))
+        rest = reply.job.logprobs[sent:]  # tokens whose text never completed (a held-back stop-string prefix)
+        yield _event(chunk_body(cid, name, created, {}, finish_reason=reason,
+                                logprobs=logprob_entries(state.tokenizer, rest) if want_lp and rest else None))
         if reply.req.include_usage:
             yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, n, reply.job)))
         yield "data: [DONE]\n\n"
@@ -427,16 +522,28 @@ async def admitted(request: Request, job: Job) -> Response | None:
 async def submit(state: AppState, request: Request, req: Any, prompt: PreparedPrompt, cid: str) -> Reply | Response:
     """Queue a prepared request for the scheduler (every generating route ends here); with continuous
     batching, wait until it is admitted (a 400 if it cannot fit the K/V budget, a 499 Response if the client
-    left meanwhile)."""
-    job = Job(prompt, sampling(state, req, token_budget(state, req, prompt)), asyncio.get_running_loop())
+    left meanwhile). n > 1 (chat): one job per choice, choice i seeded seed + i (wrapping), each with its own
+    grammar state."""
+    params = sampling(state, req, token_budget(state, req, prompt))
+    jobs = []
+    for i in range(getattr(req, "n", 1)):
+        p = params if i == 0 or params.seed is None else dataclasses.replace(
+            params, seed=(params.seed + i - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1) + SEED_RANGE[0])
+        jobs.append(Job(prompt, p, asyncio.get_running_loop(), constraint=constraint(state, req)))
     try:
-        state.scheduler.submit(job)
+        for job in jobs:
+            state.scheduler.submit(job)
     except QueueFull:
+        for job in jobs:  # the ones already queued are dropped by the scheduler
+            job.cancel.set()
         raise too_busy(state) from None
-    early = await admitted(request, job)
-    if early is not None:
-        return early
-    return Reply(job, req, prompt, cid, now())
+    for job in jobs:
+        early = await admitted(request, job)
+        if early is not None:
+            for j in jobs:
+                j.cancel.set()
+            return early
+    return Reply(jobs[0], req, prompt, cid, now(), others=jobs[1:])
 
 
 # --- routes ---
@@ -453,7 +560,7 @@ async def chat_completions(request: Request) -> Response:
     if isinstance(reply, Response):
         return reply
     if req.stream:
-        return StreamingResponse(_sse(state, reply), media_type="text/event-stream",
+        return StreamingResponse((_sse_many if reply.others else _sse)(state, reply), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(state, request, reply)
 

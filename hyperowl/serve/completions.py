@@ -10,7 +10,7 @@ OpenAI's `text_completion` objects, streamed as `data:` events ending with `data
 Fields (which are honoured, ignored or refused: protocol.COMPLETION_FIELDS): `prompt` (a string or a list of
 one string; token-id prompts are refused), `max_tokens` (default 16, OpenAI's), `temperature`, `top_p`,
 `stop`, `seed`, `stream`, `stream_options.include_usage`, the extensions `top_k`, `repetition_penalty`,
-`min_tokens`; `echo` only false, `n` / `best_of` only 1, `logprobs` / `suffix` only absent.
+`min_tokens`; `echo` only false, `n` / `best_of` only 1, `suffix` only absent; `logprobs` (int) gives the legacy logprobs object.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,7 +28,7 @@ from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
 from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish, read_body, state_of, submit,
                   too_busy, usage)
 from .prompt import PreparedPrompt
-from .protocol import ApiError, CompletionRequest, parse_completion_request, parse_json
+from .protocol import ApiError, CompletionRequest, parse_completion_request, parse_json, token_bytes
 from .schema import COMPLETION_RESPONSES
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -50,10 +50,24 @@ def raw_prompt(state: AppState, req: CompletionRequest) -> PreparedPrompt:
     return prompt
 
 
-def completion_body(reply: Reply, model: str, text: str, finish_reason: str | None, n: int | None) -> dict:
+def legacy_logprobs(tokenizer: Any, lps: list, offset: int = 0) -> dict:
+    """The completions endpoint's logprobs object: tokens, token_logprobs, top_logprobs ({token: logprob}) and
+    text_offset (each token's start in the answer text, counted from `offset`)."""
+    tokens, offsets = [], []
+    for x in lps:
+        offsets.append(offset)
+        tokens.append(token_bytes(tokenizer, x.token).decode("utf-8", errors="replace"))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps], "text_offset": offsets,
+            "top_logprobs": [{token_bytes(tokenizer, t).decode("utf-8", errors="replace"): v for t, v in x.top}
+                             for x in lps]}
+
+
+def completion_body(reply: Reply, model: str, text: str, finish_reason: str | None, n: int | None,
+                    logprobs: dict | None = None) -> dict:
     """A `text_completion` object: the whole answer, or one streamed piece (`n` None: no usage)."""
     body = {"id": reply.cid, "object": "text_completion", "created": reply.created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if n is not None:
         body["usage"] = usage(reply.prompt, n, reply.job)
     return body
@@ -67,11 +81,16 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
     """Text pieces, one finishing event, [usage with no choices], [DONE] (as OpenAI streams completions)."""
     name = state.config.model_name
     try:
-        n, reason = 0, "stop"
+        n, reason, sent, offset = 0, "stop", 0, 0
+        want_lp = reply.req.logprobs is not None
         try:
             async for delta, fin, n in answer(state, reply.job, reply.req):
                 if delta:
-                    yield _event(completion_body(reply, name, delta, None, None))
+                    lps = reply.job.logprobs[sent:]
+                    sent += len(lps)
+                    lp = legacy_logprobs(state.tokenizer, lps, offset) if want_lp else None
+                    offset += len(delta)
+                    yield _event(completion_body(reply, name, delta, None, None, lp))
                 reason = fin or reason
         except ApiError as e:  # headers are sent: report in-band, then end the stream
             yield _event(e.body())
@@ -102,7 +121,8 @@ async def completions(request: Request) -> Response:
     if result is None:
         return Response(status_code=499)
     text, reason, n = result
-    return JSONResponse(completion_body(reply, state.config.model_name, text, reason, n))
+    lp = legacy_logprobs(state.tokenizer, reply.job.logprobs) if req.logprobs is not None else None
+    return JSONResponse(completion_body(reply, state.config.model_name, text, reason, n, lp))
 
 
 def add_completion_routes(app: FastAPI) -> None:

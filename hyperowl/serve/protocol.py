@@ -34,6 +34,8 @@ from typing import Any, Callable, Literal
 from ..limits import SEED_RANGE
 
 MAX_STOP_STRINGS = 4
+MAX_N = 8  # choices per chat request (each one a row of the batch)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound (the engine's MAX_LOGPROBS)
 MAX_TOP_K = 2**31 - 1  # the engine makes a tensor of it: a top_k past int64 was a 500 (found by the fuzz test)
 
 
@@ -90,6 +92,9 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     input_param: str = "messages"  # the request field holding the prompt (for error messages)
+    logprobs: int | None = None  # None: no logprobs; n: each token's logprob and its n most likely alternatives
+    json_schema: Any = None  # None: free text; a JSON schema (dict) or "json_object": grammar-constrained answer
+    n: int = 1  # choices (chat); choice i is seeded seed + i
 
     @property
     def media(self) -> list[MediaPart]:
@@ -241,18 +246,14 @@ _NO_LOGPROBS = "log probabilities are not implemented yet; leave it out"
 _NO_TOOLS = "tool and function calling is not implemented; leave it out"
 _PENALTY = "only 0 is accepted; use the extension 'repetition_penalty' (the Hugging Face rule) instead"
 _ONE = "one answer per request is implemented; send several requests (each with its own seed)"
-_TEXT = "structured outputs are not implemented yet; only plain text answers"
 
 CHAT_FIELDS = Fields(
     "POST /v1/chat/completions",
     parsed=frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                      "temperature", "top_p", "seed", "stop"}) | EXTENSIONS,
+                      "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs", "response_format", "n"})
+    | EXTENSIONS,
     ignored=BOOKKEEPING | {"store", "parallel_tool_calls"},  # parallel_tool_calls means nothing without tools
     refused={
-        "n": Refused(_is(1), _ONE),
-        "logprobs": Refused(_is(False), _NO_LOGPROBS),
-        "top_logprobs": Refused(lambda v: False, _NO_LOGPROBS),
-        "response_format": Refused(lambda v: v == {"type": "text"}, _TEXT),
         "tools": Refused(_is([]), _NO_TOOLS),
         "tool_choice": Refused(_is("none"), _NO_TOOLS),
         "functions": Refused(_is([]), _NO_TOOLS),
@@ -273,13 +274,12 @@ CHAT_FIELDS = Fields(
 COMPLETION_FIELDS = Fields(
     "POST /v1/completions",
     parsed=frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
-                      "stop"}) | EXTENSIONS,
+                      "stop", "logprobs"}) | EXTENSIONS,
     ignored=frozenset({"user"}),
     refused={
         "n": Refused(_is(1), _ONE),
         "best_of": Refused(_is(1), _ONE),
         "echo": Refused(_is(False), "echoing the prompt is not implemented; prepend it yourself"),
-        "logprobs": Refused(lambda v: False, _NO_LOGPROBS),
         "suffix": Refused(_is(""), "insertion (a suffix) is not implemented; leave it out"),
         "logit_bias": Refused(_is({}), "token biases are not implemented; leave it out"),
         "frequency_penalty": Refused(_is(0), _PENALTY),
@@ -289,13 +289,12 @@ COMPLETION_FIELDS = Fields(
 RESPONSE_FIELDS = Fields(
     "POST /v1/responses",
     parsed=frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                      "previous_response_id", "store", "metadata", "seed", "stop"}) | EXTENSIONS,
+                      "previous_response_id", "store", "metadata", "seed", "stop", "text"}) | EXTENSIONS,
     # stream_options holds only include_obfuscation (padding against length side channels): never added here
     ignored=BOOKKEEPING | {"parallel_tool_calls", "max_tool_calls", "stream_options"},
     refused={
         "tools": Refused(_is([]), _NO_TOOLS),
         "tool_choice": Refused(_is("none"), _NO_TOOLS),
-        "text": Refused(lambda v: v in ({}, {"format": {"type": "text"}}), _TEXT),
         "include": Refused(_is([]), "no extra output data (logprobs, encrypted reasoning, ...) is available"),
         "top_logprobs": Refused(lambda v: False, _NO_LOGPROBS),
         "reasoning": Refused(lambda v: False, "the model has no reasoning settings; leave it out"),
@@ -355,6 +354,26 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, max_name: str) -> di
                 repetition_penalty=rep, stop=list(stop), seed=seed)
 
 
+def _schema_of(fmt: Any, param: str, flat: bool) -> Any:
+    """OpenAI's response format object -> None (text), "json_object" or the JSON schema (dict). Chat nests the
+    schema ({"type": "json_schema", "json_schema": {"name", "schema", "strict"}}), Responses' text.format does not
+    (flat: {"type": "json_schema", "name", "schema", "strict"})."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"'{param}' must be an object with type 'text', 'json_object' or 'json_schema'",
+                       param=param, code="invalid_value")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return "json_object"
+    inner = fmt if flat else fmt.get("json_schema")
+    where = param if flat else f"{param}.json_schema"
+    if not isinstance(inner, dict) or not isinstance(inner.get("schema", {}), dict):
+        raise ApiError(400, f"'{where}' must be an object with a 'schema' object", param=where, code="invalid_value")
+    return inner.get("schema") or {"type": "object"}
+
+
 def _include_usage(body: dict[str, Any]) -> bool:
     opts = _typed(body, "stream_options", dict, {}, "an object")
     return bool(opts.get("include_usage", False))
@@ -370,7 +389,17 @@ def parse_chat_request(body: dict[str, Any], model_name: str, max_tokens_limit: 
     max_tokens = _max_tokens(body, "max_completion_tokens", max_tokens_limit)
     max_tokens = _max_tokens(body, "max_tokens", max_tokens_limit, max_tokens)
     stream = _typed(body, "stream", bool, False, "a boolean")
+    logprobs = _typed(body, "logprobs", bool, False, "a boolean")
+    top = _typed(body, "top_logprobs", int, None, "an integer")
+    if top is not None:
+        _range(0 <= top <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
+        if not logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    n = _typed(body, "n", int, 1, "an integer")
+    _range(1 <= n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
     return ChatRequest(model=model, messages=messages, stream=stream, include_usage=_include_usage(body),
+                       logprobs=(top or 0) if logprobs else None, n=n,
+                       json_schema=_schema_of(body.get("response_format"), "response_format", flat=False),
                        **_sampling(body, max_tokens, "max_tokens"))
 
 
@@ -391,6 +420,8 @@ class CompletionRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     input_param: str = "prompt"
+    logprobs: int | None = None
+    json_schema: Any = None
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -415,8 +446,11 @@ def parse_completion_request(body: dict[str, Any], model_name: str, max_tokens_l
     COMPLETION_FIELDS.check(body)
     max_tokens = _max_tokens(body, "max_tokens", max_tokens_limit, COMPLETION_DEFAULT_MAX_TOKENS)
     stream = _typed(body, "stream", bool, False, "a boolean")
+    logprobs = _typed(body, "logprobs", int, None, "an integer")
+    if logprobs is not None:
+        _range(0 <= logprobs <= 5, "logprobs", "must be between 0 and 5")  # OpenAI's bound for this endpoint
     return CompletionRequest(model=model, prompt=prompt, stream=stream, include_usage=_include_usage(body),
-                             **_sampling(body, max_tokens, "max_tokens"))
+                             logprobs=logprobs, **_sampling(body, max_tokens, "max_tokens"))
 
 
 @dataclass
@@ -516,10 +550,13 @@ def parse_response_request(body: dict[str, Any], model_name: str, max_tokens_lim
     if metadata is not None and not all(isinstance(v, str) for v in metadata.values()):
         raise ApiError(400, "'metadata' values must be strings", param="metadata", code="invalid_type")
     max_tokens = _max_tokens(body, "max_output_tokens", max_tokens_limit)
+    text = _typed(body, "text", dict, {}, "an object")
+    sampling = dict(_sampling(body, max_tokens, "max_output_tokens"),
+                    json_schema=_schema_of(text.get("format"), "text.format", flat=True))
     return ResponseRequest(model=model, input=messages, instructions=instructions or None,
                            previous_response_id=previous, store=_typed(body, "store", bool, True, "a boolean"),
                            metadata=metadata, stream=_typed(body, "stream", bool, False, "a boolean"),
-                           sampling=_sampling(body, max_tokens, "max_output_tokens"))
+                           sampling=sampling)
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -528,20 +565,59 @@ def new_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-def completion_body(cid: str, model: str, created: int, text: str, finish_reason: str, usage: dict) -> dict:
+def completion_body(cid: str, model: str, created: int, text: str, finish_reason: str, usage: dict,
+                    logprobs: list[dict] | None = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                          "finish_reason": finish_reason}],
             "usage": usage}
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict | None, finish_reason: str | None = None,
-               usage: dict | None = None) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+               usage: dict | None = None, logprobs: list[dict] | None = None) -> dict:
+    lp = None if logprobs is None else {"content": logprobs, "refusal": None}
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage
     return body
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet back to bytes (the printable bytes stand for themselves, the others are shifted
+    to 256 + n), as byte-level BPE vocabularies (Qwen2, the embedded model) spell their tokens."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+_BYTES = _byte_decoder()
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """A token's own bytes (a piece of a multi-byte character stays a piece, as OpenAI's `bytes` field shows)."""
+    piece = tokenizer.id_to_token(token)
+    if piece is None:
+        return b""
+    if tokenizer.get_added_tokens_decoder().get(token) is None and all(c in _BYTES for c in piece):
+        return bytes(_BYTES[c] for c in piece)
+    return tokenizer.decode([token], skip_special_tokens=False).encode()  # not byte-level (SentencePiece) or special
+
+
+def logprob_entries(tokenizer: Any, lps: list[Any]) -> list[dict]:
+    """Chat's logprobs.content: {token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]} per token."""
+    def one(t: int, lp: float) -> dict:
+        b = token_bytes(tokenizer, t)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+
+    return [dict(one(x.token, x.logprob), top_logprobs=[one(t, v) for t, v in x.top]) for x in lps]
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, visual_tokens: int, image_tensors: int,

@@ -81,6 +81,8 @@ class Job:
     tokens: list[int] = field(default_factory=list)  # sent so far (worker thread only): a re-run continues after them
     generator: torch.Generator | None = None  # the row's random stream, made by the worker before the batch runs
     stop_string: bool = False  # the handler ended the answer at a stop string (then set `cancel`)
+    constraint: Any = None  # the request's grammar (structured.Constraint), made by the handler
+    logprobs: list = field(default_factory=list)  # TokenLogprobs of the answer's tokens (event loop side, app.answer)
     # Continuous scheduler only: resolved (on the loop) with None once the job is in the engine, or with the
     # engine's reason for refusing it (too large for the whole K/V budget: the handler answers 400).
     admitted: asyncio.Future | None = None
@@ -296,7 +298,7 @@ class Scheduler:
     @staticmethod
     def _request(job: Job, embeds: Tensor | None) -> Request:
         return Request(job.prompt.input_ids, image_embeds=embeds, image_positions=job.prompt.image_positions,
-                       params=job.params, cancel=job.cancel)
+                       params=job.params, cancel=job.cancel, constraint=job.constraint)
 
     @staticmethod
     def _resume(job: Job, request: Request) -> Request:
@@ -315,12 +317,13 @@ class Scheduler:
         for step in self.engine.stream(requests):
             if self._stop.is_set():
                 break
-            for r, token in step:
+            for event in step:
+                r, token = event
                 job = jobs[r]
                 if job.finished:
                     continue
                 job.tokens.append(token)
-                job.push("token", token)
+                job.push("token", token if event.logprobs is None else (token, event.logprobs))
                 with self._lock:
                     self.tokens += 1
                 if token in job.params.stop_token_ids:
@@ -576,7 +579,7 @@ class ContinuousScheduler:
                 continue
             if ev.token is not None and not job.finished:
                 job.tokens.append(ev.token)
-                job.push("token", ev.token)
+                job.push("token", ev.token if ev.logprobs is None else (ev.token, ev.logprobs))
                 with self._lock:
                     self.tokens += 1
                 if len(job.tokens) == 1 or ev.finish:  # the prefill is done: how much of it was reused

@@ -127,9 +127,12 @@ class ChatCompletionRequest(_Bookkeeping):
     seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: Union[Annotated[str, Field(min_length=1)],
                 Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)], None] = None
-    n: Optional[int] = Field(None, ge=1, le=1, description="only 1 (one answer per request)")
-    logprobs: Optional[Literal[False]] = Field(None, description="only false: log probabilities are not "
-                                                                  "implemented yet")
+    n: Optional[int] = Field(None, ge=1, le=8, description="choices (1-8); choice i is seeded seed + i")
+    logprobs: Optional[bool] = Field(None, description="each answer token's log probability (the model's, raw)")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="that many most likely tokens per position; "
+                                                                     "needs logprobs: true")
+    response_format: Optional[dict[str, Any]] = Field(None, description="{type: text | json_object | json_schema "
+                                                      "(json_schema: {name, schema, strict})}: grammar-constrained")
     store: Optional[bool] = Field(None, description="ignored: chat completions are not stored")
     parallel_tool_calls: Optional[bool] = Field(None, description="ignored: no tools")
 
@@ -147,6 +150,8 @@ class CompletionRequest(_Sampling):
     echo: Optional[Literal[False]] = Field(None, description="only false")
     n: Optional[int] = Field(None, ge=1, le=1, description="only 1")
     best_of: Optional[int] = Field(None, ge=1, le=1, description="only 1")
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="the legacy logprobs object with that many "
+                                                                  "alternatives per token")
 
 
 class InputText(_Open):
@@ -198,6 +203,8 @@ class ResponseRequest(_Bookkeeping, _Sampling):
         description="a user message's text, or messages; the last one not the assistant's")
     instructions: Optional[str] = Field(None, description="a system message before the conversation")
     max_output_tokens: Optional[int] = Field(None, ge=1, description="prompt + max_output_tokens must fit the context")
+    text: Optional[dict[str, Any]] = Field(None, description="{format: {type: text | json_object | json_schema, "
+                                                             "name, schema, strict}}: grammar-constrained")
     stream: Optional[bool] = None
     previous_response_id: Optional[str] = Field(None, description="continue a stored response's conversation")
     store: Optional[bool] = Field(None, description="keep the response for previous_response_id and GET (default "
@@ -245,7 +252,7 @@ class AssistantReply(BaseModel):
 class Choice(BaseModel):
     index: int
     message: AssistantReply
-    logprobs: None
+    logprobs: Optional[dict[str, Any]] = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -266,7 +273,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: Optional[dict[str, Any]] = None
     finish_reason: Optional[Literal["stop", "length"]]
 
 
@@ -297,7 +304,7 @@ class ModelList(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: Optional[dict[str, Any]] = None
     finish_reason: Optional[Literal["stop", "length"]]
 
 
