@@ -48,7 +48,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="bench/results/load_memory.json")
     a = ap.parse_args()
-    import torch
 
     from hyperowl.checkpoint import save_owl3
     from hyperowl.config import PRESETS

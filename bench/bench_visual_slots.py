@@ -100,7 +100,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:>7} {row['images_projected']:>17} {row['visual_tokens_projected']:>14} {row['ms']:>8.2f}")
     print(f"packed is {speedup:.2f}x faster")
-    print(f"\none hyper layer, forward + backward, same batch: cross-attention segments on")
+    print("\none hyper layer, forward + backward, same batch: cross-attention segments on")
     print(f"{'rows':>9} {'rows x segments':>21} {'ms':>8}")
     for row in seg_rows["results"]:
         print(f"{row['mode']:>9} {row['row_segments']:>21} {row['ms']:>8.2f}")
