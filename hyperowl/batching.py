@@ -10,7 +10,9 @@ A step:
 1. cancelled requests (`Request.cancel` set) leave, their blocks freed;
 2. waiting requests are admitted in arrival order while the pool has room for their whole prompt (text
    blocks and the images' visual K/V, after prefix reuse) plus one block for every running row that starts a
-   new block next step, up to `max_running`;
+   new block next step, up to `max_running`. A request whose first full block is the first block of a request
+   being prefilled waits (others are admitted past it) until that prefill has registered its blocks, then
+   reuses them by the prefix match: n > 1, or a burst with one long system prompt or video, prefills once;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
    preempting the newest request when the pool is full. Rows whose sizes differ so much that padding them
@@ -111,6 +113,7 @@ class _Live:
         self.admitted = -1
         self.info = dict(prompt_tokens=len(self.prompt), cached_tokens=0, cached_images=0, kv_bytes=0)
         self.first_admission = True
+        self.first_key: bytes | None = None  # ContinuousEngine._first_key (b"": not shareable)
         self.seen = None
         if self.params.repetition_penalty != 1.0:
             ids = req.input_ids.to(device=device, dtype=torch.long)
@@ -307,12 +310,41 @@ class ContinuousEngine:
                 and x.seq.length >= len(x.seq.blocks) * self.block_size)
         return n * self.blocks.num_layers
 
+    def _first_key(self, x: _Live) -> bytes | None:
+        """Key of x's first block once it is full (None: shorter than a block, or not shareable). Cached: a
+        request's first block never changes once full (tokens only grow)."""
+        if not self.prefix_cache or x.slots() < self.block_size:
+            return None
+        if x.first_key is None:
+            x.first_key = self._key(x, 0) or b""
+        return x.first_key or None
+
+    def _follows(self, x: _Live, prefilling: list[_Live]) -> bool:
+        """Whether x waits for a request being prefilled that starts like it (same first block) and has yet to
+        register blocks x could reuse: once it has, x reuses them through the prefix match instead of computing
+        the same K/V beside it (n > 1, a burst of requests with one system prompt or one video). x's last token
+        is always recomputed, so only the whole blocks before it count."""
+        usable = x.starts[len(x.tokens) - 1] // self.block_size
+        if not usable or not prefilling or self._first_key(x) is None:
+            return False
+        return any(len(y.keys) < min(y.slots() // self.block_size, usable) and self._first_key(y) == self._first_key(x)
+                   for y in prefilling)
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
-            if not self._try_admit(self.waiting[0]):
+        # A waiting request that starts like one being prefilled waits for its blocks (re-checked every step, so
+        # a leader that finishes, is preempted or aborted releases it). Others are admitted past a waiting
+        # follower, in arrival order; the first that does not fit stops admission (FIFO).
+        prefilling = [y for y in self.running if y.state == PREFILL]
+        for x in list(self.waiting):
+            if len(self.running) >= self.max_running:
                 return
-            x = self.waiting.popleft()
+            if self._follows(x, prefilling):
+                continue
+            if not self._try_admit(x):
+                return
+            self.waiting.remove(x)
             self.running.append(x)
+            prefilling.append(x)
 
     def _try_admit(self, x: _Live) -> bool:
         m, bs = self.blocks, self.block_size
