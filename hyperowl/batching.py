@@ -10,9 +10,9 @@ A step:
 1. cancelled requests (`Request.cancel` set) leave, their blocks freed;
 2. waiting requests are admitted in arrival order while the pool has room for their whole prompt (text
    blocks and the images' visual K/V, after prefix reuse) plus one block for every running row that starts a
-   new block next step, up to `max_running`. A request whose first full block is the first block of a request
-   being prefilled waits (others are admitted past it) until that prefill has registered its blocks, then
-   reuses them by the prefix match: n > 1, or a burst with one long system prompt or video, prefills once;
+   new block next step, up to `max_running`. A request whose leading blocks equal those a request being
+   prefilled has yet to register waits (others are admitted past it) until they are registered, then reuses
+   them by the prefix match: n > 1, or a burst with one long system prompt or video, prefills them once;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
    preempting the newest request when the pool is full. Rows whose sizes differ so much that padding them
@@ -113,7 +113,7 @@ class _Live:
         self.admitted = -1
         self.info = dict(prompt_tokens=len(self.prompt), cached_tokens=0, cached_images=0, kv_bytes=0)
         self.first_admission = True
-        self.first_key: bytes | None = None  # ContinuousEngine._first_key (b"": not shareable)
+        self.chain: list[bytes | None] = []  # content keys of its full blocks (ContinuousEngine._chain)
         self.seen = None
         if self.params.repetition_penalty != 1.0:
             ids = req.input_ids.to(device=device, dtype=torch.long)
@@ -310,25 +310,39 @@ class ContinuousEngine:
                 and x.seq.length >= len(x.seq.blocks) * self.block_size)
         return n * self.blocks.num_layers
 
-    def _first_key(self, x: _Live) -> bytes | None:
-        """Key of x's first block once it is full (None: shorter than a block, or not shareable). Cached: a
-        request's first block never changes once full (tokens only grow)."""
-        if not self.prefix_cache or x.slots() < self.block_size:
-            return None
-        if x.first_key is None:
-            x.first_key = self._key(x, 0) or b""
-        return x.first_key or None
+    def _chain(self, x: _Live, n: int) -> list[bytes | None]:
+        """Content keys of x's first n blocks (all full), stopping after the first None (not shareable). Cached
+        on x: a full block's content never changes (tokens only grow)."""
+        c = x.chain
+        if len(c) < n and not (c and c[-1] is None):
+            saved, x.keys = x.keys, c  # _key chains on x.keys
+            try:
+                while len(c) < n and (not c or c[-1] is not None):
+                    c.append(self._key(x, len(c)))
+            finally:
+                x.keys = saved
+        return c[:n]
 
     def _follows(self, x: _Live, prefilling: list[_Live]) -> bool:
-        """Whether x waits for a request being prefilled that starts like it (same first block) and has yet to
-        register blocks x could reuse: once it has, x reuses them through the prefix match instead of computing
-        the same K/V beside it (n > 1, a burst of requests with one system prompt or one video). x's last token
-        is always recomputed, so only the whole blocks before it count."""
-        usable = x.starts[len(x.tokens) - 1] // self.block_size
-        if not usable or not prefilling or self._first_key(x) is None:
+        """Whether x waits for a request being prefilled that will register blocks x could reuse and that are
+        not registered yet (x's whole blocks before its last token, which is always recomputed, equal to that
+        request's): once they are, x reuses them through the prefix match instead of computing the same K/V
+        beside it (n > 1, a burst of requests with one system prompt or one video)."""
+        bs = self.block_size
+        usable = x.starts[len(x.tokens) - 1] // bs
+        if not self.prefix_cache or not usable or not prefilling:
             return False
-        return any(len(y.keys) < min(y.slots() // self.block_size, usable) and self._first_key(y) == self._first_key(x)
-                   for y in prefilling)
+        xs = self._chain(x, usable)
+        for y in prefilling:
+            if len(y.keys) >= usable:
+                continue
+            ys = self._chain(y, y.slots() // bs)
+            common = 0
+            while common < min(len(xs), len(ys)) and xs[common] is not None and xs[common] == ys[common]:
+                common += 1
+            if common > len(y.keys):
+                return True
+        return False
 
     def _admit(self) -> None:
         # A waiting request that starts like one being prefilled waits for its blocks (re-checked every step, so

@@ -494,3 +494,20 @@ def test_followers_of_an_aborted_leader_finish_exactly():
     assert sorted(eng.request_info(i)["cached_tokens"] for i in (1, 2)) == [0, 32]
     assert_parity(model, reqs[1:], {0: toks[1], 1: toks[2]}, {0: logits[1], 1: logits[2]})
     assert eng.stats()["blocks_used"] == 0 and not eng.has_work()
+
+
+def test_a_burst_with_one_system_prompt_prefills_it_once():
+    """Four requests whose first 40 tokens (4 hashed images among them) are shared and whose questions differ:
+    the three followers wait one step for the shared blocks (2 whole blocks), then are admitted together
+    (they do not wait for each other: none has blocks the others lack), and equal their solo runs."""
+    model = make_model("241101")
+    head = make_request(model, 40, [5, 6, 7, 8], 141, hashes=("s0", "s1", "s2", "s3"))
+    reqs = []
+    for i in range(4):
+        tail = torch.randint(10, 1000, (9 + i,), generator=torch.Generator().manual_seed(142 + i))
+        reqs.append(dataclass_replace(head, input_ids=torch.cat([head.input_ids, tail])))
+    eng = engine(model)
+    toks, logits, first = run(eng, {0: list(enumerate(reqs))})
+    assert [eng.request_info(i)["cached_tokens"] for i in range(4)] == [0, 32, 32, 32]
+    assert [first[i] for i in range(4)] == [0, 1, 1, 1]
+    assert_parity(model, reqs, toks, logits)
