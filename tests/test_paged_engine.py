@@ -511,3 +511,21 @@ def test_a_burst_with_one_system_prompt_prefills_it_once():
     assert [eng.request_info(i)["cached_tokens"] for i in range(4)] == [0, 32, 32, 32]
     assert [first[i] for i in range(4)] == [0, 1, 1, 1]
     assert_parity(model, reqs, toks, logits)
+
+
+def test_bench_n_smoke(tmp_path):
+    """bench/bench_n.py runs (tiny settings) and writes its JSON: the modes' outputs agree, one prefill is shared."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "n.json"
+    subprocess.run([sys.executable, str(root / "bench/bench_n.py"), "--n", "3", "--images", "2", "--text", "30",
+                    "--new", "2", "--repeat", "1", "--threads", "1", "--out", str(out)], check=True, cwd=root,
+                   capture_output=True)
+    got = json.loads(out.read_text())
+    shared, side = got["modes"]["n=3 shared"], got["modes"]["n=3 side by side"]
+    assert got["outputs_equal"] and shared["cached_tokens"] == 2 * 16 and side["cached_tokens"] == 0
+    assert shared["prefill_tokens"] == 32 + 2 * 16 and side["prefill_tokens"] == 3 * 32
