@@ -10,7 +10,9 @@ A step:
 1. cancelled requests (`Request.cancel` set) leave, their blocks freed;
 2. waiting requests are admitted in arrival order while the pool has room for their whole prompt (text
    blocks and the images' visual K/V, after prefix reuse) plus one block for every running row that starts a
-   new block next step, up to `max_running`;
+   new block next step, up to `max_running`. A request whose leading blocks equal those a request being
+   prefilled has yet to register waits (others are admitted past it) until they are registered, then reuses
+   them by the prefix match: n > 1, or a burst with one long system prompt or video, prefills them once;
 3. one decode forward for every row past its prompt (one token each; rows of different lengths and image
    counts share it through `PagedView`, paged_cache.py), a row about to fill its last block gets a new one,
    preempting the newest request when the pool is full. Rows whose sizes differ so much that padding them
@@ -111,6 +113,7 @@ class _Live:
         self.admitted = -1
         self.info = dict(prompt_tokens=len(self.prompt), cached_tokens=0, cached_images=0, kv_bytes=0)
         self.first_admission = True
+        self.chain: list[bytes | None] = []  # content keys of its full blocks (ContinuousEngine._chain)
         self.seen = None
         if self.params.repetition_penalty != 1.0:
             ids = req.input_ids.to(device=device, dtype=torch.long)
@@ -307,12 +310,55 @@ class ContinuousEngine:
                 and x.seq.length >= len(x.seq.blocks) * self.block_size)
         return n * self.blocks.num_layers
 
+    def _chain(self, x: _Live, n: int) -> list[bytes | None]:
+        """Content keys of x's first n blocks (all full), stopping after the first None (not shareable). Cached
+        on x: a full block's content never changes (tokens only grow)."""
+        c = x.chain
+        if len(c) < n and not (c and c[-1] is None):
+            saved, x.keys = x.keys, c  # _key chains on x.keys
+            try:
+                while len(c) < n and (not c or c[-1] is not None):
+                    c.append(self._key(x, len(c)))
+            finally:
+                x.keys = saved
+        return c[:n]
+
+    def _follows(self, x: _Live, prefilling: list[_Live]) -> bool:
+        """Whether x waits for a request being prefilled that will register blocks x could reuse and that are
+        not registered yet (x's whole blocks before its last token, which is always recomputed, equal to that
+        request's): once they are, x reuses them through the prefix match instead of computing the same K/V
+        beside it (n > 1, a burst of requests with one system prompt or one video)."""
+        bs = self.block_size
+        usable = x.starts[len(x.tokens) - 1] // bs
+        if not self.prefix_cache or not usable or not prefilling:
+            return False
+        xs = self._chain(x, usable)
+        for y in prefilling:
+            if len(y.keys) >= usable:
+                continue
+            ys = self._chain(y, y.slots() // bs)
+            common = 0
+            while common < min(len(xs), len(ys)) and xs[common] is not None and xs[common] == ys[common]:
+                common += 1
+            if common > len(y.keys):
+                return True
+        return False
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_running:
-            if not self._try_admit(self.waiting[0]):
+        # A waiting request that starts like one being prefilled waits for its blocks (re-checked every step, so
+        # a leader that finishes, is preempted or aborted releases it). Others are admitted past a waiting
+        # follower, in arrival order; the first that does not fit stops admission (FIFO).
+        prefilling = [y for y in self.running if y.state == PREFILL]
+        for x in list(self.waiting):
+            if len(self.running) >= self.max_running:
                 return
-            x = self.waiting.popleft()
+            if self._follows(x, prefilling):
+                continue
+            if not self._try_admit(x):
+                return
+            self.waiting.remove(x)
             self.running.append(x)
+            prefilling.append(x)
 
     def _try_admit(self, x: _Live) -> bool:
         m, bs = self.blocks, self.block_size

@@ -451,3 +451,81 @@ def test_bench_paged_step_smoke(tmp_path):
                     "--repeat", "1", "--threads", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
     got = json.loads(out.read_text())
     assert got["outputs_equal"] and got["paged"]["peak_kv_mb"] < got["padded"]["peak_kv_mb"]
+
+
+# -- one prefill for requests that start alike (n > 1, a burst with one prompt) ---------------------------------
+def same_prompt(model, k, seed=131):
+    """k requests with one 45-token prompt holding 16 hashed images, each sampling with its own seed (n = k)."""
+    base = make_request(model, 45, list(range(3, 35, 2)), seed, max_new=6,
+                        hashes=tuple(f"img{i}" for i in range(16)))
+    return [dataclass_replace(base, params=SamplingParams(max_new_tokens=6, temperature=1.0, seed=s))
+            for s in range(k)]
+
+
+@pytest.mark.parametrize("family", ["240728", "241101"])
+def test_requests_with_one_prompt_share_one_prefill(family):
+    """Four requests with one prompt added in one step: the first is prefilled, the other three wait for its
+    blocks and reuse all of the prompt but the last token's block (44 // 16 whole blocks = 32 tokens). An
+    unrelated request added behind them is admitted and answers in the first step. All equal their solo runs."""
+    model = make_model(family)
+    reqs = same_prompt(model, 4) + [make_request(model, 19, [], 132)]
+    eng = engine(model)
+    toks, logits, first = run(eng, {0: list(enumerate(reqs))})
+    assert [eng.request_info(i)["cached_tokens"] for i in range(4)] == [0, 32, 32, 32]
+    assert [eng.request_info(i)["cached_images"] for i in range(4)] == [0, 15, 15, 15]  # image 16 (at 33): block 2
+    assert first[4] == 0 and first[0] == 0 and all(first[i] == 1 for i in range(1, 4))
+    assert eng.stats()["prefill_tokens"] == 45 + 3 * 13 + 19
+    assert_parity(model, reqs, toks, logits)
+    assert len({tuple(toks[i]) for i in range(4)}) > 1  # the seeds differ: the fixture can tell rows apart
+
+
+def test_followers_of_an_aborted_leader_finish_exactly():
+    """The leader is aborted mid-prefill (chunked): one of its followers becomes the leader, the others reuse
+    its blocks, every answer equals its solo run and nothing is left held."""
+    model = make_model("241101")
+    reqs = same_prompt(model, 3, seed=133)
+    eng = engine(model, prefill_chunk=8)
+    for i, r in enumerate(reqs):
+        eng.add(i, r)
+    eng.step()
+    assert eng.stats()["running"] == 1 and eng.stats()["waiting"] == 2  # the followers wait
+    eng.abort(0)
+    toks, logits, _ = run(eng)
+    assert sorted(eng.request_info(i)["cached_tokens"] for i in (1, 2)) == [0, 32]
+    assert_parity(model, reqs[1:], {0: toks[1], 1: toks[2]}, {0: logits[1], 1: logits[2]})
+    assert eng.stats()["blocks_used"] == 0 and not eng.has_work()
+
+
+def test_a_burst_with_one_system_prompt_prefills_it_once():
+    """Four requests whose first 40 tokens (4 hashed images among them) are shared and whose questions differ:
+    the three followers wait one step for the shared blocks (2 whole blocks), then are admitted together
+    (they do not wait for each other: none has blocks the others lack), and equal their solo runs."""
+    model = make_model("241101")
+    head = make_request(model, 40, [5, 6, 7, 8], 141, hashes=("s0", "s1", "s2", "s3"))
+    reqs = []
+    for i in range(4):
+        tail = torch.randint(10, 1000, (9 + i,), generator=torch.Generator().manual_seed(142 + i))
+        reqs.append(dataclass_replace(head, input_ids=torch.cat([head.input_ids, tail])))
+    eng = engine(model)
+    toks, logits, first = run(eng, {0: list(enumerate(reqs))})
+    assert [eng.request_info(i)["cached_tokens"] for i in range(4)] == [0, 32, 32, 32]
+    assert [first[i] for i in range(4)] == [0, 1, 1, 1]
+    assert_parity(model, reqs, toks, logits)
+
+
+def test_bench_n_smoke(tmp_path):
+    """bench/bench_n.py runs (tiny settings) and writes its JSON: the modes' outputs agree, one prefill is shared."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "n.json"
+    subprocess.run([sys.executable, str(root / "bench/bench_n.py"), "--n", "3", "--images", "2", "--text", "30",
+                    "--new", "2", "--repeat", "1", "--threads", "1", "--out", str(out)], check=True, cwd=root,
+                   capture_output=True)
+    got = json.loads(out.read_text())
+    shared, side = got["modes"]["n=3 shared"], got["modes"]["n=3 side by side"]
+    assert got["outputs_equal"] and shared["cached_tokens"] == 2 * 16 and side["cached_tokens"] == 0
+    assert shared["prefill_tokens"] == 32 + 2 * 16 and side["prefill_tokens"] == 3 * 32

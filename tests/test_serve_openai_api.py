@@ -428,6 +428,31 @@ def test_logprobs_chat_and_completions(client, model):
         assert abs(v - float(ref[j, t])) <= 1e-4
 
 
+def test_n_choices_share_one_prefill(server, client):
+    """n = 3 on the continuous server: the prompt is prefilled once, the other two choices reuse its whole
+    blocks (all but the last token's block: usage counts the prompt once, the first choice's, so the engine's
+    counters tell). Before the change the three rows were prefilled side by side and reused nothing."""
+    import time
+
+    def sched():
+        return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
+
+    before = sched()["prefix_cache"]
+    msgs = [{"role": "user", "content": "Tell me three things about owls that live in snowy northern forests."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=3, temperature=1.0, seed=11)
+    assert len(r.choices) == 3
+    for _ in range(100):  # the counters are published after the step that finished the rows
+        s = sched()
+        if s["running"] == 0 and s["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    p, bs = r.usage.prompt_tokens, s["kv_cache"]["block_size"]
+    shared = (p - 1) // bs * bs
+    assert shared > 0
+    assert s["prefix_cache"]["cached_tokens"] - before["cached_tokens"] == 2 * shared
+    assert s["prefix_cache"]["prefill_tokens"] - before["prefill_tokens"] == p + 2 * (p - shared)
+
+
 def test_n_choices_seeded_plain_and_streamed(client):
     msgs = [{"role": "user", "content": "Hello"}]
     one = lambda **kw: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, **kw)  # noqa: E731

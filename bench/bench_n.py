@@ -1,0 +1,113 @@
+"""n answers from one prompt: one prefill shared by the n rows vs the rows prefilled side by side (no server).
+
+One prompt with --images images (hashed, as the server hashes them) and text around them; each row samples
+--new tokens (temperature 1, its own seed, no stop) on `ContinuousEngine`, all rows added in one step, as the
+server's continuous scheduler adds the n jobs of one request (or a burst of separate requests with the same
+prompt: the engine sees the same thing). Modes:
+- n=1: one row;
+- n=8 shared: the engine as it is (the first row is prefilled, the others wait for its blocks and reuse them);
+- n=8 side by side: the admission without waiting (`_follows` off), as before: every row prefills the prompt.
+Reported: time to the first row's first token, to every row's first token, total, and the engine's
+`prefill_tokens` / `cached_tokens`. Outputs of the two n=8 modes are checked equal (same seeds). Image
+features are random (the engine takes features; the tower is not measured).
+
+    python bench/bench_n.py                     # the embedded model, 16 images, n=8, 16 new tokens
+    python bench/bench_n.py --n 4 --out bench/results/n.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def prompt(model, images: int, text: int, seed: int):
+    from hyperowl.engine import Request
+
+    g = torch.Generator().manual_seed(seed)
+    t, h = model.config.vision.tokens_per_image, model.config.hidden_size
+    ids = torch.randint(10, 1000, (text + images,), generator=g)
+    pos = torch.arange(8, 8 + 2 * images, 2)  # a placeholder every other token after a short preamble
+    return Request(ids, 0.5 * torch.randn(images, t, h, generator=g), pos,
+                   media_hashes=tuple(f"image{i}" for i in range(images)))
+
+
+def run(model, base, n: int, new: int, share: bool):
+    import dataclasses
+
+    from hyperowl.batching import ContinuousEngine
+    from hyperowl.engine import SamplingParams
+
+    eng = ContinuousEngine(model)
+    if not share:
+        eng._follows = lambda x, prefilling: False  # the admission before the change
+    t0 = time.perf_counter()
+    for i in range(n):
+        eng.add(i, dataclasses.replace(base, params=SamplingParams(max_new_tokens=new, temperature=1.0, seed=i)))
+    first, toks = {}, {}
+    while eng.has_work():
+        for e in eng.step():
+            if e.token is not None:
+                first.setdefault(e.request_id, time.perf_counter() - t0)
+                toks.setdefault(e.request_id, []).append(e.token)
+    total = time.perf_counter() - t0
+    st = eng.stats()
+    return [toks[i] for i in range(n)], dict(ttft_first_s=min(first.values()), ttft_all_s=max(first.values()),
+                                              total_s=total, prefill_tokens=st["prefill_tokens"],
+                                              cached_tokens=st["cached_tokens"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--text", type=int, default=64, help="text tokens besides the image placeholders")
+    ap.add_argument("--new", type=int, default=16, help="new tokens per row")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each mode (alternated; best reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/n.json"))
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import hyperowl
+
+    model = hyperowl.load(device="cpu", feature_cache_mb=0).model
+    base = prompt(model, a.images, a.text, 0)
+    modes = {"n=1": (1, True), f"n={a.n} shared": (a.n, True), f"n={a.n} side by side": (a.n, False)}
+    with torch.no_grad():
+        run(model, base, 2, 2, True)  # warm-up
+        runs = {k: [] for k in modes}
+        outs = {}
+        for _ in range(a.repeat):  # alternated, best of each: a shared machine's load moves between runs
+            for k, (n, share) in modes.items():
+                outs[k], r = run(model, base, n, a.new, share)
+                runs[k].append(r)
+    best = {k: {m: min(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+    names = list(modes)
+    same = outs[names[1]] == outs[names[2]] and outs[names[0]][0] == outs[names[1]][0]
+    print(f"embedded model, one prompt of {len(base.input_ids)} tokens with {a.images} images, {a.new} new tokens a "
+          f"row, cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; outputs equal: {same}")
+    print(f"{'mode':18} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
+    for k, r in best.items():
+        print(f"{k:18} {r['ttft_first_s']:12.3f} {r['ttft_all_s']:11.3f} {r['total_s']:8.3f} "
+              f"{r['prefill_tokens']:12d} {r['cached_tokens']:11d}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(prompt_tokens=len(base.input_ids), images=a.images, n=a.n, new_tokens=a.new,
+                                   threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same,
+                                   modes=best), indent=1))
+    print(f"\nwrote {out}")
+    if not same:
+        sys.exit("the modes' outputs differ")
+
+
+if __name__ == "__main__":
+    main()
