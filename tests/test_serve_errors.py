@@ -144,8 +144,10 @@ BAD_CASES = {
     "max_tokens_string": (dict(body={**chat(), "max_tokens": "10"}), 400, "invalid_type"),
     "max_tokens_bool": (dict(body={**chat(), "max_tokens": True}), 400, "invalid_type"),
     "top_k_past_int64": (dict(body={**chat(), "top_k": 2**64, "temperature": 1.0}), 422, "invalid_value"),
-    "n_two": (dict(body={**chat(), "n": 2}), 400, "unsupported_parameter"),
-    "logprobs": (dict(body={**chat(), "logprobs": True}), 400, "unsupported_parameter"),
+    "n_nine": (dict(body={**chat(), "n": 9}), 422, None),  # n is honoured up to 8
+    "top_logprobs_alone": (dict(body={**chat(), "top_logprobs": 2}), 400, "invalid_value"),  # needs logprobs: true
+    "tools": (dict(body={**chat(), "tools": [{"type": "function", "function": {"name": "f"}}]}), 400,
+              "unsupported_parameter"),
     "unknown_field": (dict(body={**chat(), "guided_json": {}}), 400, "unknown_parameter"),
     "too_many_stops": (dict(body={**chat(), "stop": ["a", "b", "c", "d", "e"]}), 422, "invalid_value"),
     "empty_stop": (dict(body={**chat(), "stop": [""]}), 400, "invalid_type"),

@@ -676,6 +676,7 @@ class _Event:
     request_id: int
     token: int | None
     finish: str | None = None
+    logprobs: Any = None  # a salvaged token's logprobs are not kept (its answer's logprobs miss that entry)
 
 
 def _features(prompt: PreparedPrompt) -> Tensor | None:
