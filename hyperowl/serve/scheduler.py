@@ -119,7 +119,45 @@ def padded_images(counts: list[int]) -> int:
     return len(counts) * max(counts, default=0) - sum(counts)
 
 
-class Scheduler:
+class _Worker:
+    """What both schedulers share: the worker thread's lifecycle and how a job ends (counters, one terminal
+    event). Subclasses set up their queues, call `_init_worker` and implement `_loop`."""
+
+    def _init_worker(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hyperowl-scheduler", daemon=True)
+            self._thread.start()
+
+    def _join(self, timeout: float) -> None:
+        """Stop the worker thread (the caller then answers whatever is still waiting)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        if not job.finished:
+            with self._lock:
+                self.failed += 1
+        job.finish("error", f"internal error while generating ({type(e).__name__})")
+
+    def _done(self, job: Job, reason: str) -> None:
+        if job.finished:  # it already had its terminal event (and was counted then)
+            return
+        with self._lock:
+            if (reason == "cancelled" or job.cancel.is_set()) and not job.stop_string:
+                self.cancelled += 1
+            else:
+                self.completed += 1
+        job.finish("done", reason)
+
+
+class Scheduler(_Worker):
     """Dynamic batching (see the module's design note)."""
 
     batching = "dynamic"
@@ -134,24 +172,14 @@ class Scheduler:
         self.max_padded_images = max_padded_images
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._deferred: deque[Job] = deque()  # jobs that did not fit a batch: first in line for the next one
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._init_worker()
         self.running = 0  # rows in the batch being decoded
         self.batch_sizes: Counter[int] = Counter()
         self.completed = self.cancelled = self.failed = self.tokens = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="hyperowl-scheduler", daemon=True)
-            self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._join(timeout)
         while self._deferred:
             self._deferred.popleft().finish("error", "the server is shutting down")
         while True:  # whoever is still waiting gets an answer instead of hanging
@@ -331,20 +359,6 @@ class Scheduler:
                 elif len(job.tokens) >= job.params.max_new_tokens:
                     self._done(job, "length")
 
-    def _fail(self, job: Job, e: Exception) -> None:
-        if not job.finished:
-            with self._lock:
-                self.failed += 1
-        job.finish("error", f"internal error while generating ({type(e).__name__})")
-
-    def _done(self, job: Job, reason: str) -> None:
-        with self._lock:
-            if (reason == "cancelled" or job.cancel.is_set()) and not job.stop_string:
-                self.cancelled += 1
-            else:
-                self.completed += 1
-        job.finish("done", reason)
-
 
 def media_hashes(prompt: PreparedPrompt) -> tuple[str, ...]:
     """One content hash per image tensor, in placeholder order: the feature cache's key of its media item
@@ -353,7 +367,7 @@ def media_hashes(prompt: PreparedPrompt) -> tuple[str, ...]:
     return tuple(f"{p.key}#{i}" for p in prompt.items for i in range(p.item.count))
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(_Worker):
     """Continuous batching over `ContinuousEngine` (see the module's design note). Same interface as
     `Scheduler`: start, stop, submit, full, stats."""
 
@@ -375,9 +389,7 @@ class ContinuousScheduler:
         self._jobs: dict[int, Job] = {}  # request id -> job, for jobs in the engine
         self._alone: deque[Job] = deque()  # after a failed shared step: jobs to finish one at a time
         self._ids = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._init_worker()
         self._engine_stats: dict[str, Any] = self.engine.stats()
         self.completed = self.cancelled = self.failed = self.refused = self.tokens = self.steps = 0
         self.isolations = 0  # shared steps that failed and were resolved by running their jobs alone
@@ -389,16 +401,8 @@ class ContinuousScheduler:
         return ContinuousEngine(self.model, **self._engine_args)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="hyperowl-scheduler", daemon=True)
-            self._thread.start()
-
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._join(timeout)
         pending = [j for j, _ in self._encoding] + list(self._jobs.values()) + list(self._alone)
         self._encoding.clear(), self._jobs.clear(), self._alone.clear()
         while True:
@@ -653,22 +657,6 @@ class ContinuousScheduler:
             return
         with self._lock:
             self._engine_stats = stats
-
-    def _fail(self, job: Job, e: Exception) -> None:
-        if not job.finished:
-            with self._lock:
-                self.failed += 1
-        job.finish("error", f"internal error while generating ({type(e).__name__})")
-
-    def _done(self, job: Job, reason: str) -> None:
-        if job.finished:
-            return
-        with self._lock:
-            if (reason == "cancelled" or job.cancel.is_set()) and not job.stop_string:
-                self.cancelled += 1
-            else:
-                self.completed += 1
-        job.finish("done", reason)
 
 
 @dataclass
