@@ -295,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_running", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.live_session_idle_s >= 0:
+        raise InputError(f"--live-session-idle-s {args.live_session_idle_s}: must be >= 0 (seconds; 0 = never)")
     if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
         raise InputError(f"--kv-cache-gb {args.kv_cache_gb}: must be > 0 (GiB of K/V cache)")
     _check_listen(args.host, args.port)
@@ -433,15 +435,17 @@ def _json_schema(path: str | None):
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.rest and args.rest[0] == "ood":  # the out-of-distribution test set (issue 31)
-        from .data.synthetic.ood import ood_main
-
-        return ood_main(args.rest[1:])
-    if not args.rest or args.rest[0] != "synth":
+        from .data.synthetic.ood import ood_main as main
+    elif args.rest and args.rest[0] == "synth":
+        from .data.synthetic import synth_main as main
+    else:
         raise InputError("data: the subcommands are `synth` (hyperowl data synth --out DIR [--train N ...]) and "
                          "`ood` (hyperowl data ood --out DIR [--n 300 --seed 7])")
-    from .data.synthetic import synth_main
-
-    return synth_main(args.rest[1:])
+    try:
+        return main(args.rest[1:])
+    except OSError as e:  # an --out folder that cannot be made or written, an --exclude file that cannot be read
+        raise InputError(f"data {args.rest[0]}: cannot use '{e.filename}' ({e.strerror}); give a folder you can "
+                         "write to and files that exist") from None
 
 
 _DTYPES = ["float32", "bfloat16", "float16"]

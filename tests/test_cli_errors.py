@@ -167,6 +167,15 @@ def test_debug_after_data_synth(tmp_path):
     assert "DEBUG" in r.stderr or "INFO" in r.stderr  # debug logging is on
 
 
+def test_serve_engine_flags_and_data_out_folders_are_one_line(tmp_path):
+    one_line_error(run("serve", "--live-session-idle-s", "-5"), "--live-session-idle-s -5", ">= 0")
+    one_line_error(run("serve", "--kv-cache-gb", "0"), "--kv-cache-gb 0", "> 0")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for sub in (["synth", "--train", "1", "--val", "0", "--test", "0"], ["ood", "--n", "3"]):
+        one_line_error(run("data", sub[0], "--out", str(blocker / "out"), *sub[1:]), f"data {sub[0]}", str(blocker))
+
+
 # -- media limits: one definition for library, CLI and server ----------------------------------------------------
 def test_pixel_bomb_refused_by_cli_and_library_like_the_server(media):
     from hyperowl import limits
