@@ -63,9 +63,8 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
-from .engine import Engine, Request, TokenLogprobs, apply_repetition_penalty, sample, token_logprobs
+from .engine import Engine, Request, TokenLogprobs, next_tokens
 from .paged_cache import BlockManager, KeptKV, PagedSeq, PagedView, default_kv_cache_bytes
-from .structured import advance, mask_logits
 
 log = logging.getLogger(__name__)
 
@@ -547,21 +546,13 @@ class ContinuousEngine:
         """Engine.stream's sampling for these rows (logits [B, V]); events out, finished rows leave."""
         raw = logits.clone() if self.keep_logits else None
         dev = logits.device
-        asks = [x.params.logprobs for x in rows]
-        lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
+        seen = penalty = None
         if any(x.seen is not None for x in rows):
             seen = torch.stack([x.seen if x.seen is not None else torch.zeros(self.vocab, dtype=torch.bool, device=dev)
                                 for x in rows])
             penalty = torch.tensor([x.params.repetition_penalty for x in rows], device=dev)
-            logits = apply_repetition_penalty(logits, seen, penalty)
-        for r, x in enumerate(rows):  # forbid stops until min_new_tokens
-            if len(x.generated) < x.params.min_new_tokens and x.params.stop_token_ids:
-                logits[r, list(x.params.stop_token_ids)] = float("-inf")
-        cons = [x.req.constraint for x in rows]
-        mask_logits(logits, cons)
-        tokens = sample(logits, [x.params for x in rows], [x.gen for x in rows]).tolist()
-        advance(cons, tokens)
-        lps = token_logprobs(lp, tokens, asks) if lp is not None else [None] * len(rows)
+        _, tokens, lps = next_tokens(logits, [x.params for x in rows], [x.gen for x in rows],
+                                     [x.req.constraint for x in rows], [len(x.generated) for x in rows], seen, penalty)
         for r, (x, t) in enumerate(zip(rows, tokens)):
             x.append(t)
             if x.seen is not None and 0 <= t < self.vocab:

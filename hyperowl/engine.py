@@ -164,6 +164,27 @@ def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.
     return torch.where(temp == 0, greedy, choice)
 
 
+def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                constraints: list, produced: list[int], seen: Tensor | None = None,
+                penalty: Tensor | None = None) -> tuple[Tensor, list[int], list[TokenLogprobs | None]]:
+    """One decode step's choice for every row, the same in both engines: logprobs of the raw logits (rows that
+    ask), the repetition penalty (when `seen` [B, V] is given), stops forbidden until min_new_tokens (`produced`:
+    tokens each row made so far), the grammar masks, the draw, the grammars advanced. logits [B, V] float32 are
+    changed in place. Returns the tokens as a tensor and a list, and each row's logprobs (None: not asked)."""
+    asks = [p.logprobs for p in params]
+    lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    for row, (p, n) in enumerate(zip(params, produced)):
+        if n < p.min_new_tokens and p.stop_token_ids:
+            logits[row, list(p.stop_token_ids)] = float("-inf")
+    mask_logits(logits, constraints)
+    tokens = sample(logits, params, generators)
+    toks = tokens.tolist()
+    advance(constraints, toks)
+    return tokens, toks, token_logprobs(lp, toks, asks) if lp is not None else [None] * len(toks)
+
+
 def _event(r: int, t: int, lp: TokenLogprobs | None) -> TokenEvent:
     e = TokenEvent((r, t))
     if lp is not None:
@@ -249,19 +270,9 @@ class Engine:
         counts = [0] * b
         logits = self.model(**batch, cache=cache, last_logits_only=True).logits[:, -1].float()
         while live:
-            asks = [params[r].logprobs for r in live]
-            lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
-            if use_penalty:
-                logits = apply_repetition_penalty(logits, seen, penalty)
-            for row, r in enumerate(live):  # forbid stops until min_new_tokens
-                if counts[r] < params[r].min_new_tokens and params[r].stop_token_ids:
-                    logits[row, list(params[r].stop_token_ids)] = float("-inf")
-            cons = [requests[r].constraint for r in live]
-            mask_logits(logits, cons)
-            tokens = sample(logits, [params[r] for r in live], [gens[r] for r in live])
-            toks = tokens.tolist()
-            advance(cons, toks)
-            lps = token_logprobs(lp, toks, asks) if lp is not None else [None] * len(live)
+            tokens, toks, lps = next_tokens(logits, [params[r] for r in live], [gens[r] for r in live],
+                                            [requests[r].constraint for r in live], [counts[r] for r in live],
+                                            seen if use_penalty else None, penalty)
             yield [_event(r, t, x) for r, t, x in zip(live, toks, lps)]
             keep = []
             for row, (r, t) in enumerate(zip(live, toks)):
