@@ -174,6 +174,7 @@ def test_serve_engine_flags_and_data_out_folders_are_one_line(tmp_path):
     blocker.write_text("not a folder")
     for sub in (["synth", "--train", "1", "--val", "0", "--test", "0"], ["ood", "--n", "3"]):
         one_line_error(run("data", sub[0], "--out", str(blocker / "out"), *sub[1:]), f"data {sub[0]}", str(blocker))
+    one_line_error(run("data", "synth", "--out", str(tmp_path / "w"), "--workers", "0"), "--workers 0", "1 or more")
 
 
 # -- media limits: one definition for library, CLI and server ----------------------------------------------------

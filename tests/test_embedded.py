@@ -54,18 +54,20 @@ def test_answers_come_from_the_images(model, tmp_path):
     assert true_acc - swapped_acc >= GAP_MIN, (true_acc, swapped_acc)
 
 
-def test_embedded_recipe_smoke(tmp_path):
-    """scripts/train_embedded.sh in miniature: stage 0 (tower pretraining) then the recipe from its tower."""
+@pytest.mark.parametrize("recipe,drawn", [("embedded.yaml", 0.0), ("embedded-drawn.yaml", 0.5)])
+def test_embedded_recipe_smoke(tmp_path, recipe, drawn):
+    """scripts/train_embedded.sh in miniature (as shipped, and with DRAWN=0.5): stage 0 (tower pretraining) then
+    the recipe from its tower."""
     from hyperowl.config import PRESETS
     from hyperowl.data.synthetic import write_dataset
     from hyperowl.train.vision_pretrain import pretrain_vision
 
-    write_dataset(tmp_path / "synth", {"train": 24, "val": 4, "test": 4}, seed=1, drawn=0.5)  # as the script
+    write_dataset(tmp_path / "synth", {"train": 24, "val": 4, "test": 4}, seed=1, drawn=drawn)  # as the script
     scenes = [tmp_path / "synth" / "val.scenes.txt", tmp_path / "synth" / "test.scenes.txt"]
-    write_dataset(tmp_path / "video", {"train": 8}, seed=2, tasks=["video"], exclude=scenes, progress=False, drawn=0.5)
+    write_dataset(tmp_path / "video", {"train": 8}, seed=2, tasks=["video"], exclude=scenes, progress=False, drawn=drawn)
     pretrain_vision(PRESETS["owl3-synthetic"].vision, tmp_path / "vision", steps=2, batch_size=4, eval_every=2,
-                    exclude=scenes, progress=False, drawn=0.5)
-    raw = yaml.safe_load((ROOT / "recipes" / "embedded.yaml").read_text())
+                    exclude=scenes, progress=False, drawn=drawn)
+    raw = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
     assert raw["init"]["vision"] == "runs/vision-synthetic"  # what scripts/train_embedded.sh writes
     videos = {k for k, p in enumerate(raw["phases"]) if p.get("data", {}).get("train") == "data/synth-video/train.jsonl"}
     assert videos, "the recipe's video phases read what scripts/train_embedded.sh writes"

@@ -257,6 +257,27 @@ def test_generate_split_files_identical_across_runs(tmp_path):
     assert paths[0].name == "train.jsonl"
 
 
+def test_workers_write_the_same_bytes(tmp_path, monkeypatch):
+    """Several processes, each writing pieces of a split, give the files one process writes (drawn and plain
+    looks, videos, extra turns, an excluded scene file), whatever the piece size."""
+    from hyperowl.data.synthetic import writer
+
+    monkeypatch.setattr(writer, "_CHUNK", 7)  # many pieces out of a small dataset
+    sizes = {"train": 40, "val": 0, "test": 12}
+    kw = dict(seed=2, video_frames=4, distractors=2, progress=False, train_turns=2, train_progressive=0.5, drawn=0.5)
+    one = syn.write_dataset(tmp_path / "one", sizes, **kw, workers=1)
+    syn.write_dataset(tmp_path / "two", sizes, **kw, workers=2, exclude=[])
+    fa, fb = _files(tmp_path / "one"), _files(tmp_path / "two")
+    assert fa.keys() == fb.keys() and any(k.endswith(".mp4") for k in fa) and len(fa) > 60
+    assert [k for k in fa if fa[k] != fb[k]] == []
+    meta = json.loads(one["meta"].read_text())
+    assert meta["splits"]["train"]["drawn"] > 0 and meta["splits"]["train"]["examples"] == 40
+    # another piece size, the same files
+    monkeypatch.setattr(writer, "_CHUNK", 5)
+    syn.write_dataset(tmp_path / "five", sizes, **kw, workers=2)
+    assert _files(tmp_path / "five") == fa
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Optional, Sequence
 
 from hyperowl.errors import InputError
@@ -60,12 +61,18 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
                         "sizes and jittered colours anywhere in their third of the image, plain/gradient/textured/noisy "
                         "backgrounds, JPEG artefacts, sources of 48-1024 px reduced by the processor's resize, videos "
                         "of 4 to 32 frames")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes writing the examples (default: one per CPU core, at most 8); the files are the "
+                        "same for any number")
     p.add_argument("--examples", action="store_true", help="only write a few example images and a video")
     args = p.parse_args(argv)
     if args.examples:
         for path in examples(args.out, image_size=args.image_size, fps=args.fps):
             logger.info("wrote %s", path)
         return 0
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers}: give 1 or more processes")
+    workers = args.workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     mix: dict[str, float] = {}
     for item in (args.train_mix or "").split(","):
@@ -79,6 +86,6 @@ def synth_main(argv: Optional[Sequence[str]] = None) -> int:
                           image_size=args.image_size, video_frames=args.frames, distractors=args.distractors,
                           fps=args.fps, tasks=tasks, train_turns=args.turns, train_progressive=args.progressive,
                           train_mix=mix, train_video_turns=args.video_turns, train_which_turns=args.which_turns,
-                          exclude=args.exclude, drawn=args.drawn)
+                          exclude=args.exclude, drawn=args.drawn, workers=workers)
     logger.info("wrote %s", ", ".join(str(v) for v in paths.values()))
     return 0

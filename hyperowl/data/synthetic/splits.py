@@ -76,8 +76,9 @@ class _Stats:
 def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int, distractors: int, seed: int,
           image_size: int, video_frames: int, exclude: Optional[set[str]], tasks: Optional[Sequence[str]],
           stats: _Stats, turns: int = 1, progressive: float = 0.0, video_turns: int = 1,
-          which_turns: int = 0, drawn: float = 0.0) -> Iterator[Example]:
-    """Validate now (not at the first next()), then return the generator."""
+          which_turns: int = 0, drawn: float = 0.0, indices: Optional[range] = None) -> Iterator[Example]:
+    """Validate now (not at the first next()), then return the generator. indices: only these examples of the
+    split (each example's content depends on its index alone, so a split can be written in parallel pieces)."""
     counts = {"single": n_single, "multi": n_multi, "video": n_video, "distractor": n_distractor}
     _validate(split, counts, distractors, image_size, video_frames, turns, progressive, video_turns, which_turns)
     if not isinstance(drawn, (int, float)) or not 0 <= drawn <= 1:
@@ -90,14 +91,15 @@ def _iter(split: str, n_single: int, n_multi: int, n_video: int, n_distractor: i
         order += [per_group[g][j % len(per_group[g])] for j in range(n)]  # round-robin: balanced tasks
     random.Random(_seed_for(seed, split, "order")).shuffle(order)
     return _generate(split, order, distractors, seed, image_size, video_frames, exclude, stats, turns, progressive,
-                     video_turns, which_turns, drawn)
+                     video_turns, which_turns, drawn, indices)
 
 
 def _generate(split: str, order: list[str], distractors: int, seed: int, image_size: int, video_frames: int,
               exclude: Optional[set[str]], stats: _Stats, turns: int = 1,
               progressive: float = 0.0, video_turns: int = 1, which_turns: int = 0,
-              drawn: float = 0.0) -> Iterator[Example]:
-    for i, task in enumerate(order):
+              drawn: float = 0.0, indices: Optional[range] = None) -> Iterator[Example]:
+    for i in range(len(order)) if indices is None else indices:
+        task = order[i]
         # Which look (a share `drawn` of the examples, from a seed of its own: drawn=0 draws what it always drew).
         look = drawn >= 1 or (drawn > 0 and random.Random(_seed_for(seed, split, i, "look")).random() < drawn)
         for attempt in range(MAX_ATTEMPTS):

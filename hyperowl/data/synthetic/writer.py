@@ -116,11 +116,55 @@ def _prepare_split_dir(out: Path, split: str) -> Path:
     return d
 
 
+_CHUNK = 500  # examples per piece of work when a split is written by several processes
+_worker_state: dict = {}
+
+
+def _init_worker(args: tuple, exclude: set[str]) -> None:
+    _worker_state["args"], _worker_state["exclude"] = args, exclude
+
+
+def _write_chunk(indices: range) -> tuple[list[tuple[str, dict]], int]:
+    """Build and write examples `indices` of a split (media files, then their JSONL lines and bookkeeping, in
+    order); returns them with the number of redrawn scenes. Runs in the writing process or in a worker."""
+    (split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames, tasks, turns,
+     progressive, video_turns, which_turns, drawn, out, fps) = _worker_state["args"]
+    out = Path(out)
+    stats = _Stats()
+    rows = []
+    for ex in _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
+                    _worker_state["exclude"], tasks, stats, turns, progressive, video_turns, which_turns, drawn,
+                    indices):
+        stem = ex.id.split("-", 1)[1]
+        images, videos = [], []
+        for j, im in enumerate(ex.images):
+            rel = f"{split}/images/{stem}_{j}.png"
+            _to_size(im, image_size).save(out / rel, compress_level=1)  # fast; the images are tiny anyway
+            images.append(rel)
+        for j, frames in enumerate(ex.videos):
+            rel = f"{split}/videos/{stem}" + (f"_{j}" if j else "") + ".mp4"
+            write_mp4([_to_size(im, image_size) for im in frames], out / rel, fps=fps)
+            videos.append(rel)
+        record = {"id": ex.id, "task": ex.task, "messages": ex.messages, "images": images, "videos": videos,
+                  "answer": ex.answer}
+        is_drawn = any(s.look for s in ex.all_scenes())
+        if drawn:  # `hyperowl eval` reports accuracy per look (its breakdown); plain datasets stay as they were
+            record["look"] = "drawn" if is_drawn else "plain"
+        info = {"hashes": [(s.hash, s.layout_hash) for s in ex.all_scenes()], "task": ex.task,
+                "extra": len(ex.extra), "which": sum(t == "which" for t, _, _ in ex.extra), "intro": bool(ex.intro),
+                "drawn": bool(drawn) and is_drawn, "prompt_chars": len(ex.prompt),
+                "answer": ex.answer if not ex.task.endswith("/caption") else "<caption>"}
+        rows.append((json.dumps(record, ensure_ascii=False), info))
+        del ex.images, ex.videos  # free the rendered pixels
+    return rows, stats.rejected
+
+
 def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: int, n_video: int, n_distractor: int,
                  distractors: int, seed: int, image_size: int, video_frames: int, fps: int,
                  exclude: Optional[tuple[set[str], set[str]]], tasks: Optional[Sequence[str]],
                  progress: Optional[bool], turns: int = 1, progressive: float = 0.0,
-                 video_turns: int = 1, which_turns: int = 0, drawn: float = 0.0) -> tuple[Path, dict]:
+                 video_turns: int = 1, which_turns: int = 0, drawn: float = 0.0,
+                 workers: int = 1) -> tuple[Path, dict]:
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -144,39 +188,43 @@ def _write_split(out_dir: Union[str, Path], split: str, n_single: int, n_multi: 
     total = sum(counts.values())
     jsonl = out / f"{split}.jsonl"
     tmp = jsonl.with_suffix(".jsonl.tmp")
-    examples = _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames,
-                     exclude[0], tasks, stats, turns, progressive, video_turns, which_turns, drawn)
+    args = (split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames, tasks,
+            turns, progressive, video_turns, which_turns, drawn, str(out), fps)
+    _iter(split, n_single, n_multi, n_video, n_distractor, distractors, seed, image_size, video_frames, exclude[0],
+          tasks, stats, turns, progressive, video_turns, which_turns, drawn, range(0))  # validate before any work
     extra_turns = intro_conversations = which_turns_n = drawn_n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        bar = tqdm(examples, total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
-                   disable=None if progress is None else not progress)  # None: shown on a terminal
-        for ex in bar:
-            stem = ex.id.split("-", 1)[1]
-            images, videos = [], []
-            for j, im in enumerate(ex.images):
-                rel = f"{split}/images/{stem}_{j}.png"
-                _to_size(im, image_size).save(out / rel, compress_level=1)  # fast; the images are tiny anyway
-                images.append(rel)
-            for j, frames in enumerate(ex.videos):
-                rel = f"{split}/videos/{stem}" + (f"_{j}" if j else "") + ".mp4"
-                write_mp4([_to_size(im, image_size) for im in frames], out / rel, fps=fps)
-                videos.append(rel)
-            record = {"id": ex.id, "task": ex.task, "messages": ex.messages, "images": images, "videos": videos,
-                      "answer": ex.answer}
-            if drawn:  # `hyperowl eval` reports accuracy per look (its breakdown); plain datasets stay as they were
-                is_drawn = any(s.look for s in ex.all_scenes())
-                record["look"] = "drawn" if is_drawn else "plain"
-                drawn_n += is_drawn
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            for s in ex.all_scenes():
-                hashes[s.hash] = s.layout_hash
-            tasks_count[ex.task] += 1
-            extra_turns += len(ex.extra)
-            which_turns_n += sum(t == "which" for t, _, _ in ex.extra)
-            intro_conversations += bool(ex.intro)
-            answers[ex.answer if not ex.task.endswith("/caption") else "<caption>"] += 1
-            prompt_chars.append(len(ex.prompt))
-            del ex.images, ex.videos  # free the rendered pixels
+    workers = max(1, min(int(workers), -(-total // _CHUNK)))
+    chunks = [range(a, min(a + _CHUNK, total)) for a in range(0, total, _CHUNK)]
+    pool = None
+    if workers > 1:  # the same bytes as one process: each example depends on its index alone, pieces kept in order
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (args, exclude[0]))
+        pieces = pool.imap(_write_chunk, chunks)
+    else:
+        _init_worker(args, exclude[0])
+        pieces = map(_write_chunk, chunks)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            bar = tqdm(total=total, desc=f"synth {split}", unit="ex", file=sys.stderr,
+                       disable=None if progress is None else not progress)  # None: shown on a terminal
+            for rows, rejected in pieces:
+                stats.rejected += rejected
+                for line, info in rows:
+                    f.write(line + "\n")
+                    hashes.update(info["hashes"])
+                    tasks_count[info["task"]] += 1
+                    extra_turns += info["extra"]
+                    which_turns_n += info["which"]
+                    intro_conversations += info["intro"]
+                    drawn_n += info["drawn"]
+                    answers[info["answer"]] += 1
+                    prompt_chars.append(info["prompt_chars"])
+                bar.update(len(rows))
+            bar.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
     tmp.replace(jsonl)
     _hash_file(out, split).write_text("".join(f"{h}\t{lay}\n" for h, lay in sorted(hashes.items())))
     layouts = set(hashes.values())
@@ -243,7 +291,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                   train_turns: int = 1, train_progressive: float = 0.0,
                   train_mix: Optional[Mapping[str, float]] = None, train_video_turns: int = 1,
                   train_which_turns: int = 0,
-                  exclude: Sequence[Union[str, Path]] = (), drawn: float = 0.0) -> dict[str, Path]:
+                  exclude: Sequence[Union[str, Path]] = (), drawn: float = 0.0, workers: int = 1) -> dict[str, Path]:
     """Write train/val/test (splits absent from `sizes` are skipped), `meta.json` and `README.md`.
 
     train_turns: questions per image conversation in the train split (`add_turns`); val and test always
@@ -257,7 +305,8 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
     files of another dataset whose scenes no split here may use (e.g. extra training data that must not show
     an image of an existing test split). drawn: the share of every split's examples (0 to 1) in the drawn look
     (`build_example`; images are drawn at 48-1024 px and reduced to `image_size` by the processor's resize; videos
-    have 4 to 32 frames); their records carry `"look": "drawn"`.
+    have 4 to 32 frames); their records carry `"look": "drawn"`. workers: processes that build and write a split's
+    examples in pieces of 500 (the files are byte-identical for any number).
 
     sizes: per split, a total (divided by DEFAULT_MIX) or {"single": n, "multi": n, "video": n, "distractor": n}.
     Returns the paths of the JSONLs and of meta.json.
@@ -308,7 +357,7 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
                                 train_turns if split == "train" else 1,
                                 train_progressive if split == "train" else 0.0,
                                 train_video_turns if split == "train" else 1,
-                                train_which_turns if split == "train" else 0, drawn)
+                                train_which_turns if split == "train" else 0, drawn, workers)
         h, lay = read_scene_hashes(_hash_file(out, split))
         seen[0].update(h)
         seen[1].update(lay)
