@@ -19,8 +19,9 @@ embedded model, streamed chat requests over HTTP with httpx): one request with n
 requests (seeds 0..7) sent at once, for a prompt of --images distinct 64x64 PNG data URLs (n=1 as the
 baseline). Reported: time to the first content chunk of any choice / of every choice, total (to the last
 [DONE]), and the engine's prefill / cached tokens (/health). The feature cache is warm in every mode (a
-warm-up request first), so the difference is the prefill and the scheduling, not the vision tower. The answers
-are checked equal (choice i of n=8 is the single answer seeded i).
+warm-up request first), so the difference is the prefill and the scheduling, not the vision tower; each timed
+run's prompt starts with its own line, so none reuses an earlier run's K/V. The answers are checked equal on one
+more prompt, untimed (choice i of n=8 is the single answer seeded i).
 
     python bench/bench_n.py --server --out bench/results/n_server.json
 """
@@ -92,10 +93,14 @@ def server_mode(a) -> None:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64), ((37 * i) % 256, (91 * i) % 256, (151 * i + 60) % 256)).save(buf, "PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
-    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-    content.append({"type": "text", "text": "Describe each of these pictures in a few words."})
-    body = dict(model="owl", messages=[{"role": "user", "content": content}], max_tokens=a.new, min_tokens=a.new,
-                temperature=1.0, stream=True)
+    def body_of(run: int) -> dict:
+        # a run-specific first line: no timed run reuses an earlier run's prompt blocks from the prefix cache (the
+        # images' features do come from the feature cache: it is the prefill and scheduling that are compared)
+        content = [{"type": "text", "text": f"Request {run}: look at these pictures."}]
+        content += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        content.append({"type": "text", "text": "Describe each of them in a few words."})
+        return dict(model="owl", messages=[{"role": "user", "content": content}], max_tokens=a.new,
+                    min_tokens=a.new, temperature=1.0, stream=True)
 
     def stream(url: str, req: dict, t0: float, firsts: dict, texts: dict, key: int) -> None:
         with httpx.stream("POST", url, json=req, timeout=600) as r:
@@ -116,8 +121,8 @@ def server_mode(a) -> None:
         def counters() -> dict:
             return httpx.get(srv.url + "/health", timeout=30).json()["scheduler"]["prefix_cache"]
 
-        def measure(n: int, separate: bool) -> tuple[list[str], dict]:
-            before, firsts, texts = counters(), {}, {}
+        def measure(n: int, separate: bool, run: int) -> tuple[list[str], dict]:
+            before, firsts, texts, body = counters(), {}, {}, body_of(run)
             t0 = time.perf_counter()
             if separate:
                 threads = [threading.Thread(target=stream, args=(url, dict(body, seed=i), t0, firsts, texts, i))
@@ -135,17 +140,18 @@ def server_mode(a) -> None:
                 prefill_tokens=after["prefill_tokens"] - before["prefill_tokens"],
                 cached_tokens=after["cached_tokens"] - before["cached_tokens"])
 
-        measure(1, False)  # warm-up: the images' features go into the feature cache
+        measure(1, False, 0)  # warm-up: the images' features go into the feature cache
         modes = {"n=1": (1, False), f"n={a.n}, one request": (a.n, False), f"{a.n} separate requests": (a.n, True)}
         runs = {k: [] for k in modes}
-        outs = {}
+        run = 0
         for _ in range(a.repeat):
             for k, (n, sep) in modes.items():
-                outs[k], r = measure(n, sep)
-                runs[k].append(r)
+                run += 1
+                runs[k].append(measure(n, sep, run)[1])
+        # the answers (untimed, one prompt for all three): choice i of n is the single answer seeded i
+        outs = [measure(n, sep, run + 1)[0] for n, sep in modes.values()]
     best = {k: {m: min(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
-    names = list(modes)
-    same = outs[names[1]] == outs[names[2]] and outs[names[0]][0] == outs[names[1]][0]
+    same = outs[1] == outs[2] and outs[0][0] == outs[1][0]
     print(f"server (uvicorn, continuous scheduler), embedded model, {a.images} images, {a.new} new tokens a choice, "
           f"cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; answers equal: {same}")
     print(f"{'mode':22} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
