@@ -175,3 +175,25 @@ def test_cli_scoring_errors_are_one_line(tmp_path, capsys):
         assert main(["eval", "--out", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("hyperowl: error:") and msg in err and "\n" not in err
+
+
+def test_mmbench_circular_and_multi_image_rows(chat_checkpoint, tmp_path):
+    """On the Owl3 fixture (a tokenizer made here): MMBench's circular rotations each get their options scored
+    (in the order each rotation shows them); multi-image yes/no rows, which have no options, are generated."""
+    from hyperowl.eval.runner import read_predictions
+    from hyperowl.eval.tasks import LETTERS
+
+    model = hyperowl.load(chat_checkpoint)
+    plan = harness.prepare("mmbench", str(DATA / "mmbench.tsv"), tmp_path)
+    s = harness.run(model, plan, tmp_path / "mmb", max_new_tokens=2, scoring="likelihood-text")
+    assert s["scoring"] == "likelihood-text"
+    rows = read_predictions(tmp_path / "mmb" / "predictions.jsonl")
+    for sample in plan.samples:
+        row = rows[sample.id]
+        assert len(sample.choices) > 1 and [len(x) for x in row["option_scores"]] == [len(c) for c in sample.choices]
+        assert row["prediction"] == [LETTERS[max(range(len(x)), key=x.__getitem__)] for x in row["option_scores"]]
+    plan = harness.prepare("multi-image", str(DATA / "multi_image.jsonl"), tmp_path)
+    harness.run(model, plan, tmp_path / "mi", max_new_tokens=2, scoring="likelihood")
+    rows = read_predictions(tmp_path / "mi" / "predictions.jsonl")
+    assert rows["mc-0"]["scoring"] == "likelihood" and len(rows["mc-0"]["option_scores"][0]) == 3
+    assert rows["nlvr-0"]["scoring"] == "generation" and "option_scores" not in rows["nlvr-0"]
