@@ -13,6 +13,17 @@ features are random (the engine takes features; the tower is not measured).
 
     python bench/bench_n.py                     # the embedded model, 16 images, n=8, 16 new tokens
     python bench/bench_n.py --n 4 --out bench/results/n.json
+
+--server: the same question through the real server (uvicorn in this process, the continuous scheduler, the
+embedded model, streamed chat requests over HTTP with httpx): one request with n=8 against eight separate
+requests (seeds 0..7) sent at once, for a prompt of --images distinct 64x64 PNG data URLs (n=1 as the
+baseline). Reported: time to the first content chunk of any choice / of every choice, total (to the last
+[DONE]), and the engine's prefill / cached tokens (/health). The feature cache is warm in every mode (a
+warm-up request first), so the difference is the prefill and the scheduling, not the vision tower; each timed
+run's prompt starts with its own line, so none reuses an earlier run's K/V. The answers are checked equal on one
+more prompt, untimed (choice i of n=8 is the single answer seeded i).
+
+    python bench/bench_n.py --server --out bench/results/n_server.json
 """
 
 from __future__ import annotations
@@ -65,6 +76,98 @@ def run(model, base, n: int, new: int, share: bool):
                                               cached_tokens=st["cached_tokens"])
 
 
+def server_mode(a) -> None:
+    import base64
+    import io
+    import threading
+
+    import httpx
+    from PIL import Image
+
+    import hyperowl
+    from hyperowl.serve import ServeConfig, ServerThread, create_app
+
+    pipe = hyperowl.load(device="cpu")
+    urls = []
+    for i in range(a.images):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), ((37 * i) % 256, (91 * i) % 256, (151 * i + 60) % 256)).save(buf, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    def body_of(run: int) -> dict:
+        # a run-specific first line: no timed run reuses an earlier run's prompt blocks from the prefix cache (the
+        # images' features do come from the feature cache: it is the prefill and scheduling that are compared)
+        content = [{"type": "text", "text": f"Request {run}: look at these pictures."}]
+        content += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        content.append({"type": "text", "text": "Describe each of them in a few words."})
+        return dict(model="owl", messages=[{"role": "user", "content": content}], max_tokens=a.new,
+                    min_tokens=a.new, temperature=1.0, stream=True)
+
+    def stream(url: str, req: dict, t0: float, firsts: dict, texts: dict, key: int) -> None:
+        with httpx.stream("POST", url, json=req, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for c in json.loads(line[6:]).get("choices", []):
+                    piece = c["delta"].get("content")
+                    if piece:
+                        k = key + c["index"]
+                        firsts.setdefault(k, time.perf_counter() - t0)
+                        texts[k] = texts.get(k, "") + piece
+
+    with ServerThread(create_app(pipe, pipe.processor, ServeConfig(model_name="owl"))) as srv:
+        url = srv.url + "/v1/chat/completions"
+
+        def counters() -> dict:
+            return httpx.get(srv.url + "/health", timeout=30).json()["scheduler"]["prefix_cache"]
+
+        def measure(n: int, separate: bool, run: int) -> tuple[list[str], dict]:
+            before, firsts, texts, body = counters(), {}, {}, body_of(run)
+            t0 = time.perf_counter()
+            if separate:
+                threads = [threading.Thread(target=stream, args=(url, dict(body, seed=i), t0, firsts, texts, i))
+                           for i in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            else:
+                stream(url, dict(body, n=n, seed=0), t0, firsts, texts, 0)
+            total = time.perf_counter() - t0
+            after = counters()
+            return [texts.get(i, "") for i in range(n)], dict(
+                ttft_first_s=min(firsts.values()), ttft_all_s=max(firsts.values()), total_s=total,
+                prefill_tokens=after["prefill_tokens"] - before["prefill_tokens"],
+                cached_tokens=after["cached_tokens"] - before["cached_tokens"])
+
+        measure(1, False, 0)  # warm-up: the images' features go into the feature cache
+        modes = {"n=1": (1, False), f"n={a.n}, one request": (a.n, False), f"{a.n} separate requests": (a.n, True)}
+        runs = {k: [] for k in modes}
+        run = 0
+        for _ in range(a.repeat):
+            for k, (n, sep) in modes.items():
+                run += 1
+                runs[k].append(measure(n, sep, run)[1])
+        # the answers (untimed, one prompt for all three): choice i of n is the single answer seeded i
+        outs = [measure(n, sep, run + 1)[0] for n, sep in modes.values()]
+    best = {k: {m: min(r[m] for r in rs) for m in rs[0]} for k, rs in runs.items()}
+    same = outs[1] == outs[2] and outs[0][0] == outs[1][0]
+    print(f"server (uvicorn, continuous scheduler), embedded model, {a.images} images, {a.new} new tokens a choice, "
+          f"cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; answers equal: {same}")
+    print(f"{'mode':22} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
+    for k, r in best.items():
+        print(f"{k:22} {r['ttft_first_s']:12.3f} {r['ttft_all_s']:11.3f} {r['total_s']:8.3f} "
+              f"{r['prefill_tokens']:12d} {r['cached_tokens']:11d}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(server=True, images=a.images, n=a.n, new_tokens=a.new,
+                                   threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same, modes=best),
+                              indent=1))
+    print(f"\nwrote {out}")
+    if not same:
+        sys.exit("the modes' answers differ")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8)
@@ -73,10 +176,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=16, help="new tokens per row")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each mode (alternated; best reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/n.json"))
+    ap.add_argument("--out", default=None, help="JSON (default bench/results/n.json; --server: n_server.json)")
+    ap.add_argument("--server", action="store_true", help="through the real server: n=8 vs 8 separate requests")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.out = a.out or str(ROOT / "bench/results" / ("n_server.json" if a.server else "n.json"))
+    if a.server:
+        return server_mode(a)
     import hyperowl
 
     model = hyperowl.load(device="cpu", feature_cache_mb=0).model

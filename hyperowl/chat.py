@@ -102,6 +102,23 @@ def chat_batch(pipe, conversations: Sequence[dict], json_schema: Any = None, **s
     return [detokenize(proc.tokenizer, o, params.stop_token_ids) for o in outs]
 
 
+def score_batch(pipe, conversations: Sequence[dict], continuations: Sequence[Sequence[str]]) -> list[list[list[float]]]:
+    """Per conversation, per continuation text: the log probability of each of its tokens as the start of the
+    answer (`Engine.score`; the definition of the logprobs the server reports). A continuation is tokenized
+    alone, without special tokens, as the answer's first tokens are (Owl2's SentencePiece adds its word-start
+    mark, as after "ASSISTANT:"). Conversations as in `chat_batch`, one padded prefill."""
+    proc = _processor(pipe)
+    plans = [proc.plan(c["messages"], images=c.get("images"), videos=c.get("videos")) for c in conversations]
+    ids = []
+    for conts in continuations:
+        ids.append([proc.tokenizer.encode(t, add_special_tokens=False).ids for t in conts])
+        empty = [t for t, x in zip(conts, ids[-1]) if not x]
+        if empty:
+            raise InputError(f"continuation {empty[0]!r} tokenizes to nothing; give some text")
+    embeds = pipe.encoder.encode_many(plans)
+    return Engine(pipe.model).score([Request(p.input_ids, e, p.image_positions) for p, e in zip(plans, embeds)], ids)
+
+
 def detokenize(tokenizer: Tokenizer, ids: Sequence[int], stops: Sequence[int] = ()) -> str:
     """The text `chat` would have streamed for these ids (the same rule: stop ids dropped, an incomplete
     trailing character held back), so batched and single answers are equal strings."""

@@ -344,6 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.task != "exact":
             raise InputError("--ood: only with --task exact (the test split and the ood set are both exact match)")
         ood_path(args.ood)  # fails fast, before the model loads
+    harness.check_scoring_for(args.task, args.scoring, args.prompt_style)
     plan = harness.prepare(args.task, args.data, args.out, limit=args.limit, frames=args.frames,
                            distractors=args.distractors, pool=args.pool, seed=args.seed, cache_dir=args.cache_dir,
                            circular=not args.no_circular, annotations=args.annotations, image_dir=args.image_dir,
@@ -363,7 +364,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if model.processor is None:
             raise InputError(f"model '{args.model}': no tokenizer.json in the checkpoint; eval needs one")
     s = harness.run(model, plan, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                    seed=args.seed, variants=args.variants, style=args.prompt_style)
+                    seed=args.seed, variants=args.variants, style=args.prompt_style, scoring=args.scoring)
     o = None
     if args.ood is not None:  # beside the test split: summary.json's "ood" block (every rank takes part)
         from .eval.runner import add_ood
@@ -714,6 +715,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=8, help="conversations per padded batch")
     e.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default 16)")
     e.add_argument("--seed", type=int, default=0, help="distractor sampling and synthetic sets")
+    e.add_argument("--scoring", default="generation", help="multiple-choice tasks: generation (default: answer "
+                   "generated and parsed), likelihood (the option letter's log probability, one forward) or "
+                   "likelihood-text (each option's text as the answer, mean logprob per token); docs/evaluation.md")
     e.add_argument("--ood", default=None, metavar="SET", help="exact: also score an out-of-distribution set (a folder "
                    "of `hyperowl data ood`, or its JSONL) into OUT/ood/, reported as summary.json's `ood` block")
     _model_options(e)

@@ -8,7 +8,9 @@ of computing padding. Sampling is a plain function of logits (greedy when temper
 temperature, top-k, top-p), with an HF-compatible repetition penalty over prompt + generated ids.
 `stream` yields (row, token) events as they are produced; `generate` collects them. A request may carry a
 grammar (`Request.constraint`, structured.py: its mask before sampling) and ask for logprobs
-(`SamplingParams.logprobs`: the event's `.logprobs`, from the raw logits; `token_logprobs`).
+(`SamplingParams.logprobs`: the event's `.logprobs`, from the raw logits; `token_logprobs`). `score` gives the
+log probabilities of given continuations of prompts (likelihood scoring of multiple-choice answers), by the
+same definition (`raw_logprobs`).
 
 Cancellation: a request may carry a `threading.Event`; once it is set (by any thread, e.g. a server whose
 client went away) the row is dropped at the next decode step like a finished one, freeing its cache rows.
@@ -106,6 +108,13 @@ class TokenEvent(tuple):
     logprobs: TokenLogprobs | None = None
 
 
+def raw_logprobs(logits: Tensor) -> Tensor:
+    """The model's log probabilities: log_softmax of the raw logits in float32 (before the repetition penalty,
+    a grammar mask, temperature, top-k, top-p). The one definition behind the logprobs the sampler reports
+    and `Engine.score`."""
+    return torch.log_softmax(logits.float(), -1)
+
+
 def token_logprobs(logprobs: Tensor, tokens: list[int], ns: list[int | None]) -> list[TokenLogprobs | None]:
     """Per row: the chosen token's logprob and the top ns[row] (None: the row did not ask); logprobs [B, V]
     (log_softmax of the logits the step sampled from). One top-k over the rows that ask, one copy to the host."""
@@ -172,7 +181,7 @@ def next_tokens(logits: Tensor, params: list[SamplingParams], generators: list[t
     tokens each row made so far), the grammar masks, the draw, the grammars advanced. logits [B, V] float32 are
     changed in place. Returns the tokens as a tensor and a list, and each row's logprobs (None: not asked)."""
     asks = [p.logprobs for p in params]
-    lp = torch.log_softmax(logits, -1) if any(n is not None for n in asks) else None  # the model's, raw
+    lp = raw_logprobs(logits) if any(n is not None for n in asks) else None  # the model's, raw
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, penalty)
     for row, (p, n) in enumerate(zip(params, produced)):
@@ -290,6 +299,53 @@ class Engine:
                 tokens, seen, penalty = tokens[rows], seen[rows], penalty[rows]
                 live = [live[i] for i in keep]
             logits = self.model(tokens[:, None], cache=cache).logits[:, -1].float()
+
+    @torch.no_grad()
+    def score(self, requests: list[Request], continuations: list[list[list[int]]]) -> list[list[list[float]]]:
+        """Log probabilities (`raw_logprobs`) of given continuations of each prompt: per request, per
+        continuation (token ids), one value per token. Sampling params and constraints are not used.
+
+        The prompts are prefilled once, in one left-padded batch (each prompt's visual K/V written once). Each
+        continuation's first token is read from its prompt's last logits, so single-token continuations (option
+        letters) cost that one forward. For longer ones the prompt's cache rows are repeated, one per
+        continuation (a copy of the K/V, never a recomputation of them or of the images), and every
+        continuation goes through one right-padded forward on that cache."""
+        if len(continuations) != len(requests):
+            raise ValueError(f"{len(continuations)} continuation lists for {len(requests)} requests")
+        vocab = self.model.config.vocab_size
+        for i, conts in enumerate(continuations):
+            for c in conts:
+                if not c or min(c) < 0 or max(c) >= vocab:
+                    raise ValueError(f"request {i}: a continuation must be a non-empty list of token ids in "
+                                     f"0..{vocab - 1}, got {c}")
+        if not requests:
+            return []
+        requests = [self._with_features(r) for r in requests]
+        batch = self._collate(requests)
+        dev = self.model.device
+        longer = [(r, j) for r, cs in enumerate(continuations) for j, c in enumerate(cs) if len(c) > 1]
+        extra = max((len(continuations[r][j]) - 1 for r, j in longer), default=0)
+        cache = self.model.new_cache(batch["input_ids"].shape[1] + extra)
+        first = raw_logprobs(self.model(**batch, cache=cache, last_logits_only=True).logits[:, -1])
+        rows = torch.tensor([r for r, cs in enumerate(continuations) for _ in cs], dtype=torch.long, device=dev)
+        heads = iter(first[rows, torch.tensor([c[0] for cs in continuations for c in cs], dtype=torch.long,
+                                              device=dev)].tolist())
+        out = [[[next(heads)] for _ in cs] for cs in continuations]
+        if not longer:
+            return out
+        cache.reorder(torch.tensor([r for r, _ in longer], device=dev))
+        ids = torch.zeros(len(longer), extra, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(longer), extra, dtype=torch.long, device=dev)
+        for k, (r, j) in enumerate(longer):  # the continuation without its last token: its logits predict the rest
+            c = continuations[r][j]
+            ids[k, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+            valid[k, : len(c) - 1] = 1
+        lp = raw_logprobs(self.model(ids, attention_mask=valid, cache=cache).logits)
+        for k, (r, j) in enumerate(longer):
+            c = continuations[r][j]
+            target = torch.tensor(c[1:], device=dev)
+            out[r][j] += lp[k, torch.arange(len(c) - 1, device=dev), target].tolist()
+        return out
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         """New token ids per request (stop token included when one was produced)."""

@@ -129,7 +129,14 @@ def _short(body: dict, name: str, rnd: random.Random) -> dict:
 
 
 def fill_valid_completion(body: dict, images: list[str], video: str, rnd: random.Random) -> dict:
-    return _short(body, "max_tokens", rnd)
+    """Short; n <= 2 (as chat); best_of between n and 3, and not streamed (the best are known only at the end)."""
+    _short(body, "max_tokens", rnd)
+    if isinstance(body.get("n"), (int, float)) and not isinstance(body["n"], bool):
+        body["n"] = min(int(body["n"]), 2)
+    if isinstance(body.get("best_of"), (int, float)) and not isinstance(body["best_of"], bool):
+        n = body.get("n") or 1
+        body["best_of"] = None if body.get("stream") else min(max(int(body["best_of"]), n), 3)
+    return body
 
 
 def fill_valid_response(body: dict, images: list[str], video: str, rnd: random.Random) -> dict:

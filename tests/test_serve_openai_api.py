@@ -128,8 +128,7 @@ def test_neutral_values_and_bookkeeping_fields_are_accepted(client):
     assert r.choices[0].message.content == ref.choices[0].message.content and r.choices[0].logprobs is None
 
 
-@pytest.mark.parametrize("name,kw", [("echo", dict(echo=True)), ("n", dict(n=2)), ("best_of", dict(best_of=2)),
-                                     ("suffix", dict(suffix="end")),
+@pytest.mark.parametrize("name,kw", [("echo", dict(echo=True)), ("suffix", dict(suffix="end")),
                                      ("logit_bias", dict(logit_bias={"5": 1})),
                                      ("presence_penalty", dict(presence_penalty=1.0))])
 def test_unsupported_completion_parameter_is_a_400_naming_it(client, name, kw):
@@ -140,8 +139,6 @@ def test_unsupported_completion_parameter_is_a_400_naming_it(client, name, kw):
 
 @pytest.mark.parametrize("name,kw", [
     ("tools", dict(tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}])),
-    ("include", dict(include=["message.output_text.logprobs"])),
-    ("top_logprobs", dict(top_logprobs=2)),
     ("reasoning", dict(reasoning={"effort": "low"})),
     ("background", dict(background=True)),
     ("truncation", dict(truncation="auto")),
@@ -475,3 +472,111 @@ def test_n_choices_seeded_plain_and_streamed(client):
     assert [got[i] for i in range(3)] == want and set(fins) == {0, 1, 2}
     with pytest.raises(openai.UnprocessableEntityError):
         one(n=9)
+
+
+# -- logprobs on /v1/responses; n and best_of on /v1/completions ---------------------------------------------
+
+def test_response_logprobs_plain_and_streamed(client):
+    """include: ["message.output_text.logprobs"] + top_logprobs: the output_text part's logprobs (and each
+    delta's, streamed) are chat's for the same conversation (chat's equal a full forward: test_structured.py)."""
+    ref = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+                                         logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    def flat(entries, tops=True):  # (tokens, values): every token and logprob, alternatives included
+        toks, vals = [], []
+        for x in entries:
+            toks.append(x.token)
+            vals.append(x.logprob)
+            for t in (x.top_logprobs or []) if tops else []:
+                toks.append(t.token)
+                vals.append(t.logprob)
+        return toks, vals
+
+    def same(a, b) -> bool:
+        return a[0] == b[0] and a[1] == pytest.approx(b[1], abs=1e-5)
+
+    want = flat(ref)
+    kw = dict(model=MODEL, input="Hello", max_output_tokens=6)
+    r = client.responses.create(include=["message.output_text.logprobs"], top_logprobs=3, **kw)
+    part = r.output[0].content[0]
+    assert same(flat(part.logprobs), want) and len(part.logprobs) == len(ref) > 0 and r.top_logprobs == 3
+    assert all(len(x.top_logprobs) == 3 for x in part.logprobs)
+    assert all(bytes(x.bytes).decode() == x.token for x in part.logprobs)
+    events = list(client.responses.create(include=["message.output_text.logprobs"], top_logprobs=3, stream=True,
+                                          **kw))
+    assert same(flat([x for e in events if e.type == "response.output_text.delta" for x in e.logprobs]), want)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    chosen = flat(ref, tops=False)
+    assert same(flat(done.logprobs, tops=False), chosen)
+    assert same(flat(events[-1].response.output[0].content[0].logprobs, tops=False), chosen)
+    # include alone: no alternatives; top_logprobs alone also turns them on (never silently ignored); neither: none
+    alone = client.responses.create(include=["message.output_text.logprobs"], **kw).output[0].content[0].logprobs
+    assert same(flat(alone), chosen) and all(not x.top_logprobs for x in alone)
+    top = client.responses.create(top_logprobs=2, **kw).output[0].content[0].logprobs
+    assert [len(x.top_logprobs) for x in top] == [2] * len(ref)
+    assert client.responses.create(**kw).output[0].content[0].logprobs == []
+    with pytest.raises(openai.BadRequestError) as e:  # data this server does not have: named
+        client.responses.create(include=["reasoning.encrypted_content"], **kw)
+    assert e.value.body["param"] == "include[0]" and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.responses.create(top_logprobs=21, **kw)
+
+
+def test_completion_n_choices_seeded_plain_and_streamed(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6)
+    greedy = client.completions.create(**kw).choices[0].text
+    r = client.completions.create(n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.text == greedy for c in r.choices)
+    singles = [client.completions.create(temperature=1.0, seed=5 + i, **kw) for i in range(3)]
+    want = [x.choices[0].text for x in singles]
+    r = client.completions.create(n=3, temperature=1.0, seed=5, **kw)
+    assert [c.text for c in r.choices] == want  # choice i is the single answer seeded seed + i
+    assert r.usage.completion_tokens == sum(x.usage.completion_tokens for x in singles)
+    got, fins = {0: "", 1: "", 2: ""}, {}
+    for ch in client.completions.create(n=3, temperature=1.0, seed=5, stream=True, **kw):
+        for c in ch.choices:
+            got[c.index] += c.text
+            if c.finish_reason:
+                fins[c.index] = c.finish_reason
+    assert [got[i] for i in range(3)] == want and set(fins) == {0, 1, 2}
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(n=9, **kw)
+
+
+def test_completion_best_of_returns_the_n_best_candidates(client):
+    kw = dict(model=MODEL, prompt="Say something", max_tokens=6, temperature=1.0)
+    cands = [client.completions.create(seed=7 + i, logprobs=0, **kw) for i in range(4)]
+    mean = [sum(c.choices[0].logprobs.token_logprobs) / max(1, len(c.choices[0].logprobs.token_logprobs))
+            for c in cands]
+    best = sorted(range(4), key=lambda i: -mean[i])[:2]
+    r = client.completions.create(n=2, best_of=4, seed=7, **kw)
+    assert [c.text for c in r.choices] == [cands[i].choices[0].text for i in best]
+    assert r.usage.completion_tokens == sum(c.usage.completion_tokens for c in cands)  # all candidates count
+    assert all(c.logprobs is None for c in r.choices)  # ranked by logprobs, which were not asked for
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(n=1, best_of=2, stream=True, **kw)
+    assert e.value.body["param"] == "best_of"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(n=3, best_of=2, **kw)
+
+
+def test_completion_n_choices_share_one_prefill(server, client):
+    """As chat's n: the prompt is prefilled once, the other choices reuse its whole blocks (prefix cache)."""
+    import time
+
+    def sched():
+        return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
+
+    before = sched()["prefix_cache"]
+    prompt = "Owls that live in snowy northern forests hunt at dusk, and they " * 3
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=3, temperature=1.0, seed=11)
+    assert len(r.choices) == 3
+    for _ in range(100):
+        s = sched()
+        if s["running"] == 0 and s["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    p, bs = r.usage.prompt_tokens, s["kv_cache"]["block_size"]
+    shared = (p - 1) // bs * bs
+    assert shared > 0
+    assert s["prefix_cache"]["cached_tokens"] - before["cached_tokens"] == 2 * shared
+    assert s["prefix_cache"]["prefill_tokens"] - before["prefill_tokens"] == p + 2 * (p - shared)

@@ -186,3 +186,32 @@ def test_grammar_end_wins_over_min_new_tokens(pipe):
 
     assert stops and out[-1] in stops and len(out) < 60
     jsonschema.validate(json.loads(detokenize(pipe.processor.tokenizer, out, stops)), schema)
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.parametrize("family", ["241101", "owl2"])
+def test_schemas_validate_on_the_other_families(pipe, family, sampling):
+    """Owl3 241101 and Owl2 (tiny random models on the embedded tokenizer's vocabulary; every other row with an
+    image) through both engines: every constrained answer validates, free rows equal their solo answers."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from conftest import features, random_owl3
+    from test_owl2 import random_owl2
+
+    vocab = pipe.model.config.vocab_size
+    model = random_owl3("241101", vocab_size=vocab) if family == "241101" else random_owl2(seed=3, vocab_size=vocab)
+    fam = SimpleNamespace(model=model, processor=pipe.processor, stop_ids=pipe.stop_ids)
+    size = model.config.vision.image_size
+    feats = features(model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)))
+
+    def with_images(reqs):
+        return [dataclasses.replace(r, input_ids=torch.cat([torch.tensor([7]), r.input_ids]), image_embeds=feats,
+                                    image_positions=torch.tensor([0])) if i % 4 in (0, 1) else r
+                for i, r in enumerate(reqs)]
+
+    free_ref = [Engine(model).generate([r])[0] for r in with_images(requests(fam, False, sampling))]
+    reqs = with_images(requests(fam, True, sampling))
+    check_answers(fam, reqs, Engine(model).generate(reqs), free_ref)
+    reqs = with_images(requests(fam, True, sampling))
+    check_answers(fam, reqs, continuous(fam, reqs)[0], free_ref)

@@ -116,7 +116,8 @@ def distractor_samples(items: Sequence[MCItem], pool: Sequence[str], n: int, see
 
         out.append(Sample(it.id, it.category, LETTERS[it.answer], build,
                           mc_score([p[0] for p in plan], [p[1] for p in plan]),
-                          extra={"distractors": n, "target_image": [p[3] + 1 for p in plan]}))
+                          extra={"distractors": n, "target_image": [p[3] + 1 for p in plan]},
+                          choices=[p[0] for p in plan]))
     return out
 
 
@@ -144,7 +145,7 @@ def _peak_rss_mib() -> float:
 def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: Sequence[int], out_dir: str | Path, *,
                    seed: int = 0, variants: int = VARIANTS, style: str = "mc", batch_size: int = 8,
                    max_new_tokens: int = 16,
-                   data: str = "", plot: bool = True) -> dict[str, Any]:
+                   data: str = "", plot: bool = True, scoring: str = "generation") -> dict[str, Any]:
     """The sweep over N (see the module note); returns what `out/distractor.json` holds."""
     import torch
 
@@ -162,7 +163,8 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
             torch.cuda.reset_peak_memory_stats()
         s = run_samples(model, all_samples[n], out / f"N{n}", batch_size=batch_size, max_new_tokens=max_new_tokens,
                         desc=f"distractors={n}", meta={"task": "distractor", "data": data, "distractors": n,
-                                                       "variants": variants, "seed": seed, "style": style})
+                                                       "variants": variants, "seed": seed, "style": style},
+                        scoring=scoring)
         row = {"distractors": n, "n": s["n"], "accuracy": s["accuracy"], "computed": s["computed"],
                "latency_s": s["seconds"] / s["computed"] if s["computed"] else None,
                "peak_rss_mib": round(_peak_rss_mib(), 1), "rss_peak_reset": reset,
@@ -172,7 +174,7 @@ def run_distractor(model, items: Sequence[MCItem], pool: Sequence[str], counts: 
         results.append(row)
         log.info("distractors=%d: accuracy %.3f over %d questions", n, s["accuracy"], s["n"])
     report = {"task": "distractor", "data": data, "seed": seed, "variants": variants, "style": style,
-              "pool_size": len(pool),
+              "scoring": scoring, "pool_size": len(pool),
               "results": results}
     if dist_info()[0] != 0:  # under torchrun rank 0 writes the report (its own memory and latency)
         return report

@@ -14,12 +14,25 @@ from ..data.tables import exists, is_hub_id
 from ..errors import InputError
 from . import distractor as dis
 from . import tasks as tk
-from .runner import evaluate, exact_samples, load_records, run_samples
+from .runner import check_scoring, evaluate, exact_samples, load_records, run_samples
 from .synthetic_tasks import GROUP_OF, SYNTHETIC_TASKS, synthetic_conversations, synthetic_distractor_set
 
 FILE_TASKS = ("exact", "mmbench", "vqa", "multi-image", "video-mc", "distractor")
 TASKS = FILE_TASKS + SYNTHETIC_TASKS
 SYNTHETIC_DEFAULT_N = 100
+# tasks whose questions have options, which `--scoring likelihood` can score (multi-image: its multiple-choice rows)
+MC_TASKS = ("mmbench", "multi-image", "video-mc", "distractor", "synthetic-distractor")
+
+
+def check_scoring_for(task: str, scoring: str, style: str = "mc") -> None:
+    """A one-line error for a scoring method the task cannot use (before any model loads)."""
+    check_scoring(scoring)
+    if scoring != "generation" and task not in MC_TASKS:
+        raise InputError(f"--scoring {scoring} is for multiple-choice tasks ({', '.join(MC_TASKS)}); --task {task} "
+                         "has no options to score: drop --scoring")
+    if scoring == "likelihood" and style == "open":
+        raise InputError("--scoring likelihood scores the option letters, which --prompt-style open does not show; "
+                         "use --scoring likelihood-text")
 
 
 @dataclass
@@ -87,14 +100,18 @@ def prepare(task: str, data: Optional[str], out: str | Path, *, limit: Optional[
 
 
 def run(model, plan: Plan, out: str | Path, *, batch_size: int = 8, max_new_tokens: int = 16, seed: int = 0,
-        variants: int = dis.VARIANTS, style: str = "mc") -> dict[str, Any]:
+        variants: int = dis.VARIANTS, style: str = "mc", scoring: str = "generation") -> dict[str, Any]:
+    """scoring: one of runner.SCORINGS (likelihood methods: multiple-choice tasks only, see runner.py)."""
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    check_scoring_for(plan.task, scoring, style)
     if plan.items:
         return dis.run_distractor(model, plan.items, plan.pool, plan.counts, out, seed=seed, variants=variants,
-                                  style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, data=str(plan.data))
+                                  style=style, batch_size=batch_size, max_new_tokens=max_new_tokens, data=str(plan.data),
+                                  scoring=scoring)
     if plan.task == "exact":  # keeps the exact task's summary format (with "tasks")
         return evaluate(model, plan.data, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         limit=len(plan.samples))
     return run_samples(model, plan.samples, out, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       desc=plan.task, meta={"task": plan.task, "data": str(plan.data)}, groups=plan.task != "vqa")
+                       desc=plan.task, meta={"task": plan.task, "data": str(plan.data)}, groups=plan.task != "vqa",
+                       scoring=scoring)

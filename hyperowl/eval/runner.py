@@ -15,6 +15,17 @@ Data parallel: under torchrun (WORLD_SIZE > 1) rank r evaluates samples r::world
 `predictions.rank<r>.jsonl`; after a barrier (gloo, so it works on CPU) rank 0 merges them into
 `predictions.jsonl` (in sample order) and writes the summary; every rank returns the same summary.
 
+Likelihood scoring (`scoring`, `hyperowl eval --scoring`): a multiple-choice sample carries the options of each
+of its conversations (`Sample.choices`, in the order the prompt shows them). Instead of generating an answer and
+parsing it, the model's log probability (`chat.score_batch`: log_softmax of the raw logits, the definition the
+server's logprobs use) of each option as the answer is computed and the best one is taken: "likelihood" scores
+the option's letter at the answer position (one forward per conversation, the letter being one token), and
+"likelihood-text" the option's own text as the answer (mean logprob per token, so long options are not
+penalised for their length; the prompt is prefilled once and its K/V shared by the options). The answer is
+then the chosen option's letter, scored by the sample's own scorer (so circular evaluation works unchanged),
+and the row keeps the per-conversation option scores (`option_scores`). Samples without options (yes/no,
+exact match) are generated as usual (their row says `"scoring": "generation"`).
+
 Exact match (the `exact` task): each record's last assistant message (or its "answer" field) is the
 reference, compared after `normalize`.
 """
@@ -58,6 +69,7 @@ class Sample:
     score: Callable[[list[str]], dict]
     extra: dict = field(default_factory=dict)  # copied into the predictions row
     predictions: list[str] | None = None  # answers given with the data (a prediction file): no model call
+    choices: list[list[str]] | None = None  # multiple choice: each conversation's options as shown (likelihood)
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
@@ -149,6 +161,8 @@ def model_fingerprint(model) -> str:
 
 def _run_key(meta: dict) -> dict:
     key = {k: meta[k] for k in ("task", "distractors", "variants", "seed", "style", "model") if k in meta}
+    if meta.get("scoring", "generation") != "generation":  # (generation runs keep their earlier run.json)
+        key["scoring"] = meta["scoring"]
     if meta.get("data"):
         key["data"] = Path(str(meta["data"])).name
     return key
@@ -172,6 +186,30 @@ def _check_same_run(out: Path, meta: dict, rank: int) -> None:
         tmp.replace(f)
 
 
+SCORINGS = ("generation", "likelihood", "likelihood-text")
+
+
+def check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise InputError(f"--scoring '{scoring}': choose one of {', '.join(SCORINGS)}")
+
+
+def pick_options(model, convs: list[dict], choices: list[list[str]], scoring: str,
+                 batch_size: int) -> tuple[list[str], list[list[float]]]:
+    """Likelihood scoring (see the module note): per conversation the chosen option's letter and every option's
+    score (letter: its logprob; text: its mean logprob per token)."""
+    from ..chat import score_batch
+    from .tasks import LETTERS
+
+    conts = [list(LETTERS[: len(c)]) if scoring == "likelihood" else list(c) for c in choices]
+    lps: list[list[list[float]]] = []
+    for i in range(0, len(convs), batch_size):
+        lps += score_batch(model, convs[i : i + batch_size], conts[i : i + batch_size])
+    scores = [[sum(x) / len(x) for x in per] for per in lps]  # one token per letter: the mean is its logprob
+    picks = [LETTERS[max(range(len(sc)), key=sc.__getitem__)] for sc in scores]
+    return picks, scores
+
+
 def _chunks(samples: Sequence[Sample], batch_size: int):
     """Consecutive samples whose conversations fill about `batch_size` slots (at least one sample)."""
     chunk: list[tuple[Sample, list[dict]]] = []
@@ -189,9 +227,11 @@ def _chunks(samples: Sequence[Sample], batch_size: int):
 
 def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_size: int = 8,
                 max_new_tokens: int = 16, desc: str = "eval", meta: dict | None = None,
-                groups: bool = True) -> dict[str, Any]:
+                groups: bool = True, scoring: str = "generation") -> dict[str, Any]:
     """Evaluate `samples` (resuming from `out_dir`), write predictions + summary, return the summary.
-    The summary also holds `seconds` (time spent computing in this call) and `computed` (samples computed)."""
+    The summary also holds `seconds` (time spent computing in this call) and `computed` (samples computed).
+    scoring: "generation" (answers generated and parsed) or a likelihood method (module note)."""
+    check_scoring(scoring)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = [s.id for s in samples]
@@ -199,7 +239,7 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise InputError(f"sample id '{dup}' appears twice in the data; ids must be unique (resume relies on them)")
     rank, world = dist_info()
-    meta = dict(meta or {})
+    meta = dict(meta or {}, scoring=scoring)
     module = getattr(model, "model", model)  # a Pipeline's nn.Module
     if isinstance(module, torch.nn.Module):  # rows on disk are resumed only for the same weights
         meta["model"] = model_fingerprint(module)
@@ -215,15 +255,29 @@ def run_samples(model, samples: Sequence[Sample], out_dir: str | Path, *, batch_
     with own_file.open("a", encoding="utf-8") as f, tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc,
                                                         disable=rank != 0) as bar:
         for chunk in _chunks(todo, batch_size):
-            convs = [c for _, cs in chunk for c in cs]
+            by_lik = scoring != "generation"
+            gen = [c for s, cs in chunk if not (by_lik and s.choices) for c in cs]
+            lik = [(c, o) for s, cs in chunk if by_lik and s.choices for c, o in zip(cs, s.choices)]
             outs: list[str] = []
-            for i in range(0, len(convs), batch_size):
-                outs += chat_batch(model, convs[i : i + batch_size], max_new_tokens=max_new_tokens)
-            k = 0
+            for i in range(0, len(gen), batch_size):
+                outs += chat_batch(model, gen[i : i + batch_size], max_new_tokens=max_new_tokens)
+            picks, option_scores = pick_options(model, [c for c, _ in lik], [o for _, o in lik], scoring,
+                                                batch_size) if lik else ([], [])
+            k = j = 0
             for s, cs in chunk:
-                preds = list(s.predictions) if s.predictions is not None else outs[k : k + len(cs)]
-                k += len(cs)
-                row = {"id": s.id, "category": s.category, **s.extra,
+                kept = {}
+                if s.predictions is not None:
+                    preds = list(s.predictions)
+                elif by_lik and s.choices:
+                    preds = picks[j : j + len(cs)]
+                    kept = {"scoring": scoring, "option_scores": [[round(v, 4) for v in sc]
+                                                                  for sc in option_scores[j : j + len(cs)]]}
+                    j += len(cs)
+                else:
+                    preds = outs[k : k + len(cs)]
+                    k += len(cs)
+                    kept = {"scoring": "generation"} if by_lik else {}
+                row = {"id": s.id, "category": s.category, **s.extra, **kept,
                        "prediction": preds[0] if len(preds) == 1 else preds, "answer": s.answer, **s.score(preds)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[s.id] = row

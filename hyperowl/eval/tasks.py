@@ -443,7 +443,7 @@ def circular_sample(item: MCItem, prompt_of: Callable[[list[str]], str], images:
 
     return Sample(item.id, item.category, LETTERS[item.answer], build, mc_score([o for o, _ in variants],
                                                                                 [a for _, a in variants]),
-                  extra=dict(item.extra))
+                  extra=dict(item.extra), choices=[o for o, _ in variants])
 
 
 def circular_groups(items: Sequence[MCItem]) -> Optional[dict[int, list[MCItem]]]:
@@ -476,7 +476,8 @@ def _group_sample(gid: int, rows: list[MCItem]) -> Sample:
     extra = dict(base.extra, rows=[r.id for r in rows]) if len(rows) > 1 else dict(base.extra)
     preds = [r.prediction or "" for r in rows] if base.prediction is not None else None
     return Sample(str(gid), base.category, LETTERS[base.answer], build,
-                  mc_score([r.options for r in rows], [r.answer for r in rows]), extra=extra, predictions=preds)
+                  mc_score([r.options for r in rows], [r.answer for r in rows]), extra=extra, predictions=preds,
+                  choices=[list(r.options) for r in rows])
 
 
 def mmbench_samples(path: str | Path, circular: bool = True) -> list[Sample]:

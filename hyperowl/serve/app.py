@@ -522,11 +522,11 @@ async def admitted(request: Request, job: Job) -> Response | None:
 async def submit(state: AppState, request: Request, req: Any, prompt: PreparedPrompt, cid: str) -> Reply | Response:
     """Queue a prepared request for the scheduler (every generating route ends here); with continuous
     batching, wait until it is admitted (a 400 if it cannot fit the K/V budget, a 499 Response if the client
-    left meanwhile). n > 1 (chat): one job per choice, choice i seeded seed + i (wrapping), each with its own
-    grammar state."""
+    left meanwhile). n > 1 (chat, completions): one job per choice, choice i seeded seed + i (wrapping), each
+    with its own grammar state (completions' best_of: one job per candidate)."""
     params = sampling(state, req, token_budget(state, req, prompt))
     jobs = []
-    for i in range(getattr(req, "n", 1)):
+    for i in range(getattr(req, "best_of", None) or getattr(req, "n", 1)):  # completions: best_of candidates
         p = params if i == 0 or params.seed is None else dataclasses.replace(
             params, seed=(params.seed + i - SEED_RANGE[0]) % (SEED_RANGE[1] - SEED_RANGE[0] + 1) + SEED_RANGE[0])
         jobs.append(Job(prompt, p, asyncio.get_running_loop(), constraint=constraint(state, req)))

@@ -10,12 +10,16 @@ OpenAI's `text_completion` objects, streamed as `data:` events ending with `data
 Fields (which are honoured, ignored or refused: protocol.COMPLETION_FIELDS): `prompt` (a string or a list of
 one string; token-id prompts are refused), `max_tokens` (default 16, OpenAI's), `temperature`, `top_p`,
 `stop`, `seed`, `stream`, `stream_options.include_usage`, the extensions `top_k`, `repetition_penalty`,
-`min_tokens`; `echo` only false, `n` / `best_of` only 1, `suffix` only absent; `logprobs` (int) gives the legacy logprobs object.
+`min_tokens`; `echo` only false, `suffix` only absent; `logprobs` (int) gives the legacy logprobs object.
+`n` (1-8): n choices, made as chat's are (one job each, choice i seeded seed + i; the continuous engine shares
+the prompt's prefill through its prefix cache), streamed interleaved with their `index`. `best_of` (n-8, not
+streamed): that many candidates, the n with the highest mean token logprob returned (usage counts them all).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from typing import Any, AsyncIterator
@@ -64,10 +68,10 @@ def legacy_logprobs(tokenizer: Any, lps: list, offset: int = 0) -> dict:
 
 
 def completion_body(reply: Reply, model: str, text: str, finish_reason: str | None, n: int | None,
-                    logprobs: dict | None = None) -> dict:
+                    logprobs: dict | None = None, index: int = 0) -> dict:
     """A `text_completion` object: the whole answer, or one streamed piece (`n` None: no usage)."""
     body = {"id": reply.cid, "object": "text_completion", "created": reply.created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if n is not None:
         body["usage"] = usage(reply.prompt, n, reply.job)
     return body
@@ -104,6 +108,71 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
         reply.job.cancel.set()  # finished or disconnected: the engine row must not go on
 
 
+async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """n > 1 streamed: each choice's pieces (with its index) as they come, interleaved; one finishing event per
+    choice, [usage for all], [DONE]."""
+    name, want_lp = state.config.model_name, reply.req.logprobs is not None
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, job) -> None:
+        sent, n, reason, offset = 0, 0, "stop", 0
+        try:
+            async for delta, fin, n in answer(state, job, reply.req):
+                reason = fin or reason
+                if delta:
+                    lps = job.logprobs[sent:]
+                    sent += len(lps)
+                    lp = legacy_logprobs(state.tokenizer, lps, offset) if want_lp else None
+                    offset += len(delta)
+                    await events.put((i, delta, None, lp, n))
+            await events.put((i, "", reason, None, n))
+        except ApiError as e:
+            await events.put((i, e, None, None, n))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    try:
+        left, total = len(tasks), 0
+        while left:
+            i, delta, fin, lp, n = await events.get()
+            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
+                yield _event(delta.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield _event(completion_body(reply, name, delta, fin, None, lp, index=i))
+            if fin is not None:
+                left, total = left - 1, total + n
+        if reply.req.include_usage:
+            yield _event({**completion_body(reply, name, "", None, total), "choices": []})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        for job in reply.jobs:
+            job.cancel.set()
+
+
+async def _complete(state: AppState, request: Request, req: CompletionRequest, reply: Reply) -> Response:
+    """The whole answer: n choices (of best_of candidates, the n best by mean token logprob)."""
+    results = []
+    for job in reply.jobs:  # they ran side by side; collected in order
+        r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
+        if r is None:
+            return Response(status_code=499)
+        results.append((r, job))
+    total = sum(n for (_, _, n), _ in results)
+    if req.best_of:  # stable: among equal scores (greedy candidates) the lower index wins
+        mean = lambda job: sum(x.logprob for x in job.logprobs) / max(1, len(job.logprobs))  # noqa: E731
+        results = sorted(results, key=lambda rj: -mean(rj[1]))[: req.n]
+    name = state.config.model_name
+    choices = []
+    for i, ((text, reason, _), job) in enumerate(results):
+        lp = legacy_logprobs(state.tokenizer, job.logprobs) if req.logprobs is not None else None
+        choices.append(completion_body(reply, name, text, reason, None, lp, index=i)["choices"][0])
+    body = completion_body(reply, name, "", "stop", total)
+    body["choices"] = choices
+    return JSONResponse(body)
+
+
 async def completions(request: Request) -> Response:
     state = state_of(request)
     check_auth(state, request)
@@ -112,17 +181,15 @@ async def completions(request: Request) -> Response:
     if state.scheduler.full():
         raise too_busy(state)
     prompt = await asyncio.to_thread(raw_prompt, state, req)
-    reply = await submit(state, request, req, prompt, "cmpl-" + uuid.uuid4().hex[:24])
+    # best_of ranks its candidates by their tokens' logprobs: the engine records them even if not asked for
+    engine_req = dataclasses.replace(req, logprobs=0) if req.best_of and req.logprobs is None else req
+    reply = await submit(state, request, engine_req, prompt, "cmpl-" + uuid.uuid4().hex[:24])
     if isinstance(reply, Response):
         return reply
     if req.stream:
-        return StreamingResponse(_sse(state, reply), media_type="text/event-stream", headers=SSE_HEADERS)
-    result = await finish(state, request, reply)
-    if result is None:
-        return Response(status_code=499)
-    text, reason, n = result
-    lp = legacy_logprobs(state.tokenizer, reply.job.logprobs) if req.logprobs is not None else None
-    return JSONResponse(completion_body(reply, state.config.model_name, text, reason, n, lp))
+        return StreamingResponse((_sse_many if reply.others else _sse)(state, reply), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    return await _complete(state, request, req, reply)
 
 
 def add_completion_routes(app: FastAPI) -> None:

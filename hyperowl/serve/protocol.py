@@ -242,10 +242,8 @@ EXTENSIONS = frozenset({"top_k", "repetition_penalty", "min_tokens"})
 # Bookkeeping and routing hints of the caller: no effect on an answer by their OpenAI definition.
 BOOKKEEPING = frozenset({"user", "metadata", "safety_identifier", "service_tier", "prompt_cache_key",
                          "prompt_cache_retention"})
-_NO_LOGPROBS = "log probabilities are not implemented yet; leave it out"
 _NO_TOOLS = "tool and function calling is not implemented; leave it out"
 _PENALTY = "only 0 is accepted; use the extension 'repetition_penalty' (the Hugging Face rule) instead"
-_ONE = "one answer per request is implemented; send several requests (each with its own seed)"
 
 CHAT_FIELDS = Fields(
     "POST /v1/chat/completions",
@@ -274,11 +272,9 @@ CHAT_FIELDS = Fields(
 COMPLETION_FIELDS = Fields(
     "POST /v1/completions",
     parsed=frozenset({"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
-                      "stop", "logprobs"}) | EXTENSIONS,
+                      "stop", "logprobs", "n", "best_of"}) | EXTENSIONS,
     ignored=frozenset({"user"}),
     refused={
-        "n": Refused(_is(1), _ONE),
-        "best_of": Refused(_is(1), _ONE),
         "echo": Refused(_is(False), "echoing the prompt is not implemented; prepend it yourself"),
         "suffix": Refused(_is(""), "insertion (a suffix) is not implemented; leave it out"),
         "logit_bias": Refused(_is({}), "token biases are not implemented; leave it out"),
@@ -289,14 +285,13 @@ COMPLETION_FIELDS = Fields(
 RESPONSE_FIELDS = Fields(
     "POST /v1/responses",
     parsed=frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream",
-                      "previous_response_id", "store", "metadata", "seed", "stop", "text"}) | EXTENSIONS,
+                      "previous_response_id", "store", "metadata", "seed", "stop", "text", "include",
+                      "top_logprobs"}) | EXTENSIONS,
     # stream_options holds only include_obfuscation (padding against length side channels): never added here
     ignored=BOOKKEEPING | {"parallel_tool_calls", "max_tool_calls", "stream_options"},
     refused={
         "tools": Refused(_is([]), _NO_TOOLS),
         "tool_choice": Refused(_is("none"), _NO_TOOLS),
-        "include": Refused(_is([]), "no extra output data (logprobs, encrypted reasoning, ...) is available"),
-        "top_logprobs": Refused(lambda v: False, _NO_LOGPROBS),
         "reasoning": Refused(lambda v: False, "the model has no reasoning settings; leave it out"),
         "background": Refused(_is(False), "background responses are not implemented; stream instead"),
         "truncation": Refused(_is("disabled"), "the input is never truncated: a prompt over the context is a 400"),
@@ -422,6 +417,8 @@ class CompletionRequest:
     input_param: str = "prompt"
     logprobs: int | None = None
     json_schema: Any = None
+    n: int = 1  # choices returned; each one a job (submit), choice i seeded seed + i
+    best_of: int | None = None  # candidates made (>= n, not streamed); the n best by mean token logprob are returned
 
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -449,8 +446,17 @@ def parse_completion_request(body: dict[str, Any], model_name: str, max_tokens_l
     logprobs = _typed(body, "logprobs", int, None, "an integer")
     if logprobs is not None:
         _range(0 <= logprobs <= 5, "logprobs", "must be between 0 and 5")  # OpenAI's bound for this endpoint
+    n = _typed(body, "n", int, 1, "an integer")
+    _range(1 <= n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
+    best_of = _typed(body, "best_of", int, None, "an integer")
+    if best_of is not None:
+        _range(n <= best_of <= MAX_N, "best_of", f"must be between n ({n}) and {MAX_N}")
+        if stream and best_of > n:
+            raise ApiError(400, "'best_of' above n cannot be streamed (the best are known only at the end); drop "
+                                "stream or best_of", param="best_of", code="invalid_value")
     return CompletionRequest(model=model, prompt=prompt, stream=stream, include_usage=_include_usage(body),
-                             logprobs=logprobs, **_sampling(body, max_tokens, "max_tokens"))
+                             logprobs=logprobs, n=n, best_of=best_of if best_of and best_of > n else None,
+                             **_sampling(body, max_tokens, "max_tokens"))
 
 
 @dataclass
@@ -538,6 +544,26 @@ def _parse_input(raw: Any) -> list[Message]:
     return out
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the one `include` value this server has data for
+
+
+def _response_logprobs(body: dict[str, Any]) -> int | None:
+    """`include: ["message.output_text.logprobs"]` and/or `top_logprobs` (0-20) -> the engine's logprobs (None: off).
+    top_logprobs alone also turns them on: it would otherwise be ignored."""
+    include = _typed(body, "include", list, [], "a list of strings")
+    for i, value in enumerate(include):
+        if not isinstance(value, str):
+            raise ApiError(400, f"'include[{i}]' must be a string", param=f"include[{i}]", code="invalid_type")
+        if value != LOGPROBS_INCLUDE:
+            raise ApiError(400, f"'include' value {value!r} is not available from this server (it can include only "
+                                f"{LOGPROBS_INCLUDE!r}); leave it out", param=f"include[{i}]",
+                           code="unsupported_parameter")
+    top = _typed(body, "top_logprobs", int, None, "an integer")
+    if top is not None:
+        _range(0 <= top <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
+    return (top or 0) if top is not None or include else None
+
+
 def parse_response_request(body: dict[str, Any], model_name: str, max_tokens_limit: int) -> ResponseRequest:
     model = _check_model(body, model_name)
     if "input" not in body:
@@ -552,7 +578,8 @@ def parse_response_request(body: dict[str, Any], model_name: str, max_tokens_lim
     max_tokens = _max_tokens(body, "max_output_tokens", max_tokens_limit)
     text = _typed(body, "text", dict, {}, "an object")
     sampling = dict(_sampling(body, max_tokens, "max_output_tokens"),
-                    json_schema=_schema_of(text.get("format"), "text.format", flat=True))
+                    json_schema=_schema_of(text.get("format"), "text.format", flat=True),
+                    logprobs=_response_logprobs(body))
     return ResponseRequest(model=model, input=messages, instructions=instructions or None,
                            previous_response_id=previous, store=_typed(body, "store", bool, True, "a boolean"),
                            metadata=metadata, stream=_typed(body, "stream", bool, False, "a boolean"),

@@ -7,7 +7,9 @@ own: the `response` object, the typed stream events the `openai` client's `respo
 `responses.stream()` accumulate (response.created, response.in_progress, output_item.added,
 content_part.added, output_text.delta ..., output_text.done, content_part.done, output_item.done, then
 response.completed, or response.incomplete when `max_output_tokens` ended the answer, as OpenAI does), and
-multi-turn through `previous_response_id`.
+multi-turn through `previous_response_id`. Logprobs (`include: ["message.output_text.logprobs"]` and/or
+`top_logprobs`): the output_text part's `logprobs` and each delta event's (the tokens that delta completed),
+entries shaped as chat's (token, logprob, bytes, top_logprobs), from the same engine values.
 
 Multi-turn: a stored response keeps its conversation (the earlier turns, its own input and its answer, not its
 `instructions`: OpenAI does not carry instructions over either), and a request naming it is answered as that
@@ -34,7 +36,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .app import (AppState, Reply, answer, check_auth, finish, prepare, read_body, state_of, submit, too_busy,
                   usage)
-from .protocol import ApiError, Message, ResponseRequest, TextPart, parse_json, parse_response_request
+from .protocol import (ApiError, Message, ResponseRequest, TextPart, logprob_entries, parse_json,
+                       parse_response_request)
 from .schema import RESPONSE_RESPONSES, Response as ResponseModel, errors
 
 log = logging.getLogger(__name__)
@@ -103,13 +106,23 @@ class Answer:
         self.state, self.req, self.reply = state, req, reply
         self.msg_id = "msg_" + uuid.uuid4().hex[:24]
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.req.sampling.get("logprobs") is not None
+
+    def logprobs(self, lps: list | None = None) -> list[dict]:
+        """Entries of the given TokenLogprobs (default: all of the answer's so far); [] when not asked."""
+        if not self.wants_logprobs:
+            return []
+        return logprob_entries(self.state.tokenizer, self.reply.job.logprobs if lps is None else lps)
+
     def message(self, text: str, status: str) -> dict:
         return {"id": self.msg_id, "type": "message", "role": "assistant", "status": status,
-                "content": [] if status == "in_progress" else [self.part(text)]}
+                "content": [] if status == "in_progress" else [self.part(text, self.logprobs())]}
 
     @staticmethod
-    def part(text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list[dict] | None = None) -> dict:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     def body(self, status: str, text: str = "", n: int | None = None) -> dict:
         """The response object: in_progress (no output yet), completed or incomplete (with usage)."""
@@ -125,7 +138,7 @@ class Answer:
                 "store": req.store, "temperature": s["temperature"], "top_p": s["top_p"],
                 "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "truncation": "disabled",
                 "usage": response_usage(self.reply, n) if done and n is not None else None,
-                "metadata": req.metadata or {}}
+                "metadata": req.metadata or {}, "top_logprobs": s.get("logprobs")}
 
     def keep(self, store: ResponseStore, history: list[Message], text: str, body: dict) -> None:
         if self.req.store:
@@ -160,19 +173,21 @@ async def _sse(ans: Answer, store: ResponseStore, history: list[Message]) -> Asy
         yield ev("response.in_progress", response=ans.body("in_progress"))
         yield ev("response.output_item.added", output_index=0, item=ans.message("", "in_progress"))
         yield ev("response.content_part.added", part=ans.part(""), **where)
-        parts, reason, n = [], "stop", 0
+        parts, reason, n, sent = [], "stop", 0, 0
         try:
             async for delta, fin, n in answer(ans.state, reply.job, reply.req):
-                if delta:
+                if delta:  # the tokens' logprobs go with the text they completed
                     parts.append(delta)
-                    yield ev("response.output_text.delta", delta=delta, logprobs=[], **where)
+                    lps = reply.job.logprobs[sent:]
+                    sent += len(lps)
+                    yield ev("response.output_text.delta", delta=delta, logprobs=ans.logprobs(lps), **where)
                 reason = fin or reason
         except ApiError as e:  # headers are sent: report in-band, then end the stream
             yield ev("error", message=e.message, code=e.code, param=e.param)
             return
         text, status = "".join(parts), _status(reason)
-        yield ev("response.output_text.done", text=text, logprobs=[], **where)
-        yield ev("response.content_part.done", part=ans.part(text), **where)
+        yield ev("response.output_text.done", text=text, logprobs=ans.logprobs(), **where)
+        yield ev("response.content_part.done", part=ans.part(text, ans.logprobs()), **where)
         yield ev("response.output_item.done", output_index=0, item=ans.message(text, status))
         body = ans.body(status, text, n)
         ans.keep(store, history, text, body)

@@ -148,8 +148,9 @@ class CompletionRequest(_Sampling):
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[int] = Field(None, ge=1, description="default 16; prompt + max_tokens must fit the context")
     echo: Optional[Literal[False]] = Field(None, description="only false")
-    n: Optional[int] = Field(None, ge=1, le=1, description="only 1")
-    best_of: Optional[int] = Field(None, ge=1, le=1, description="only 1")
+    n: Optional[int] = Field(None, ge=1, le=8, description="choices (1-8); choice i is seeded seed + i")
+    best_of: Optional[int] = Field(None, ge=1, le=8, description="candidates made (n-8); the n with the highest "
+                                                                 "mean token logprob are returned; not streamed")
     logprobs: Optional[int] = Field(None, ge=0, le=5, description="the legacy logprobs object with that many "
                                                                   "alternatives per token")
 
@@ -212,6 +213,10 @@ class ResponseRequest(_Bookkeeping, _Sampling):
     parallel_tool_calls: Optional[bool] = Field(None, description="ignored: no tools")
     max_tool_calls: Optional[int] = Field(None, description="ignored: no tools")
     stream_options: Optional[dict[str, bool]] = Field(None, description="ignored (no obfuscation is added)")
+    include: Optional[list[Literal["message.output_text.logprobs"]]] = Field(
+        None, description="only message.output_text.logprobs: each answer token's log probability")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="that many most likely tokens per position "
+                                                                     "(turns logprobs on)")
 
 
 # -- responses -------------------------------------------------------------------------------------------
@@ -384,6 +389,7 @@ class Response(BaseModel):
     truncation: Literal["disabled"]
     usage: Optional[ResponseUsage]
     metadata: dict[str, str]
+    top_logprobs: Optional[int] = None
 
 
 class _Event(BaseModel):
