@@ -337,6 +337,34 @@ def test_disconnected_streams_are_cancelled(server):
         assert health()["cancelled"] > before and health()["running"] == 0, path
 
 
+def test_a_client_that_leaves_cancels_every_choice(server):
+    """n = 3, the client hangs up before the answer: all three choices' rows are cancelled, not only the first
+    one's (plain chat and completions collected choice 0 first and left the others running)."""
+    import time
+
+    def health() -> dict:
+        return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
+
+    long = {"model": MODEL, "n": 3, "min_tokens": 480, "seed": 1, "temperature": 1.0}
+    for path, body, stream in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Go on"}],
+                                                         "max_tokens": 480}, False),
+                               ("/v1/completions", {"prompt": "Go on forever", "max_tokens": 480}, False),
+                               ("/v1/completions", {"prompt": "Go on forever", "max_tokens": 480}, True)):
+        before = health()["cancelled"]
+        with httpx.Client(timeout=httpx.Timeout(60, read=60 if stream else 0.5)) as c:
+            if stream:
+                with c.stream("POST", server.url + path, json={**long, **body, "stream": True}) as r:
+                    lines = r.iter_lines()
+                    assert any(next(lines).startswith("data: ") for _ in range(4))
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post(server.url + path, json={**long, **body})
+        deadline = time.monotonic() + 30
+        while (health()["cancelled"] < before + 3 or health()["running"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health()["cancelled"] - before == 3 and health()["running"] == 0, (path, stream, health())
+
+
 # -- LangChain ---------------------------------------------------------------------------------------------
 
 def test_langchain_chat_openai_chat_and_responses(server, client):

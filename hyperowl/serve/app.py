@@ -388,17 +388,27 @@ async def finish(state: AppState, request: Request, reply: Reply) -> tuple[str, 
         reply.job.cancel.set()  # no-op once finished; frees the row if we leave early
 
 
+async def finish_all(state: AppState, request: Request, reply: Reply) -> list[tuple[str, str, int]] | None:
+    """Every choice's whole answer (`finish`; with n > 1 they run side by side and are collected in order).
+    None when the client left; then every choice's job is cancelled, not only the one being collected."""
+    results = []
+    try:
+        for job in reply.jobs:
+            r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
+            if r is None:
+                return None
+            results.append(r)
+        return results
+    finally:
+        for job in reply.jobs:
+            job.cancel.set()  # no-op for the finished ones
+
+
 async def _complete(state: AppState, request: Request, reply: Reply) -> Response:
     """A non-streaming chat answer."""
-    result = await finish(state, request, reply)
-    if result is None:
+    results = await finish_all(state, request, reply)
+    if results is None:
         return Response(status_code=499)
-    results = [result]
-    for job in reply.others:  # n > 1: the other choices (they ran beside the first)
-        r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
-        if r is None:
-            return Response(status_code=499)
-        results.append(r)
     want_lp = reply.req.logprobs is not None
     choices = []
     for i, ((text, reason, _), job) in enumerate(zip(results, reply.jobs)):
@@ -416,10 +426,11 @@ def _event(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
-    """n > 1 streamed: every choice's chunks (with its index) as they come, interleaved; one usage for all."""
-    cid, name, created = reply.cid, state.config.model_name, reply.created
-    want_lp = reply.req.logprobs is not None
+async def interleaved(state: AppState, reply: Reply) -> AsyncIterator[tuple[int, str | ApiError, str | None, list, int]]:
+    """n > 1 streamed: (choice, text delta, finish_reason or None, the logprobs of the tokens since the choice's
+    last event, its completion tokens so far) as the choices produce them; a choice's last event has its finish
+    reason (and maybe an empty delta). An ApiError in place of the delta ends the stream. Every job is cancelled
+    when the consumer stops, early or not."""
     events: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, job: Job) -> None:
@@ -430,10 +441,31 @@ async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
                 if delta:
                     lps = job.logprobs[sent:]
                     sent += len(lps)
-                    await events.put((i, {"content": delta}, None, lps, n))
-            await events.put((i, {}, reason, job.logprobs[sent:], n))
+                    await events.put((i, delta, None, lps, n))
+            await events.put((i, "", reason, job.logprobs[sent:], n))
         except ApiError as e:
             await events.put((i, e, None, [], n))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    try:
+        left = len(tasks)
+        while left:
+            event = await events.get()
+            yield event
+            if isinstance(event[1], ApiError):
+                return
+            left -= event[2] is not None
+    finally:
+        for t in tasks:
+            t.cancel()
+        for job in reply.jobs:
+            job.cancel.set()
+
+
+async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """n > 1 streamed: every choice's chunks (with its index) as they come, interleaved; one usage for all."""
+    cid, name, created = reply.cid, state.config.model_name, reply.created
+    want_lp = reply.req.logprobs is not None
 
     def chunk(i: int, delta: dict, fin: str | None, lps: list) -> str:
         body = chunk_body(cid, name, created, delta, finish_reason=fin,
@@ -441,28 +473,23 @@ async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
         body["choices"][0]["index"] = i
         return _event(body)
 
-    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    for i in range(len(reply.jobs)):
+        yield chunk(i, {"role": "assistant", "content": ""}, None, [])
+    total = 0
+    events = interleaved(state, reply)
     try:
-        for i in range(len(tasks)):
-            yield chunk(i, {"role": "assistant", "content": ""}, None, [])
-        left, total = len(tasks), 0
-        while left:
-            i, delta, fin, lps, n = await events.get()
+        async for i, delta, fin, lps, n in events:
             if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
                 yield _event(delta.body())
                 yield "data: [DONE]\n\n"
                 return
-            yield chunk(i, delta, fin, lps)
-            if fin is not None:
-                left, total = left - 1, total + n
-        if reply.req.include_usage:
-            yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
-        yield "data: [DONE]\n\n"
+            yield chunk(i, {"content": delta} if delta else {}, fin, lps)
+            total += n if fin is not None else 0
     finally:
-        for t in tasks:
-            t.cancel()
-        for job in reply.jobs:
-            job.cancel.set()
+        await events.aclose()  # the client left: cancel every choice now
+    if reply.req.include_usage:
+        yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
+    yield "data: [DONE]\n\n"
 
 
 async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:

@@ -29,8 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
-from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish, read_body, state_of, submit,
-                  too_busy, usage)
+from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish_all, interleaved, read_body,
+                  state_of, submit, too_busy, usage)
 from .prompt import PreparedPrompt
 from .protocol import ApiError, CompletionRequest, parse_completion_request, parse_json, token_bytes
 from .schema import COMPLETION_RESPONSES
@@ -109,56 +109,34 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
 
 
 async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
-    """n > 1 streamed: each choice's pieces (with its index) as they come, interleaved; one finishing event per
-    choice, [usage for all], [DONE]."""
+    """n > 1 streamed: each choice's pieces (with its index) as they come, interleaved (app.interleaved); one
+    finishing event per choice, [usage for all], [DONE]."""
     name, want_lp = state.config.model_name, reply.req.logprobs is not None
-    events: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, job) -> None:
-        sent, n, reason, offset = 0, 0, "stop", 0
-        try:
-            async for delta, fin, n in answer(state, job, reply.req):
-                reason = fin or reason
-                if delta:
-                    lps = job.logprobs[sent:]
-                    sent += len(lps)
-                    lp = legacy_logprobs(state.tokenizer, lps, offset) if want_lp else None
-                    offset += len(delta)
-                    await events.put((i, delta, None, lp, n))
-            await events.put((i, "", reason, None, n))
-        except ApiError as e:
-            await events.put((i, e, None, None, n))
-
-    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(reply.jobs)]
+    offsets, total = [0] * len(reply.jobs), 0
+    events = interleaved(state, reply)
     try:
-        left, total = len(tasks), 0
-        while left:
-            i, delta, fin, lp, n = await events.get()
+        async for i, delta, fin, lps, n in events:
             if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
                 yield _event(delta.body())
                 yield "data: [DONE]\n\n"
                 return
+            lp = legacy_logprobs(state.tokenizer, lps, offsets[i]) if want_lp and fin is None else None
+            offsets[i] += len(delta)
             yield _event(completion_body(reply, name, delta, fin, None, lp, index=i))
-            if fin is not None:
-                left, total = left - 1, total + n
-        if reply.req.include_usage:
-            yield _event({**completion_body(reply, name, "", None, total), "choices": []})
-        yield "data: [DONE]\n\n"
+            total += n if fin is not None else 0
     finally:
-        for t in tasks:
-            t.cancel()
-        for job in reply.jobs:
-            job.cancel.set()
+        await events.aclose()  # the client left: cancel every choice now
+    if reply.req.include_usage:
+        yield _event({**completion_body(reply, name, "", None, total), "choices": []})
+    yield "data: [DONE]\n\n"
 
 
 async def _complete(state: AppState, request: Request, req: CompletionRequest, reply: Reply) -> Response:
     """The whole answer: n choices (of best_of candidates, the n best by mean token logprob)."""
-    results = []
-    for job in reply.jobs:  # they ran side by side; collected in order
-        r = await finish(state, request, dataclasses.replace(reply, job=job, others=[]))
-        if r is None:
-            return Response(status_code=499)
-        results.append((r, job))
+    texts = await finish_all(state, request, reply)
+    if texts is None:
+        return Response(status_code=499)
+    results = list(zip(texts, reply.jobs))
     total = sum(n for (_, _, n), _ in results)
     if req.best_of:  # stable: among equal scores (greedy candidates) the lower index wins
         mean = lambda job: sum(x.logprob for x in job.logprobs) / max(1, len(job.logprobs))  # noqa: E731
