@@ -392,7 +392,7 @@ def test_kept_kv_follows_joins_leaves_and_preemption(model, monkeypatch):
     eng = engine(model)
     toks, logits, _ = run(eng, {k: [(i, reqs[j]) for i, j in v] for k, v in joins.items()})
     assert_parity(model, reqs, toks, logits)
-    assert calls["reused"] > 2 * calls["start"] and calls["remove"] >= 2 and calls["start"] >= 3
+    assert calls["reused"] > calls["start"] >= 3, calls
     assert eng._kept == [] and eng.stats()["blocks_used"] == 0
 
     # preemption: the newest row's blocks go and it comes back with a new PagedSeq; its old copy is never read
@@ -404,6 +404,14 @@ def test_kept_kv_follows_joins_leaves_and_preemption(model, monkeypatch):
     toks, logits, _ = run(eng, {0: list(enumerate(reqs))})
     assert eng.stats()["preemptions"] > 0 and calls["reused"] > calls["start"]
     assert_parity(model, reqs, toks, logits)
+
+
+def join_workload(model):
+    """A long row decoding, shorter rows (text, images within the long group's) joining and leaving."""
+    reqs = [make_request(model, 60, [], 181, max_new=16), make_request(model, 40, [3, 9], 182, max_new=5),
+            make_request(model, 12, [], 183, max_new=6), make_request(model, 20, [4], 184, max_new=4),
+            make_request(model, 9, [], 185, max_new=3)]
+    return reqs, {0: [(0, reqs[0]), (1, reqs[1])], 2: [(2, reqs[2]), (3, reqs[3])], 4: [(4, reqs[4])]}
 
 
 def test_rows_that_join_a_kept_copy_are_added_in_place(model, monkeypatch):
@@ -431,11 +439,9 @@ def test_rows_that_join_a_kept_copy_are_added_in_place(model, monkeypatch):
     monkeypatch.setattr(KeptKV, "add", add)
     monkeypatch.setattr(KeptKV, "remove", remove)
     monkeypatch.setattr("hyperowl.batching.FORWARD_OVERHEAD_BYTES", {"cpu": 1 << 40})  # one decode group
-    reqs = [make_request(model, 60, [], 181, max_new=16), make_request(model, 40, [3, 9], 182, max_new=5),
-            make_request(model, 12, [], 183, max_new=6), make_request(model, 20, [4], 184, max_new=4),
-            make_request(model, 9, [], 185, max_new=3)]
+    reqs, joins = join_workload(model)
     eng = engine(model)
-    toks, logits, _ = run(eng, {0: [(0, reqs[0]), (1, reqs[1])], 2: [(2, reqs[2]), (3, reqs[3])], 4: [(4, reqs[4])]})
+    toks, logits, _ = run(eng, joins)
     assert_parity(model, reqs, toks, logits)
     assert calls["add"] >= 2 and calls["remove"] >= 2 and calls["start"] <= 2
     assert eng._kept == [] and eng.stats()["blocks_used"] == 0
@@ -444,7 +450,7 @@ def test_rows_that_join_a_kept_copy_are_added_in_place(model, monkeypatch):
 def test_kept_kv_budget_and_a_stale_copy_breaks_parity(monkeypatch):
     """keep_bytes bounds the kept copies (0: none kept, every step gathers; still exact), and the invalidation has
     teeth: a copy reused for rows by their place in the group instead of by identity and length (as if the
-    invalidation were skipped when a row leaves) gives other logits."""
+    invalidation were skipped when a row leaves: a row's K/V left in another row's place) gives other logits."""
     from hyperowl.paged_cache import KeptKV
 
     model = make_model("241101")
@@ -459,15 +465,19 @@ def test_kept_kv_budget_and_a_stale_copy_breaks_parity(monkeypatch):
     assert not starts and not eng._kept
     assert_parity(model, reqs, toks, logits)
 
-    def stale_rows_of(self, seqs):  # the first rows of the copy, whoever they are now
-        if len(seqs) > len(self.seqs):
-            return None
-        self.seqs[: len(seqs)] = seqs  # silence the view's own staleness check
-        self.lengths[: len(seqs)] = [s.length for s in seqs]
-        self.nimg[: len(seqs)] = [len(s.images) for s in seqs]
-        return list(range(len(seqs)))
+    def stale_remove(self, rows):  # the bookkeeping moves the last row into the hole, its K/V stay behind
+        for r in sorted(set(rows), reverse=True):
+            last = len(self.seqs) - 1
+            self.seqs[r], self.lengths[r], self.nimg[r] = self.seqs[last], self.lengths[last], self.nimg[last]
+            for small in (self.valid, self.image_pos):
+                if small is not None:
+                    small[r] = small[last]
+            self.seqs.pop(), self.lengths.pop(), self.nimg.pop()
+        self.valid = self.valid[: len(self.seqs)]
+        self.image_pos = None if self.image_pos is None else self.image_pos[: len(self.seqs)]
 
-    monkeypatch.setattr(KeptKV, "rows_of", stale_rows_of)
+    monkeypatch.setattr(KeptKV, "remove", stale_remove)
+    reqs, joins = join_workload(model)
     toks, stale, _ = run(engine(model), joins)
     refs = [solo(model, r)[1] for r in reqs]
     assert any(stale[i].shape != refs[i].shape or (stale[i] - refs[i]).abs().max() > 1e-3 for i in range(len(reqs)))
