@@ -612,16 +612,23 @@ class ContinuousEngine:
         per_slot = 1 if self.keep_bytes > 0 else 3
         best = [0.0] + [math.inf] * n  # best[j]: cost of rows[:j]; cut[j]: where its last group starts
         cut = [0] * (n + 1)
+        # plain lists and locals: this runs every step over up to max_running rows (O(n^2) iterations)
+        tl, vl = [text[id(x)] for x in rows], [vis[id(x)] for x in rows]
+        n_text, n_vis, bound = m.num_layers * slot_bytes * per_slot, len(m.visual_layers) * slot_bytes * per_slot, \
+            self.gather_bytes
         for j in range(1, n + 1):
-            mt = mv = 0
+            mv, mt = vl[j - 1], 0  # rows are sorted by visual size first: rows[j - 1] has the most
+            bj, cj = math.inf, 0
             for i in range(j - 1, -1, -1):  # group rows[i:j]
-                mt, mv = max(mt, text[id(rows[i])]), max(mv, vis[id(rows[i])])
+                if tl[i] > mt:
+                    mt = tl[i]
                 g = j - i
-                if g > 1 and g * max(mt, mv) * slot_bytes > self.gather_bytes:
+                if g > 1 and g * (mt if mt > mv else mv) * slot_bytes > bound:
                     break
-                cost = best[i] + forward + per_slot * g * (mt * m.num_layers + mv * len(m.visual_layers)) * slot_bytes
-                if cost < best[j]:
-                    best[j], cut[j] = cost, i
+                cost = best[i] + forward + g * (mt * n_text + mv * n_vis)
+                if cost < bj:
+                    bj, cj = cost, i
+            best[j], cut[j] = bj, cj
         groups, j = [], n
         while j:
             groups.append(rows[cut[j] : j])
