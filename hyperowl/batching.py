@@ -20,12 +20,14 @@ A step:
    few forwards. Each group keeps its gathered K/V across steps while its rows stay (`_keeps`, bounded by
    `keep_bytes`): a step appends one slot per row instead of re-gathering every row's past and images;
 4. prefill: at most `prefill_chunk` prompt slots (text slots; Owl2's visual rows count, Owl3's images cost
-   no sequence slots and go whole with their placeholder's chunk), in admission order, one forward per
-   request and chunk (chunked prefill: a long prompt takes several steps, running rows keep decoding
-   meanwhile). The images whose placeholders lie in the chunk go with it and are appended to the request's
-   visual K/V, as live video appends frames (their MI-Rope position and visibility come from their own
-   placeholder, so chunking is exact). A request whose prompt is done samples its first token from the
-   chunk's last logits.
+   no sequence slots and go whole with their placeholder's chunk), in admission order (chunked prefill: a
+   long prompt takes several steps, running rows keep decoding meanwhile). The images whose placeholders lie
+   in the chunk go with it and are appended to the request's visual K/V, as live video appends frames (their
+   MI-Rope position and visibility come from their own placeholder, so chunking is exact). The step's chunks
+   of several requests share a forward (batched prefill): left-padded to the longest, as the offline engine
+   pads a batch, with each row's own images (any number, `PagedView.append_images` keeps each row's images
+   back to back); they are split into a few forwards where padding costs more than a forward
+   (`_prefill_groups`). A request whose prompt is done samples its first token from its row's last logits.
 
 Sampling is `Engine.stream`'s: `sample`, the repetition penalty over prompt + generated ids, stops forbidden
 until `min_new_tokens`, each sampling row's own generator (`Request.generator`, or `Engine.generator`), so a
@@ -75,6 +77,12 @@ WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
 # padded forward 29 ms, three forwards 50 ms; when every step re-gathered, three forwards were cheaper). CUDA:
 # kernel launches and Python, a few ms per forward, i.e. GBs at HBM speed: rows are split only for large padding.
 FORWARD_OVERHEAD_BYTES = {"cpu": 64 << 20, "cuda": 8 << 30}
+# Prefill forwards over several requests' chunks (ContinuousEngine._prefill_groups): a forward's fixed cost in
+# query-token equivalents (CPU: Python and small ops of a forward of the embedded model ~ that many tokens' compute;
+# CUDA: a few ms of launches and weight reads, thousands of tokens' worth), and how many padded past slots of a row
+# (gathered K/V, read by the attention) cost as much as one padded query token.
+PREFILL_FORWARD_TOKENS = {"cpu": 64, "cuda": 4096}
+PREFILL_KEY_DIV = 16
 # Text slots a decode group's kept K/V (paged_cache.KeptKV) grow by when full: a regrow copies the buffers once.
 KEEP_GROW = 64
 
@@ -162,7 +170,9 @@ class ContinuousEngine:
         self.live: dict[Hashable, _Live] = {}
         self.finished: OrderedDict[Hashable, dict] = OrderedDict()  # request_info of the last finished requests
         self._order = itertools.count()
-        self.counters = dict(prefill_tokens=0, cached_tokens=0, prompt_slots=0, preemptions=0)
+        # prefill_forwards / prefill_rows: forwards over prompt chunks and the chunks they carried (batched prefill)
+        self.counters = dict(prefill_tokens=0, cached_tokens=0, prompt_slots=0, preemptions=0, prefill_forwards=0,
+                             prefill_rows=0)
         log.info("paged KV cache: %d blocks of %d slots (%.1f MB)", self.blocks.num_units, block_size,
                  self.blocks.num_units * unit_bytes / 2**20)
 
@@ -214,7 +224,8 @@ class ContinuousEngine:
                     blocks_cached=m.evictable_units, block_size=self.block_size, running=len(self.running),
                     waiting=len(self.waiting), prefill_tokens=c["prefill_tokens"], cached_tokens=c["cached_tokens"],
                     prefix_hit_rate=c["cached_tokens"] / c["prompt_slots"] if c["prompt_slots"] else 0.0,
-                    preemptions=c["preemptions"], kv_bytes=m.num_units * m.unit_bytes)
+                    preemptions=c["preemptions"], kv_bytes=m.num_units * m.unit_bytes,
+                    prefill_forwards=c["prefill_forwards"], prefill_rows=c["prefill_rows"])
 
     def request_info(self, request_id: Hashable) -> dict:
         """prompt_tokens, cached_tokens (prompt tokens reused from the prefix cache at admission), cached_images
@@ -411,25 +422,91 @@ class ContinuousEngine:
 
     # -- forwards --------------------------------------------------------------------------------------------
     def _prefill(self, events: list[StepEvent]) -> None:
+        """This step's prompt chunks: at most `prefill_chunk` slots in admission order (each request at least
+        one token), run as one or a few batched forwards (`_prefill_groups`)."""
         budget = self.prefill_chunk
-        dev = self.model.device
+        chunks = []
         for x in [x for x in self.running if x.state == PREFILL]:
             if budget <= 0:
-                return
+                break
             a = b = x.done
             while b < len(x.tokens) and (b == a or x.starts[b + 1] - x.starts[a] <= budget):
                 b += 1
             budget -= x.starts[b] - x.starts[a]
+            chunks.append((x, a, b))
+        for group in self._prefill_groups(chunks):
+            self._prefill_forward(group, events)
+
+    def _prefill_groups(self, chunks: list[tuple[_Live, int, int]]) -> list[list[tuple[_Live, int, int]]]:
+        """The chunks split into forwards. One forward over several requests' chunks left-pads them to the
+        longest (the padding's tokens go through every layer) and pads each row's gathered past (text slots,
+        and for Owl3 the images already written) to the largest; a separate forward costs a pass over the
+        weights and the per-forward overhead instead. Rows sorted by size and split where that is cheaper
+        (token-equivalents: `PREFILL_FORWARD_TOKENS` a forward, 1 a padded query slot, 1 / `PREFILL_KEY_DIV` a
+        padded past slot of a row), and where one layer's gathered past would pass `gather_bytes`."""
+        if len(chunks) <= 1:
+            return [chunks] if chunks else []
+        t = self.blocks.image_tokens or 0
+        bs = self.block_size
+        slot_bytes = self.blocks.unit_bytes // bs
+        new = {id(x): x.starts[b] - x.starts[a] for x, a, b in chunks}
+        past = {id(x): math.ceil(x.seq.length / bs) * bs + len(x.seq.images) * t for x, _, _ in chunks}
+        chunks = sorted(chunks, key=lambda c: (new[id(c[0])], past[id(c[0])]))
+        n = len(chunks)
+        forward = PREFILL_FORWARD_TOKENS.get(self.model.device.type, 4096)
+        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+        for j in range(1, n + 1):
+            mq = mp = 0
+            for i in range(j - 1, -1, -1):  # group chunks[i:j]
+                x = chunks[i][0]
+                mq, mp = max(mq, new[id(x)]), max(mp, past[id(x)])
+                g = j - i
+                if g > 1 and g * (mp + mq) * slot_bytes > self.gather_bytes:
+                    break
+                cost = best[i] + forward + g * (mq + mp / PREFILL_KEY_DIV)
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups, j = [], n
+        while j:
+            groups.append(chunks[cut[j] : j])
+            j = cut[j]
+        return groups[::-1]
+
+    def _prefill_forward(self, group: list[tuple[_Live, int, int]], events: list[StepEvent]) -> None:
+        """One forward over these requests' chunks [a, b): left-padded to the longest (the model masks the
+        padding, PagedView writes only real slots), each chunk's images placed at their placeholders (packed
+        in row order; rows may carry different numbers) and appended to the request's visual K/V. Requests
+        whose prompt is done sample their first token from their row's last logits."""
+        dev = self.model.device
+        width = max(b - a for _, a, b in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        feats, places, spans = [], [], []
+        for r, (x, a, b) in enumerate(group):
+            pad = width - (b - a)
+            ids[r, pad:] = torch.tensor(x.tokens[a:b])
+            mask[r, pad:] = 1
             j0, j1 = bisect.bisect_left(x.image_tok, a), bisect.bisect_left(x.image_tok, b)
-            kw = {}
+            spans.append((j0, j1, len(x.seq.images)))
+            places.append([p - a + pad for p in x.image_tok[j0:j1]])
             if j1 > j0:
-                kw = dict(image_embeds=x.req.image_embeds[j0:j1].to(dev),
-                          image_positions=torch.tensor([[p - a for p in x.image_tok[j0:j1]]], device=dev))
+                feats.append(x.req.image_embeds[j0:j1])
                 if not self.visual_in_text:
                     x.seq.pending, x.seq.reserved = x.seq.reserved[: j1 - j0], x.seq.reserved[j1 - j0 :]
-            n_before = len(x.seq.images)
-            out = self.model(torch.tensor([x.tokens[a:b]], device=dev), cache=PagedView(self.blocks, [x.seq]),
-                             last_logits_only=True, **kw)
+        kw = {}
+        if feats:
+            pos = torch.full((len(group), max(len(p) for p in places)), -1, dtype=torch.long)
+            for r, p in enumerate(places):
+                pos[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+            kw = dict(image_embeds=torch.cat(feats).to(dev), image_positions=pos.to(dev))
+        if bool((mask == 0).any()):  # rows of one length need no mask (the single-request forward as before)
+            kw["attention_mask"] = mask.to(dev)
+        out = self.model(ids.to(dev), cache=PagedView(self.blocks, [x.seq for x, _, _ in group]),
+                         last_logits_only=True, **kw)
+        self.counters["prefill_forwards"] += 1
+        self.counters["prefill_rows"] += len(group)
+        done = []
+        for r, ((x, a, b), (j0, j1, n_before)) in enumerate(zip(group, spans)):
             for im, p in zip(x.seq.images[n_before:], x.image_tok[j0:j1]):  # each image lives with its placeholder
                 x.seq.blocks[x.starts[p] // self.block_size].images.append(im)
             x.done = b
@@ -437,7 +514,10 @@ class ContinuousEngine:
             self._register_full(x)
             if b == len(x.tokens):
                 x.state = DECODE
-                self._sample([x], out.logits[:, -1].float(), events)
+                done.append(r)
+        if done:
+            logits = out.logits[:, -1].float()
+            self._sample([group[r][0] for r in done], logits if len(done) == len(group) else logits[done], events)
 
     def _decode(self, events: list[StepEvent]) -> None:
         rows = [x for x in self.running if x.state == DECODE]
@@ -469,28 +549,34 @@ class ContinuousEngine:
             self._sample(group, logits, events)
 
     def _keeps(self, groups: list[list[_Live]]) -> list[KeptKV | None]:
-        """Each decode group's kept gathered K/V (paged_cache.KeptKV): last step's copy if it holds the group's
-        rows unchanged (the group is put in the copy's row order; if rows left, one index_select of the others),
-        a new one otherwise (built by this step's gather), None past `keep_bytes` (that group gathers every step).
-        Copies no group uses are dropped: a row that joined, was preempted or changed never reads a stale copy."""
+        """Each decode group's kept gathered K/V (paged_cache.KeptKV): last step's copy that holds some of the
+        group's rows, changed in place (rows that left removed, rows that joined added when they fit its
+        layout; the group is put in the copy's row order), when that moves fewer rows than the group has; a new
+        one otherwise (built by this step's gather); None past `keep_bytes` (that group gathers every step).
+        A copy serves one group; copies no group uses are dropped: a row that joined, was preempted or changed
+        never reads a stale copy."""
         old, self._kept = self._kept, []
         out, left = [], self.keep_bytes
         for group in groups:
             seqs = [x.seq for x in group]
             grow = min(KEEP_GROW, max(x.params.max_new_tokens - len(x.generated) for x in group))
             keep = None
-            for st in old:
-                rows = st.rows_of(seqs)
-                if rows is None:
+            for k, st in enumerate(old):
+                rows = st.rows_of(seqs) or []
+                known = {r for r in rows if r is not None}
+                if not known:
                     continue
-                # the copy's row order (a row's place in a group does not matter): a reordered group costs no copy
-                order = sorted(range(len(group)), key=rows.__getitem__)
-                group[:] = [group[k] for k in order]
-                rows = sorted(rows)
-                if rows != list(range(len(st.seqs))):  # rows left: keep the others, one index_select
-                    if KeptKV.size(self.blocks, len(rows), st.cap, st.vis) > left:
-                        break
-                    st = st.select(rows)
+                gone = [r for r in range(len(st.seqs)) if r not in known]  # left, moved to another group, stale
+                new = [s for s, r in zip(seqs, rows) if r is None]
+                if len(gone) + len(new) >= len(group) or st.nbytes_next() > left:
+                    continue  # a new copy costs less (or this one is past the budget)
+                old.pop(k)  # changed in place: no other group may take it
+                st.remove(gone)
+                if new and not st.fits(new):
+                    break  # rows that do not fit its layout: a new copy
+                st.add(new)
+                place = {id(s): r for r, s in enumerate(st.seqs)}
+                group.sort(key=lambda x: place[id(x.seq)])  # the copy's row order: a reordered group costs no copy
                 keep = st
                 break
             if keep is None and KeptKV.estimate(self.blocks, seqs, grow) <= left:
@@ -526,16 +612,23 @@ class ContinuousEngine:
         per_slot = 1 if self.keep_bytes > 0 else 3
         best = [0.0] + [math.inf] * n  # best[j]: cost of rows[:j]; cut[j]: where its last group starts
         cut = [0] * (n + 1)
+        # plain lists and locals: this runs every step over up to max_running rows (O(n^2) iterations)
+        tl, vl = [text[id(x)] for x in rows], [vis[id(x)] for x in rows]
+        n_text, n_vis, bound = m.num_layers * slot_bytes * per_slot, len(m.visual_layers) * slot_bytes * per_slot, \
+            self.gather_bytes
         for j in range(1, n + 1):
-            mt = mv = 0
+            mv, mt = vl[j - 1], 0  # rows are sorted by visual size first: rows[j - 1] has the most
+            bj, cj = math.inf, 0
             for i in range(j - 1, -1, -1):  # group rows[i:j]
-                mt, mv = max(mt, text[id(rows[i])]), max(mv, vis[id(rows[i])])
+                if tl[i] > mt:
+                    mt = tl[i]
                 g = j - i
-                if g > 1 and g * max(mt, mv) * slot_bytes > self.gather_bytes:
+                if g > 1 and g * (mt if mt > mv else mv) * slot_bytes > bound:
                     break
-                cost = best[i] + forward + per_slot * g * (mt * m.num_layers + mv * len(m.visual_layers)) * slot_bytes
-                if cost < best[j]:
-                    best[j], cut[j] = cost, i
+                cost = best[i] + forward + g * (mt * n_text + mv * n_vis)
+                if cost < bj:
+                    bj, cj = cost, i
+            best[j], cut[j] = bj, cj
         groups, j = [], n
         while j:
             groups.append(rows[cut[j] : j])

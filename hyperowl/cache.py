@@ -59,6 +59,14 @@ class KVCache:
         self.length += lq
         self.next_pos = last_pos + 1
 
+    def append_images(self, new_pos: Tensor, ragged: bool) -> Tensor:
+        """image_pos [B, N_old + N_new] after appending images at positions new_pos [B, N_new] (the model then
+        sets `image_pos` to it). Rows share one layout here, so every row must append as many images
+        (`ragged`: they do not); paged_cache.PagedView joins rows of different counts."""
+        if ragged:
+            raise ValueError("appending images to a cache needs the same number of new images in every row")
+        return new_pos if self.image_pos is None else torch.cat([self.image_pos, new_pos], 1)
+
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
         pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-2], extra, t.shape[-1])], dim=-2)

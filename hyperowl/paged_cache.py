@@ -14,8 +14,8 @@ A request holds blocks for its own slots and images and nothing for padding. Poo
 out: it stays zero and is what padding entries of a gather read (finite, masked).
 
 Attention over the pages. The models are left untouched: they talk to a cache through the narrow KVCache
-API (cache.py: begin/commit/length/key_valid/next_pos/image_pos, write_text/text, alloc_visual/visual/
-visual_and_text). `PagedView` implements that API for one forward over a batch of `PagedSeq`s: per layer,
+API (cache.py: begin/commit/length/key_valid/next_pos/image_pos, write_text/text, append_images/alloc_visual/
+visual/visual_and_text). `PagedView` implements that API for one forward over a batch of `PagedSeq`s: per layer,
 on first use, it gathers each row's blocks into the contiguous padded layout the models already read
 (rows' block lists right-aligned; the unused tail of a row's last block and the padding blocks are marked
 invalid in `key_valid`; an image's blocks are cut back to exactly T slots, images back to back, so image
@@ -23,7 +23,9 @@ j starts at slot j*T as the hyper layers expect), and scatters the K/V the model
 images' visual K/V) straight into the rows' blocks. Only one layer's gathered copy lives at a time. Masking
 by key validity and positions (never slot indices) is what makes holes in the middle harmless: RoPE
 positions come from `next_pos`, and the text mask hides invalid slots, so each row computes exactly what
-it computes alone. The pool is slot-major, so a gather is one `index_select` copy and the models'
+it computes alone. A batched prefill's new tokens are left-padded (rows of different chunk lengths): only
+their real slots are written to the blocks, and each row's new images join its own old ones back to back
+(`append_images`). The pool is slot-major, so a gather is one `index_select` copy and the models'
 [B, heads, slots, D] is a transposed view of it (the text's gather is then joined to the new tokens' K/V, a
 second copy of the text part; an image's spare tail slots, when T is not a multiple of the block size, cost
 a second copy of the visual part). That copy per layer and step is the price of not touching the attention;
@@ -36,10 +38,13 @@ so re-gathering them made a paged decode step ~2x the padded one. A decode group
 `KeptKV`: the first step gathers as above into per-layer buffers with room for more text (head-major, like
 KVCache's, so the attention reads contiguous keys) and later steps only append the new token's K/V to them
 (besides writing it to the pool, which stays the truth). The copy is valid only for the same rows (the same
-PagedSeq objects, at the lengths and image counts it recorded); the engine rebuilds it when a row joins or
-is preempted (a preempted request returns with a new PagedSeq), cuts it with one index_select of rows when
-rows leave, and bounds all copies by `keep_bytes` (beyond it a group gathers every step, as before). The view
-also refuses a copy whose rows' lengths or image counts moved.
+PagedSeq objects, at the lengths and image counts it recorded). Under load requests join and leave a group
+almost every step, so the copy changes in place: a row that leaves is overwritten by the copy's last row, a
+row that joins is gathered into a spare row (the buffers have a quarter more rows than they start with) when
+its past fits the copy's layout (its text blocks within the kept past, its images within the kept visual
+slots); otherwise the group's copy is rebuilt. A preempted request returns with a new PagedSeq, so its old row
+is never read. All copies are bounded by `keep_bytes` (beyond it a group gathers every step, as before). The
+view also refuses a copy whose rows' lengths or image counts moved.
 
 Sharing. Full text blocks get a content key (a hash chain, computed by the engine) and are registered in
 `BlockManager`; a later request whose prefix has the same keys acquires them (refcounted) together with
@@ -281,6 +286,9 @@ class PagedView:
         self._visual_memo: tuple[int, Tensor, Tensor] | None = None
         self._new_text: dict[int, tuple[Tensor, Tensor]] = {}
         self._new_visual: dict[int, tuple[Tensor, Tensor]] = {}
+        self._counts: list[int] | None = None  # new slots each row writes (set by begin)
+        self._src: Tensor | None = None  # flat [B*lq] index of the new slots written (None: all of them)
+        self._pack: Tensor | None = None  # [B, N] images of the joined layout (see append_images); None: cat
         self.next_pos = torch.tensor([s.next_pos for s in seqs], dtype=torch.long, device=dev)
         if keep is not None and any(s.pending for s in seqs):
             raise RuntimeError("kept K/V are for decode steps (no new images)")
@@ -325,23 +333,31 @@ class PagedView:
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def begin(self, new_valid: Tensor) -> None:
-        if not bool(new_valid.all()):
-            raise ValueError("a paged forward takes unpadded new tokens")
+        """The new slots' validity [B, lq]. A batched prefill (rows of different chunk lengths) is left-padded:
+        only the valid slots are written to the rows' blocks (row r's n_r valid slots go to its slots
+        length..length + n_r), the padding slots are seen only through this forward's masked copy."""
         b, lq = new_valid.shape
         self.lq = lq
         self.key_valid = torch.cat([self._past_valid, new_valid.to(self._past_valid.device)], 1)
         bs = self.m.block_size
         dev = self.m.pool.device
         if lq == 1:  # a decode step: each row's one new slot (no per-row tensors: this runs every step)
+            if not bool(new_valid.all()):
+                raise ValueError("a paged decode step takes one new token per row")
+            self._counts = [1] * b
             self._dst_units = torch.stack([s.blocks[s.length // bs].units for s in self.seqs], 1).to(dev)
             self._dst_off = torch.tensor([s.length % bs for s in self.seqs], dtype=torch.long, device=dev)
         else:
+            valid = new_valid.cpu()
+            self._counts = valid.sum(1).tolist()
+            if sum(self._counts) < b * lq:
+                self._src = valid.flatten().nonzero().squeeze(1).to(dev)
             units, offs = [], []
-            for s in self.seqs:  # where each new slot goes: (block of the row, offset in it)
-                slots = torch.arange(s.length, s.length + lq)
-                units.append(s.text_table(math.ceil((s.length + lq) / bs))[:, slots // bs])  # [L, lq]
+            for s, n in zip(self.seqs, self._counts):  # where each new slot goes: (block of the row, offset in it)
+                slots = torch.arange(s.length, s.length + n)
+                units.append(s.text_table(math.ceil((s.length + n) / bs))[:, slots // bs])  # [L, n]
                 offs.append(slots % bs)
-            self._dst_units = torch.cat(units, 1).to(dev)  # [L, B*lq], row-major like k.transpose(1, 2)
+            self._dst_units = torch.cat(units, 1).to(dev)  # [L, sum n], row-major like k.transpose(1, 2)
             self._dst_off = torch.cat(offs).to(dev)
         if self.keep is not None and self.keep.used + lq > self.keep.cap:
             self.keep.regrow(self.keep.used + lq + self.keep.grow)
@@ -353,7 +369,7 @@ class PagedView:
             self.keep.lengths = [s.length + lq for s in self.seqs]
         last = last_pos.tolist()
         for r, s in enumerate(self.seqs):
-            s.length += lq
+            s.length += self._counts[r]
             s.next_pos = int(last[r]) + 1
             if s.pending:
                 if self.image_pos is None or self.image_pos.shape[1] < len(s.images) + len(s.pending):
@@ -375,8 +391,11 @@ class PagedView:
             kk[:, :, s : s + lq] = k
             kv[:, :, s : s + lq] = v
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, lq, Hkv, D]
-        pool[u, 0, o] = k.reshape(b * lq, h, d).to(pool.dtype)
-        pool[u, 1, o] = v.reshape(b * lq, h, d).to(pool.dtype)
+        kf, vf = k.reshape(b * lq, h, d), v.reshape(b * lq, h, d)
+        if self._src is not None:  # padded rows: their valid slots only
+            kf, vf = kf.index_select(0, self._src), vf.index_select(0, self._src)
+        pool[u, 0, o] = kf.to(pool.dtype)
+        pool[u, 1, o] = vf.to(pool.dtype)
         if self.keep is not None:
             return
         self._new_text = {i: (k, v)}  # only this layer's are needed (text() right after)
@@ -406,14 +425,16 @@ class PagedView:
             bufs = []
             _, _, h, d = self.m.pool.shape[1:]
             for kind in (0, 1):
-                buf = self.m.pool.new_empty(len(self.seqs), h, vis + kp.cap, d)
+                buf = self.m.pool.new_empty(kp.rows, h, vis + kp.cap, d)  # spare rows: for rows that join later
+                b = len(self.seqs)
                 if vis:
-                    buf[:, :, :vis] = self._old_visual(i, kind).transpose(1, 2)
+                    buf[:b, :, :vis] = self._old_visual(i, kind).transpose(1, 2)
                 if kp.used:
-                    buf[:, :, vis : vis + kp.used] = self._gather(self._table[i], kind).transpose(1, 2)
+                    buf[:b, :, vis : vis + kp.used] = self._gather(self._table[i], kind).transpose(1, 2)
                 bufs.append(buf)
             kp.k[i], kp.v[i] = bufs
-        k, v = kp.k[i], kp.v[i]
+        b = len(kp.seqs)
+        k, v = kp.k[i][:b], kp.v[i][:b]  # the rows in use (a view: contiguous)
         return k, v, k.shape[2] - kp.cap
 
     def text(self, i: int, lq: int) -> tuple[Tensor, Tensor]:
@@ -425,11 +446,33 @@ class PagedView:
         return k.transpose(1, 2), v.transpose(1, 2)
 
     # -- visual (Owl3 hyper layers) -----------------------------------------------------------------------
+    def append_images(self, new_pos: Tensor, ragged: bool) -> Tensor:
+        """image_pos after this forward's images (new_pos [B, N_new], each row's first len(pending), BIG_POS
+        after) are appended: each row's old images then its new ones, back to back (visible images must be a
+        prefix of a row's list), padded with BIG_POS. Rows with as many old images as the widest need no
+        re-layout (a cat); otherwise `_pack` says which old/new image each entry is, for `_visual_slots`."""
+        old = self.image_pos
+        if old is None:
+            return new_pos
+        n_old = [len(s.images) for s in self.seqs]
+        if min(n_old) == old.shape[1]:
+            return torch.cat([old, new_pos], 1)
+        no, nn = old.shape[1], new_pos.shape[1]
+        n_new = [len(s.pending) for s in self.seqs]
+        width = max(a + c for a, c in zip(n_old, n_new))
+        pack = torch.full((len(self.seqs), width), no + nn, dtype=torch.long)  # the padding entry (after both)
+        for r, (a, c) in enumerate(zip(n_old, n_new)):
+            pack[r, :a] = torch.arange(a)
+            pack[r, a : a + c] = torch.arange(no, no + c)
+        self._pack = pack.to(old.device)
+        pad = torch.full_like(old[:, :1], BIG_POS)
+        return torch.cat([old, new_pos, pad], 1).gather(1, self._pack)
+
     def alloc_visual(self, i: int, shape: tuple[int, int, int, int], dtype: torch.dtype,
                      device: torch.device) -> tuple[Tensor, Tensor]:
         b, h, n, d = shape
-        npend = len(self.seqs[0].pending)
-        if any(len(s.pending) != npend for s in self.seqs) or not npend or n % npend:
+        npend = max(len(s.pending) for s in self.seqs)
+        if not npend or n != npend * self.m.image_tokens:
             raise RuntimeError("alloc_visual: the rows' pending images do not match the forward's")
         # slot-major storage handed out as the [B, Hkv, n, D] view the model fills
         k = torch.empty(b, n, h, d, dtype=dtype, device=device)
@@ -446,13 +489,19 @@ class PagedView:
             raise RuntimeError(f"{n} visual slots are not whole images of {t} tokens")
         npend = n // t
         nb = math.ceil(t / bs)
-        units = torch.stack([torch.stack([im.units[self.m.hyper_index[i]] for im in s.pending]) for s in self.seqs])
-        units = units.to(self.m.pool.device)  # [B, npend, nb]
+        hi = self.m.hyper_index[i]
+        units = torch.stack([im.units[hi] for s in self.seqs for im in s.pending]).to(self.m.pool.device)  # [P, nb]
+        # the real images of the [B, npend] layout (row r's first len(pending)), row-major like `units`
+        ragged = any(len(s.pending) != npend for s in self.seqs)
+        real = torch.tensor([r * npend + j for r, s in enumerate(self.seqs) for j in range(len(s.pending))],
+                            device=k.device) if ragged else None
         for kind, x in ((0, k), (1, v)):
-            x = x.reshape(b, npend, t, h, d)
+            x = x.reshape(b * npend, t, h, d)
+            if real is not None:
+                x = x.index_select(0, real)
             if nb * bs != t:
-                x = torch.cat([x, x.new_zeros(b, npend, nb * bs - t, h, d)], 2)
-            self.m.pool[units, kind] = x.reshape(b, npend, nb, bs, h, d).to(self.m.pool.dtype)
+                x = torch.cat([x, x.new_zeros(x.shape[0], nb * bs - t, h, d)], 1)
+            self.m.pool[units, kind] = x.reshape(-1, nb, bs, h, d).to(self.m.pool.dtype)
         return k, v
 
     def _old_visual(self, i: int, kind: int) -> Tensor:
@@ -480,10 +529,22 @@ class PagedView:
         if new is not None:
             parts_k.append(new[0])
             parts_v.append(new[1])
-        k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 1)
-        v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
+        if self._pack is not None:  # rows with fewer old images than others: each row's images back to back
+            k, v = self._packed(parts_k), self._packed(parts_v)
+        else:
+            k = parts_k[0] if len(parts_k) == 1 else torch.cat(parts_k, 1)
+            v = parts_v[0] if len(parts_v) == 1 else torch.cat(parts_v, 1)
         self._visual_memo = (i, k, v)
         return k, v
+
+    def _packed(self, parts: list[Tensor]) -> Tensor:
+        """[old ; new] visual K or V ([B, n * T, Hkv, D] each) -> the joined layout of `append_images`: one
+        gather of whole images (a zero image for the padding entries)."""
+        b, _, h, d = parts[0].shape
+        t = self.m.image_tokens
+        x = torch.cat(parts + [parts[0].new_zeros(b, t, h, d)], 1).view(b, -1, t * h * d)
+        idx = self._pack[:, :, None].expand(-1, -1, t * h * d)
+        return x.gather(1, idx).view(b, -1, h, d)
 
     def visual(self, i: int) -> tuple[Tensor, Tensor]:
         if self.keep is not None:
@@ -502,16 +563,25 @@ class PagedView:
         return torch.cat([vk, tk], 1).transpose(1, 2), torch.cat([vv, tv], 1).transpose(1, 2), 0
 
 
+def row_capacity(rows: int) -> int:
+    """Rows a kept copy's buffers have room for: a quarter (at least 2) more than it starts with, so requests
+    that join the group later are added in place (KeptKV.add)."""
+    return rows + max(2, rows // 4)
+
+
 class KeptKV:
     """A decode group's gathered K/V kept across its decode steps (see the module note): per layer one buffer
-    [B, Hkv, vis + cap, D], the rows' visual K/V (hyper layers; images back to back, as the view gathers them)
-    then their text slots, the gathered past followed by every later step's new K/V. Valid only for the same
-    rows (`seqs`, the same PagedSeq objects) at the lengths and image counts it recorded; the engine matches it
-    by `rows_of` and drops or `select`s it when rows join, leave or are preempted (a preempted request comes
-    back with a new PagedSeq). Built by the first PagedView that uses it (one ordinary gather per layer)."""
+    [rows, Hkv, vis + cap, D] whose first B rows are in use, the rows' visual K/V (hyper layers; images back to
+    back, as the view gathers them) then their text slots, the gathered past followed by every later step's new
+    K/V. Valid only for the same rows (`seqs`, the same PagedSeq objects) at the lengths and image counts it
+    recorded; the engine matches it by `rows_of`, `remove`s rows that left (in place: the last row moves into
+    the hole) and `add`s rows that joined (in place: one row's gather, if they fit the copy's layout; else it
+    builds a new copy). A preempted request comes back with a new PagedSeq, so its old row is never read.
+    Built by the first PagedView that uses it (one ordinary gather per layer)."""
 
     def __init__(self, manager: BlockManager, seqs: list[PagedSeq], grow: int) -> None:
         self.m = manager
+        self.rows = row_capacity(len(seqs))
         self.seqs = list(seqs)  # strong references: identities stay unique while the copy lives
         self.grow = max(1, grow)  # text slots added when the buffers fill up
         self.lengths = [s.length for s in seqs]  # what the next step's rows must have
@@ -537,7 +607,8 @@ class KeptKV:
         """Bytes a new copy for these rows takes (the view's padded layout plus `grow` text slots)."""
         bs = manager.block_size
         text = max(math.ceil(s.length / bs) for s in seqs) * bs + max(1, grow)
-        return cls.size(manager, len(seqs), text, max(len(s.images) for s in seqs) * (manager.image_tokens or 0))
+        return cls.size(manager, row_capacity(len(seqs)), text,
+                        max(len(s.images) for s in seqs) * (manager.image_tokens or 0))
 
     def nbytes(self) -> int:
         """Bytes of the buffers allocated so far."""
@@ -546,7 +617,7 @@ class KeptKV:
     def nbytes_next(self, lq: int = 1) -> int:
         """Bytes after the next step (the buffers regrow when full)."""
         cap = self.cap if self.used + lq <= self.cap else self.used + lq + self.grow
-        return self.size(self.m, len(self.seqs), cap, self.vis)
+        return self.size(self.m, self.rows, cap, self.vis)
 
     def start(self, view: PagedView) -> None:
         """Take the layout of the view that builds the copy (its gathered past, its images)."""
@@ -564,24 +635,71 @@ class KeptKV:
                     bufs[i] = new
         self.cap = cap
 
-    def rows_of(self, seqs: list[PagedSeq]) -> list[int] | None:
-        """Where each of `seqs` is in this copy, or None if one is not in it (joined, preempted) or changed."""
+    def rows_of(self, seqs: list[PagedSeq]) -> list[int | None]:
+        """Where each of `seqs` is in this copy; None for one that is not in it (joined, preempted: a new
+        PagedSeq) or whose length or image count changed since (its row is stale)."""
         pos = {id(s): r for r, s in enumerate(self.seqs)}
-        rows = []
+        rows: list[int | None] = []
         for s in seqs:
             r = pos.get(id(s))
-            if r is None or self.lengths[r] != s.length or self.nimg[r] != len(s.images):
-                return None
-            rows.append(r)
+            rows.append(None if r is None or self.lengths[r] != s.length or self.nimg[r] != len(s.images) else r)
         return rows
 
-    def select(self, rows: list[int]) -> KeptKV:
-        """A copy of these rows only, in this order (rows left, or the group was reordered): one index_select."""
-        out = KeptKV(self.m, [self.seqs[r] for r in rows], self.grow)
-        idx = torch.tensor(rows, dtype=torch.long, device=self.m.pool.device)
-        out.k = [None if t is None else t.index_select(0, idx) for t in self.k]
-        out.v = [None if t is None else t.index_select(0, idx) for t in self.v]
-        out.used, out.cap, out.vis = self.used, self.cap, self.vis
-        out.valid = self.valid.index_select(0, idx)
-        out.image_pos = None if self.image_pos is None else self.image_pos.index_select(0, idx)
-        return out
+    def remove(self, rows: list[int]) -> None:
+        """Drop these rows in place: each is overwritten by the current last row (one row's copy per layer), so
+        a request that leaves costs one row, not a copy of the whole group."""
+        for r in sorted(set(rows), reverse=True):
+            last = len(self.seqs) - 1
+            if r != last:
+                for t in self.k + self.v:
+                    if t is not None:
+                        t[r] = t[last]
+                for small in (self.valid, self.image_pos):
+                    if small is not None:
+                        small[r] = small[last]
+                self.seqs[r], self.lengths[r], self.nimg[r] = self.seqs[last], self.lengths[last], self.nimg[last]
+            self.seqs.pop(), self.lengths.pop(), self.nimg.pop()
+        b = len(self.seqs)
+        self.valid = None if self.valid is None else self.valid[:b]
+        self.image_pos = None if self.image_pos is None else self.image_pos[:b]
+
+    def fits(self, seqs: list[PagedSeq]) -> bool:
+        """Whether `add` can take these rows: free rows, each row's text blocks within the kept past (right-
+        aligned, as the view lays rows out) and its images within the kept visual slots."""
+        bs, t = self.m.block_size, self.m.image_tokens or 0
+        return (self.ready and all(x is not None for x in self.k) and len(self.seqs) + len(seqs) <= self.rows
+                and all(not s.pending and math.ceil(s.length / bs) * bs <= self.used and len(s.images) * t <= self.vis
+                        for s in seqs))
+
+    def add(self, seqs: list[PagedSeq]) -> None:
+        """Append rows in place (`fits` first): each row's past gathered from the pool into a free row of every
+        layer's buffer, laid out as the view would (text right-aligned to the kept past, images from slot 0),
+        the rest zeroed (read masked: must be finite)."""
+        m, bs, t = self.m, self.m.block_size, self.m.image_tokens or 0
+        dev = m.pool.device
+        _, _, h, d = m.pool.shape[1:]
+        for s in seqs:
+            r, nblk, n = len(self.seqs), math.ceil(s.length / bs), len(s.images)
+            off = self.used - nblk * bs
+            table = s.text_table(nblk).to(dev)
+            img = s.image_table().to(dev) if n else None
+            for i in range(m.num_layers):
+                vis = self.vis if i in m.hyper_index else 0
+                for kind, bufs in ((0, self.k), (1, self.v)):
+                    row = bufs[i][r]  # [Hkv, vis + cap, D]
+                    row[:, n * t if vis else 0 : vis + off].zero_()
+                    if nblk:
+                        row[:, vis + off : vis + self.used] = m.gather(table[i], kind).view(nblk * bs, h, d).transpose(0, 1)
+                    if vis and n:
+                        g = m.gather(img[m.hyper_index[i]], kind)  # [n, nb, bs, Hkv, D]
+                        g = g.view(n, -1, h, d)[:, :t].reshape(n * t, h, d)
+                        row[:, : n * t] = g.transpose(0, 1)
+            valid = torch.zeros(1, self.used, dtype=torch.bool, device=dev)
+            valid[0, off : off + s.length] = True
+            self.valid = torch.cat([self.valid, valid])
+            if self.image_pos is not None:
+                pos = torch.full((1, self.image_pos.shape[1]), BIG_POS, dtype=torch.long)
+                if n:
+                    pos[0, :n] = torch.tensor([im.pos for im in s.images])
+                self.image_pos = torch.cat([self.image_pos, pos.to(dev)])
+            self.seqs.append(s), self.lengths.append(s.length), self.nimg.append(n)

@@ -198,11 +198,12 @@ def make_context(
     image_pos: Tensor | None,
     visual_embeds: Tensor | None,
     visual_slots: Tensor | None = None,
-    new_images: int | None = None,
+    visual_pos: Tensor | None = None,
 ) -> AttnContext:
     """positions [B, Lq]; key_valid [B, past+Lq] bool; image_pos [B, N_max] visible-from positions;
-    visual_embeds [N, T, H] with visual_slots [N] (see AttnContext); new_images: visual_embeds are the last
-    new_images images of image_pos (appended to a kept cache), None: all of them."""
+    visual_embeds [N, T, H] with visual_slots [N] (see AttnContext); visual_pos [B, N_new]: the positions of
+    the images in visual_embeds when they are appended to a kept cache (image_pos then holds old and new
+    images), None: visual_embeds are image_pos's images."""
     lq = positions.shape[1]
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     padded = not bool(key_valid.all())
@@ -216,7 +217,7 @@ def make_context(
         return ctx
     ctx.visual_embeds, ctx.visual_slots = visual_embeds, visual_slots
     if visual_embeds is not None:
-        vpos = image_pos if new_images is None else image_pos[:, image_pos.shape[1] - new_images :]
+        vpos = image_pos if visual_pos is None else visual_pos
         vpos = vpos.clamp(max=1 << 30)  # padding images: any finite position, never attended
         ctx.visual_cos, ctx.visual_sin = rope_cos_sin(vpos, cfg.head_dim, cfg.rope_theta)
     ctx.counts = (image_pos[:, None, :] <= positions[:, :, None]).sum(-1)  # [B, Lq]

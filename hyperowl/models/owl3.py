@@ -139,7 +139,7 @@ class Owl3Model(OwlModel):
         if pixel_values is not None and image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         image_pos, visual_embeds, visual_slots = None, None, None
-        new_images = None  # appending: how many images at the end of image_pos are new (None: all)
+        visual_pos = None  # appending: the new images' positions (image_pos then holds old and new ones)
         if image_embeds is not None and image_embeds.shape[0] > 0:
             if media_offset is not None:
                 image_positions = placeholders_from_media_offset(media_offset, image_embeds.shape[0], lq)
@@ -148,20 +148,18 @@ class Owl3Model(OwlModel):
             image_pos, visual_slots = self._place_images(image_embeds, image_positions.to(dev), positions)
             visual_embeds = image_embeds.to(device=dev, dtype=self.dtype)
             if cache is not None and (past or cache.has_visual):
-                # Appending to a kept cache (a live session): the new images come after the old ones, their
-                # visual K/V go after the old ones' (computed now, the old ones' never again).
-                if visual_slots is not None:
-                    raise ValueError("appending images to a cache needs the same number of new images in every row")
-                new_images = image_pos.shape[1]
-                if cache.has_visual:
-                    image_pos = torch.cat([cache.image_pos, image_pos], 1)
+                # Appending to a kept cache (a live session, a paged prefill chunk): each row's new images come
+                # after its old ones, their visual K/V after the old ones' (computed now, the old ones' never
+                # again). The cache joins the two lists (KVCache: equal rows; PagedView: per row).
+                visual_pos = image_pos
+                image_pos = cache.append_images(image_pos, ragged=visual_slots is not None)
             if cache is not None:
                 cache.image_pos = image_pos
         elif cache is not None and cache.has_visual:
             image_pos = cache.image_pos
 
         ctx = make_context(cfg, positions, key_valid, past, cache, image_pos, visual_embeds, visual_slots,
-                           new_images)
+                           visual_pos)
         hidden = [] if output_hidden_states else None
         h = self.decoder(self.decoder.embed_tokens(input_ids), ctx, hidden)
         if cache is not None:
