@@ -8,6 +8,25 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# An engine built without a K/V budget reserves 30 % of the available host memory for its block pool
+# (paged_cache.default_kv_cache_bytes; torch.empty, so untouched pages cost nothing). Servers of module-scoped
+# fixtures build such engines, and while a few are alive (freed only when the garbage collector gets to them) the
+# suite's reservations pass the machine's memory: a later fork (DataLoader workers in test_train) then failed
+# with ENOMEM. Tests cap the default at 1 GB; test_paged_engine checks the library's own default.
+TEST_DEFAULT_KV_BYTES = 1 << 30
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bounded_default_kv_budget():
+    from hyperowl import batching
+
+    library_default = batching.default_kv_cache_bytes
+    batching.default_kv_cache_bytes = lambda device, share=None: min(library_default(device, share),
+                                                                     TEST_DEFAULT_KV_BYTES)
+    yield
+    batching.default_kv_cache_bytes = library_default
+
+
 # The official-implementation fixtures (tiny checkpoints, reference outputs, processor outputs) live in the
 # repository, next to this file; tests/fixtures/*/README.md says how each was made.
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
