@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -462,7 +462,32 @@ async def interleaved(state: AppState, reply: Reply) -> AsyncIterator[tuple[int,
             job.cancel.set()
 
 
-async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+async def sse_choices(state: AppState, reply: Reply, piece: Callable[[int, str, str | None, list], str],
+                      usage_event: Callable[[int], str], first: Sequence[str] = ()) -> AsyncIterator[str]:
+    """n > 1 streamed, for any endpoint: the `first` events, then `piece(choice, delta, finish_reason, logprobs)`,
+    the event of each piece of `interleaved` as it comes; an error after the headers goes in-band;
+    `usage_event(completion tokens of all choices)` if the request asked for usage; then [DONE]. Every choice is
+    cancelled when the client leaves (the response closes this generator, which closes `interleaved`)."""
+    for event in first:
+        yield event
+    total = 0
+    events = interleaved(state, reply)
+    try:
+        async for i, delta, fin, lps, n in events:
+            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
+                yield _event(delta.body())
+                yield "data: [DONE]\n\n"
+                return
+            yield piece(i, delta, fin, lps)
+            total += n if fin is not None else 0
+    finally:
+        await events.aclose()  # the client left: cancel every choice now
+    if reply.req.include_usage:
+        yield usage_event(total)
+    yield "data: [DONE]\n\n"
+
+
+def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
     """n > 1 streamed: every choice's chunks (with its index) as they come, interleaved; one usage for all."""
     cid, name, created = reply.cid, state.config.model_name, reply.created
     want_lp = reply.req.logprobs is not None
@@ -473,23 +498,14 @@ async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
         body["choices"][0]["index"] = i
         return _event(body)
 
-    for i in range(len(reply.jobs)):
-        yield chunk(i, {"role": "assistant", "content": ""}, None, [])
-    total = 0
-    events = interleaved(state, reply)
-    try:
-        async for i, delta, fin, lps, n in events:
-            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
-                yield _event(delta.body())
-                yield "data: [DONE]\n\n"
-                return
-            yield chunk(i, {"content": delta} if delta else {}, fin, lps)
-            total += n if fin is not None else 0
-    finally:
-        await events.aclose()  # the client left: cancel every choice now
-    if reply.req.include_usage:
-        yield _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
-    yield "data: [DONE]\n\n"
+    def piece(i: int, delta: str, fin: str | None, lps: list) -> str:
+        return chunk(i, {"content": delta} if delta else {}, fin, lps)
+
+    def usage_event(total: int) -> str:
+        return _event(chunk_body(cid, name, created, None, usage=usage(reply.prompt, total, reply.job)))
+
+    roles = [chunk(i, {"role": "assistant", "content": ""}, None, []) for i in range(len(reply.jobs))]
+    return sse_choices(state, reply, piece, usage_event, first=roles)
 
 
 async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:

@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
-from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish_all, interleaved, read_body,
+from .app import (AppState, Reply, answer, check_auth, check_prompt_length, finish_all, read_body, sse_choices,
                   state_of, submit, too_busy, usage)
 from .prompt import PreparedPrompt
 from .protocol import ApiError, CompletionRequest, parse_completion_request, parse_json, token_bytes
@@ -108,27 +108,21 @@ async def _sse(state: AppState, reply: Reply) -> AsyncIterator[str]:
         reply.job.cancel.set()  # finished or disconnected: the engine row must not go on
 
 
-async def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
-    """n > 1 streamed: each choice's pieces (with its index) as they come, interleaved (app.interleaved); one
+def _sse_many(state: AppState, reply: Reply) -> AsyncIterator[str]:
+    """n > 1 streamed: each choice's pieces (with its index) as they come, interleaved (app.sse_choices); one
     finishing event per choice, [usage for all], [DONE]."""
     name, want_lp = state.config.model_name, reply.req.logprobs is not None
-    offsets, total = [0] * len(reply.jobs), 0
-    events = interleaved(state, reply)
-    try:
-        async for i, delta, fin, lps, n in events:
-            if isinstance(delta, ApiError):  # headers are sent: report in-band, then end the stream
-                yield _event(delta.body())
-                yield "data: [DONE]\n\n"
-                return
-            lp = legacy_logprobs(state.tokenizer, lps, offsets[i]) if want_lp and fin is None else None
-            offsets[i] += len(delta)
-            yield _event(completion_body(reply, name, delta, fin, None, lp, index=i))
-            total += n if fin is not None else 0
-    finally:
-        await events.aclose()  # the client left: cancel every choice now
-    if reply.req.include_usage:
-        yield _event({**completion_body(reply, name, "", None, total), "choices": []})
-    yield "data: [DONE]\n\n"
+    offsets = [0] * len(reply.jobs)  # each choice's text offset (the legacy logprobs' text_offset)
+
+    def piece(i: int, delta: str, fin: str | None, lps: list) -> str:
+        lp = legacy_logprobs(state.tokenizer, lps, offsets[i]) if want_lp and fin is None else None
+        offsets[i] += len(delta)
+        return _event(completion_body(reply, name, delta, fin, None, lp, index=i))
+
+    def usage_event(total: int) -> str:
+        return _event({**completion_body(reply, name, "", None, total), "choices": []})
+
+    return sse_choices(state, reply, piece, usage_event)
 
 
 async def _complete(state: AppState, request: Request, req: CompletionRequest, reply: Reply) -> Response:
