@@ -453,18 +453,16 @@ def test_logprobs_chat_and_completions(client, model):
         assert abs(v - float(ref[j, t])) <= 1e-4
 
 
-def test_n_choices_share_one_prefill(server, client):
-    """n = 3 on the continuous server: the prompt is prefilled once, the other two choices reuse its whole
-    blocks (all but the last token's block: usage counts the prompt once, the first choice's, so the engine's
-    counters tell). Before the change the three rows were prefilled side by side and reused nothing."""
+def assert_one_prefill(server, create) -> None:
+    """`create()` asks for n = 3 choices: the engine's counters (via /health) show the prompt prefilled once and
+    the whole blocks of it (all but the last token's block) reused by the other two choices."""
     import time
 
     def sched():
         return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
 
     before = sched()["prefix_cache"]
-    msgs = [{"role": "user", "content": "Tell me three things about owls that live in snowy northern forests."}]
-    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=3, temperature=1.0, seed=11)
+    r = create()
     assert len(r.choices) == 3
     for _ in range(100):  # the counters are published after the step that finished the rows
         s = sched()
@@ -476,6 +474,15 @@ def test_n_choices_share_one_prefill(server, client):
     assert shared > 0
     assert s["prefix_cache"]["cached_tokens"] - before["cached_tokens"] == 2 * shared
     assert s["prefix_cache"]["prefill_tokens"] - before["prefill_tokens"] == p + 2 * (p - shared)
+
+
+def test_n_choices_share_one_prefill(server, client):
+    """n = 3 on the continuous server: the prompt is prefilled once, the other two choices reuse its whole
+    blocks (all but the last token's block: usage counts the prompt once, the first choice's, so the engine's
+    counters tell). Before the change the three rows were prefilled side by side and reused nothing."""
+    msgs = [{"role": "user", "content": "Tell me three things about owls that live in snowy northern forests."}]
+    assert_one_prefill(server, lambda: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, n=3,
+                                                                      temperature=1.0, seed=11))
 
 
 def test_n_choices_seeded_plain_and_streamed(client):
@@ -589,22 +596,6 @@ def test_completion_best_of_returns_the_n_best_candidates(client):
 
 def test_completion_n_choices_share_one_prefill(server, client):
     """As chat's n: the prompt is prefilled once, the other choices reuse its whole blocks (prefix cache)."""
-    import time
-
-    def sched():
-        return httpx.get(server.url + "/health", timeout=10).json()["scheduler"]
-
-    before = sched()["prefix_cache"]
     prompt = "Owls that live in snowy northern forests hunt at dusk, and they " * 3
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=3, temperature=1.0, seed=11)
-    assert len(r.choices) == 3
-    for _ in range(100):
-        s = sched()
-        if s["running"] == 0 and s["waiting"] == 0:
-            break
-        time.sleep(0.05)
-    p, bs = r.usage.prompt_tokens, s["kv_cache"]["block_size"]
-    shared = (p - 1) // bs * bs
-    assert shared > 0
-    assert s["prefix_cache"]["cached_tokens"] - before["cached_tokens"] == 2 * shared
-    assert s["prefix_cache"]["prefill_tokens"] - before["prefill_tokens"] == p + 2 * (p - shared)
+    assert_one_prefill(server, lambda: client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=3,
+                                                                 temperature=1.0, seed=11))
