@@ -154,18 +154,22 @@ def server_mode(a) -> None:
     same = outs[1] == outs[2] and outs[0][0] == outs[1][0]
     print(f"server (uvicorn, continuous scheduler), embedded model, {a.images} images, {a.new} new tokens a choice, "
           f"cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; answers equal: {same}")
-    print(f"{'mode':22} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
-    for k, r in best.items():
-        print(f"{k:22} {r['ttft_first_s']:12.3f} {r['ttft_all_s']:11.3f} {r['total_s']:8.3f} "
-              f"{r['prefill_tokens']:12d} {r['cached_tokens']:11d}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(server=True, images=a.images, n=a.n, new_tokens=a.new,
-                                   threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same, modes=best),
-                              indent=1))
-    print(f"\nwrote {out}")
+    report(best, 22, a.out, dict(server=True, images=a.images, n=a.n, new_tokens=a.new,
+                                 threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same))
     if not same:
         sys.exit("the modes' answers differ")
+
+
+def report(best: dict, width: int, out: str, meta: dict) -> None:
+    """The table of the best run of each mode, and the JSON (meta + modes)."""
+    print(f"{'mode':{width}} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
+    for k, r in best.items():
+        print(f"{k:{width}} {r['ttft_first_s']:12.3f} {r['ttft_all_s']:11.3f} {r['total_s']:8.3f} "
+              f"{r['prefill_tokens']:12d} {r['cached_tokens']:11d}")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(meta, modes=best), indent=1))
+    print(f"\nwrote {path}")
 
 
 def main() -> None:
@@ -202,16 +206,8 @@ def main() -> None:
     same = outs[names[1]] == outs[names[2]] and outs[names[0]][0] == outs[names[1]][0]
     print(f"embedded model, one prompt of {len(base.input_ids)} tokens with {a.images} images, {a.new} new tokens a "
           f"row, cpu fp32, {torch.get_num_threads()} threads, best of {a.repeat}; outputs equal: {same}")
-    print(f"{'mode':18} {'TTFT first s':>12} {'TTFT all s':>11} {'total s':>8} {'prefill tok':>12} {'cached tok':>11}")
-    for k, r in best.items():
-        print(f"{k:18} {r['ttft_first_s']:12.3f} {r['ttft_all_s']:11.3f} {r['total_s']:8.3f} "
-              f"{r['prefill_tokens']:12d} {r['cached_tokens']:11d}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(prompt_tokens=len(base.input_ids), images=a.images, n=a.n, new_tokens=a.new,
-                                   threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same,
-                                   modes=best), indent=1))
-    print(f"\nwrote {out}")
+    report(best, 18, a.out, dict(prompt_tokens=len(base.input_ids), images=a.images, n=a.n, new_tokens=a.new,
+                                 threads=torch.get_num_threads(), repeat=a.repeat, outputs_equal=same))
     if not same:
         sys.exit("the modes' outputs differ")
 
