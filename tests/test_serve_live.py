@@ -4,6 +4,7 @@ Chromium with its fake camera: frames posted by the page, a question answered ab
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -129,11 +130,13 @@ def test_idle_sessions_expire_and_are_freed(owl):
         assert c.post("/v1/live").status_code == 200  # the freed slots are open again
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing")
-def test_live_page_with_the_fake_camera(server, tmp_path):
+@contextlib.contextmanager
+def live_page(server, *chromium_args: str):
+    """Headless Chromium on the server's /live page at 4 frames a second: (playwright's sync_api, the page, the
+    x-stream-time header of every frame the page posts, as they are posted)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-            "--disable-dev-shm-usage", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+            "--disable-dev-shm-usage", *chromium_args]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
         try:
@@ -143,24 +146,31 @@ def test_live_page_with_the_fake_camera(server, tmp_path):
                     if r.url.endswith("/frames") else None)
             page.goto(server.url + "/live")
             page.fill("#fps", "4")
-            page.click("#camera")
-            page.wait_for_function("Number(document.getElementById('status').dataset.frames) >= 3", timeout=30000)
-            page.fill("#question", "What is in the video?")
-            page.click("#ask")
-            done = page.locator(".msg.assistant[data-state=done]")
-            sync_api.expect(done).to_have_count(1, timeout=60000)
-            answer = done.inner_text()
-            errors = page.locator(".msg.error").count()
-            sid = page.locator("#status").inner_text().split()[1]
-            shot = tmp_path / "live.png"
-            page.screenshot(path=str(shot))  # while the camera plays
-            vbox = page.locator("#video").bounding_box()
-            page.click("#stop")
-            out_dir = os.environ.get("HYPEROWL_SCREENSHOT_DIR")
-            if out_dir:
-                shutil.copy(shot, Path(out_dir) / "live_page.png")
+            yield sync_api, page, posts
         finally:
             browser.close()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing")
+def test_live_page_with_the_fake_camera(server, tmp_path):
+    with live_page(server, "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as (
+            sync_api, page, posts):
+        page.click("#camera")
+        page.wait_for_function("Number(document.getElementById('status').dataset.frames) >= 3", timeout=30000)
+        page.fill("#question", "What is in the video?")
+        page.click("#ask")
+        done = page.locator(".msg.assistant[data-state=done]")
+        sync_api.expect(done).to_have_count(1, timeout=60000)
+        answer = done.inner_text()
+        errors = page.locator(".msg.error").count()
+        sid = page.locator("#status").inner_text().split()[1]
+        shot = tmp_path / "live.png"
+        page.screenshot(path=str(shot))  # while the camera plays
+        vbox = page.locator("#video").bounding_box()
+        page.click("#stop")
+        out_dir = os.environ.get("HYPEROWL_SCREENSHOT_DIR")
+        if out_dir:
+            shutil.copy(shot, Path(out_dir) / "live_page.png")
     assert errors == 0
     state = httpx.get(f"{server.url}/v1/live/{sid}", timeout=30).json()
     assert state["frames_seen"] >= 3 and len([t for t in posts if t]) >= 3
@@ -198,45 +208,32 @@ def test_live_page_with_a_video_file(server, tmp_path):
 
     """The page's other source: a chosen video file, played and sent at N fps with its own clock (the
     video's time, not the wall clock), a question answered while it plays."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
     clip = tmp_path / "moving.webm"
     write_webm([scene(8 + k).resize((160, 160), Image.NEAREST) for k in range(36)], clip, fps=6)  # 6 s
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-            "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 640})
-            posts = []
-            page.on("request", lambda r: posts.append(r.headers.get("x-stream-time"))
-                    if r.url.endswith("/frames") else None)
-            page.goto(server.url + "/live")
-            page.fill("#fps", "4")
-            page.set_input_files("#file", str(clip))
-            for _ in range(300):  # until the page has sent 3 frames of the file
-                if len([t for t in posts if t]) >= 3:
-                    break
-                page.wait_for_timeout(100)
-            playing = page.evaluate("!document.getElementById('video').ended")
-            page.fill("#question", "Which way does the red square move?")
-            page.click("#ask")  # while it plays: answered about the frames sent before the question
-            done = page.locator(".msg.assistant[data-state=done]")
-            sync_api.expect(done).to_have_count(1, timeout=60000)
-            answer = done.inner_text()
-            page.wait_for_function("document.getElementById('video').ended", timeout=30000)
-            page.wait_for_timeout(500)  # the last frame's post
-            errors = [e.inner_text() for e in page.locator(".msg.error").all()]
-            sid = page.locator("#status").inner_text().split()[1]
-            shot = tmp_path / "live_file.png"
-            page.screenshot(path=str(shot))  # the clip's last frame
-            vbox = page.locator("#video").bounding_box()
-            duration = page.evaluate("document.getElementById('video').duration")
-            page.click("#stop")
-            out_dir = os.environ.get("HYPEROWL_SCREENSHOT_DIR")
-            if out_dir:
-                shutil.copy(shot, Path(out_dir) / "live_page_file.png")
-        finally:
-            browser.close()
+    with live_page(server, "--autoplay-policy=no-user-gesture-required") as (sync_api, page, posts):
+        page.set_input_files("#file", str(clip))
+        for _ in range(300):  # until the page has sent 3 frames of the file
+            if len([t for t in posts if t]) >= 3:
+                break
+            page.wait_for_timeout(100)
+        playing = page.evaluate("!document.getElementById('video').ended")
+        page.fill("#question", "Which way does the red square move?")
+        page.click("#ask")  # while it plays: answered about the frames sent before the question
+        done = page.locator(".msg.assistant[data-state=done]")
+        sync_api.expect(done).to_have_count(1, timeout=60000)
+        answer = done.inner_text()
+        page.wait_for_function("document.getElementById('video').ended", timeout=30000)
+        page.wait_for_timeout(500)  # the last frame's post
+        errors = [e.inner_text() for e in page.locator(".msg.error").all()]
+        sid = page.locator("#status").inner_text().split()[1]
+        shot = tmp_path / "live_file.png"
+        page.screenshot(path=str(shot))  # the clip's last frame
+        vbox = page.locator("#video").bounding_box()
+        duration = page.evaluate("document.getElementById('video').duration")
+        page.click("#stop")
+        out_dir = os.environ.get("HYPEROWL_SCREENSHOT_DIR")
+        if out_dir:
+            shutil.copy(shot, Path(out_dir) / "live_page_file.png")
     assert errors == [] and answer.strip() and playing
     times = [float(t) for t in posts if t]
     for _ in range(300):  # frames posted after the question may still be on their way into the cache
