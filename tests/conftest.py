@@ -78,6 +78,18 @@ def owl3_tiny(owl3_fixture_dir):
     return load_owl3(owl3_fixture_dir)
 
 
+def png_data_url(color=(200, 30, 30), size=(60, 40)) -> str:
+    """A plain-colour PNG as a data URL (an image part for the server's tests)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def random_owl3(variant: str = "240728", seed: int = 0, **overrides):
     """A tiny Owl3 model with random weights (std 0.08 like the fixture, so attention is not uniform)."""
     from hyperowl.config import PRESETS

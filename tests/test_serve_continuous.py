@@ -8,7 +8,6 @@ preempts requests without losing or changing any answer."""
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 
@@ -21,16 +20,11 @@ openai = pytest.importorskip("openai")
 
 from PIL import Image  # noqa: E402
 
+from conftest import png_data_url as png_url  # noqa: E402
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
 MODEL = "tiny-owl"
 TINY_KV_GB = 256 / 2**20  # 256 KiB: 64 blocks of 16 slots x one layer in the fixture model (4 layers, 2 x 16 K/V)
-
-
-def png_url(color=(200, 30, 30), size=(60, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ cores; most of it is the model answering); completions and responses get a quart
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import random
@@ -28,12 +27,12 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from PIL import Image  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,  # noqa: E402
                                                status_code_conformance)
 
+from conftest import png_data_url  # noqa: E402
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
 MODEL = "tiny-owl"
@@ -50,9 +49,7 @@ def _data_url(data: bytes, mime: str) -> str:
 
 
 def _png(size, color) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return _data_url(buf.getvalue(), "image/png")
+    return png_data_url(color, size)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
 import logging
 import socket
@@ -23,18 +22,12 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from conftest import png_data_url as png_url  # noqa: E402
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
 MODEL = "tiny-owl"
 LONG_TEXT = "The circle is red and the square is blue. " * 120  # well over the fixture's 512-token context
-
-
-def png_url(color=(200, 30, 30), size=(60, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

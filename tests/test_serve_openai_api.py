@@ -7,7 +7,6 @@ compared with the library's own answer for the same prompt, never with hard-code
 from __future__ import annotations
 
 import base64
-import io
 
 import pytest
 
@@ -17,17 +16,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from conftest import png_data_url as image_url  # noqa: E402
 from hyperowl.serve import ServeConfig, ServerThread, create_app  # noqa: E402
 
 MODEL = "tiny-owl"
-
-
-def image_url(color=(200, 30, 30), size=(60, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def png(url: str) -> bytes:
