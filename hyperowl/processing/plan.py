@@ -18,6 +18,16 @@ encoding stage (`hyperowl.encoder`) is the one place that turns items into pixel
 pixel making per item, and the compatibility call `processor(messages, ...) -> ProcessedInputs` (plan +
 pixels, as before). Subclasses say how an image or a video is written in the prompt, how the prompt is
 rendered and tokenized, and how an image or frame becomes pixels.
+
+Exact answer ids (`plan(..., answer_ids={message index: ids})`): a server that made an assistant message
+itself knows the token ids it generated, and its text often does not tokenize back to them (decode then
+encode gives other ids, always so for a random model, sometimes for a trained one). A family whose template
+can be cut safely around an answer tokenizes the conversation piece by piece and puts those ids in place of
+that message's text, so the prompt starts with exactly the ids the previous turn's K/V were computed from
+(its prompt + its answer) and a prefix cache serves the whole history. Owl3 (ChatML) does: the text before an
+answer is that turn's prompt, and the text after it starts with `<|im_end|>`, a special token the tokenizer
+never merges with what precedes it. Owl2 does not (a SentencePiece tokenizer writes the space before each
+answer into its first token, and re-encoding a piece adds a prefix space): it tokenizes the text as before.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -178,7 +188,10 @@ class PlannerBase:
         raise NotImplementedError
 
     def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
-                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+                             add_generation_prompt: bool, answer_ids: Optional[Mapping[int, Sequence[int]]] = None
+                             ) -> tuple[list[int], list[int], str]:
+        """(ids, image positions, text); `answer_ids`: exact content ids of assistant messages by index, used
+        where the family's template can be cut around them (module note), else ignored."""
         raise NotImplementedError
 
     def _training_ids(self, messages: list[dict[str, str]], system: Optional[str]
@@ -197,11 +210,13 @@ class PlannerBase:
     # -- planning --------------------------------------------------------------------------------------------
     def plan(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *, max_frames: int = 16,
              fps: Optional[float] = None, system: Optional[str] = None, cut: Optional[bool] = None,
-             add_generation_prompt: bool = True) -> Plan:
+             add_generation_prompt: bool = True, answer_ids: Optional[Mapping[int, Sequence[int]]] = None) -> Plan:
         """messages + media -> `Plan` (ids, image positions, media items). Nothing is encoded; video files
-        are only probed for their sampling times."""
+        are only probed for their sampling times. `answer_ids`: {index in messages: the exact token ids of that
+        assistant message's content} (module note: exact answer ids)."""
         new_messages, items = self._expand(messages, images, videos, cut, max_frames, fps, system)
-        ids, positions, prompt = self._render_and_tokenize(new_messages, system, add_generation_prompt)
+        ids, positions, prompt = self._render_and_tokenize(new_messages, system, add_generation_prompt,
+                                                           answer_ids or None)
         return self._package(ids, positions, items, prompt)
 
     def training_plan(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,

@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -44,6 +44,7 @@ from hyperowl.processing.chat import (
     IMAGE_TOKEN,
     START_CUT,
     START_VIDEO_FRAME,
+    chatml_pieces,
     chatml_segments,
     render_chatml,
 )
@@ -132,11 +133,28 @@ class Owl3Processor(PlannerBase):
         return ids, positions
 
     def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
-                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+                             add_generation_prompt: bool, answer_ids: Optional[Mapping[int, Sequence[int]]] = None
+                             ) -> tuple[list[int], list[int], str]:
         kwargs = {} if system is None else {"system": system}
-        prompt = render_chatml(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        ids, positions = self._tokenize(prompt)
-        return ids, positions, prompt
+        if not answer_ids:
+            prompt = render_chatml(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+            ids, positions = self._tokenize(prompt)
+            return ids, positions, prompt
+        # Exact answer ids (plan.py's note): the text between two given answers is tokenized as one piece, so
+        # the piece before an answer is tokenized exactly as that turn's prompt was.
+        ids, positions, text, pending = [], [], [], []
+        for piece, index in chatml_pieces(messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            text.append(piece)
+            if index is None or index not in answer_ids:
+                pending.append(piece)
+                continue
+            seg_ids, seg_pos = self._tokenize("".join(pending))
+            positions += [len(ids) + p for p in seg_pos]
+            ids += seg_ids + [int(t) for t in answer_ids[index]]
+            pending = []
+        seg_ids, seg_pos = self._tokenize("".join(pending))
+        positions += [len(ids) + p for p in seg_pos]
+        return ids + seg_ids, positions, "".join(text)
 
     def _training_ids(self, messages: list[dict[str, str]], system: Optional[str]
                       ) -> tuple[list[int], list[int], list[int], str]:

@@ -5,7 +5,9 @@ text, and the pipeline's processor plans everything else (cut templates, video f
 prompt format, tokenization), so the server prompt is exactly the library's prompt, for every family. The
 encoder's `lookup` (encoder.py) then finds each item in the feature cache by its content hash, or decodes
 and preprocesses it: all of this in a request-handler thread, off the event loop and off the model's
-thread, which later runs only the vision tower on the misses (`Encoder.finish`, scheduler.py).
+thread, which later runs only the vision tower on the misses (`Encoder.finish`, scheduler.py). An assistant
+message the server made itself (a stored response) carries its answer's exact token ids, which the processor
+plans in place of its text, so the next turn's prompt starts with the very ids the engine cached.
 
 A video arrives as bytes; the sampler seeks in a file, so it is written to a temporary file for the
 duration of planning (header probe) and, on a cache miss, decoding. A cached video is probed (its frame
@@ -97,8 +99,9 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: 
                     f.write(blob.data)
                 videos.append(name)
         try:
+            answer_ids = {i: m.ids for i, m in enumerate(req.messages) if m.ids is not None}
             plan = pipeline.processor.plan(messages, images=images, videos=videos, max_frames=opts.max_frames,
-                                           fps=opts.fps, cut=opts.cut)
+                                           fps=opts.fps, cut=opts.cut, answer_ids=answer_ids)
             pending = pipeline.encoder.lookup(plan)
         except InputError as e:
             raise _media_error(e, temp) from None
