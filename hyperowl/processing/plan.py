@@ -10,7 +10,7 @@ frames; or pixel values made earlier). `item.count` is how many `<|image|>` toke
 contributes, so the prompt is complete before any pixel exists.
 
 `item.key` is the item's content hash (SHA-256 of the file's or the bytes' content, of a PIL image's
-pixels, of a pixel tensor) plus everything that changes its features (the processor's pixel recipe,
+pixels, of a pixel tensor; or the caller's, for an image given as `Hashed`) plus everything that changes its features (the processor's pixel recipe,
 cutting, frame sampling). It is computed on first use, so a caller that never caches never hashes. The
 encoding stage (`hyperowl.encoder`) is the one place that turns items into pixels and features.
 
@@ -74,6 +74,16 @@ def _digest_source(src: Any) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Hashed:
+    """A media source whose content hash the caller already has (a server hashed the bytes it received): its
+    item's key uses `digest` (the SHA-256 hex of the encoded bytes, as a bytes source is hashed) instead of
+    hashing the source again."""
+
+    source: Any
+    digest: str
+
+
 @dataclass
 class MediaItem:
     """One image or video of a prompt, planned but not yet turned into pixels or features."""
@@ -88,6 +98,7 @@ class MediaItem:
     max_frames: int = 16  # video file: sampling options (the decoder needs them again)
     fps: Optional[float] = None
     recipe: str = ""  # the processor's pixel recipe (family, size, aspect mode): part of the key
+    digest: Optional[str] = None  # the source's content hash when the caller gave it (`Hashed`)
     _key: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -98,7 +109,7 @@ class MediaItem:
             if self.kind == "video" and not isinstance(self.source, (str, os.PathLike)):
                 how = f"frames={self.count}"  # given frames/pixels: no sampling
             src = self.source if not isinstance(self.source, Image.Image) else self.image
-            self._key = f"{self.kind}:{_digest_source(src)}:{self.recipe}:{how}"
+            self._key = f"{self.kind}:{self.digest or _digest_source(src)}:{self.recipe}:{how}"
         return self._key
 
 
@@ -137,7 +148,7 @@ def as_list(items: Any, what: str) -> list[Any]:
     """Accept None, one item, or a list/tuple of items."""
     if items is None:
         return []
-    if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image)):
+    if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image, Hashed)):
         return [items]
     if isinstance(items, torch.Tensor) and what == "videos":  # one video's pixels
         return [items]
@@ -245,9 +256,12 @@ class PlannerBase:
             out: list[str] = []
             for piece in _PLACEHOLDER_RE.split(content):
                 if piece == IMAGE_TOKEN:
-                    src = image_list[img_i]
+                    src, digest = image_list[img_i], None
+                    if isinstance(src, Hashed):
+                        src, digest = src.source, src.digest
                     name = source_name(src, "images", img_i)
-                    item = MediaItem("image", name, 1, src, image=load_image(src, name=name), recipe=self.recipe)
+                    item = MediaItem("image", name, 1, src, image=load_image(src, name=name), recipe=self.recipe,
+                                     digest=digest)
                     out.append(self._image_item(item, do_cut))
                     img_i += 1
                 elif piece == VIDEO_TOKEN:

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..encoder import Pending
 from ..errors import InputError
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
+from ..processing.plan import Hashed
 from .media import MediaBlob, decode_image
 from .protocol import ApiError, ChatRequest, MediaPart, TextPart
 
@@ -90,8 +91,8 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: 
     images, videos, temp = [], [], {}
     try:
         for blob in blobs:
-            if blob.kind == "image":
-                images.append(decode_image(blob))
+            if blob.kind == "image":  # keyed by the digest of the bytes received (hashed once, in media.py)
+                images.append(Hashed(decode_image(blob), blob.digest))
             else:
                 fd, name = tempfile.mkstemp(prefix="hyperowl-video-")
                 temp[name] = blob
