@@ -26,8 +26,10 @@ can be cut safely around an answer tokenizes the conversation piece by piece and
 that message's text, so the prompt starts with exactly the ids the previous turn's K/V were computed from
 (its prompt + its answer) and a prefix cache serves the whole history. Owl3 (ChatML) does: the text before an
 answer is that turn's prompt, and the text after it starts with `<|im_end|>`, a special token the tokenizer
-never merges with what precedes it. Owl2 does not (a SentencePiece tokenizer writes the space before each
-answer into its first token, and re-encoding a piece adds a prefix space): it tokenizes the text as before.
+never merges with what precedes it. Owl2 does not: its SentencePiece tokenizer marks word starts with a
+prefix space whose placement depends on what precedes a piece (how `</s>USER: ...` after an answer is split
+depends on the tokenizer's legacy mode, and every chunk is encoded with a leading BOS/space rule), so cutting
+its text around an answer can change tokens; it tokenizes the text as before.
 """
 
 from __future__ import annotations
