@@ -164,6 +164,24 @@ def test_followup_reuses_the_whole_history_and_answers_as_the_engine_does(model,
     assert third.output_text == _text(model, _solo(model, ids3, image, pos, 8))
 
 
+def test_an_answer_cut_by_a_stop_string_is_planned_from_its_text(model, client):
+    """Its ids go past the text the client got: the follow-up is the conversation's text, as chat tokenizes it."""
+    tok = model.processor.tokenizer
+    full = client.responses.create(model=MODEL, input="Hi", max_output_tokens=12).output_text
+    stop = full[-2:]
+    cut = full[: full.find(stop)]
+    # the premise: the ids the engine had made when the stop string showed are not the cut text's tokens
+    a1 = _solo(model, model.processor.plan([{"role": "user", "content": "Hi"}]).input_ids.tolist(), None, [], 12)
+    made = next(a1[:k] for k in range(1, len(a1) + 1) if stop in _text(model, a1[:k]))
+    assert made != tok.encode(cut, add_special_tokens=False).ids
+    first = client.responses.create(model=MODEL, input="Hi", max_output_tokens=12, extra_body={"stop": [stop]})
+    assert first.output_text == cut
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input="More", max_output_tokens=4)
+    ref = client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": cut}, {"role": "user", "content": "More"}])
+    assert second.usage.input_tokens == ref.usage.prompt_tokens and second.output_text == ref.choices[0].message.content
+
+
 def test_unstored_and_evicted_responses_are_still_404(client):
     unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):

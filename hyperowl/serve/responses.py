@@ -61,8 +61,9 @@ class Stored:
 
 def _nbytes(history: list[Message], body: dict) -> int:
     parts = [p for m in history for p in m.parts]
-    ids = sum(len(m.ids) for m in history if m.ids is not None)
-    return sum(len(p.text) if isinstance(p, TextPart) else len(p.url) for p in parts) + len(json.dumps(body)) + 8 * ids
+    ids = sum(len(m.ids) for m in history if m.ids is not None)  # an answer's exact ids, 8 bytes each
+    text = sum(len(p.text) if isinstance(p, TextPart) else len(p.url) for p in parts)
+    return text + len(json.dumps(body)) + 8 * ids
 
 
 class ResponseStore:
