@@ -20,6 +20,8 @@ Tokenisation splits the rendered prompt on `<|image|>`, encodes each text chunk 
 official processor does) and inserts the image token id between chunks, recording each image token's
 index (`image_positions`), which is all the model needs to place images (240728 media_offset and the
 241101 start list are both derived from it). `collate` left-pads a batch and shifts those positions.
+With `answer_ids` (a server's own earlier answers, plan.py's note) the ChatML text is cut around each such
+answer (`chatml_pieces`) and the given ids stand in for its text.
 The shared planning (items, hashing, pixels on request) is in plan.py; this file holds what is Owl3's.
 
 The caller's messages are never mutated; all expansion happens on copies of the strings.
