@@ -21,9 +21,11 @@ first arrival to last answer), TTFT p50/p99 (to the first content chunk), inter-
 between content chunks), the follow-up turns' TTFT, and the server's peak RSS (psutil, every 0.25 s).
 
 Then three cases: (1) a 2-token request sent while a 400-token answer streams (its latency vs the long
-answer's); (2) the follow-up turn of a chat about 8 images: its TTFT on the continuous server (prefix reuse)
-vs the same history prefilled fresh (a continuous server without the prefix cache, and the dynamic one; the
-feature cache holds the images in all three, so only the K/V reuse differs); (3) K/V bytes per request vs
+answer's); (2) the follow-up turn of a chat about 8 images, on chat
+completions (the client sends the answer's text back) and on the Responses API (previous_response_id: the
+stored answer's exact ids): its TTFT on the continuous server (prefix reuse) vs the same history prefilled
+fresh (a continuous server without the prefix cache, and the dynamic one; the feature cache holds the images
+in all three, so only the K/V reuse differs); (3) K/V bytes per request vs
 its size in a mixed batch (in this process, on the engines directly): the continuous engine's blocks
 (request_info kv_bytes) vs the dynamic engine's padded cache per row (KVCache.nbytes / batch size).
 
@@ -362,16 +364,62 @@ async def short_during_long(url: str, long_tokens: int) -> dict:
             "short_finished_first": short["done"] < lg["done"]}
 
 
-async def followup_case(url: str, images: list[str], n1: int, n2: int) -> dict:
-    first = [{"role": "user", "content": image_parts(images, "Describe these eight pictures one by one.")}]
+async def stream_response(c: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed Responses API request: TTFT (first output_text.delta), its id, usage, text."""
+    t0 = time.monotonic()
+    rec = {"ttft": None, "id": None, "text": "", "cached_tokens": 0, "input_tokens": 0, "status": None}
+    async with c.stream("POST", url + "/v1/responses", json=body) as r:
+        rec["status"] = r.status_code
+        if r.status_code != 200:
+            await r.aread()
+            raise RuntimeError(f"/v1/responses: {r.status_code} {r.text[:200]}")
+        text = []
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            ev = json.loads(line[6:])
+            if ev["type"] == "response.output_text.delta" and ev["delta"]:
+                if rec["ttft"] is None:
+                    rec["ttft"] = time.monotonic() - t0
+                text.append(ev["delta"])
+            elif ev["type"] in ("response.completed", "response.incomplete"):
+                resp = ev["response"]
+                rec["id"], u = resp["id"], resp["usage"]
+                rec["cached_tokens"] = u["input_tokens_details"]["cached_tokens"]
+                rec["input_tokens"] = u["input_tokens"]
+            elif ev["type"] == "error":
+                raise RuntimeError(f"/v1/responses: {ev}")
+        rec["text"] = "".join(text)
+    return rec
+
+
+async def followup_case(url: str, images: list[str], n1: int, n2: int, images_resp: list[str] | None = None) -> dict:
+    """The follow-up turn of a chat about 8 images, on two routes: chat completions (stateless: the client
+    sends the history's text back, the server tokenizes it again) and, with `images_resp` (other images, so its
+    first turn is cold too), the Responses API with previous_response_id (stateful: the stored answer's exact
+    ids, serve/responses.py)."""
+    question, follow = "Describe these eight pictures one by one.", "Which of them is the brightest?"
+    first = [{"role": "user", "content": image_parts(images, question)}]
     body = {"model": MODEL_NAME, "messages": first, "max_tokens": n1, "min_tokens": n1, "stream": True,
             "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(timeout=600) as c:
         r1 = await stream_one(c, url, body)
         msgs = first + [{"role": "assistant", "content": r1["text"]},
-                        {"role": "user", "content": "Which of them is the brightest?"}]
+                        {"role": "user", "content": follow}]
         r2 = await stream_one(c, url, dict(body, messages=msgs, max_tokens=n2, min_tokens=n2))
-    return {"turn1_ttft_s": r1["ttft"], "followup_ttft_s": r2["ttft"], "followup_cached_tokens": r2["cached_tokens"]}
+        out = {"turn1_ttft_s": r1["ttft"], "followup_ttft_s": r2["ttft"], "followup_cached_tokens": r2["cached_tokens"]}
+        if images_resp is not None:
+            parts = [{"type": "input_image", "image_url": u} for u in images_resp] + \
+                [{"type": "input_text", "text": question}]
+            rbody = {"model": MODEL_NAME, "stream": True, "max_output_tokens": n1, "min_tokens": n1,
+                     "input": [{"role": "user", "content": parts}]}
+            s1 = await stream_response(c, url, rbody)
+            s2 = await stream_response(c, url, dict(rbody, input=follow, previous_response_id=s1["id"],
+                                                    max_output_tokens=n2, min_tokens=n2))
+            out.update(responses_turn1_ttft_s=s1["ttft"], responses_followup_ttft_s=s2["ttft"],
+                       responses_followup_cached_tokens=s2["cached_tokens"],
+                       responses_followup_input_tokens=s2["input_tokens"])
+    return out
 
 
 def kv_table(a: argparse.Namespace) -> list[dict]:
@@ -514,7 +562,9 @@ def main() -> None:
         follow = {}
         for name, url in urls.items():
             imgs = [png_url(rnd, a.image_px) for _ in range(8)]  # new images for each server: a cold first turn
-            follow[name] = asyncio.run(followup_case(url, imgs, 32 if not a.smoke else 6, 8 if not a.smoke else 3))
+            imgs_resp = [png_url(rnd, a.image_px) for _ in range(8)]
+            follow[name] = asyncio.run(followup_case(url, imgs, 32 if not a.smoke else 6, 8 if not a.smoke else 3,
+                                                     imgs_resp))
     finally:
         for s in samplers.values():
             s.stop.set()
@@ -542,13 +592,21 @@ def main() -> None:
         print(f"  {sched:<11} alone {s['short_alone_s']:.3f} s, during the long answer {s['short_during_long_s']:.3f} s "
               f"(the long answer had {s['long_left_when_short_sent_s']:.2f} s left; finished first: "
               f"{s['short_finished_first']})")
-    print("\nfollow-up turn of a chat about 8 images (TTFT):")
+    print(f"\nfollow-up turn of a chat about 8 images (TTFT; loadavg {os.getloadavg()[0]:.2f}):")
+    print(f"  {'server':<27}{'route':<26}{'turn 1 s':>9}{'follow-up s':>12}{'cached tokens':>14}")
     for name, f in follow.items():
-        print(f"  {name:<27} turn 1 {fmt(f['turn1_ttft_s'])} s, follow-up {fmt(f['followup_ttft_s'])} s "
-              f"(cached tokens {f['followup_cached_tokens']})")
-    fresh = follow.get("continuous_no_prefix_cache", follow["dynamic"])["followup_ttft_s"]  # smoke: no such server
-    ratio = fresh / follow["continuous"]["followup_ttft_s"] if fresh and follow["continuous"]["followup_ttft_s"] else None
-    print(f"  fresh prefill / prefix reuse: {fmt(ratio, '.1f')}x")
+        print(f"  {name:<27}{'chat (text re-tokenized)':<26}{fmt(f['turn1_ttft_s']):>9}{fmt(f['followup_ttft_s']):>12}"
+              f"{f['followup_cached_tokens']:>14}")
+        if "responses_followup_ttft_s" in f:
+            print(f"  {'':<27}{'responses (exact ids)':<26}{fmt(f['responses_turn1_ttft_s']):>9}"
+                  f"{fmt(f['responses_followup_ttft_s']):>12}{f['responses_followup_cached_tokens']:>14}")
+    ratios = {}
+    for route, key in (("chat", "followup_ttft_s"), ("responses", "responses_followup_ttft_s")):
+        fresh = follow.get("continuous_no_prefix_cache", follow["dynamic"]).get(key)  # smoke: no such server
+        reuse = follow["continuous"].get(key)
+        ratios[route] = fresh / reuse if fresh and reuse else None
+        print(f"  {route}: fresh prefill / prefix reuse: {fmt(ratios[route], '.1f')}x")
+    ratio = ratios["chat"]
     print("\nK/V bytes per request in one mixed batch:")
     print(f"  {'request':<20}{'tokens':>7}{'images':>7}{'continuous':>14}{'dynamic (padded row)':>22}")
     for r in kv:
@@ -561,6 +619,7 @@ def main() -> None:
                          "max_running": a.max_running,
                          "seed": a.seed, "smoke": a.smoke, "machine": platform.machine(), "cpus": os.cpu_count()},
               "load": rows, "short_during_long": short, "followup": follow, "followup_fresh_over_reuse": ratio,
+              "followup_fresh_over_reuse_responses": ratios["responses"], "loadavg": os.getloadavg(),
               "kv_bytes": kv}
     out.write_text(json.dumps(result, indent=2))
     if rows:

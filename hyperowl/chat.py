@@ -4,11 +4,18 @@ Design note: this is the only layer that knows both the tokenizer and the engine
 options into `SamplingParams` (stop tokens from the model-family table), hands the engine token ids and
 features, and decodes. Streaming decodes incrementally and only emits text that is complete (never half
 a UTF-8 character). `chat` and `chat_batch` are the functions behind `Pipeline.chat` / `.chat_batch`.
+
+A decoded text ending in U+FFFD is held back only while its last bytes are the start of a character that later
+bytes can complete; a byte that no later byte makes valid (a lone continuation byte, 0xF5-0xFF: what a random or
+confused model often produces first) decodes to U+FFFD for good, so it goes out at once: holding it back delayed
+the first content chunk by a decode step, or lost a short answer's text altogether. The bytes are read from a
+byte-level BPE vocabulary (Owl3's Qwen2 kind); a tokenizer of another kind keeps the plain rule.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import codecs
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tokenizers import Tokenizer
 
@@ -23,16 +30,74 @@ class TextStream:
         self.tokenizer, self.stops = tokenizer, set(stops)
         self.ids: list[int] = []
         self.sent = 0
+        self._bytes = token_bytes(tokenizer)
 
     def push(self, token: int) -> str:
         if token in self.stops:
             return ""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        if text.endswith("\ufffd") and self._incomplete():  # wait for the bytes that complete the character
             return ""
         new, self.sent = text[self.sent :], len(text)
         return new
+
+    def _incomplete(self) -> bool:
+        """Whether the ids end inside a UTF-8 character that more bytes can complete (True when unknown)."""
+        if self._bytes is None:
+            return True
+        tail = b""
+        for t in reversed(self.ids):  # the last 4 bytes hold the start of any unfinished character
+            b = self._bytes(t)
+            if b is None:
+                return True
+            tail = b + tail
+            if len(tail) >= 4:
+                break
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        dec.decode(tail[-4:], final=False)
+        return bool(dec.getstate()[0])
+
+
+def _byte_level_map() -> dict[str, int]:
+    """The GPT-2 byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    out, n = {chr(b): b for b in keep}, 0
+    for b in range(256):
+        if b not in keep:
+            out[chr(256 + n)] = b
+            n += 1
+    return out
+
+
+def token_bytes(tokenizer: Tokenizer) -> Optional[Callable[[int], Optional[bytes]]]:
+    """id -> the bytes it decodes to (b"" for a special token, None when unknown) for a byte-level BPE tokenizer;
+    None for other kinds (SentencePiece's byte fallback decodes a run of byte tokens that is not valid UTF-8 to
+    one U+FFFD per byte, the valid bytes before the bad one included, so its text is final only once the run
+    ends: the plain rule stays)."""
+    kind = repr(getattr(tokenizer, "decoder", None))
+    try:
+        added = tokenizer.get_added_tokens_decoder()
+    except AttributeError:
+        return None
+    if kind.startswith("ByteLevel"):
+        table = _byte_level_map()
+
+        def plain(piece: str) -> Optional[bytes]:
+            try:
+                return bytes(table[c] for c in piece)
+            except KeyError:
+                return None
+    else:
+        return None
+
+    def of(t: int) -> Optional[bytes]:
+        a = added.get(t)
+        if a is not None:
+            return b"" if a.special else a.content.encode()
+        piece = tokenizer.id_to_token(t)
+        return None if piece is None else plain(piece)
+    return of
 
 
 def make_params(stops: tuple[int, ...], **options: Any) -> SamplingParams:

@@ -32,6 +32,7 @@ def test_serve_load_bench_smoke(tmp_path):
     assert res["load"][1]["health"]["batching"] == "continuous" and "kv_cache" in res["load"][1]["health"]
     assert set(res["short_during_long"]) == {"dynamic", "continuous"}
     assert res["followup"]["continuous"]["followup_cached_tokens"] > 0
+    assert res["followup"]["continuous"]["responses_followup_cached_tokens"] > 0  # previous_response_id
     kv = {row["request"]: row for row in res["kv_bytes"]}
     cont = [row["continuous_kv_bytes"] for row in res["kv_bytes"]]
     assert len(set(row["dynamic_kv_bytes_per_row"] for row in res["kv_bytes"])) == 1  # every padded row alike

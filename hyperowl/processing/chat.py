@@ -100,23 +100,39 @@ def render_chatml(
     the assistant header (a trailing assistant message with empty content is treated as that header).
     `eod_after_assistant` appends `<|endoftext|>` after finished assistant turns, as the official code does.
     """
+    return "".join(text for text, _ in chatml_pieces(messages, system, add_generation_prompt, eod_after_assistant))
+
+
+def chatml_pieces(
+    messages: Sequence[Any],
+    system: str = "",
+    add_generation_prompt: bool = True,
+    eod_after_assistant: bool = True,
+) -> list[tuple[str, int | None]]:
+    """`render_chatml`'s text as (text, index) pieces: each finished assistant turn's content is a piece of its
+    own whose index is its message's index in `messages`; every other piece has index None. The text before an
+    assistant content is exactly the prompt that turn was generated from (it ends with the assistant header)."""
     pairs = normalize_messages(messages)
+    index = list(range(len(pairs)))
     if pairs and pairs[0][0] == "system":
         system = pairs[0][1]
-        pairs = pairs[1:]
+        pairs, index = pairs[1:], index[1:]
     open_assistant = False
     if pairs and pairs[-1] == ("assistant", ""):
         # The official README's idiom for "now generate": an empty trailing assistant turn.
-        pairs = pairs[:-1]
+        pairs, index = pairs[:-1], index[:-1]
         open_assistant = True
-    parts = [f"{IM_START}system\n{system}{IM_END}"]
-    for role, content in pairs:
-        parts.append(f"\n{IM_START}{role}\n{content}{IM_END}")
-        if role == "assistant" and eod_after_assistant:
-            parts.append(ENDOFTEXT)
+    parts: list[tuple[str, int | None]] = [(f"{IM_START}system\n{system}{IM_END}", None)]
+    for i, (role, content) in zip(index, pairs):
+        if role == "assistant":
+            parts += [(f"\n{IM_START}assistant\n", None), (content, i), (IM_END, None)]
+            if eod_after_assistant:
+                parts.append((ENDOFTEXT, None))
+        else:
+            parts.append((f"\n{IM_START}{role}\n{content}{IM_END}", None))
     if add_generation_prompt or open_assistant:
-        parts.append(f"\n{IM_START}assistant\n")
-    return "".join(parts)
+        parts.append((f"\n{IM_START}assistant\n", None))
+    return parts
 
 
 def chatml_segments(messages: Sequence[Any], system: str = "") -> list[tuple[str, bool]]:

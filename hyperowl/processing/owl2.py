@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -213,7 +213,10 @@ class Owl2Processor(PlannerBase):
         return IMAGE_TOKEN * n_frames
 
     def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
-                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+                             add_generation_prompt: bool, answer_ids: Optional[Mapping[int, Sequence[int]]] = None
+                             ) -> tuple[list[int], list[int], str]:
+        # `answer_ids` are not used: this template cannot be cut around an answer without changing its
+        # tokens (plan.py's note on exact answer ids), so the answers' text is tokenized as before.
         prompt = render_owl2(messages, add_generation_prompt=add_generation_prompt)  # `system` is not emitted
         ids, positions = tokenizer_image_token(prompt, self._encode, self.bos_token_id, self.image_token_id)
         return ids, positions, prompt

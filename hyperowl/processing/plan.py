@@ -10,7 +10,7 @@ frames; or pixel values made earlier). `item.count` is how many `<|image|>` toke
 contributes, so the prompt is complete before any pixel exists.
 
 `item.key` is the item's content hash (SHA-256 of the file's or the bytes' content, of a PIL image's
-pixels, of a pixel tensor) plus everything that changes its features (the processor's pixel recipe,
+pixels, of a pixel tensor; or the caller's, for an image given as `Hashed`) plus everything that changes its features (the processor's pixel recipe,
 cutting, frame sampling). It is computed on first use, so a caller that never caches never hashes. The
 encoding stage (`hyperowl.encoder`) is the one place that turns items into pixels and features.
 
@@ -18,6 +18,18 @@ encoding stage (`hyperowl.encoder`) is the one place that turns items into pixel
 pixel making per item, and the compatibility call `processor(messages, ...) -> ProcessedInputs` (plan +
 pixels, as before). Subclasses say how an image or a video is written in the prompt, how the prompt is
 rendered and tokenized, and how an image or frame becomes pixels.
+
+Exact answer ids (`plan(..., answer_ids={message index: ids})`): a server that made an assistant message
+itself knows the token ids it generated, and its text often does not tokenize back to them (decode then
+encode gives other ids, always so for a random model, sometimes for a trained one). A family whose template
+can be cut safely around an answer tokenizes the conversation piece by piece and puts those ids in place of
+that message's text, so the prompt starts with exactly the ids the previous turn's K/V were computed from
+(its prompt + its answer) and a prefix cache serves the whole history. Owl3 (ChatML) does: the text before an
+answer is that turn's prompt, and the text after it starts with `<|im_end|>`, a special token the tokenizer
+never merges with what precedes it. Owl2 does not: its SentencePiece tokenizer marks word starts with a
+prefix space whose placement depends on what precedes a piece (how `</s>USER: ...` after an answer is split
+depends on the tokenizer's legacy mode, and every chunk is encoded with a leading BOS/space rule), so cutting
+its text around an answer can change tokens; it tokenizes the text as before.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -64,6 +76,16 @@ def _digest_source(src: Any) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Hashed:
+    """A media source whose content hash the caller already has (a server hashed the bytes it received): its
+    item's key uses `digest` (the SHA-256 hex of the encoded bytes, as a bytes source is hashed) instead of
+    hashing the source again."""
+
+    source: Any
+    digest: str
+
+
 @dataclass
 class MediaItem:
     """One image or video of a prompt, planned but not yet turned into pixels or features."""
@@ -78,6 +100,7 @@ class MediaItem:
     max_frames: int = 16  # video file: sampling options (the decoder needs them again)
     fps: Optional[float] = None
     recipe: str = ""  # the processor's pixel recipe (family, size, aspect mode): part of the key
+    digest: Optional[str] = None  # the source's content hash when the caller gave it (`Hashed`)
     _key: Optional[str] = field(default=None, repr=False)
 
     @property
@@ -88,7 +111,7 @@ class MediaItem:
             if self.kind == "video" and not isinstance(self.source, (str, os.PathLike)):
                 how = f"frames={self.count}"  # given frames/pixels: no sampling
             src = self.source if not isinstance(self.source, Image.Image) else self.image
-            self._key = f"{self.kind}:{_digest_source(src)}:{self.recipe}:{how}"
+            self._key = f"{self.kind}:{self.digest or _digest_source(src)}:{self.recipe}:{how}"
         return self._key
 
 
@@ -127,7 +150,7 @@ def as_list(items: Any, what: str) -> list[Any]:
     """Accept None, one item, or a list/tuple of items."""
     if items is None:
         return []
-    if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image)):
+    if isinstance(items, (str, bytes, bytearray, os.PathLike, Image.Image, Hashed)):
         return [items]
     if isinstance(items, torch.Tensor) and what == "videos":  # one video's pixels
         return [items]
@@ -178,7 +201,10 @@ class PlannerBase:
         raise NotImplementedError
 
     def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
-                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+                             add_generation_prompt: bool, answer_ids: Optional[Mapping[int, Sequence[int]]] = None
+                             ) -> tuple[list[int], list[int], str]:
+        """(ids, image positions, text); `answer_ids`: exact content ids of assistant messages by index, used
+        where the family's template can be cut around them (module note), else ignored."""
         raise NotImplementedError
 
     def _training_ids(self, messages: list[dict[str, str]], system: Optional[str]
@@ -197,11 +223,13 @@ class PlannerBase:
     # -- planning --------------------------------------------------------------------------------------------
     def plan(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *, max_frames: int = 16,
              fps: Optional[float] = None, system: Optional[str] = None, cut: Optional[bool] = None,
-             add_generation_prompt: bool = True) -> Plan:
+             add_generation_prompt: bool = True, answer_ids: Optional[Mapping[int, Sequence[int]]] = None) -> Plan:
         """messages + media -> `Plan` (ids, image positions, media items). Nothing is encoded; video files
-        are only probed for their sampling times."""
+        are only probed for their sampling times. `answer_ids`: {index in messages: the exact token ids of that
+        assistant message's content} (module note: exact answer ids)."""
         new_messages, items = self._expand(messages, images, videos, cut, max_frames, fps, system)
-        ids, positions, prompt = self._render_and_tokenize(new_messages, system, add_generation_prompt)
+        ids, positions, prompt = self._render_and_tokenize(new_messages, system, add_generation_prompt,
+                                                           answer_ids or None)
         return self._package(ids, positions, items, prompt)
 
     def training_plan(self, messages: Sequence[Any], images: Any = None, videos: Any = None, *,
@@ -230,9 +258,12 @@ class PlannerBase:
             out: list[str] = []
             for piece in _PLACEHOLDER_RE.split(content):
                 if piece == IMAGE_TOKEN:
-                    src = image_list[img_i]
+                    src, digest = image_list[img_i], None
+                    if isinstance(src, Hashed):
+                        src, digest = src.source, src.digest
                     name = source_name(src, "images", img_i)
-                    item = MediaItem("image", name, 1, src, image=load_image(src, name=name), recipe=self.recipe)
+                    item = MediaItem("image", name, 1, src, image=load_image(src, name=name), recipe=self.recipe,
+                                     digest=digest)
                     out.append(self._image_item(item, do_cut))
                     img_i += 1
                 elif piece == VIDEO_TOKEN:

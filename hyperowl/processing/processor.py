@@ -20,6 +20,8 @@ Tokenisation splits the rendered prompt on `<|image|>`, encodes each text chunk 
 official processor does) and inserts the image token id between chunks, recording each image token's
 index (`image_positions`), which is all the model needs to place images (240728 media_offset and the
 241101 start list are both derived from it). `collate` left-pads a batch and shifts those positions.
+With `answer_ids` (a server's own earlier answers, plan.py's note) the ChatML text is cut around each such
+answer (`chatml_pieces`) and the given ids stand in for its text.
 The shared planning (items, hashing, pixels on request) is in plan.py; this file holds what is Owl3's.
 
 The caller's messages are never mutated; all expansion happens on copies of the strings.
@@ -31,7 +33,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -44,6 +46,7 @@ from hyperowl.processing.chat import (
     IMAGE_TOKEN,
     START_CUT,
     START_VIDEO_FRAME,
+    chatml_pieces,
     chatml_segments,
     render_chatml,
 )
@@ -132,11 +135,28 @@ class Owl3Processor(PlannerBase):
         return ids, positions
 
     def _render_and_tokenize(self, messages: list[dict[str, str]], system: Optional[str],
-                             add_generation_prompt: bool) -> tuple[list[int], list[int], str]:
+                             add_generation_prompt: bool, answer_ids: Optional[Mapping[int, Sequence[int]]] = None
+                             ) -> tuple[list[int], list[int], str]:
         kwargs = {} if system is None else {"system": system}
-        prompt = render_chatml(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        ids, positions = self._tokenize(prompt)
-        return ids, positions, prompt
+        if not answer_ids:
+            prompt = render_chatml(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+            ids, positions = self._tokenize(prompt)
+            return ids, positions, prompt
+        # Exact answer ids (plan.py's note): the text between two given answers is tokenized as one piece, so
+        # the piece before an answer is tokenized exactly as that turn's prompt was.
+        ids, positions, text, pending = [], [], [], []
+        for piece, index in chatml_pieces(messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            text.append(piece)
+            if index is None or index not in answer_ids:
+                pending.append(piece)
+                continue
+            seg_ids, seg_pos = self._tokenize("".join(pending))
+            positions += [len(ids) + p for p in seg_pos]
+            ids += seg_ids + [int(t) for t in answer_ids[index]]
+            pending = []
+        seg_ids, seg_pos = self._tokenize("".join(pending))
+        positions += [len(ids) + p for p in seg_pos]
+        return ids + seg_ids, positions, "".join(text)
 
     def _training_ids(self, messages: list[dict[str, str]], system: Optional[str]
                       ) -> tuple[list[int], list[int], list[int], str]:

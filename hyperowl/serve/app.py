@@ -337,6 +337,8 @@ async def answer(state: AppState, job: Job, req: ChatRequest) -> AsyncIterator[t
                 value, lp = value
                 if value not in state.stops:  # the end token is not part of the answer's content
                     job.logprobs.append(lp)
+            if value not in state.stops:
+                job.content_ids.append(value)
             n += 1
             delta, stopped = text.push(value)
             if stopped:

@@ -5,7 +5,9 @@ text, and the pipeline's processor plans everything else (cut templates, video f
 prompt format, tokenization), so the server prompt is exactly the library's prompt, for every family. The
 encoder's `lookup` (encoder.py) then finds each item in the feature cache by its content hash, or decodes
 and preprocesses it: all of this in a request-handler thread, off the event loop and off the model's
-thread, which later runs only the vision tower on the misses (`Encoder.finish`, scheduler.py).
+thread, which later runs only the vision tower on the misses (`Encoder.finish`, scheduler.py). An assistant
+message the server made itself (a stored response) carries its answer's exact token ids, which the processor
+plans in place of its text, so the next turn's prompt starts with the very ids the engine cached.
 
 A video arrives as bytes; the sampler seeks in a file, so it is written to a temporary file for the
 duration of planning (header probe) and, on a cache miss, decoding. A cached video is probed (its frame
@@ -25,6 +27,7 @@ from torch import Tensor
 from ..encoder import Pending
 from ..errors import InputError
 from ..processing.chat import IMAGE_TOKEN, VIDEO_TOKEN
+from ..processing.plan import Hashed
 from .media import MediaBlob, decode_image
 from .protocol import ApiError, ChatRequest, MediaPart, TextPart
 
@@ -88,8 +91,8 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: 
     images, videos, temp = [], [], {}
     try:
         for blob in blobs:
-            if blob.kind == "image":
-                images.append(decode_image(blob))
+            if blob.kind == "image":  # keyed by the digest of the bytes received (hashed once, in media.py)
+                images.append(Hashed(decode_image(blob), blob.digest))
             else:
                 fd, name = tempfile.mkstemp(prefix="hyperowl-video-")
                 temp[name] = blob
@@ -97,8 +100,9 @@ def build_prompt(req: ChatRequest, blobs: list[MediaBlob], pipeline: Any, opts: 
                     f.write(blob.data)
                 videos.append(name)
         try:
+            answer_ids = {i: m.ids for i, m in enumerate(req.messages) if m.ids is not None}
             plan = pipeline.processor.plan(messages, images=images, videos=videos, max_frames=opts.max_frames,
-                                           fps=opts.fps, cut=opts.cut)
+                                           fps=opts.fps, cut=opts.cut, answer_ids=answer_ids)
             pending = pipeline.encoder.lookup(plan)
         except InputError as e:
             raise _media_error(e, temp) from None

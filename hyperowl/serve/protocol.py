@@ -75,6 +75,9 @@ class Message:
     role: str
     parts: list[TextPart | MediaPart]
     param: str | None = None  # where it was in the request when not messages[i] (the Responses API's input[i])
+    # An assistant message this server generated (a stored response): its answer's exact token ids, planned in
+    # place of its text (processing/plan.py, exact answer ids). Never taken from a client.
+    ids: list[int] | None = None
 
 
 @dataclass

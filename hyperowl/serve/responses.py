@@ -16,9 +16,16 @@ Multi-turn: a stored response keeps its conversation (the earlier turns, its own
 conversation plus its input, after its own `instructions`. The store is in memory, per process: an LRU bounded
 by a count (`ServeConfig.max_stored_responses`) and by the bytes of text and URLs it holds
 (`max_stored_response_mb`; data: URLs count fully). A response made with `store: false` is not kept. An id the
-store does not hold (never made, not stored, evicted, or from before a restart) is a 404 naming it. The
-conversation is prefilled again each turn; image features come from the feature cache (content hash). Serving
-the earlier turns' K/V from a prefix cache is for the engine to add: `ResponseStore.get` is the hook.
+store does not hold (never made, not stored, evicted, or from before a restart) is a 404 naming it.
+
+Exact ids across turns: each stored answer keeps the token ids the model produced for it (its content, without
+the stop token), and the next turn's prompt is planned with those ids in place of the answer's text
+(processing/plan.py, exact answer ids): a text that does not tokenize back to the same ids would otherwise end
+the prefix match at the first answer. So the prompt is the previous turn's prompt + its answer ids + the
+template's end of turn + the new input, and the continuous engine's prefix cache (which registers generated
+tokens' blocks too) serves the whole history: only the new turn is prefilled. An answer cut by a stop string
+keeps its text only (its ids go past the text). Chat completions stay stateless: the client sends the text and
+it is tokenized again (as vLLM does).
 """
 
 from __future__ import annotations
@@ -54,7 +61,9 @@ class Stored:
 
 def _nbytes(history: list[Message], body: dict) -> int:
     parts = [p for m in history for p in m.parts]
-    return sum(len(p.text) if isinstance(p, TextPart) else len(p.url) for p in parts) + len(json.dumps(body))
+    ids = sum(len(m.ids) for m in history if m.ids is not None)  # an answer's exact ids, 8 bytes each
+    text = sum(len(p.text) if isinstance(p, TextPart) else len(p.url) for p in parts)
+    return text + len(json.dumps(body)) + 8 * ids
 
 
 class ResponseStore:
@@ -142,7 +151,9 @@ class Answer:
 
     def keep(self, store: ResponseStore, history: list[Message], text: str, body: dict) -> None:
         if self.req.store:
-            answer_msg = Message("assistant", [TextPart(text)], f"response {self.reply.cid}")
+            job = self.reply.job
+            ids = None if job.stop_string else list(job.content_ids)  # a stop string cut the text short of them
+            answer_msg = Message("assistant", [TextPart(text)], f"response {self.reply.cid}", ids=ids)
             store.put(self.reply.cid, history + self.req.input + [answer_msg], body)
 
 

@@ -83,6 +83,7 @@ class Job:
     stop_string: bool = False  # the handler ended the answer at a stop string (then set `cancel`)
     constraint: Any = None  # the request's grammar (structured.Constraint), made by the handler
     logprobs: list = field(default_factory=list)  # TokenLogprobs of the answer's tokens (event loop side, app.answer)
+    content_ids: list[int] = field(default_factory=list)  # the answer's token ids but the stop token (app.answer)
     # Continuous scheduler only: resolved (on the loop) with None once the job is in the engine, or with the
     # engine's reason for refusing it (too large for the whole K/V budget: the handler answers 400).
     admitted: asyncio.Future | None = None
