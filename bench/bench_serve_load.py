@@ -558,6 +558,31 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def plot_followup(rows: list[dict], path: Path, what: str) -> None:
+    """Fresh vs reuse TTFT of the follow-up over its prompt's sequence rows (the Responses route's points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    resp = sorted((r for r in rows if r["route"] == "responses"), key=lambda r: r["sequence_rows"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [r["sequence_rows"] for r in resp]
+    ax.plot(x, [r["fresh_ttft_s"] for r in resp], "o--", label="fresh prefill (no prefix cache)")
+    ax.plot(x, [r["reuse_ttft_s"] for r in resp], "s-", label="prefix reuse (previous_response_id)")
+    for xx, r in zip(x, resp):
+        turns = "+".join(map(str, r["answers"]))
+        ax.annotate(f"{r['fresh_over_reuse']:.1f}x\n(answers {turns})", (xx, r["fresh_ttft_s"]), fontsize=7,
+                    xytext=(4, -18), textcoords="offset points")
+    ax.set_xlabel("follow-up prompt: sequence rows (history + new turn)")
+    ax.set_ylabel("follow-up TTFT (s)")
+    ax.set_title(f"follow-up of a chat about 8 images\n{what}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def followup_sweep(a: argparse.Namespace, out: Path) -> None:
     """`--followup-only`: the follow-up case alone, at each `--history` point (the answer lengths of the turns
     before the follow-up), on a continuous server (prefix reuse) and one without the prefix cache (the history
@@ -617,26 +642,8 @@ def followup_sweep(a: argparse.Namespace, out: Path) -> None:
     out.write_text(json.dumps({"config": {"model": model, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                                           "history": points, "followup_tokens": a.followup_tokens, "block_size": block,
                                           "cpus": os.cpu_count()}, "followup": rows}, indent=2))
-    resp = [r for r in rows if r["route"] == "responses"]
-    if len(resp) > 1:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = [r["sequence_rows"] for r in resp]
-        ax.plot(x, [r["fresh_ttft_s"] for r in resp], "o--", label="fresh prefill (no prefix cache)")
-        ax.plot(x, [r["reuse_ttft_s"] for r in resp], "s-", label="prefix reuse (previous_response_id)")
-        for xx, r in zip(x, resp):
-            ax.annotate(f"{r['fresh_over_reuse']:.1f}x", (xx, r["fresh_ttft_s"]), fontsize=8)
-        ax.set_xlabel("follow-up prompt: sequence rows (history + new turn)")
-        ax.set_ylabel("follow-up TTFT (s)")
-        ax.set_title(f"follow-up of a chat about 8 images: {model}, {a.device} {a.dtype}", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out.with_suffix(".png"), dpi=110)
-        plt.close(fig)
+    if sum(r["route"] == "responses" for r in rows) > 1:
+        plot_followup(rows, out.with_suffix(".png"), f"{model}, {a.device} {a.dtype}")
     print(f"wrote {out}")
 
 
