@@ -2,7 +2,7 @@
 
 Each scheduler runs in its own server process (this file with `--serve-only`: uvicorn on 127.0.0.1, the
 embedded model by default, or `--shape a`: bench_vs_llava.py's shape a, Qwen2-0.5B + a 729-token tower with
-random weights and the embedded model's tokenizer). Both servers are started at the start and the load
+random weights and the embedded model's tokenizer, or `--shape owl2`: an mPLUG-Owl2 of the same width, `build_owl2`). Both servers are started at the start and the load
 alternates between them (rate 1 dynamic, rate 1 continuous, rate 2 dynamic, ...), so a change of the
 machine's load over the run touches both alike; only side-by-side numbers are compared.
 
@@ -34,6 +34,8 @@ Prints tables, writes JSON and a PNG (TTFT and inter-token latency vs output tok
     python bench/bench_serve_load.py                         # embedded model, rates 0.5 1 2 4
     python bench/bench_serve_load.py --shape a --rates 0.1 0.2 0.4 --duration 60
     python bench/bench_serve_load.py --smoke                 # < 60 s (tests/test_serve_load_bench.py)
+    python bench/bench_serve_load.py --shape a --followup-only --history 32 256 512 32,256   # the follow-up alone
+    python bench/bench_serve_load.py --shape owl2 --followup-only                # Owl2: images are rows in the text
 """
 
 from __future__ import annotations
@@ -75,15 +77,48 @@ def build_shape_a(a: argparse.Namespace):
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_vs_llava import SHAPES, build_ours
 
+    torch.manual_seed(0)
+    m, v = SHAPES["a"]
+    return text_head_pipeline(build_ours(m, v, getattr(torch, a.dtype), a.device))
+
+
+def build_owl2(a: argparse.Namespace):
+    """An mPLUG-Owl2 in the spirit of shape a (random weights): a LLaMA of Qwen2-0.5B's width and depth (896 x 24,
+    14 heads, GQA 2, MLP 4864, LLaMA-2's 32000-token vocabulary, untied head), shape a's small tower as its ViT
+    (256 x 3 layers, 378 px / 14 = 729 patches + CLS) and a 3-layer 256-wide abstractor with the released 64
+    queries: each image is 65 rows IN the text sequence (Owl3 keeps them out of it)."""
+    import torch
+
+    from hyperowl.config import AbstractorConfig, ClipVitConfig, Owl2Config
+    from hyperowl.models.owl2 import Owl2Model
+
+    torch.manual_seed(0)
+    cfg = Owl2Config(vocab_size=32000, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                     num_kv_heads=2, max_position_embeddings=8192, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                     vision=ClipVitConfig(hidden_size=256, intermediate_size=1024, num_layers=3, num_heads=4,
+                                          image_size=378, patch_size=14),
+                     abstractor=AbstractorConfig(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=704,
+                                                 num_queries=64, grid_size=27, encoder_hidden_size=256))
+    with torch.device("meta"):
+        model = Owl2Model(cfg)
+    model = model.to(getattr(torch, a.dtype)).to_empty(device=a.device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.init_tables(a.device)  # the abstractor's sin-cos tables (buffers: to_empty left them unset)
+    return text_head_pipeline(model)
+
+
+def text_head_pipeline(model):
+    """A random-weight model served with the embedded model's tokenizer (the family's processor)."""
+    import torch
+
     from hyperowl.families import family_of
     from hyperowl.pipeline import Pipeline
     from hyperowl.processing.processor import load_tokenizer
 
-    torch.manual_seed(0)
-    m, v = SHAPES["a"]
-    model = build_ours(m, v, getattr(torch, a.dtype), a.device)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
-    # Random weights pick ids all over the 151936-token vocabulary, which the small tokenizer decodes to no text:
+    # Random weights pick ids all over the large vocabulary, which the small tokenizer decodes to no text:
     # no content chunk would ever stream (no TTFT). Rows past the tokenizer's vocabulary get zero logits (their
     # output rows zeroed; the head keeps its full size, so a step costs what it costs), so answers are text.
     with torch.no_grad():
@@ -93,14 +128,20 @@ def build_shape_a(a: argparse.Namespace):
     return Pipeline(model, family.processor(tokenizer, model.config), family=family)
 
 
+def build_model(a: argparse.Namespace):
+    import hyperowl
+
+    builders = {"a": build_shape_a, "owl2": build_owl2}
+    return builders[a.shape](a) if a.shape else hyperowl.load(a.model, device=a.device)
+
+
 def serve_only(a: argparse.Namespace) -> None:
     import torch
 
-    import hyperowl
     from hyperowl.serve import ServeConfig, serve
 
     torch.set_num_threads(a.threads)
-    model = build_shape_a(a) if a.shape == "a" else hyperowl.load(a.model, device=a.device)
+    model = build_model(a)
     cfg = ServeConfig(model_name=MODEL_NAME, batching=a.batching, kv_cache_gb=a.kv_cache_gb, max_images=8,
                       max_frames=a.frames, cut=False, max_queue=1024, max_batch_size=8, max_running=a.max_running,
                       prefix_cache=not a.no_prefix_cache, default_max_tokens=64)
@@ -268,6 +309,7 @@ async def stream_one(c: httpx.AsyncClient, url: str, body: dict) -> dict:
                 if ev.get("usage"):
                     rec["tokens"] = ev["usage"]["completion_tokens"]
                     rec["cached_tokens"] = ev["usage"]["prompt_tokens_details"].get("cached_tokens", 0)
+                    rec["usage"] = ev["usage"]
                 for ch in ev.get("choices", []):
                     if ch["delta"].get("content"):
                         now = time.monotonic()
@@ -386,39 +428,59 @@ async def stream_response(c: httpx.AsyncClient, url: str, body: dict) -> dict:
                 resp = ev["response"]
                 rec["id"], u = resp["id"], resp["usage"]
                 rec["cached_tokens"] = u["input_tokens_details"]["cached_tokens"]
-                rec["input_tokens"] = u["input_tokens"]
+                rec["input_tokens"], rec["usage"] = u["input_tokens"], u
             elif ev["type"] == "error":
                 raise RuntimeError(f"/v1/responses: {ev}")
         rec["text"] = "".join(text)
     return rec
 
 
-async def followup_case(url: str, images: list[str], n1: int, n2: int, images_resp: list[str] | None = None) -> dict:
+async def followup_case(url: str, images: list[str], answers: list[int], n2: int, images_resp: list[str] | None = None,
+                        chat: bool = True) -> dict:
     """The follow-up turn of a chat about 8 images, on two routes: chat completions (stateless: the client
     sends the history's text back, the server tokenizes it again) and, with `images_resp` (other images, so its
     first turn is cold too), the Responses API with previous_response_id (stateful: the stored answer's exact
-    ids, serve/responses.py)."""
+    ids, serve/responses.py). `answers`: the lengths of the answered turns before the follow-up (the history);
+    the first asks about the images, later ones about one picture each. `chat=False`: the Responses route only."""
     question, follow = "Describe these eight pictures one by one.", "Which of them is the brightest?"
-    first = [{"role": "user", "content": image_parts(images, question)}]
-    body = {"model": MODEL_NAME, "messages": first, "max_tokens": n1, "min_tokens": n1, "stream": True,
-            "stream_options": {"include_usage": True}}
-    async with httpx.AsyncClient(timeout=600) as c:
-        r1 = await stream_one(c, url, body)
-        msgs = first + [{"role": "assistant", "content": r1["text"]},
-                        {"role": "user", "content": follow}]
-        r2 = await stream_one(c, url, dict(body, messages=msgs, max_tokens=n2, min_tokens=n2))
-        out = {"turn1_ttft_s": r1["ttft"], "followup_ttft_s": r2["ttft"], "followup_cached_tokens": r2["cached_tokens"]}
+    asks = [question] + [f"Tell me more about picture {k + 1}." for k in range(1, len(answers))]
+    out: dict = {"answers": list(answers), "followup_tokens": n2}
+    async with httpx.AsyncClient(timeout=1800) as c:
+        if chat:
+            msgs: list[dict] = []
+            for k, (ask, n) in enumerate(zip(asks, answers)):
+                msgs.append({"role": "user", "content": image_parts(images, ask) if k == 0 else ask})
+                r = await stream_one(c, url, {"model": MODEL_NAME, "messages": msgs, "max_tokens": n, "min_tokens": n,
+                                              "stream": True, "stream_options": {"include_usage": True}})
+                if r["status"] != 200:
+                    raise RuntimeError(f"chat turn {k + 1}: {r.get('error')}")
+                out.setdefault("turn1_ttft_s", r["ttft"])
+                msgs.append({"role": "assistant", "content": r["text"]})
+                history = r["usage"]["prompt_tokens"] + r["tokens"]  # the last turn's prompt + its answer
+            r2 = await stream_one(c, url, {"model": MODEL_NAME, "messages": msgs + [{"role": "user", "content": follow}],
+                                           "max_tokens": n2, "min_tokens": n2, "stream": True,
+                                           "stream_options": {"include_usage": True}})
+            out.update(followup_ttft_s=r2["ttft"], followup_cached_tokens=r2["cached_tokens"],
+                       followup_usage=r2.get("usage"), followup_history_tokens=history)
         if images_resp is not None:
-            parts = [{"type": "input_image", "image_url": u} for u in images_resp] + \
-                [{"type": "input_text", "text": question}]
-            rbody = {"model": MODEL_NAME, "stream": True, "max_output_tokens": n1, "min_tokens": n1,
-                     "input": [{"role": "user", "content": parts}]}
-            s1 = await stream_response(c, url, rbody)
-            s2 = await stream_response(c, url, dict(rbody, input=follow, previous_response_id=s1["id"],
-                                                    max_output_tokens=n2, min_tokens=n2))
-            out.update(responses_turn1_ttft_s=s1["ttft"], responses_followup_ttft_s=s2["ttft"],
-                       responses_followup_cached_tokens=s2["cached_tokens"],
-                       responses_followup_input_tokens=s2["input_tokens"])
+            prev = None
+            for k, (ask, n) in enumerate(zip(asks + [follow], answers + [n2])):
+                body = {"model": MODEL_NAME, "stream": True, "max_output_tokens": n, "min_tokens": n, "input": ask}
+                if k == 0:
+                    body["input"] = [{"role": "user", "content": [{"type": "input_image", "image_url": u}
+                                                                  for u in images_resp] +
+                                      [{"type": "input_text", "text": ask}]}]
+                else:
+                    body["previous_response_id"] = prev
+                s = await stream_response(c, url, body)
+                prev = s["id"]
+                if k < len(answers):  # an answered turn of the history: its prompt + its answer
+                    history = s["input_tokens"] + s["usage"]["output_tokens"]
+                if k == 0:
+                    out["responses_turn1_ttft_s"] = s["ttft"]
+            out.update(responses_followup_ttft_s=s["ttft"], responses_followup_cached_tokens=s["cached_tokens"],
+                       responses_followup_input_tokens=s["input_tokens"], responses_followup_usage=s["usage"],
+                       responses_followup_history_tokens=history)
     return out
 
 
@@ -426,15 +488,15 @@ def kv_table(a: argparse.Namespace) -> list[dict]:
     """K/V bytes per request in one mixed batch: continuous (its own blocks) vs dynamic (a padded row)."""
     import torch
 
-    import hyperowl
     from hyperowl.batching import ContinuousEngine
     from hyperowl.engine import Engine, Request, SamplingParams
+    from hyperowl.families import family_of
 
     torch.set_num_threads(a.threads)
-    pipe = build_shape_a(a) if a.shape == "a" else hyperowl.load(a.model, device=a.device)
+    pipe = build_model(a)
     model = pipe.model
     cfg = model.config
-    t, hdim = cfg.vision.tokens_per_image, cfg.hidden_size
+    t, hdim = family_of(cfg).feature_tokens(cfg), cfg.hidden_size
     g = torch.Generator().manual_seed(0)
     sizes = [("text, 40 tokens", 40, 0), ("text, 400 tokens", 400, 0), ("1 image", 40, 1), ("8 images", 40, 8),
              (f"{a.frames}-frame video", 40, a.frames)]
@@ -496,10 +558,100 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def plot_followup(rows: list[dict], path: Path, what: str) -> None:
+    """Fresh vs reuse TTFT of the follow-up over its prompt's sequence rows (the Responses route's points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    resp = sorted((r for r in rows if r["route"] == "responses"), key=lambda r: r["sequence_rows"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = [r["sequence_rows"] for r in resp]
+    ax.plot(x, [r["fresh_ttft_s"] for r in resp], "o--", label="fresh prefill (no prefix cache)")
+    ax.plot(x, [r["reuse_ttft_s"] for r in resp], "s-", label="prefix reuse (previous_response_id)")
+    for xx, r in zip(x, resp):
+        turns = "+".join(map(str, r["answers"]))
+        ax.annotate(f"{r['fresh_over_reuse']:.1f}x\n(answers {turns})", (xx, r["fresh_ttft_s"]), fontsize=7,
+                    xytext=(4, -18), textcoords="offset points")
+    ax.set_xlabel("follow-up prompt: sequence rows (history + new turn)")
+    ax.set_ylabel("follow-up TTFT (s)")
+    ax.set_title(f"follow-up of a chat about 8 images\n{what}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def followup_sweep(a: argparse.Namespace, out: Path) -> None:
+    """`--followup-only`: the follow-up case alone, at each `--history` point (the answer lengths of the turns
+    before the follow-up), on a continuous server (prefix reuse) and one without the prefix cache (the history
+    prefilled fresh; its feature cache keeps the images, so the tower is not rerun on either). The Responses
+    route at every point, chat completions at the first. Table, JSON, PNG (TTFT over the follow-up's prompt)."""
+    names = ("continuous_no_prefix_cache", "continuous")
+    servers, urls = {}, {}
+    points = [[int(n) for n in h.split(",")] for h in a.history]
+    rows_in_text = a.shape == "owl2"  # Owl2's images are rows of the text sequence (65 each); Owl3's are not
+    rnd, rows = random.Random(a.seed + 99), []
+    try:
+        for name in names:
+            servers[name], urls[name] = start_server(a, "continuous", out.with_suffix(f".{name}.log"),
+                                                     prefix_cache=name == "continuous")
+        for name, proc in servers.items():
+            wait_ready(proc, urls[name], name, out.with_suffix(f".{name}.log"))
+        block = httpx.get(urls["continuous"] + "/health", timeout=10).json()["scheduler"]["kv_cache"]["block_size"]
+        for i, answers in enumerate(points):
+            got = {}
+            for name in names:  # side by side, point by point: a change of the machine's load touches both
+                imgs, imgs_resp = ([png_url(rnd, a.image_px) for _ in range(8)] for _ in range(2))
+                got[name] = asyncio.run(followup_case(urls[name], imgs, answers, a.followup_tokens, imgs_resp,
+                                                      chat=i == 0))
+            load = os.getloadavg()
+            for route, pre in (("chat", ""), ("responses", "responses_")):
+                if f"{pre}followup_ttft_s" not in got["continuous"]:
+                    continue
+                u = got["continuous"][f"{pre}followup_usage"]
+                d = u.get("prompt_tokens_details") or u.get("input_tokens_details")
+                prompt = u.get("prompt_tokens", u.get("input_tokens"))
+                per_image = d["visual_tokens"] // max(1, d["image_tensors"])
+                seq = prompt + d["image_tensors"] * (per_image - 1) if rows_in_text else prompt
+                cached_rows = d["cached_tokens"] + d["cached_image_tensors"] * (per_image - 1) if rows_in_text \
+                    else d["cached_tokens"]
+                history = got["continuous"][f"{pre}followup_history_tokens"]
+                fresh, reuse = got[names[0]][f"{pre}followup_ttft_s"], got["continuous"][f"{pre}followup_ttft_s"]
+                rows.append({"answers": answers, "route": route, "prompt_tokens": prompt, "sequence_rows": seq,
+                             "cached_tokens": d["cached_tokens"], "cached_image_tensors": d["cached_image_tensors"],
+                             "cached_rows": cached_rows, "history_tokens": history, "new_turn_tokens": prompt - history,
+                             "history_tokens_not_reused": history - d["cached_tokens"],
+                             "fresh_ttft_s": fresh, "reuse_ttft_s": reuse,
+                             "fresh_over_reuse": fresh / reuse if fresh and reuse else None, "loadavg": load,
+                             "raw": got})
+                print(f"history {','.join(map(str, answers)):>9} {route:<10} prompt {prompt:>5} tokens ({seq} rows), "
+                      f"cached {d['cached_tokens']:>5} ({cached_rows} rows; history {history}): fresh {fmt(fresh)} s, reuse {fmt(reuse)} s, "
+                      f"{fmt(rows[-1]['fresh_over_reuse'], '.1f')}x (loadavg {load[0]:.2f})", flush=True)
+    finally:
+        for p in servers.values():
+            p.terminate()
+        for p in servers.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    model = {"a": "shape a (bench_vs_llava.py, random weights)", "owl2": "Owl2, shape a's width (random weights)"}.get(
+        a.shape, "the embedded model")
+    out.write_text(json.dumps({"config": {"model": model, "device": a.device, "dtype": a.dtype, "threads": a.threads,
+                                          "history": points, "followup_tokens": a.followup_tokens, "block_size": block,
+                                          "cpus": os.cpu_count()}, "followup": rows}, indent=2))
+    if sum(r["route"] == "responses" for r in rows) > 1:
+        plot_followup(rows, out.with_suffix(".png"), f"{model}, {a.device} {a.dtype}")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--shape", default="", choices=["", "a"], help="a: bench_vs_llava.py's shape a (random weights)")
+    ap.add_argument("--shape", default="", choices=["", "a", "owl2"],
+                    help="a: bench_vs_llava.py's shape a; owl2: an Owl2 of shape a's width (build_owl2; random weights)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per server (a core stays with the client)")
@@ -515,6 +667,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny run for tests (< 60 s)")
     ap.add_argument("--cases-only", action="store_true", help="skip the load sweep: the three cases only")
+    ap.add_argument("--followup-only", action="store_true",
+                    help="the follow-up case alone at each --history point, reuse vs fresh (followup_sweep)")
+    ap.add_argument("--history", nargs="+", default=["32"],
+                    help="--followup-only: answer lengths of the turns before the follow-up, e.g. 32 256 32,256")
+    ap.add_argument("--followup-tokens", type=int, default=8, help="--followup-only: the follow-up's answer length")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load[_a].json; PNG beside)")
     ap.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batching", default="continuous", help=argparse.SUPPRESS)
@@ -527,6 +684,8 @@ def main() -> None:
         a.rates, a.duration, a.frames, a.max_answer, a.long_tokens = [2.0, 6.0], 2.5, 8, 8, 60
     out = Path(a.out or f"bench/results/serve_load{'_' + a.shape if a.shape else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.followup_only:
+        return followup_sweep(a, out.with_name(out.stem + "_followup.json") if not a.out else out)
 
     servers, samplers, urls = {}, {}, {}
     t_bench = time.monotonic()
@@ -563,7 +722,7 @@ def main() -> None:
         for name, url in urls.items():
             imgs = [png_url(rnd, a.image_px) for _ in range(8)]  # new images for each server: a cold first turn
             imgs_resp = [png_url(rnd, a.image_px) for _ in range(8)]
-            follow[name] = asyncio.run(followup_case(url, imgs, 32 if not a.smoke else 6, 8 if not a.smoke else 3,
+            follow[name] = asyncio.run(followup_case(url, imgs, [32 if not a.smoke else 6], 8 if not a.smoke else 3,
                                                      imgs_resp))
     finally:
         for s in samplers.values():

@@ -48,7 +48,10 @@ matched text K/V only on earlier tokens and images (240728: an image is seen str
 placeholder; 241101: the placeholder sees it, and its hash is in the placeholder's block). At least the last
 prompt token is always recomputed (its logits give the first token); Owl2 matches only up to a token
 boundary (an image's rows are written by one forward). Generated tokens' blocks are registered too, so a
-chat's next turn reuses the previous answer.
+chat's next turn reuses the previous answer. A leaving request's last, partly filled block is kept as well
+(text only, keyed by its parent's key with its tokens, `_keep_partial`): a request continuing those tokens
+copies the common slots into its own next block, so a next turn recomputes only its new tokens and the last
+answer token (never fed), not up to block_size - 1 more.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ import torch
 from torch import Tensor
 
 from .engine import Engine, Request, TokenLogprobs, next_tokens
-from .paged_cache import BlockManager, KeptKV, PagedSeq, PagedView, default_kv_cache_bytes
+from .paged_cache import Block, BlockManager, KeptKV, PagedSeq, PagedView, default_kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +259,7 @@ class ContinuousEngine:
     def _leave(self, x: _Live) -> None:
         if x.seq is not None:
             x.info["kv_bytes"] = x.seq.units() * self.blocks.unit_bytes
+            self._keep_partial(x)
             x.seq.release()
             x.seq = None
         if x in self.running:
@@ -312,6 +316,37 @@ class ContinuousEngine:
             x.keys.append(key)
             if key is not None:
                 self.blocks.register(x.seq.blocks[j], key)
+
+    def _partial_key(self, parent: bytes | None) -> bytes | None:
+        return None if parent is None else b"partial:" + parent
+
+    def _keep_partial(self, x: _Live) -> None:
+        """Keep x's last, partly filled block for a request that continues its tokens (a chat's next turn):
+        only text (a block holding an image or its rows is not kept: its visual K/V would not be copied)."""
+        bs = self.block_size
+        full, n = divmod(x.seq.length, bs)
+        if not self.prefix_cache or not n or len(x.keys) < full:
+            return
+        t0 = bisect.bisect_left(x.starts, full * bs)
+        t1 = bisect.bisect_left(x.starts, x.seq.length)
+        if x.starts[t0] != full * bs or x.starts[t1] != x.seq.length or any(i in x.image_of for i in range(t0, t1)):
+            return
+        key = self._partial_key(x.keys[full - 1] if full else b"root")
+        if key is not None:
+            self.blocks.keep_partial(x.seq.blocks[full], key, x.tokens[t0:t1])
+
+    def _partial_match(self, x: _Live, parent: bytes | None, done: int) -> tuple[Block | None, int]:
+        """The kept partly filled block continuing x's matched prefix (its tokens up to `done`) and how many of
+        its slots x shares: the common tokens, text only, before x's last token (always recomputed)."""
+        key = self._partial_key(parent)
+        block = self.blocks.lookup(key) if key is not None else None
+        if block is None:
+            return None, 0
+        n = 0
+        while (n < len(block.tokens) and done + n < len(x.tokens) - 1 and x.tokens[done + n] == block.tokens[n]
+               and done + n not in x.image_of):
+            n += 1
+        return (block, n) if n else (None, 0)
 
     # -- admission -------------------------------------------------------------------------------------------
     def _decode_reserve(self) -> int:
@@ -390,19 +425,22 @@ class ContinuousEngine:
                 keys.pop()
         n_match = len(matched) * bs
         done = x.starts.index(n_match)  # tokens covered by the matched blocks
+        partial, n_part = None, 0
+        if self.prefix_cache:
+            partial, n_part = self._partial_match(x, keys[-1] if matched else b"root", done)
         reused = [im for b in matched for im in b.images]
         n_img_done = bisect.bisect_left(x.image_tok, done)
         if not self.visual_in_text and len(reused) != n_img_done:  # cannot happen; never reuse a wrong layout
             log.warning("prefix blocks of request %r hold %d images, %d expected: not reused", x.rid, len(reused),
                         n_img_done)
             matched, keys, n_match, done, reused, n_img_done = [], [], 0, 0, [], 0
-        for b in matched:
+        for b in matched + ([partial] if partial else []):  # (the kept partial block too: not evicted meanwhile)
             m.acquire(b)
         new_blocks = math.ceil(total / bs) - len(matched)
         new_images = 0 if self.visual_in_text else len(x.image_tok) - n_img_done
         need = new_blocks * m.num_layers + new_images * m.image_units()
         if m.available() < need + self._decode_reserve():
-            for b in matched:
+            for b in matched + ([partial] if partial else []):
                 m.release(b)
             x.keys = []
             return False
@@ -410,6 +448,10 @@ class ContinuousEngine:
         seq.blocks = matched + [m.new_block() for _ in range(new_blocks)]
         seq.images = list(reused)
         seq.reserved = [m.new_image() for _ in range(new_images)]
+        if partial is not None:  # its common slots copied into x's own next block (text only: slot = token)
+            m.copy_slots(partial, seq.blocks[len(matched)], n_part)
+            m.release(partial)
+            n_match, done = n_match + n_part, done + n_part
         seq.length = seq.next_pos = n_match  # a solo sequence has no padding: position = slot
         x.seq, x.done, x.keys, x.state = seq, done, keys, PREFILL
         x.admitted = next(self._order)

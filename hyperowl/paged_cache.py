@@ -51,7 +51,9 @@ Sharing. Full text blocks get a content key (a hash chain, computed by the engin
 the visual K/V of the images whose placeholders lie in them (`Block.images`). A block whose last reference
 goes stays cached if it has a key (evictable, least recently released first) and is freed otherwise.
 Blocks are immutable once full, so sharing needs no copy-on-write: a request writes only into blocks past
-its matched prefix.
+its matched prefix. A leaving request's last, partly filled block is kept too (`keep_partial`, keyed by its
+parent's key, with its tokens): a later request that continues those tokens (a chat's next turn) copies the
+common slots into its own new block instead of recomputing up to block_size - 1 tokens.
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ class Block:
 
     units: Tensor
     images: list[ImageKV] = field(default_factory=list)
-    key: bytes | None = None  # content key once full and registered
+    key: bytes | None = None  # content key once full and registered (or kept partly filled: `keep_partial`)
     refs: int = 0
+    tokens: tuple[int, ...] = ()  # a kept partly filled block: the token ids of its written slots
 
     def num_units(self) -> int:
         return self.units.numel() + sum(im.units.numel() for im in self.images)
@@ -223,6 +226,28 @@ class BlockManager:
         if block.key is None and key not in self.cached:
             block.key = key
             self.cached[key] = block
+
+
+    def keep_partial(self, block: Block, key: bytes, tokens: list[int]) -> None:
+        """Keep a leaving request's last, partly filled block under `key` (its parent's content key): a later
+        request continuing the same tokens copies the common slots into a block of its own (it is never
+        shared: its free slots would be written). Replaces an older one under the key that no one reads."""
+        old = self.cached.get(key)
+        if old is not None:
+            if old.refs:
+                return
+            del self.evictable[old]
+            self.evictable_units -= old.num_units()
+            del self.cached[key]
+            old.key = None
+            self._free_block(old)
+        if block.key is None:
+            block.key, block.tokens = key, tuple(tokens)
+            self.cached[key] = block
+
+    def copy_slots(self, src: Block, dst: Block, n: int) -> None:
+        """The first n slots of src into dst, every layer (a kept partly filled block's common part)."""
+        self.pool[dst.units.to(self.pool.device), :, :n] = self.pool[src.units.to(self.pool.device), :, :n]
 
 
 class PagedSeq:

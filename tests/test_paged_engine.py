@@ -171,10 +171,36 @@ def test_second_turn_reuses_the_first_turns_blocks(model):
                      media_hashes=("a", "b", "c"))
     toks2, logits2, _ = run(eng, {0: [(1, second)]})
     info = eng.request_info(1)
-    # the first turn wrote 59 slots (its last token is never fed): 3 full blocks; Owl2: 4 (its images' rows)
-    assert info["cached_tokens"] == (52 if is_owl2(model) else 48) and info["cached_images"] == 3
+    # the first turn wrote 59 tokens (its last token is never fed): its 3 full blocks (Owl2: 4, its images' rows)
+    # and the last, partly filled one (copied) are reused: all 59
+    assert info["cached_tokens"] == 59 and info["cached_images"] == 3
     assert_parity(model, [second], {0: toks2[1]}, {0: logits2[1]})
     assert eng.stats()["prefix_hit_rate"] > 0
+
+
+def test_a_continuation_diverging_inside_the_last_block_reuses_its_common_part(model):
+    first = make_request(model, 40, [4, 5, 6], 81, max_new=20, hashes=("a", "b", "c"))
+    eng = engine(model)
+    toks, _, _ = run(eng, {0: [(0, first)]})
+    other = (toks[0][15] + 1) % 990 + 10  # differs from the first turn's token 55 (slot 55, Owl2: 67: both partial)
+    ids = torch.cat([first.input_ids, torch.tensor(toks[0][:15] + [other]), torch.arange(20, 28)])
+    second = Request(ids, first.image_embeds, first.image_positions, SamplingParams(max_new_tokens=6),
+                     media_hashes=("a", "b", "c"))
+    toks2, logits2, _ = run(eng, {0: [(1, second)]})
+    assert eng.request_info(1)["cached_tokens"] == 55
+    assert_parity(model, [second], {0: toks2[1]}, {0: logits2[1]})
+
+
+def test_a_last_block_holding_an_image_is_not_copied(model):
+    first = make_request(model, 20, [18], 91, max_new=3, hashes=("z",))
+    eng = engine(model)
+    toks, _, _ = run(eng, {0: [(0, first)]})
+    ids = torch.cat([first.input_ids, torch.tensor(toks[0]), torch.arange(30, 36)])
+    second = Request(ids, first.image_embeds, first.image_positions, SamplingParams(max_new_tokens=6),
+                     media_hashes=("z",))
+    toks2, logits2, _ = run(eng, {0: [(1, second)]})
+    assert eng.request_info(1)["cached_tokens"] == 16 and eng.request_info(1)["cached_images"] == 0
+    assert_parity(model, [second], {0: toks2[1]}, {0: logits2[1]})
 
 
 def test_same_video_asked_twice(model):
@@ -203,7 +229,9 @@ def test_images_without_hashes_or_with_other_hashes_are_not_reused(model):
         assert_parity(model, [r], {0: toks[rid]}, {0: logits[rid]})
     # and the right hash reuses past the image
     toks, logits, _ = run(eng, {0: [(3, base)]})
-    assert eng.request_info(3)["cached_tokens"] == (28 if is_owl2(model) else 32)  # Owl2: 32 slots = 28 tokens
+    # Owl3: 2 full blocks + the first run's last, partly filled block up to the last token (always recomputed);
+    # Owl2: 32 slots = 28 tokens (the first run's last block starts at slot 48, past this prompt's last full block)
+    assert eng.request_info(3)["cached_tokens"] == (28 if is_owl2(model) else 39)
     assert eng.request_info(3)["cached_images"] == 1
     assert_parity(model, [base], {0: toks[3]}, {0: logits[3]})
 
