@@ -269,7 +269,8 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     summary = pretrain_vision(PRESETS[args.preset].vision, args.out, steps=args.steps, batch_size=args.batch_size,
                               lr=args.lr, warmup=args.warmup, seed=args.seed, exclude=args.exclude,
-                              eval_every=args.eval_every, pairs=args.pair_labels, drawn=args.drawn)
+                              eval_every=args.eval_every, pairs=args.pair_labels, drawn=args.drawn,
+                              free=args.free)
     acc = summary["accuracy"]
     print(f"{args.out}: held-out per-object accuracy " + ", ".join(f"{h} {acc[h + '_object']:.3f}" for h in
                                                                   ("kind", "colour", "size", "cell", "pair")
@@ -650,6 +651,9 @@ def _pretrain_vision_parser(sub) -> None:
                     help="also classify each patch's colour-kind pair (one class per pair), not only colour and kind")
     pv.add_argument("--drawn", type=float, default=0.0, metavar="P",
                     help="share of scenes in the drawn look (as `data synth --drawn`; default 0: the plain look only)")
+    pv.add_argument("--free", type=float, default=0.0, metavar="P",
+                    help="share of the drawn scenes whose objects lie anywhere, not each inside its third (the layout "
+                         "`data synth --drawn` gives colour, shape, size and count questions; default 0)")
     pv.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
 
 

@@ -40,16 +40,19 @@ def test_drawn_look_is_deterministic_and_leaves_the_plain_look_alone():
     assert len(sizes) > 20 and lo <= min(sizes) and max(sizes) <= hi
 
 
-@pytest.mark.parametrize("task", ["single/colour", "single/shape"])
+@pytest.mark.parametrize("task", ["single/colour", "single/shape", "single/position"])
 def test_drawn_answers_match_the_drawn_pixels(task):
     """The named object is drawn in a colour that reads as its name (the dominant non-background colour of its
-    area), inside its third of the image in both directions, at a size of its name relative to the image."""
+    area), at a size of its name relative to the image; inside its third of the image in both directions for a
+    question about positions, anywhere (box inside the image) for the others (`Scene.free`)."""
     checked = 0
     for ex in _drawn(task, 24):
         scene = ex.scenes[0]
-        key = "kind" if task == "single/colour" else "colour"
-        target, = [o for o in scene.objects if re.search(rf"\b{getattr(o, key)}\b", ex.prompt)]
-        assert (target.colour if task == "single/colour" else target.kind) == ex.answer
+        assert scene.free == (task != "single/position") or len(scene.objects) == syn.MAX_OBJECTS  # crowded: thirds
+        if task != "single/position":
+            key = "kind" if task == "single/colour" else "colour"
+            target, = [o for o in scene.objects if re.search(rf"\b{getattr(o, key)}\b", ex.prompt)]
+            assert (target.colour if task == "single/colour" else target.kind) == ex.answer
         shown = scene.scaled(min(scene.image_size, syn.DRAWN_RENDER_SIDE))  # the coordinates of ex.images[0]
         img = np.asarray(ex.images[0])
         ids = syn.object_map(shown)
@@ -58,7 +61,10 @@ def test_drawn_answers_match_the_drawn_pixels(task):
             s, d = shown.image_size, shown.diameter(o)
             r, c = shown.cell(o)
             x0, y0 = o.x - d // 2, o.y - d // 2
-            assert c * s / 3 <= x0 and x0 + d - 1 < (c + 1) * s / 3 and r * s / 3 <= y0 and y0 + d - 1 < (r + 1) * s / 3
+            if scene.free:
+                assert 0 <= x0 and x0 + d - 1 < s and 0 <= y0 and y0 + d - 1 < s
+            else:
+                assert c * s / 3 <= x0 and x0 + d - 1 < (c + 1) * s / 3 and r * s / 3 <= y0 and y0 + d - 1 < (r + 1) * s / 3
             lo, hi = syn.DRAWN_SIZE_FRACTION[o.size]
             assert lo - 0.02 <= scene.diameter(scene.objects[i]) / scene.image_size <= hi + 0.02
             px = _object_pixels(img, ids == i + 1, bg)
@@ -66,9 +72,43 @@ def test_drawn_answers_match_the_drawn_pixels(task):
                 continue
             assert syn.nearest_colour(np.median(px, 0))[0] == o.colour
             ys, xs = np.nonzero((ids == i + 1) & (np.abs(img.astype(int) - bg.astype(int)).max(-1) > 60))
-            assert (int(ys.mean() * 3 // s), int(xs.mean() * 3 // s)) == (r, c)  # position by thirds
+            if scene.free:  # drawn where it says (the pixels' box centred on its centre, within a few pixels)
+                cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+                assert abs(cx - o.x) < 0.1 * d + 2 and abs(cy - o.y) < 0.1 * d + 2
+            else:
+                assert (int(ys.mean() * 3 // s), int(xs.mean() * 3 // s)) == (r, c)  # position by thirds
             checked += 1
     assert checked > 30
+
+
+def test_free_scenes_lie_anywhere_and_are_never_asked_about_thirds():
+    """Drawn examples of FREE_TASKS place objects anywhere (apart, inside the image; many cross a third's
+    border, which the thirds layout never does), no other task does, and their extra turns never ask a
+    position, relation or caption (answers by thirds)."""
+    exs = list(syn.iter_examples("train", n_single=240, n_distractor=40, drawn=True, turns=3, seed=4))
+    crossing = 0
+    for ex in exs:
+        sub = ex.task.split("/", 1)[1]
+        for scene in ex.scenes:
+            assert scene.free == (sub in syn.FREE_TASKS) or (not scene.free and len(scene.objects) >= 3)
+            if not scene.free:
+                continue
+            s, gap = scene.image_size, syn.world.FREE_GAP * scene.image_size
+            for i, o in enumerate(scene.objects):
+                d = scene.diameter(o)
+                x0, y0 = o.x - d // 2, o.y - d // 2
+                assert 0 < x0 and x0 + d < s and 0 < y0 and y0 + d < s
+                crossing += int(x0 * 3 // s != (x0 + d - 1) * 3 // s or y0 * 3 // s != (y0 + d - 1) * 3 // s)
+                for p in scene.objects[i + 1:]:
+                    assert abs(o.x - p.x) > (d + scene.diameter(p)) / 2 + gap or \
+                        abs(o.y - p.y) > (d + scene.diameter(p)) / 2 + gap
+        if any(sc.free for sc in ex.scenes):
+            assert ex.extra and all(task in syn.FREE_TASKS for task, _, _ in ex.extra)
+    assert crossing > 50
+    free = next(sc for ex in exs for sc in ex.scenes if sc.free)
+    back = syn.Scene.from_dict(free.to_dict())  # objects come back sorted
+    assert back.free and set(back.objects) == set(free.objects) and back.hash == free.hash
+    assert all(syn.ask(free, t, random.Random(0)) is None for t in ("position", "relation", "caption"))
 
 
 def test_drawn_videos_have_several_lengths_and_the_asked_direction():
@@ -110,6 +150,14 @@ def test_stage0_stream_reads_drawn_scenes():
     px, labels, owner = SceneStream(cfg, 0, drawn=1.0).batch(4)
     assert px.shape == (4, 3, 64, 64) and labels.shape == (4, 64, 4) and int(owner.max()) >= 1
     assert not np.array_equal(px.numpy(), plain[0][:3].numpy()[:1].repeat(4, 0))
+    # free: the drawn scenes' objects anywhere; the same stream with free=0 is the old one
+    same = SceneStream(cfg, 0, drawn=1.0, free=0.0).batch(4)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip((px, labels, owner), same))
+    free = SceneStream(cfg, 0, drawn=1.0, free=1.0)
+    scenes = [syn.random_scene(free.drawn_rng, 64, drawn=True, free=True) for _ in range(20)]
+    assert sum(s.free for s in scenes) >= 18
+    fpx, flabels, fowner = free.batch(4)
+    assert fpx.shape == px.shape and int(fowner.max()) >= 1 and not np.array_equal(fpx.numpy(), px.numpy())
 
 
 def test_ood_set_is_deterministic_other_renderer_and_world_wording(tmp_path):

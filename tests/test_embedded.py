@@ -66,7 +66,7 @@ def test_embedded_recipe_smoke(tmp_path, recipe, drawn):
     scenes = [tmp_path / "synth" / "val.scenes.txt", tmp_path / "synth" / "test.scenes.txt"]
     write_dataset(tmp_path / "video", {"train": 8}, seed=2, tasks=["video"], exclude=scenes, progress=False, drawn=drawn)
     pretrain_vision(PRESETS["owl3-synthetic"].vision, tmp_path / "vision", steps=2, batch_size=4, eval_every=2,
-                    exclude=scenes, progress=False, drawn=drawn)
+                    exclude=scenes, progress=False, drawn=drawn, free=1.0 if drawn else 0.0)
     raw = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
     assert raw["init"]["vision"] == "runs/vision-synthetic"  # what scripts/train_embedded.sh writes
     videos = {k for k, p in enumerate(raw["phases"]) if p.get("data", {}).get("train") == "data/synth-video/train.jsonl"}

@@ -79,11 +79,12 @@ class SceneStream:
     """Random scenes (seeded) as tower inputs and per-patch labels, skipping excluded image hashes."""
 
     def __init__(self, cfg: SiglipConfig, seed: int, exclude: set[str] = frozenset(), record: bool = False,
-                 pairs: bool = False, drawn: float = 0.0) -> None:
+                 pairs: bool = False, drawn: float = 0.0, free: float = 0.0) -> None:
         self.cfg, self.rng, self.exclude, self.skipped, self.pairs = cfg, random.Random(seed), exclude, 0, pairs
         # Share of scenes in the drawn look (issue 31: the pictures people draw). Its own RNG, so a stream with
-        # drawn=0 draws the scenes it always drew.
+        # drawn=0 draws the scenes it always drew. free: the share of drawn scenes laid out anywhere (world.FREE_TASKS).
         self.drawn_share, self.drawn_rng = drawn, random.Random(f"drawn/{seed}")
+        self.free_share, self.free_rng = free, random.Random(f"free/{seed}")
         self.drawn: set[str] | None = set() if record else None  # hashes produced (held-out stream only)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +93,8 @@ class SceneStream:
         px, lab, own = [], [], []
         while len(px) < n:
             drawn = self.drawn_share > 0 and self.drawn_rng.random() < self.drawn_share
-            scene = syn.random_scene(self.drawn_rng if drawn else self.rng, self.cfg.image_size, drawn=drawn)
+            free = drawn and self.free_share > 0 and self.free_rng.random() < self.free_share
+            scene = syn.random_scene(self.drawn_rng if drawn else self.rng, self.cfg.image_size, drawn=drawn, free=free)
             if scene.hash in self.exclude:
                 self.skipped += 1
                 continue
@@ -163,10 +165,13 @@ def save_tower(tower: SiglipTower, out: Path) -> None:
 def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 1e-3,
                     warmup: int = 100, min_lr_ratio: float = 0.05, weight_decay: float = 0.05, seed: int = 0,
                     exclude: Iterable[str | Path] = (), eval_every: int = 500, progress: bool = True,
-                    pairs: bool = False, drawn: float = 0.0) -> dict:
+                    pairs: bool = False, drawn: float = 0.0, free: float = 0.0) -> dict:
     """Train a fresh tower of shape `cfg` on dense synthetic labels; write it to `out`. Returns the final eval.
     pairs: also classify each patch's colour-kind pair (see PAIR_CLASSES). drawn: share of scenes in the drawn
-    look (`hyperowl data synth --drawn`), in training and in the held-out scenes alike."""
+    look (`hyperowl data synth --drawn`), in training and in the held-out scenes alike; free: share of those laid
+    out anywhere (`Scene.free`)."""
+    if not 0 <= drawn <= 1 or not 0 <= free <= 1:
+        raise InputError(f"pretrain-vision: --drawn {drawn} and --free {free} are shares: each from 0 to 1")
     if steps < 1 or batch_size < 1 or eval_every < 1:
         raise InputError("pretrain-vision: --steps, --batch-size and --eval-every must be >= 1")
     if cfg.image_size % cfg.patch_size:
@@ -177,9 +182,9 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     tower, head = SiglipTower(cfg), PatchHead(cfg.hidden_size, pairs)
     excluded = read_excluded(exclude)
     # Held-out scenes: their own seed stream; the training stream also skips them by hash.
-    held = SceneStream(cfg, seed + 1_000_003, excluded, record=True, pairs=pairs, drawn=drawn)
+    held = SceneStream(cfg, seed + 1_000_003, excluded, record=True, pairs=pairs, drawn=drawn, free=free)
     test = held.batch(EVAL_SCENES)
-    train = SceneStream(cfg, seed, excluded | held.drawn, pairs=pairs, drawn=drawn)
+    train = SceneStream(cfg, seed, excluded | held.drawn, pairs=pairs, drawn=drawn, free=free)
     params = [*tower.parameters(), *head.parameters()]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -209,7 +214,7 @@ def pretrain_vision(cfg: SiglipConfig, out: str | Path, steps: int = 3000, batch
     logf.close()
     save_tower(tower, out)
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "pairs": pairs,
-               **({"drawn": drawn} if drawn else {}), "held_out_scenes": EVAL_SCENES,
+               **({"drawn": drawn} if drawn else {}), **({"free": free} if free else {}), "held_out_scenes": EVAL_SCENES,
                "skipped_excluded": train.skipped + held.skipped, "seconds": round(time.time() - t0, 1),
                "vision_config": cfg.to_hf_dict(), "accuracy": result}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

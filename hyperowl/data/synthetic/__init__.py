@@ -96,7 +96,7 @@ This package re-exports their public names, so `from hyperowl.data.synthetic imp
 from .world import (ALL_CELLS, BACKGROUNDS, BG_VARIANTS, CHANGES, COLOUR_NAMES, COLOURS, DIRECTIONS, GRID, KINDS,
                     MAX_OBJECTS, PLURALS, POSITION_NAMES, RELATIONS, SIZE_FRACTION, SIZES, Cell, Obj, Scene,
                     cell_centre, diameter, max_jitter, phrase, random_scene)
-from .world import DRAWN_BACKGROUNDS, DRAWN_SIZE_FRACTION, DRAWN_SOURCE_SIZES, DRAWN_VIDEO_FRAMES
+from .world import DRAWN_BACKGROUNDS, DRAWN_SIZE_FRACTION, DRAWN_SOURCE_SIZES, DRAWN_VIDEO_FRAMES, FREE_TASKS
 from .rendering import (DRAWN_RENDER_SIDE, MIN_PATCH_PIXELS, PATCH_LABELS, DrawnStyle, drawn_background, jitter_colour,
                         nearest_colour, object_map, patch_labels, render, render_drawn)
 from .questions import (ALL_TASKS, GROUPS, MULTI_TASKS, MULTI_TEMPLATES, SINGLE_TASKS, SINGLE_TEMPLATES, VIDEO_TASKS,
@@ -116,7 +116,7 @@ __all__ = [
     "ALL_CELLS", "BACKGROUNDS", "BG_VARIANTS", "CHANGES", "COLOUR_NAMES", "COLOURS", "DIRECTIONS", "GRID", "KINDS",
     "MAX_OBJECTS", "PLURALS", "POSITION_NAMES", "RELATIONS", "SIZE_FRACTION", "SIZES", "Cell", "Obj", "Scene",
     "cell_centre", "diameter", "max_jitter", "phrase", "random_scene",
-    "DRAWN_BACKGROUNDS", "DRAWN_SIZE_FRACTION", "DRAWN_SOURCE_SIZES", "DRAWN_VIDEO_FRAMES",
+    "DRAWN_BACKGROUNDS", "DRAWN_SIZE_FRACTION", "DRAWN_SOURCE_SIZES", "DRAWN_VIDEO_FRAMES", "FREE_TASKS",
     # rendering
     "MIN_PATCH_PIXELS", "PATCH_LABELS", "object_map", "patch_labels", "render",
     "DRAWN_RENDER_SIDE", "DrawnStyle", "drawn_background", "jitter_colour", "nearest_colour", "render_drawn",

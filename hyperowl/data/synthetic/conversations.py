@@ -20,7 +20,7 @@ from PIL import Image
 
 from .rendering import DRAWN_RENDER_SIDE
 from .questions import MULTI_TEMPLATES, SINGLE_TASKS, _multi, _single, _video, ask
-from .world import Scene, _Builder, phrase
+from .world import FREE_TASKS, Scene, _Builder, phrase
 
 IMAGE_TOKEN = "<|image|>"
 VIDEO_TOKEN = "<|video|>"
@@ -212,6 +212,7 @@ def build_example(task: str, rng: random.Random, *, image_size: int = 64, video_
     DRAWN_*: a random source size, free positions, continuous sizes, videos of 4 to 32 frames)."""
     b = _Builder(rng, image_size, drawn)
     group, sub = task.split("/", 1)
+    b.free = drawn and group in ("single", "distractor") and sub in FREE_TASKS  # objects anywhere (world.FREE_TASKS)
     if group == "single":
         t, fields, answer, scenes = _single(b, sub)
         q = t.format(img=rng.choice(SINGLE_REFS), **fields)

@@ -13,8 +13,8 @@ import random
 from collections import Counter
 from typing import Optional
 
-from .world import (ALL_CELLS, CHANGES, COLOUR_NAMES, DIRECTIONS, GRID, KINDS, MAX_OBJECTS, PLURALS, POSITION_NAMES,
-                    RELATIONS, SIZES, DRAWN_VIDEO_FRAMES, Obj, Scene, _Builder, cell_centre, max_jitter, phrase)
+from .world import (ALL_CELLS, CHANGES, COLOUR_NAMES, DIRECTIONS, FREE_TASKS, GRID, KINDS, MAX_OBJECTS, PLURALS,
+                    POSITION_NAMES, RELATIONS, SIZES, DRAWN_VIDEO_FRAMES, Obj, Scene, _Builder, cell_centre, max_jitter, phrase)
 
 GROUPS = ("single", "multi", "video", "distractor")
 SINGLE_TASKS = ("colour", "shape", "count", "count_all", "position", "relation", "size", "caption")
@@ -124,7 +124,7 @@ def ask(scene: Scene, task: str, rng: random.Random, img: str = "the image") -> 
     is unique in the scene).
     """
     objs = scene.objects
-    if not objs:
+    if not objs or (scene.free and task not in FREE_TASKS):  # answers by thirds: not about objects anywhere
         return None
     t = rng.choice(SINGLE_TEMPLATES[task])
     kinds = Counter(o.kind for o in objs)

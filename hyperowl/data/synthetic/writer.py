@@ -26,7 +26,7 @@ from hyperowl.errors import InputError
 
 from .questions import GROUPS
 from .splits import DEFAULT_MIX, DEFAULT_SIZES, SPLITS, _iter, _select_tasks, _split_counts, _Stats, _validate
-from .world import COLOUR_NAMES, GRID, KINDS, Obj, Scene, cell_centre
+from .world import COLOUR_NAMES, FREE_TASKS, GRID, KINDS, Obj, Scene, cell_centre
 
 # The package's logger (not this module's): log lines keep the name they had when this was one module.
 logger = logging.getLogger(__package__)
@@ -377,7 +377,9 @@ def write_dataset(out_dir: Union[str, Path], sizes: Mapping[str, Union[int, Mapp
         "train_video_turns": train_video_turns,
         "train_which_turns": train_which_turns,
         "train_mix": {g: weights[g] for g in GROUPS},
-        **({"drawn": float(drawn)} if drawn else {}),
+        # free_tasks: which drawn questions lay their objects out anywhere (world.FREE_TASKS); absent in drawn
+        # datasets written before the free layout existed (all in thirds)
+        **({"drawn": float(drawn), "free_tasks": list(FREE_TASKS)} if drawn else {}),
         **({"exclude": [str(f) for f in exclude]} if exclude else {}),
         "video_codec": video_codec(),
         "tasks": [t for g in per_group.values() for t in g],
