@@ -166,6 +166,24 @@ def start_server(a: argparse.Namespace, batching: str, log: Path, prefix_cache: 
     return proc, f"http://127.0.0.1:{port}"
 
 
+def stop_servers(servers: dict[str, subprocess.Popen]) -> None:
+    """Terminate every server, then wait for each (killed after 20 s)."""
+    for p in servers.values():
+        p.terminate()
+    for p in servers.values():
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def model_name(a: argparse.Namespace) -> str:
+    """What the results say was served."""
+    if a.shape:
+        return {"a": "shape a (bench_vs_llava.py, random weights)", "owl2": "Owl2, shape a's width (random weights)"}[a.shape]
+    return "the embedded model" if Path(a.model).resolve() == DEFAULT_MODEL.resolve() else a.model
+
+
 def wait_ready(proc: subprocess.Popen, url: str, batching: str, log: Path) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -630,15 +648,8 @@ def followup_sweep(a: argparse.Namespace, out: Path) -> None:
                       f"cached {d['cached_tokens']:>5} ({cached_rows} rows; history {history}): fresh {fmt(fresh)} s, reuse {fmt(reuse)} s, "
                       f"{fmt(rows[-1]['fresh_over_reuse'], '.1f')}x (loadavg {load[0]:.2f})", flush=True)
     finally:
-        for p in servers.values():
-            p.terminate()
-        for p in servers.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    model = {"a": "shape a (bench_vs_llava.py, random weights)", "owl2": "Owl2, shape a's width (random weights)"}.get(
-        a.shape, "the embedded model")
+        stop_servers(servers)
+    model = model_name(a)
     out.write_text(json.dumps({"config": {"model": model, "device": a.device, "dtype": a.dtype, "threads": a.threads,
                                           "history": points, "followup_tokens": a.followup_tokens, "block_size": block,
                                           "cpus": os.cpu_count()}, "followup": rows}, indent=2))
@@ -727,17 +738,10 @@ def main() -> None:
     finally:
         for s in samplers.values():
             s.stop.set()
-        for p in servers.values():
-            p.terminate()
-        for p in servers.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_servers(servers)
     kv = kv_table(a)
 
-    model = "shape a (bench_vs_llava.py, random weights)" if a.shape == "a" else \
-        "the embedded model" if Path(a.model).resolve() == DEFAULT_MODEL.resolve() else a.model
+    model = model_name(a)
     print(f"\nbench_serve_load: {model} on {a.device} ({a.dtype}), {a.threads} torch thread(s) per server, "
           f"{os.cpu_count()} CPUs (shared with other work: compare side by side only)\n")
     print(f"{'rate/s':>7} {'scheduler':<11}{'done':>6}{'fail':>5}{'tok/s':>8}{'TTFT p50':>9}{'p99':>8}"
