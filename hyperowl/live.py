@@ -31,7 +31,7 @@ once, `ask` first waits for the frames given before it. A question before any fr
 
 Timestamps (`add_frames(..., timestamps=[...])`, and `follow`): each frame is written `[12.0s]<|image|>` (the
 stream time in seconds, one decimal), inside the same turn structure; `prompt()` returns the text so far.
-A session is in one mode: all frames with times or none.
+A session is in one mode: all frames with times or none; times must increase.
 
 Bounded memory (`memory_gb`): see `_enforce_memory` and docs/live.md. The policy: the newest frames at full
 rate, the older ones at one stride (doubled as needed), by evicting frames' visual K/V and their own text
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class LiveSession:
         self._queue: list[tuple[torch.Tensor, Optional[list[float]]]] = []
         self._busy = False
         self._added = self._ingested = 0  # frames queued / appended (or failed) so far
+        self._last_time: Optional[float] = None  # the last queued frame's stream time (times must increase)
         self._worker: Optional[threading.Thread] = None
         self._closed = False
         self._followers: list[threading.Thread] = []
@@ -167,6 +169,9 @@ class LiveSession:
             timestamps = [float(t) for t in timestamps]
             if len(timestamps) != n:
                 raise InputError(f"timestamps: {len(timestamps)} given for {n} frames; give one per frame")
+            bad = [j for j, t in enumerate(timestamps) if not math.isfinite(t) or t < 0]
+            if bad:
+                raise InputError(f"timestamps[{bad[0]}]: {timestamps[bad[0]]} is not a time; give seconds >= 0")
         timed = timestamps is not None
         with self._cv:
             # backpressure: a caller far ahead of the tower waits (frames are pixels until encoded)
@@ -176,6 +181,14 @@ class LiveSession:
             elif self.timed != timed:
                 raise InputError("timestamps: this session's frames " + ("have" if self.timed else "have no")
                                  + " timestamps; give them for every add_frames call or for none")
+            if timed:  # a stream's clock only moves forward: a repeated or earlier time is a sender's bug
+                prev = self._last_time
+                for j, t in enumerate(timestamps):
+                    if prev is not None and t <= prev:
+                        raise InputError(f"timestamps[{j}]: {t:g} s is not after the previous frame's {prev:g} s; "
+                                         "a stream's times must increase")
+                    prev = t
+                self._last_time = prev
             self._queue.append((pixels, timestamps))
             self._added += n
             if self._worker is None:
@@ -300,9 +313,7 @@ class LiveSession:
         if self.timed is False:
             container.close()
             raise InputError("follow: this session's frames have no timestamps; follow a source in a new session")
-        last = self.frames[-1].time if self.frames else None
-        queued = [t for _, ts in list(self._queue) for t in (ts or [])]
-        last = queued[-1] if queued else last
+        last = self._last_time
         handle = Following(source, 0.0 if last is None else last + 1.0 / fps)
 
         def run() -> None:

@@ -139,6 +139,15 @@ def test_timestamps_in_the_prompt(pipe):
         live.add_frames(f[0])  # the session is timestamped
     with pytest.raises(InputError, match="timestamps: 1 given for 2 frames"):
         live.add_frames(f[:2], timestamps=[3.0])
+    # a stream's times increase: a repeat, a step back (also inside one call) or a non-time is refused whole
+    for bad, msg in (([2.5], r"timestamps\[0\]: 2.5 s is not after the previous frame's 2.5 s"),
+                     ([3.0, 3.0], r"timestamps\[1\]: 3 s is not after the previous frame's 3 s"),
+                     ([float("nan")], r"timestamps\[0\]: nan is not a time")):
+        with pytest.raises(InputError, match=msg):
+            live.add_frames(f[: len(bad)], timestamps=bad)
+    live.add_frames(f[0], timestamps=[3.0])  # the refused calls left nothing behind
+    assert live.flush(60) and live.status()["frames_seen"] == 4
+    assert live.prompt().endswith("[3.0s]<|image|>") and live.prompt().count("<|image|>") == 4
     live.close()
 
 

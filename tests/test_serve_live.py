@@ -60,6 +60,10 @@ def test_rest_round_trip_equals_the_library(server, owl):
         urls = ["data:image/png;base64," + base64.b64encode(jpeg(f)).decode() for f in frames[2:]]
         r = c.post(f"/v1/live/{sid}/frames", json={"frames": urls, "timestamps": [2.0, 3.0]})
         assert r.status_code == 200 and r.json()["frames_seen"] <= 4
+        # a repeated stream time is the sender's bug: a 422 naming it, and nothing of the call is kept
+        r = c.post(f"/v1/live/{sid}/frames", content=jpeg(frames[0]),
+                   headers={"Content-Type": "image/png", "X-Stream-Time": "3.0"})
+        assert r.status_code == 422 and "not after the previous frame's 3 s" in r.text
         r = c.post(f"/v1/live/{sid}/ask", json={"question": "Which way does the red square move?"})
         assert r.status_code == 200, r.text
         got = r.json()

@@ -214,8 +214,8 @@ async def _frames(sid: str, live, state, request: Request) -> dict:
         if timestamps is not None and (not isinstance(timestamps, list) or
                                        not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in timestamps)):
             raise ApiError(400, "'timestamps' must be a list of seconds", param="timestamps", code="invalid_type")
-    try:
-        live.add_frames(images, timestamps=timestamps)
+    try:  # in a thread: a sender far ahead of the tower waits there (backpressure), not on the event loop
+        await asyncio.to_thread(live.add_frames, images, timestamps)
     except InputError as e:
         raise ApiError(422, str(e), code="invalid_value") from None
     return _status(sid, live)
