@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 H=.venv/bin/hyperowl
 DRAWN=${DRAWN:-0}
 if [ "$DRAWN" = 0 ]; then RECIPE=recipes/embedded.yaml; LOOK=(); STAGE0=(--steps 2500); FREE=0
-else RECIPE=recipes/embedded-drawn.yaml; LOOK=(--drawn "$DRAWN"); STAGE0=(--steps 8000 --free 1); FREE=1; fi
+else RECIPE=recipes/embedded-drawn.yaml; LOOK=(--drawn "$DRAWN"); STAGE0=(--steps 6000 --free 1); FREE=1; fi
 # Reuse data/synth only if it is exactly this dataset (an older one, e.g. of another look, is rebuilt).
 if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth/meta.json')); t = m['splits']['train']
 d = {'single': 0.4, 'multi': 0.2, 'video': 0.2, 'distractor': 0.2}
