@@ -210,9 +210,9 @@ def build_example(task: str, rng: random.Random, *, image_size: int = 64, video_
                   distractors: int = 3, id: str = "", drawn: bool = False) -> Example:
     """One example of `task` (a name from ALL_TASKS) drawn with `rng`. drawn: in the drawn look (`world`'s
     DRAWN_*: a random source size, free positions, continuous sizes, videos of 4 to 32 frames)."""
-    b = _Builder(rng, image_size, drawn)
     group, sub = task.split("/", 1)
-    b.free = drawn and group in ("single", "distractor") and sub in FREE_TASKS  # objects anywhere (world.FREE_TASKS)
+    free = drawn and group in ("single", "distractor") and sub in FREE_TASKS  # objects anywhere (world.FREE_TASKS)
+    b = _Builder(rng, image_size, drawn, free)
     if group == "single":
         t, fields, answer, scenes = _single(b, sub)
         q = t.format(img=rng.choice(SINGLE_REFS), **fields)

@@ -55,7 +55,7 @@ MAX_OBJECTS = 4
 DRAWN_SIZE_FRACTION = {"small": (0.10, 0.17), "large": (0.22, 0.31)}
 DRAWN_SOURCE_SIZES = (48, 1024)
 DRAWN_BACKGROUNDS = ("plain", "gradient", "texture", "noise")
-DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)
+DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)  # a drawn video has one of these (`--frames` is the plain look's)
 # Free layout (`Scene.free`): a drawn scene whose questions do not depend on where things are (the colour of a
 # named shape, the shape of a named colour, a size, a count) places its objects anywhere, boxes inside the image
 # and apart by FREE_GAP of the side, as people draw. Why: with every object inside its third, a tower learned
@@ -64,7 +64,7 @@ DRAWN_VIDEO_FRAMES = (4, 6, 8, 12, 16, 24, 32)
 # thirds, which an object anywhere may straddle: those questions are never asked about a free scene.
 FREE_TASKS = ("colour", "shape", "size", "count", "count_all")
 FREE_GAP = 0.04
-FREE_TRIES = 200  # a drawn video has one of these (`--frames` is the plain look's)
+FREE_TRIES = 200  # random places tried per object before a crowded scene keeps its thirds layout
 # (row, col) -> canonical position name.
 POSITION_NAMES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
@@ -211,11 +211,11 @@ ALL_CELLS: tuple[Cell, ...] = tuple((r, c) for r in range(GRID) for c in range(G
 class _Builder:
     """Random scene pieces for one example."""
 
-    def __init__(self, rng: random.Random, image_size: int, drawn: bool = False) -> None:
+    def __init__(self, rng: random.Random, image_size: int, drawn: bool = False, free: bool = False) -> None:
         self.rng = rng
         self.s = image_size
         self.look = 0
-        self.free = False  # set by the caller for a drawn example of FREE_TASKS: `scene` lays objects out anywhere
+        self.free = free  # a drawn example of FREE_TASKS: `scene` lays its objects out anywhere
         if drawn:  # one source size and one look per example (so "are the two images the same?" stays exact)
             lo, hi = DRAWN_SOURCE_SIZES
             self.s = 2 * round(math.exp(rng.uniform(math.log(lo), math.log(hi))) / 2)
@@ -329,6 +329,5 @@ def random_scene(rng: random.Random, image_size: int = 64, drawn: bool = False, 
     """A scene of 1..MAX_OBJECTS random objects (unique colour+kind pairs) on a random background. drawn: the
     drawn look, at a random source size (`image_size` is then ignored; see DRAWN_SOURCE_SIZES); free: a drawn
     scene's objects anywhere (`Scene.free`)."""
-    b = _Builder(rng, image_size, drawn)
-    b.free = free
+    b = _Builder(rng, image_size, drawn, free)
     return b.scene(b.random_objects())
