@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Rebuild the embedded default model from nothing: synthetic data -> vision-tower pretraining (stage 0) -> training
-# (recipes/embedded.yaml) -> evaluation on the test split and on the out-of-distribution set drawn by matplotlib ->
-# hyperowl/assets/owl3-synthetic/ (package data). This is how the shipped model was built (~54 minutes on 2 cores).
-# DRAWN=0.5 builds the issue-31 candidate instead: half of the data and of the stage-0 scenes in the drawn look (the
-# drawn stage-0 scenes laid out anywhere, 4000 steps at LR 2e-3), a dataset of direction videos, and
-# recipes/embedded-drawn.yaml trained by two data-parallel processes (torchrun, one thread each: 1.15-1.26x the
-# steps per second of one process with two threads on 2 cores). docs/embedded_model.md, "Drawn pictures (issue 31)".
+# Rebuild the embedded default model from nothing: synthetic data (half of it in the drawn look) -> vision-tower
+# pretraining (stage 0: drawn scenes laid out anywhere, 4000 steps at LR 2e-3, beside the video datasets) -> training
+# (recipes/embedded-drawn.yaml, a direction phase included, by two data-parallel processes of one thread each under
+# torchrun: 1.15-1.26x the steps per second of one process with two threads on 2 cores) -> evaluation on the test
+# split and on the out-of-distribution set drawn by matplotlib -> hyperowl/assets/owl3-synthetic/ (package data).
+# This is how the shipped model was built: 47.7 minutes on 2 idle cores (docs/embedded_model.md, "Drawn pictures").
+# DRAWN=0 builds the model shipped before it instead (plain look only, recipes/embedded.yaml, ~54 minutes).
 # Usage: bash scripts/train_embedded.sh     (KEEP_ASSETS=1: evaluate, but leave hyperowl/assets/ alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/hyperowl ] || bash scripts/setup.sh
 H=.venv/bin/hyperowl
-DRAWN=${DRAWN:-0}
+DRAWN=${DRAWN:-0.5}
 if [ "$DRAWN" = 0 ]; then RECIPE=recipes/embedded.yaml; LOOK=(); STAGE0=(--steps 2500 --lr 1e-3); FREE=0
 else RECIPE=recipes/embedded-drawn.yaml; LOOK=(--drawn "$DRAWN"); STAGE0=(--steps 4000 --lr 2e-3 --free 1); FREE=1; fi
 S0=
