@@ -155,6 +155,7 @@ class LiveSession:
         self._worker: Optional[threading.Thread] = None
         self._closed = False
         self._followers: list[threading.Thread] = []
+        self._following: list[Following] = []  # their handles: one source runs at a time
         self._stop = threading.Event()
         self._add_text(f"{IM_START}system\n{system}{IM_END}")
 
@@ -303,18 +304,33 @@ class LiveSession:
         the session's times were when it started). realtime: a file is played at its pace (frames the tower
         cannot keep up with are skipped, at most `max_queue` wait), else as fast as it decodes (nothing is
         skipped). A source that cannot be opened raises InputError here; one that stalls, breaks off or ends
-        later is reported (log, `errors`, the handle) and the session keeps answering about what it has."""
+        later is reported (log, `errors`, the handle) and the session keeps answering about what it has.
+        One source at a time: a session has one clock, and two sources would interleave their times (refused
+        while another is still running)."""
         from .processing.video import iter_stream, open_stream
 
         source = os.fspath(source)
         if fps <= 0:
             raise InputError(f"fps={fps}: must be a positive number of frames per second")
-        container = open_stream(source, stall_timeout)
-        if self.timed is False:
-            container.close()
-            raise InputError("follow: this session's frames have no timestamps; follow a source in a new session")
+        handle = Following(source, 0.0)
+        with self._lock:  # check and claim together: two concurrent calls cannot both pass
+            running = next((h.source for h in self._following if not h.done.is_set()), None)
+            if running is not None:
+                raise InputError(f"follow '{source}': this session still follows '{running}'; a session takes one "
+                                 "source at a time (wait for it to end, or open another session)")
+            self._following.append(handle)
+        try:
+            container = open_stream(source, stall_timeout)
+            if self.timed is False:
+                container.close()
+                raise InputError("follow: this session's frames have no timestamps; follow a source in a new "
+                                 "session")
+        except BaseException:
+            with self._lock:
+                self._following.remove(handle)
+            raise
         last = self._last_time
-        handle = Following(source, 0.0 if last is None else last + 1.0 / fps)
+        handle.offset = 0.0 if last is None else last + 1.0 / fps
 
         def run() -> None:
             try:

@@ -237,6 +237,20 @@ def test_follow_file_takes_the_sampler_frames(pipe, clip):
     ref.close()
 
 
+def test_follow_one_source_at_a_time(pipe, clip):
+    """A second source while the first still runs is refused up front (a session has one clock: the two would
+    interleave their times), and nothing of the first is disturbed; once it has ended, the next one is taken."""
+    live = pipe.live(max_new_tokens=2)
+    first = live.follow(clip, fps=2, realtime=True)  # plays at the clip's pace (~3 s)
+    with pytest.raises(InputError, match=r"still follows '.*moving\.mp4'; a session takes one source at a time"):
+        live.follow(clip, fps=2, realtime=False)
+    assert first.wait(60) and first.ended and first.error is None and live.errors == []
+    assert first.frames == 6 and live.flush(60)
+    second = live.follow(clip, fps=1, realtime=False)
+    assert second.wait(60) and second.ended and second.offset >= 3.0  # after the first's last frame (2.5 s)
+    live.close()
+
+
 def test_follow_bad_sources_are_clear_and_the_session_goes_on(pipe, clip, tmp_path):
     live = pipe.live(max_new_tokens=2)
     with pytest.raises(InputError, match="missing.mp4"):
