@@ -89,6 +89,7 @@ class Following:
     ended: bool = False  # the source ended normally
     error: Optional[str] = None  # why it stopped otherwise
     done: threading.Event = field(default_factory=threading.Event)
+    thread: Optional[threading.Thread] = field(default=None, repr=False, compare=False)  # the reader, once started
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self.done.wait(timeout)
@@ -154,8 +155,7 @@ class LiveSession:
         self._last_time: Optional[float] = None  # the last queued frame's stream time (times must increase)
         self._worker: Optional[threading.Thread] = None
         self._closed = False
-        self._followers: list[threading.Thread] = []
-        self._following: list[Following] = []  # their handles: one source runs at a time
+        self._followers: list[Following] = []  # followed sources, one running at a time
         self._stop = threading.Event()
         self._add_text(f"{IM_START}system\n{system}{IM_END}")
 
@@ -314,11 +314,11 @@ class LiveSession:
             raise InputError(f"fps={fps}: must be a positive number of frames per second")
         handle = Following(source, 0.0)
         with self._lock:  # check and claim together: two concurrent calls cannot both pass
-            running = next((h.source for h in self._following if not h.done.is_set()), None)
+            running = next((h.source for h in self._followers if not h.done.is_set()), None)
             if running is not None:
                 raise InputError(f"follow '{source}': this session still follows '{running}'; a session takes one "
                                  "source at a time (wait for it to end, or open another session)")
-            self._following.append(handle)
+            self._followers.append(handle)
         try:
             container = open_stream(source, stall_timeout)
             if self.timed is False:
@@ -327,7 +327,7 @@ class LiveSession:
                                  "session")
         except BaseException:
             with self._lock:
-                self._following.remove(handle)
+                self._followers.remove(handle)
             raise
         last = self._last_time
         handle.offset = 0.0 if last is None else last + 1.0 / fps
@@ -356,9 +356,8 @@ class LiveSession:
             finally:
                 handle.done.set()
 
-        thread = threading.Thread(target=run, name=f"hyperowl-follow:{source}", daemon=True)
-        self._followers.append(thread)
-        thread.start()
+        handle.thread = threading.Thread(target=run, name=f"hyperowl-follow:{source}", daemon=True)
+        handle.thread.start()
         return handle
 
     def _queued(self) -> int:
@@ -593,8 +592,9 @@ class LiveSession:
     def close(self) -> None:
         """Stop followed sources and the encoding thread (queued frames are still added first)."""
         self._stop.set()
-        for t in self._followers:
-            t.join()
+        for h in self._followers:
+            if h.thread is not None:
+                h.thread.join()
         with self._cv:
             self._closed = True
             self._cv.notify_all()
