@@ -12,41 +12,39 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/hyperowl ] || bash scripts/setup.sh
 H=.venv/bin/hyperowl
 DRAWN=${DRAWN:-0.5}
-if [ "$DRAWN" = 0 ]; then RECIPE=recipes/embedded.yaml; LOOK=(); STAGE0=(--steps 2500 --lr 1e-3); FREE=0
-else RECIPE=recipes/embedded-drawn.yaml; LOOK=(--drawn "$DRAWN"); STAGE0=(--steps 4000 --lr 2e-3 --free 1); FREE=1; fi
+if [ "$DRAWN" = 0 ]; then RECIPE=recipes/embedded.yaml; LOOK=(); S0_STEPS=2500; S0_LR=1e-3; FREE=0
+else RECIPE=recipes/embedded-drawn.yaml; LOOK=(--drawn "$DRAWN"); S0_STEPS=4000; S0_LR=2e-3; FREE=1; fi
 S0=
 trap '[ -z "$S0" ] || kill "$S0" 2>/dev/null || true' EXIT  # never leave stage 0 running behind a failed step
 # Reuse data/synth only if it is exactly this dataset (an older one, e.g. of another look, is rebuilt).
 if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth/meta.json')); t = m['splits']['train']
 d = {'single': 0.4, 'multi': 0.2, 'video': 0.2, 'distractor': 0.2}
 sys.exit(not (m['seed'] == 0 and m['train_turns'] == 3 and m.get('train_progressive') == 0.5 and m.get('train_mix', d) == d and m.get('drawn', 0) == $DRAWN and ('free_tasks' in m) == ($FREE == 1) and t['examples'] == 48000 and m['splits']['test']['examples'] == 1000))" 2>/dev/null; then
-  rm -rf data/synth data/synth-video runs/vision-synthetic
+  rm -rf data/synth data/synth-video data/synth-direction runs/vision-synthetic
   $H data synth --out data/synth --train 48000 --val 500 --test 1000 --seed 0 --turns 3 --progressive 0.5 "${LOOK[@]}"
 fi
 # Stage 0: the tower learns what is where from dense per-patch labels of fresh scenes (never a val/test image). A
 # tower of the other look is rebuilt. It needs only the val/test exclusions, so it runs beside the video datasets
 # below (one torch thread: on 2 cores it steps about as fast as with two).
 if ! .venv/bin/python -c "import json, sys; e = json.load(open('runs/vision-synthetic/eval.json'))
-sys.exit(e.get('drawn', 0) != $DRAWN or e.get('free', 0) != $FREE or [e['steps'], e['lr']] != [${STAGE0[1]}, ${STAGE0[3]}])" 2>/dev/null; then
+sys.exit(e.get('drawn', 0) != $DRAWN or e.get('free', 0) != $FREE or [e['steps'], e['lr']] != [$S0_STEPS, $S0_LR])" 2>/dev/null; then
   rm -rf runs/vision-synthetic
-  $H pretrain-vision --preset owl3-synthetic --out runs/vision-synthetic "${STAGE0[@]}" "${LOOK[@]}" --threads 1 \
-    --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt &
+  $H pretrain-vision --preset owl3-synthetic --out runs/vision-synthetic --steps $S0_STEPS --lr $S0_LR --free $FREE \
+    "${LOOK[@]}" --threads 1 --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt &
   S0=$!
 fi
-# Video-only conversations for the recipe's video phases: their own seed, never a scene of val or test.
-if ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth-video/meta.json'))
-sys.exit(not (m['seed'] == 1 and m['splits']['train']['examples'] == 6000 and m.get('drawn', 0) == $DRAWN and m['tasks'] == ['video/direction', 'video/appear', 'video/disappear', 'video/order'] and m.get('exclude') == ['data/synth/val.scenes.txt', 'data/synth/test.scenes.txt']))" 2>/dev/null; then
-  rm -rf data/synth-video
-  $H data synth --out data/synth-video --seed 1 --train 6000 --val 0 --test 0 --tasks video "${LOOK[@]}" --workers 1 \
+# A training-only dataset of video conversations beside data/synth (DIR SEED N TASKS, and the task list its
+# meta.json then holds): their own seed, never a scene of val or test; reused only if it is exactly this one. One
+# writer process while stage 0 runs beside it.
+video_set() {
+  .venv/bin/python -c "import json, sys; m = json.load(open('$1/meta.json'))
+sys.exit(not (m['seed'] == $2 and m['splits']['train']['examples'] == $3 and m.get('drawn', 0) == $DRAWN and m['tasks'] == $5 and m.get('exclude') == ['data/synth/val.scenes.txt', 'data/synth/test.scenes.txt']))" 2>/dev/null && return
+  rm -rf "$1"
+  $H data synth --out "$1" --seed "$2" --train "$3" --val 0 --test 0 --tasks "$4" "${LOOK[@]}" ${S0:+--workers 1} \
     --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt
-fi
-# The drawn recipe's direction phase: direction videos only (their own seed, never a scene of val or test).
-if [ "$DRAWN" != 0 ] && ! .venv/bin/python -c "import json, sys; m = json.load(open('data/synth-direction/meta.json'))
-sys.exit(not (m['seed'] == 2 and m['splits']['train']['examples'] == 5000 and m.get('drawn', 0) == $DRAWN and m['tasks'] == ['video/direction'] and m.get('exclude') == ['data/synth/val.scenes.txt', 'data/synth/test.scenes.txt']))" 2>/dev/null; then
-  rm -rf data/synth-direction
-  $H data synth --out data/synth-direction --seed 2 --train 5000 --val 0 --test 0 --tasks video/direction "${LOOK[@]}" \
-    --workers 1 --exclude data/synth/val.scenes.txt data/synth/test.scenes.txt
-fi
+}
+video_set data/synth-video 1 6000 video "['video/direction', 'video/appear', 'video/disappear', 'video/order']"
+[ "$DRAWN" = 0 ] || video_set data/synth-direction 2 5000 video/direction "['video/direction']"  # the direction phase
 # The out-of-distribution test set (another renderer): for the final report only, never for training or selection.
 [ -f data/ood/ood.jsonl ] && [ "$(.venv/bin/python -c "import json; m = json.load(open('data/ood/meta.json')); print(m['n'], m['seed'])")" = "300 7" ] || \
   $H data ood --out data/ood --n 300 --seed 7
