@@ -212,6 +212,25 @@ def test_bench_train_step_smoke(tmp_path):
     assert all(row[f"{ph}_ms"] > 0 for row in rows for ph in ("forward", "backward", "optimizer"))
 
 
+def test_bench_train_procs_smoke(tmp_path):
+    """One process against two data-parallel ones (torchrun): both run the recipe and are timed from its log."""
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(32):
+            f.write(json.dumps({"messages": [{"role": "user", "content": "What colour is it?"},
+                                             {"role": "assistant", "content": f"colour {i % 6}"}]}) + "\n")
+    (tmp_path / "r.yaml").write_text(
+        "init: {preset: tiny-240728, tokenizer: train, vocab_size: 300}\n"
+        f"data: {{train: {tmp_path / 'other.jsonl'}}}\nstage: instruct\noptim: {{lr: 1.0e-3}}\nbatch_size: 4\n")
+    out = tmp_path / "procs.json"
+    r = subprocess.run([sys.executable, "bench/bench_train_procs.py", "--recipe", str(tmp_path / "r.yaml"), "--tokenizer",
+                        "train", "--data", str(tmp_path / "train.jsonl"), "--cores", "2", "--steps", "4", "--skip", "1",
+                        "--blocks", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["procs"], row["threads_each"]) for row in rows] == [(1, 2), (2, 1)]
+    assert all(row["s_per_step"] > 0 for row in rows) and rows[0]["speedup"] == 1.0
+
+
 def test_bench_visual_slots_smoke(tmp_path):
     out = tmp_path / "vs.json"
     r = subprocess.run([sys.executable, "bench/bench_visual_slots.py", "--rows", "3", "--big", "2", "--repeats", "1",
